@@ -1,0 +1,377 @@
+"""Tokenizer tests: spec section 5 check vectors, decode rules, streaming decoder."""
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_fast.tokenizer import (
+    ENDOFTEXT, EOD_ID, IM_END, IM_END_ID, IM_START, IM_START_ID, PAT_STR, VOCAB_SHA256,
+    IncrementalDecoder, QwenTokenizer, default_vocab_path, load_tiktoken_bpe,
+)
+
+
+@pytest.fixture(scope="module")
+def tok() -> QwenTokenizer:
+    return QwenTokenizer.default()
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary and constants
+# ---------------------------------------------------------------------------------------
+
+def test_packaged_vocab_sha256():
+    data = default_vocab_path().read_bytes()
+    assert len(data) == 2_561_218
+    assert hashlib.sha256(data).hexdigest() == VOCAB_SHA256
+    assert VOCAB_SHA256 == "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+
+
+def test_pat_str_exact():
+    assert PAT_STR == (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                       r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def test_vocab_size_and_special_ids(tok):
+    assert len(tok) == 151851
+    assert tok.vocab_size == 151851
+    assert tok.eod_id == EOD_ID == 151643
+    assert tok.im_start_id == IM_START_ID == 151644
+    assert tok.im_end_id == IM_END_ID == 151645
+    sp = tok.special_tokens
+    assert len(sp) == 208
+    assert sp[ENDOFTEXT] == 151643
+    assert sp[IM_START] == 151644 and IM_START == "<|im_start|>"
+    assert sp[IM_END] == 151645 and IM_END == "<|im_end|>"
+    assert sp["<|extra_0|>"] == 151646
+    assert sp["<|extra_204|>"] == 151850
+    assert "<|extra_205|>" not in sp
+    assert tok.token_to_id("<|extra_0|>") == 151646
+    assert tok.token_to_id(IM_END) == IM_END_ID
+    assert tok.token_to_id("\n") == 198
+    with pytest.raises(KeyError):
+        tok.token_to_id("<|extra_205|>")
+    # special_tokens returns a copy
+    sp["x"] = 1
+    assert "x" not in tok.special_tokens
+
+
+def test_first_ranks_and_bytes(tok):
+    assert tok.id_to_bytes(0) == b"!"
+    assert tok.id_to_bytes(198) == b"\n"
+    assert tok.id_to_bytes(220) == b" "
+    assert tok.id_to_bytes(IM_END_ID) == b"<|im_end|>"
+    assert tok.id_to_bytes(np.int64(220)) == b" "
+
+
+def test_from_dir(tmp_path, tok):
+    # no qwen.tiktoken in the directory -> packaged copy
+    t = QwenTokenizer.from_dir(tmp_path)
+    assert t.vocab_file == default_vocab_path()
+    # a directory that has one -> that file
+    (tmp_path / "qwen.tiktoken").write_bytes(default_vocab_path().read_bytes())
+    t2 = QwenTokenizer.from_dir(tmp_path)
+    assert t2.vocab_file == tmp_path / "qwen.tiktoken"
+    assert t2.encode("Panda") == [47, 9817]
+
+
+# ---------------------------------------------------------------------------------------
+# Encode check vectors (spec section 5)
+# ---------------------------------------------------------------------------------------
+
+def test_encode_special_as_text(tok):
+    assert tok.encode('print("<|endoftext|>")', allowed_special=set()) == \
+        [1350, 9639, 91, 8691, 723, 427, 91, 82598]
+
+
+def test_encode_special_default_all(tok):
+    assert tok.encode('print("<|endoftext|>")') == [1350, 445, 151643, 899]
+
+
+def test_encode_allowed_subset(tok):
+    assert tok.encode('print("<|extra_0|>")<|endoftext|>', allowed_special={"<|endoftext|>"}) == \
+        [1350, 9639, 91, 15460, 62, 15, 91, 82598, 151643]
+
+
+@pytest.mark.parametrize("text, ids", [
+    ("Panda", [47, 9817]),
+    (" Panda", [72410]),
+    ("12345 hello  world\n\n  x", [16, 17, 18, 19, 20, 23811, 220, 1879, 271, 220, 856]),
+    ("\n", [198]),
+    ("system", [8948]),
+    ("user", [872]),
+    ("assistant", [77091]),
+    ("You are a helpful assistant.", [2610, 525, 264, 10950, 17847, 13]),
+])
+def test_encode_vectors(tok, text, ids):
+    assert tok.encode(text) == ids
+    assert tok.encode(text, allowed_special=set()) == ids
+    assert tok.decode(ids) == text
+
+
+def test_lookahead_whitespace_split(tok):
+    # "a   b" pre-tokenises as ["a", "  ", " b"] (lookahead), not ["a", "   ", "b"]
+    ids = tok.encode("a   b")
+    assert [tok.decode([i]) for i in ids] == ["a", "  ", " b"]
+
+
+def test_nfc_normalisation(tok):
+    assert tok.encode("e\u0301") == tok.encode("\u00e9")
+    assert tok.encode("caf" + "e\u0301" + " ok") == tok.encode("caf\u00e9 ok")
+    # decode is not normalised back: it returns the NFC text
+    assert tok.decode(tok.encode("e\u0301")) == "\u00e9"
+
+
+def test_disallowed_special_raises(tok):
+    with pytest.raises(ValueError):
+        tok.encode("hi <|im_end|>", allowed_special=set(), disallowed_special={IM_END})
+    with pytest.raises(ValueError):
+        tok.encode("hi <|endoftext|>", allowed_special=set(), disallowed_special="all")
+    # not present -> fine
+    assert tok.encode("hi", allowed_special=set(), disallowed_special={IM_END}) == tok.encode("hi")
+
+
+def test_encode_type_errors(tok):
+    with pytest.raises(TypeError, match="str"):
+        tok.encode(b"bytes")
+    with pytest.raises(TypeError, match="str"):
+        tok.encode(None)
+    with pytest.raises(TypeError):
+        tok.encode("x", allowed_special="everything")
+    with pytest.raises(ValueError, match="not special tokens"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_encode_empty(tok):
+    assert tok.encode("") == []
+    assert tok.decode([]) == ""
+
+
+# ---------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------
+
+def test_decode_partial_utf8(tok):
+    assert tok.decode([51461]) == " \ufffd"
+    assert tok.decode([51461, 117]) == " 根"
+
+
+def test_decode_errors_override(tok):
+    assert tok.decode([51461], errors="ignore") == " "
+    with pytest.raises(UnicodeDecodeError):
+        tok.decode([51461], errors="strict")
+    assert tok.decode_bytes([51461, 117]) == " 根".encode()
+
+
+def test_decode_specials_and_skip(tok):
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|><|extra_3|><|endoftext|>")
+    assert ids[0] == IM_START_ID
+    assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|><|extra_3|><|endoftext|>"
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"
+    assert tok.decode([151850], skip_special_tokens=True) == ""
+    assert tok.decode([151642], skip_special_tokens=True) == tok.decode([151642])
+
+
+def test_decode_input_types(tok):
+    ids = tok.encode("Hello, 世界!")
+    text = "Hello, 世界!"
+    assert tok.decode(ids) == text
+    assert tok.decode(tuple(ids)) == text
+    assert tok.decode(torch.tensor(ids)) == text
+    assert tok.decode(torch.tensor(ids, dtype=torch.int32)) == text
+    assert tok.decode(np.array(ids)) == text
+    assert tok.decode(np.array(ids, dtype=np.uint32)) == text
+    assert tok.decode([np.int64(i) for i in ids]) == text
+    assert tok.decode(ids[0]) == tok.decode(ids[:1])
+    with pytest.raises(ValueError, match="1-D"):
+        tok.decode(torch.tensor([ids]))
+    with pytest.raises(TypeError):
+        tok.decode(torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError):
+        tok.decode([1.5])
+    with pytest.raises(TypeError):
+        tok.decode("abc")
+
+
+@pytest.mark.parametrize("bad", [-1, 151851, 151935, 151936, 10**9])
+def test_decode_bad_id(tok, bad):
+    with pytest.raises(ValueError, match=str(bad)) as ei:
+        tok.decode([1, bad])
+    assert "0..151850" in str(ei.value)
+    if 151851 <= bad <= 151935:
+        assert "padding" in str(ei.value)
+
+
+def test_bad_id_in_id_to_bytes_and_stream(tok):
+    with pytest.raises(ValueError, match="padding"):
+        tok.id_to_bytes(151900)
+    with pytest.raises(ValueError):
+        IncrementalDecoder(tok).push(151851)
+
+
+ROUND_TRIP = [
+    "Hello, world!",
+    "你好，世界！今天天气怎么样？",
+    "Mixed 中文 and English, numbers 1234567890, emoji 😀🎉👍🏽 and 👨‍👩‍👧‍👦.",
+    "Qwen（通义千问）是阿里云研发的大语言模型。\n\n  def f(x):\n\treturn x ** 2  # 平方\n",
+    "日本語のテキスト、한국어 텍스트, Ελληνικά, русский, العربية",
+    "   leading and trailing spaces   ",
+    "tabs\tand\r\nCRLF\r\nlines",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math 𝑥² + 𝑦² = 𝑧²  ∑∫√∞",
+    "<|im_start|>special<|im_end|> inside",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, allowed_special=set())) == text
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary file validation
+# ---------------------------------------------------------------------------------------
+
+def _write(tmp_path, lines, name="bad.tiktoken"):
+    p = tmp_path / name
+    p.write_text("".join(l + "\n" for l in lines))
+    return p
+
+
+def test_small_valid_vocab(tmp_path):
+    import base64
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    p = _write(tmp_path, lines + [""], name="small.tiktoken")
+    ranks = load_tiktoken_bpe(p)
+    assert len(ranks) == 256 and ranks[b"!"] == 33
+    t = QwenTokenizer(p)
+    assert t.decode(t.encode("hi")) == "hi"
+    assert t.encode("<|im_end|>") == [IM_END_ID]
+    with pytest.raises(ValueError, match="no ids 256"):
+        t.decode([300])
+
+
+@pytest.mark.parametrize("lines, match", [
+    (["IQ== 0", "Ig==", "Iw== 2"], r"line 2"),
+    (["IQ== 0", "Ig== 1 extra"], r"line 2"),
+    (["IQ== 0", "!!!! 1"], r"line 2: invalid base64"),
+    (["IQ== 0", "Ig== one"], r"line 2: rank"),
+    (["IQ== 0", "Ig== -1"], r"line 2: rank"),
+    (["IQ== 0", "IQ== 1"], r"line 2: duplicate token"),
+    (["IQ== 0", "Ig== 0"], r"line 2: duplicate rank"),
+    (["IQ== 0", "Ig== 2"], r"not contiguous.*rank 1 is missing"),
+    (["IQ== 1", "Ig== 2"], r"not contiguous.*rank 0 is missing"),
+    ([], r"no tokens"),
+])
+def test_malformed_vocab(tmp_path, lines, match):
+    p = _write(tmp_path, lines)
+    with pytest.raises(ValueError, match=match) as ei:
+        QwenTokenizer(p)
+    assert "bad.tiktoken" in str(ei.value)
+
+
+def test_missing_vocab(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        QwenTokenizer(tmp_path / "nope.tiktoken")
+
+
+# ---------------------------------------------------------------------------------------
+# IncrementalDecoder
+# ---------------------------------------------------------------------------------------
+
+STREAM_TEXTS = ROUND_TRIP + [
+    "根据您的描述，我建议您先检查一下网络连接。",
+    "😀😃😄😁😆😅🤣😂🙂🙃😉😊😇🥰😍🤩😘",
+    "🇨🇳🇺🇸🇯🇵 flags and ZWJ 🧑‍💻 sequences",
+    "a" * 50 + "中" * 50 + "🎉" * 20,
+    "鑫鑫鑫 龘 㐀 𠀀 𪚥",
+]
+
+
+def _stream(tok, ids, skip=False):
+    dec = IncrementalDecoder(tok, skip_special_tokens=skip)
+    deltas = [dec.push(i) for i in ids]
+    tail = dec.flush()
+    return dec, deltas, tail
+
+
+@pytest.mark.parametrize("text", STREAM_TEXTS)
+def test_incremental_matches_decode(tok, text):
+    ids = tok.encode(text)
+    dec, deltas, tail = _stream(tok, ids)
+    assert "".join(deltas) + tail == tok.decode(ids) == text
+    assert dec.text == text
+    assert tail == ""
+    for d in deltas:
+        assert "\ufffd" not in d
+    assert dec.ids == ids
+
+
+def test_incremental_really_splits_characters(tok):
+    """Some texts here have characters split across tokens, so the hold-back path runs."""
+    ids = tok.encode("鑫鑫鑫 龘 㐀 𠀀 𪚥")
+    dec = IncrementalDecoder(tok)
+    held = [i for i in ids if dec.push(i) == "" and dec.pending_bytes]
+    assert held, "expected at least one token that ends inside a UTF-8 character"
+    assert dec.flush() == "" and dec.text == "鑫鑫鑫 龘 㐀 𠀀 𪚥"
+
+
+def test_incremental_holds_back_partial(tok):
+    dec = IncrementalDecoder(tok)
+    assert dec.push(51461) == " "      # " " + first byte(s) of 根: hold the partial char
+    assert dec.pending_bytes != b""
+    assert dec.push(117) == "根"
+    assert dec.pending_bytes == b""
+    assert dec.flush() == ""
+    assert dec.text == " 根"
+
+
+def test_incremental_invalid_sequence(tok):
+    # 51461 ends with an incomplete UTF-8 lead; "a" cannot continue it
+    a = tok.encode("a")[0]
+    ids = [51461, a, 51461, 51461, tok.encode("中")[0]]
+    dec, deltas, tail = _stream(tok, ids)
+    assert "".join(deltas) + tail == tok.decode(ids, errors="replace")
+    assert dec.text == tok.decode(ids)
+    assert "\ufffd" in dec.text
+    # trailing incomplete sequence is only emitted by flush
+    dec2 = IncrementalDecoder(tok)
+    assert dec2.push(51461) == " "
+    assert dec2.flush() == "\ufffd"
+    assert dec2.text == tok.decode([51461])
+
+
+def test_incremental_skip_special(tok):
+    ids = tok.encode("<|im_start|>assistant\n你好😀<|im_end|><|endoftext|>")
+    dec, deltas, tail = _stream(tok, ids, skip=True)
+    assert "".join(deltas) + tail == tok.decode(ids, skip_special_tokens=True)
+    dec, deltas, tail = _stream(tok, ids, skip=False)
+    assert "".join(deltas) + tail == tok.decode(ids)
+
+
+def test_incremental_random_ids(tok):
+    """Random ids (including byte-level fragments) must match decode(errors='replace')."""
+    rng = random.Random(1234)
+    # bias towards the byte-fragment region and multi-byte tokens
+    frag = [i for i in range(256)] + [51461, 117, 94, 235, 245, 72, 100]
+    for _ in range(300):
+        n = rng.randint(1, 30)
+        ids = [rng.choice(frag) if rng.random() < 0.6 else rng.randrange(151851)
+               for _ in range(n)]
+        for skip in (False, True):
+            dec, deltas, tail = _stream(tok, ids, skip=skip)
+            assert "".join(deltas) + tail == tok.decode(ids, skip_special_tokens=skip)
+            assert dec.text == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_incremental_push_many_and_reset(tok):
+    ids = tok.encode("流式输出 streaming 🎉")
+    dec = IncrementalDecoder(tok)
+    out = dec.push_many(ids) + dec.flush()
+    assert out == "流式输出 streaming 🎉"
+    dec.reset()
+    assert dec.text == "" and dec.ids == []
+    assert dec.push_many(torch.tensor(ids)) + dec.flush() == out

@@ -30,3 +30,62 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """
     h = residual + x
     return rms_norm(h, weight, eps), h
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX ("rotate half") RoPE, as the release applies it to q and k after the split.
+
+    x: [B, T, H, D] (any float dtype); cos, sin: [B, T, R] fp32 with R <= D the rotary dim.
+    The maths runs in fp32 and the result is rounded once to x.dtype; dims past R pass through.
+    """
+    r = cos.shape[-1]
+    xr = x[..., :r].float()
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = xr * c + rotate_half(xr) * s
+    if r < x.shape[-1]:
+        out = torch.cat((out, x[..., r:].float()), dim=-1)
+    return out.to(x.dtype)
+
+
+def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Qwen MLP activation: up * silu(gate), with gate = w2(x) and up = w1(x) (spec §3.2).
+
+    Computed in the tensors' dtype with the release's two roundings (silu, then the product).
+    """
+    return up * torch.nn.functional.silu(gate)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+              scale: float | None = None, query_chunk: int = 1024) -> torch.Tensor:
+    """Causal multi-head attention over a KV cache with per-sequence lengths.
+
+    q: [B, T, H, D] new queries; row b's query t sits at absolute position start[b] + t.
+    k, v: [B, S, H, D] the cache, already holding this step's keys/values; row b's valid keys
+    are 0 .. start[b] + T - 1 (bottom-right aligned causal mask, so chunked prefill is right).
+    start: [B] int64. Scores, softmax and the weighted sum run in fp32; the output is rounded
+    once to q.dtype (what flash-attention does on the GPU). Returns [B, T, H, D].
+    Queries are processed in chunks so that long prefills need bounded memory.
+    """
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    S = k.shape[1]
+    kf = k.float().permute(0, 2, 3, 1)          # [B, H, D, S]
+    vf = v.float().permute(0, 2, 1, 3)          # [B, H, S, D]
+    key_pos = torch.arange(S, device=q.device)
+    start = start.to(q.device)
+    outs = []
+    for t0 in range(0, T, query_chunk):
+        qc = q[:, t0:t0 + query_chunk].float().permute(0, 2, 1, 3)   # [B, H, Tc, D]
+        tc = qc.shape[2]
+        scores = torch.matmul(qc, kf) * scale                           # [B, H, Tc, S]
+        q_pos = start[:, None] + torch.arange(t0, t0 + tc, device=q.device)[None, :]   # [B, Tc]
+        mask = key_pos[None, None, :] <= q_pos[:, :, None]             # [B, Tc, S]
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        outs.append(torch.matmul(probs, vf).permute(0, 2, 1, 3))        # [B, Tc, H, D]
+    return torch.cat(outs, dim=1).to(q.dtype)

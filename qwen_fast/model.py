@@ -1,0 +1,196 @@
+"""Qwen v1 forward pass with release semantics (qwen-spec.md §4), over a batched KV cache with
+per-sequence lengths.
+
+    h = wte[ids]
+    per block:  a = RMSNorm_1(h); h = h + Attn(a);  m = RMSNorm_2(h); h = h + c_proj(w1 m * silu(w2 m))
+    logits = lm_head(RMSNorm_f(h))
+
+The residual add and the next RMSNorm are one fused op (same roundings as the release). Every op
+goes through a per-op backend table, so a kernel can replace its reference one op at a time.
+Sequences in a batch are independent: each has its own length, its own rotary positions
+(starting at 0, no padding offsets) and its own dynamic-NTK alpha, chosen when the sequence is
+prefilled from an empty cache and kept for all its decode steps, as the release does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .config import QwenConfig, ntk_alpha
+
+OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention")
+BACKENDS = ("reference", "native", "auto")
+
+
+def resolve_ops(backend: str) -> Dict[str, Callable]:
+    """Op name -> implementation. 'reference' = PyTorch everywhere; 'native' (= 'auto') = our
+    C++/CUDA kernel where one exists for the op, the reference elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    table = {name: getattr(reference, name) for name in OP_NAMES}
+    if backend != "reference":
+        from . import ops
+        if ops.HAVE_C:
+            for name in OP_NAMES:
+                fn = getattr(ops, name, None)
+                if fn is not None:
+                    table[name] = fn
+    return table
+
+
+class KVCache:
+    """Per-layer keys (after RoPE) and values: k, v = [layers, batch, capacity, heads, head_dim].
+
+    lengths[b] is how many positions of sequence b are filled; alpha[b] its NTK alpha.
+    """
+
+    def __init__(self, cfg: QwenConfig, batch_size: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if capacity > cfg.max_context:
+            raise ValueError(f"KV cache capacity {capacity} exceeds the model's hard maximum of "
+                             f"{cfg.max_context} tokens")
+        shape = (cfg.num_hidden_layers, batch_size, capacity, cfg.num_attention_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths: List[int] = [0] * batch_size
+        self.alpha: List[int] = [1] * batch_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class QwenModel:
+    def __init__(self, cfg: QwenConfig, weights: Dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu", backend: str = "reference"):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.backend = backend
+        self.ops = resolve_ops(backend)
+        w = weights
+        self.wte = w["transformer.wte.weight"]
+        self.ln_f = w["transformer.ln_f.weight"]
+        self.lm_head = w["lm_head.weight"]
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"transformer.h.{i}."
+            self.layers.append({k: w[p + k] for k in (
+                "ln_1.weight", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                "ln_2.weight", "mlp.w1.weight", "mlp.w2.weight", "mlp.c_proj.weight")})
+        # logn[p] = log_{seq_length}(p + 1) past seq_length, else 1 (the release's fp32 table).
+        n = cfg.max_context
+        self._logn = torch.tensor(
+            [math.log(i, cfg.seq_length) if i > cfg.seq_length else 1.0 for i in range(1, n + 1)],
+            dtype=torch.float32, device=self.device)
+        self._rope: Dict[int, tuple] = {}
+
+    # ---- rotary tables -------------------------------------------------------------------
+    def _rope_table(self, alpha: int, needed: int):
+        """cos/sin [N, rotary_dim] fp32 for NTK alpha, built like the release's cache."""
+        tab = self._rope.get(alpha)
+        if tab is None or tab[0].shape[0] < needed:
+            dim = self.cfg.rotary_dim
+            base = self.cfg.rotary_emb_base * alpha ** (dim / (dim - 2))
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=self.device).float() / dim))
+            n = max(2 * needed, 16)
+            seq = torch.arange(n, device=self.device).type_as(inv_freq)
+            freqs = torch.outer(seq, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            tab = (emb.cos(), emb.sin())
+            self._rope[alpha] = tab
+        return tab
+
+    def _rope(self, positions: torch.Tensor, alphas: Sequence[int]):
+        """positions [B, T] -> cos, sin [B, T, rotary_dim] using each row's alpha."""
+        need = int(positions.max()) + 1
+        cos, sin = [], []
+        for b, a in enumerate(alphas):
+            c, s = self._rope_table(a, need)
+            cos.append(c[positions[b]])
+            sin.append(s[positions[b]])
+        return torch.stack(cos), torch.stack(sin)
+
+    # ---- forward -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache,
+                num_new: Optional[Sequence[int]] = None, all_logits: bool = False,
+                rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Append tokens to sequences of the cache and return logits.
+
+        input_ids: [B, T] int64, row b right-padded with num_new[b] valid tokens (default T).
+        rows: the cache sequence of each input row (default 0..B-1), so finished sequences
+        can drop out of a batch. A sequence whose cache is empty is a prefill and picks its NTK
+        alpha from num_new[b]. Returns [B, vocab] logits of each row's last valid token, or
+        [B, T, vocab] for all positions when all_logits (model dtype).
+        """
+        cfg, ops = self.cfg, self.ops
+        B, T = input_ids.shape
+        rows = list(range(B)) if rows is None else [int(r) for r in rows]
+        if len(rows) != B or len(set(rows)) != B or any(not 0 <= r < cache.batch_size for r in rows):
+            raise ValueError(f"rows must name {B} distinct cache sequences in [0, {cache.batch_size}), got {rows}")
+        n_new = [T] * B if num_new is None else [int(n) for n in num_new]
+        if len(n_new) != B or any(n < 1 or n > T for n in n_new):
+            raise ValueError(f"num_new must give 1..{T} tokens for each of {B} rows, got {n_new}")
+        lengths = [cache.lengths[r] for r in rows]
+        for b, r in enumerate(rows):
+            if lengths[b] + n_new[b] > cache.capacity:
+                raise ValueError(f"sequence {r}: {lengths[b]} cached + {n_new[b]} new tokens "
+                                 f"exceed the KV cache capacity of {cache.capacity}")
+            if lengths[b] == 0:
+                cache.alpha[r] = ntk_alpha(n_new[b], cfg.seq_length) if cfg.use_dynamic_ntk else 1
+        alphas = [cache.alpha[r] for r in rows]
+        ids = input_ids.to(self.device)
+        start = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        positions = start[:, None] + torch.arange(T, device=self.device)[None, :]   # [B, T]
+        positions = positions.clamp_(max=cache.capacity - 1)   # padding rows only
+        cos, sin = self._rope(positions, alphas)
+        logn = None
+        if cfg.use_logn_attn and int(positions.max()) >= cfg.seq_length:
+            logn = self._logn[positions].to(self.dtype)[:, :, None, None]      # [B, T, 1, 1]
+        S = max(lengths[b] + n_new[b] for b in range(B))
+        full = rows == list(range(cache.batch_size))
+        sel = None if full else torch.tensor(rows, device=self.device)
+        H, D = cfg.num_attention_heads, cfg.head_dim
+
+        h = F.embedding(ids, self.wte)                                          # [B, T, hidden]
+        x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon)
+        for li, L in enumerate(self.layers):
+            qkv = F.linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"])   # [B, T, 3*proj]
+            q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+            q = ops["rotary_embedding"](q, cos, sin)
+            k = ops["rotary_embedding"](k, cos, sin)
+            if logn is not None:
+                q = q * logn
+            kc, vc = cache.k[li], cache.v[li]
+            for b, r in enumerate(rows):
+                s0 = lengths[b]
+                kc[r, s0:s0 + n_new[b]] = k[b, :n_new[b]]
+                vc[r, s0:s0 + n_new[b]] = v[b, :n_new[b]]
+            if full:
+                a = ops["attention"](q, kc[:, :S], vc[:, :S], start)            # [B, T, H, D]
+            else:
+                a = ops["attention"](q, kc[sel, :S], vc[sel, :S], start)
+            attn_out = F.linear(a.reshape(B, T, H * D), L["attn.c_proj.weight"])
+            x, h = ops["fused_add_rms_norm"](attn_out, h, L["ln_2.weight"], cfg.layer_norm_epsilon)
+            act = ops["swiglu"](F.linear(x, L["mlp.w1.weight"]), F.linear(x, L["mlp.w2.weight"]))
+            mlp_out = F.linear(act, L["mlp.c_proj.weight"])
+            nxt = self.layers[li + 1]["ln_1.weight"] if li + 1 < len(self.layers) else self.ln_f
+            x, h = ops["fused_add_rms_norm"](mlp_out, h, nxt, cfg.layer_norm_epsilon)
+        for b, r in enumerate(rows):
+            cache.lengths[r] += n_new[b]
+        if all_logits:
+            return F.linear(x, self.lm_head)
+        last = torch.tensor([n - 1 for n in n_new], device=self.device)
+        return F.linear(x[torch.arange(B, device=self.device), last], self.lm_head)

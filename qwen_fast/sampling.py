@@ -1,0 +1,143 @@
+"""Sampling parameters and the next-token sampler, in the release's order (qwen-spec.md §6):
+
+1. repetition penalty over every id of the sequence, prompt included (score < 0: x penalty,
+   else / penalty), each distinct id once;
+2. temperature (skipped at 1.0); 3. top-k (skipped at 0); 4. top-p (ascending sort, drop the
+   tokens whose cumulative probability is <= 1 - top_p, keep at least one);
+5. softmax and one multinomial draw from a per-request generator.
+
+Like transformers 4.3x, the scores stay in the logits' dtype (bf16 for the release) through all
+steps. temperature == 0 means greedy: the repetition penalty, then argmax.
+
+One deliberate difference: ids past the tokenizer (the 85 padding rows 151851..151935 of the
+vocab) are masked before sampling, because no tokenizer can decode them; the release leaves
+them in and would fail on decode in the rare case one is drawn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 0.8
+    top_k: int = 0
+    repetition_penalty: float = 1.1
+    seed: Optional[int] = None
+    stop: Sequence[str] = field(default_factory=list)
+    stop_token_ids: Sequence[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, **overrides) -> "SamplingParams":
+        """A copy with overrides applied and checked; unknown names raise TypeError."""
+        unknown = sorted(set(overrides) - set(self.names()))
+        if unknown:
+            raise TypeError(f"unknown generation parameter(s) {unknown}; valid ones are {self.names()}")
+        p = dataclasses.replace(self, **overrides)
+        p.validate()
+        return p
+
+    def validate(self, vocab_size: Optional[int] = None) -> None:
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not is_num(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not is_num(self.top_p) or not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 = disabled), got {self.top_k!r}")
+        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got "
+                             f"{self.repetition_penalty!r}")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if isinstance(self.stop_token_ids, numbers.Integral):
+            self.stop_token_ids = [self.stop_token_ids]
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")
+        if vocab_size is not None:
+            bad = [t for t in self.stop_token_ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """scores [V] (any dtype), history [n] int64 ids (prompt + generated). Returns a new tensor."""
+    if penalty == 1.0 or history.numel() == 0:
+        return scores
+    s = torch.gather(scores, 0, history)
+    s = torch.where(s < 0, s * penalty, s / penalty)
+    return scores.scatter(0, history, s)
+
+
+def process_scores(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
+                   valid_vocab: Optional[int] = None) -> torch.Tensor:
+    """The release's logits processors and warpers on one row: [V] -> [V] scores (same dtype),
+    -inf where a token cannot be drawn."""
+    scores = logits
+    if valid_vocab is not None and valid_vocab < scores.shape[0]:
+        scores = scores.clone()
+        scores[valid_vocab:] = float("-inf")
+    scores = apply_repetition_penalty(scores, history, p.repetition_penalty)
+    if p.greedy:
+        return scores
+    if p.temperature != 1.0:
+        scores = scores / p.temperature
+    if p.top_k > 0:
+        k = min(p.top_k, scores.shape[0])
+        kth = torch.topk(scores, k)[0][-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - p.top_p)
+        remove[-1] = False
+        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return scores
+
+
+def sample_next(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
+                generator: Optional[torch.Generator], valid_vocab: Optional[int] = None) -> int:
+    """Next token id for one sequence. logits [V] in the model dtype; history [n] int64."""
+    scores = process_scores(logits, history, p, valid_vocab)
+    if p.greedy:
+        return int(torch.argmax(scores))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: Optional[int], device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g

@@ -94,12 +94,12 @@ class QwenModel:
         self._logn = torch.tensor(
             [math.log(i, cfg.seq_length) if i > cfg.seq_length else 1.0 for i in range(1, n + 1)],
             dtype=torch.float32, device=self.device)
-        self._rope: Dict[int, tuple] = {}
+        self._rope_tables: Dict[int, tuple] = {}
 
     # ---- rotary tables -------------------------------------------------------------------
     def _rope_table(self, alpha: int, needed: int):
         """cos/sin [N, rotary_dim] fp32 for NTK alpha, built like the release's cache."""
-        tab = self._rope.get(alpha)
+        tab = self._rope_tables.get(alpha)
         if tab is None or tab[0].shape[0] < needed:
             dim = self.cfg.rotary_dim
             base = self.cfg.rotary_emb_base * alpha ** (dim / (dim - 2))
@@ -109,7 +109,7 @@ class QwenModel:
             freqs = torch.outer(seq, inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
             tab = (emb.cos(), emb.sin())
-            self._rope[alpha] = tab
+            self._rope_tables[alpha] = tab
         return tab
 
     def _rope(self, positions: torch.Tensor, alphas: Sequence[int]):

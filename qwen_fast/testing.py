@@ -1,0 +1,79 @@
+"""Tiny random-weight checkpoints in the exact release layout, for tests and smoke runs.
+
+``write_checkpoint(dir, tiny_config())`` writes config.json, generation_config.json,
+qwen.tiktoken and sharded safetensors with model.safetensors.index.json, as the Hugging Face
+release does, so the loader is exercised exactly as on the real model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from .config import GenerationConfig, QwenConfig
+from .loader import expected_shapes
+
+
+def tiny_config(**overrides) -> QwenConfig:
+    """A 2-layer model with the real vocabulary and a short seq_length (32) so that dynamic
+    NTK and logn scaling are reached by short prompts."""
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
+                intermediate_size=192, seq_length=32, max_position_embeddings=32)
+    base.update(overrides)
+    return QwenConfig(**base)
+
+
+def random_state_dict(cfg: QwenConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                      std: float = 0.08) -> Dict[str, torch.Tensor]:
+    """Random weights with non-trivial attention (std large enough that softmax is not flat)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith("c_attn.weight"):
+            t = 2.5 * std * torch.randn(shape, generator=g)
+        else:
+            t = std * torch.randn(shape, generator=g)
+        out[name] = t.to(dtype).contiguous()
+    return out
+
+
+def write_checkpoint(path, cfg: QwenConfig, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                     dtype: torch.dtype = torch.bfloat16, shards: int = 2, seed: int = 0,
+                     generation_config: Optional[GenerationConfig] = None,
+                     vocab_file: Optional[Path] = None) -> Path:
+    """Write a release-layout checkpoint directory; returns its path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = state_dict if state_dict is not None else random_state_dict(cfg, dtype, seed)
+    d = cfg.to_dict()
+    d.pop("quantization_config", None) if not cfg.quantization_config else None
+    (path / "config.json").write_text(json.dumps(d, indent=2))
+    gen = generation_config or GenerationConfig()
+    (path / "generation_config.json").write_text(json.dumps(
+        {k: v for k, v in dataclasses.asdict(gen).items() if k != "stop_words_ids" or v}, indent=2))
+    src = vocab_file or Path(__file__).parent / "data" / "qwen.tiktoken"
+    shutil.copyfile(src, path / "qwen.tiktoken")
+    names = list(sd)
+    if shards <= 1:
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    per = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: sd[n] for n in names[s * per:(s + 1) * per]}
+        save_file(part, str(path / fname), metadata={"format": "pt"})
+        for n, t in part.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return path

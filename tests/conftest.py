@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from qwen_fast.testing import tiny_config, write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A 2-layer random-weight checkpoint in the release layout: 2 bf16 shards + index."""
+    cfg = tiny_config()
+    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "Qwen-tiny-Chat", cfg,
+                            dtype=torch.bfloat16, shards=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_fp32(tiny_ckpt):
+    from qwen_fast import Engine
+    return Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_ckpt):
+    from qwen_fast import Engine
+    return Engine.from_pretrained(tiny_ckpt, dtype="bfloat16", backend="reference")

@@ -77,7 +77,7 @@ def _make_greedy_pick(engine, token_id):
     forward = engine.model.forward
 
     def biased(*args, **kwargs):
-        out = forward(*args, **kwargs)
+        out = forward(*args, **kwargs).clone()
         out[..., token_id] = out.max() + 10
         return out
     engine.model.forward = biased

@@ -1,0 +1,219 @@
+"""The ``qwen-fast`` command line: ``chat`` (a REPL with the release demo's commands) and
+``generate`` (one completion, streamed or as JSON).
+
+    qwen-fast chat --model Qwen-1_8B-Chat
+    qwen-fast generate --model Qwen-1_8B-Chat "Once upon a time" --max-new-tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import List, Optional, TextIO
+
+HELP = """\
+Commands:
+    :help / :h              show this help
+    :exit / :quit / :q      leave
+    :clear / :cl            clear the screen
+    :clear-history / :clh   forget the conversation
+    :history / :his         show the conversation
+    :seed                   show the seed
+    :seed N                 set the seed (it is applied before every turn)
+    :conf                   show the generation settings
+    :conf key=value         change a setting, e.g. :conf top_p=0.9 or :conf temperature=0
+    :reset-conf             back to the checkpoint's generation_config.json settings
+Anything else is sent to the model."""
+
+
+class ChatREPL:
+    """The chat loop, separate from the terminal so that it can be driven and tested."""
+
+    def __init__(self, engine, seed: int = 1234, system: Optional[str] = None,
+                 out: TextIO = sys.stdout):
+        from .chat import DEFAULT_SYSTEM
+        self.engine = engine
+        self.seed = seed
+        self.system = DEFAULT_SYSTEM if system is None else system
+        self.out = out
+        self.history: List[tuple] = []
+        self.params = engine.default_params
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def handle(self, line: str) -> bool:
+        """Handle one input line; returns False when the session should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if line.startswith(":"):
+            return self._command(line)
+        self.say(f"\nUser: {line}\n\nQwen: ")
+        pieces = []
+        try:
+            for delta in self.engine.chat_stream(line, history=self.history, system=self.system,
+                                                 params=self.params, seed=self.seed):
+                pieces.append(delta)
+                print(delta, end="", file=self.out, flush=True)
+        except KeyboardInterrupt:
+            self.say("\n[interrupted]")
+        response = "".join(pieces).strip()
+        self.say()
+        self.history.append((line, response))
+        return True
+
+    def _command(self, line: str) -> bool:
+        cmd, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        if cmd in ("exit", "quit", "q"):
+            return False
+        if cmd in ("help", "h"):
+            self.say(HELP)
+        elif cmd in ("clear", "cl"):
+            print("\033[2J\033[H", end="", file=self.out, flush=True)
+        elif cmd in ("clear-history", "clear-his", "clh"):
+            self.history = []
+            self.say("History cleared.")
+        elif cmd in ("history", "his"):
+            if not self.history:
+                self.say("(no history)")
+            for i, (q, r) in enumerate(self.history):
+                self.say(f"[{i}] User: {q}\n[{i}] Qwen: {r}")
+        elif cmd == "seed":
+            if not arg:
+                self.say(f"seed = {self.seed}")
+            else:
+                try:
+                    seed = int(arg)
+                    if seed < 0:
+                        raise ValueError
+                    self.seed = seed
+                    self.say(f"seed = {self.seed}")
+                except ValueError:
+                    self.say(f"error: :seed needs a non-negative integer, got {arg!r}")
+        elif cmd == "conf":
+            if not arg:
+                for k, v in vars(self.params).items():
+                    if k != "seed":
+                        self.say(f"{k} = {v!r}")
+            else:
+                self._set_conf(arg)
+        elif cmd == "reset-conf":
+            self.params = self.engine.default_params
+            self.say("Generation settings reset.")
+        else:
+            self.say(f"error: unknown command :{cmd} (type :help)")
+        return True
+
+    def _set_conf(self, arg: str) -> None:
+        key, eq, raw = arg.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not eq or not key:
+            self.say("error: use :conf key=value, e.g. :conf top_p=0.9")
+            return
+        try:
+            value = ast.literal_eval(raw)   # literals only: never eval user input
+        except (ValueError, SyntaxError):
+            value = raw                     # a bare word is taken as a string
+        if key == "seed":
+            self.say("error: use :seed N to set the seed")
+            return
+        try:
+            self.params = self.params.replace(**{key: value})
+        except (TypeError, ValueError) as e:
+            self.say(f"error: {e}")
+            return
+        self.say(f"{key} = {getattr(self.params, key)!r}")
+
+    def run(self, inp: TextIO = sys.stdin) -> None:
+        self.say("Qwen-1.8B-Chat (qwen_fast). Type :help for commands, :exit to leave.")
+        interactive = inp.isatty()
+        while True:
+            if interactive:
+                print("\n> ", end="", file=self.out, flush=True)
+            line = inp.readline()
+            if not line:
+                break
+            if not self.handle(line):
+                break
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", "-c", "--checkpoint-path", dest="model",
+                   help="checkpoint directory (release layout); optional with --load-format dummy")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
+    p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
+                   help="dummy = random weights from the built-in qwen-1.8b-chat config")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+def _sampling_overrides(args) -> dict:
+    keys = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
+            "stop_token_ids", "ignore_eos", "seed")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _load(args):
+    from .engine import Engine
+    if args.model is None and args.load_format != "dummy":
+        raise SystemExit("error: --model DIR is required (or --load-format dummy)")
+    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                  backend=args.backend, load_format=args.load_format)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-fast", description="Fast, exact Qwen-1.8B-Chat inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("chat", help="interactive chat (REPL)")
+    _add_model_args(c)
+    c.add_argument("--seed", "-s", type=int, default=1234)
+    c.add_argument("--system", default=None, help="system prompt (default: You are a helpful assistant.)")
+    g = sub.add_parser("generate", help="complete one prompt")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--json", action="store_true", help="print the result as JSON (no streaming)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        engine = _load(args)
+        if args.command == "chat":
+            ChatREPL(engine, seed=args.seed, system=args.system).run()
+            return 0
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        overrides = _sampling_overrides(args)
+        if args.json:
+            r = engine.generate(prompt, **overrides)
+            print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                              "stop_reason": r.stop_reason, "usage": r.usage,
+                              "prefill_s": r.prefill_s, "decode_s": r.decode_s}, ensure_ascii=False))
+        else:
+            for delta in engine.stream(prompt, **overrides):
+                print(delta, end="", flush=True)
+            print()
+        return 0
+    except (ValueError, TypeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

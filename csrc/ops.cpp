@@ -1,0 +1,235 @@
+// The only C++ that sees at::Tensor. For each op it validates the arguments (device, dtype,
+// shape, contiguity of the last dim) with messages that name the argument and the expected
+// shape, allocates the outputs, and calls the CPU or CUDA launcher with raw pointers.
+#include "ops.h"
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "common/float16.h"
+#include "common/status.h"
+#include "cpu/kernels.h"
+#ifdef QF_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "cuda/kernels.cuh"
+#endif
+
+namespace qf {
+namespace {
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
+// Python spelling of a dtype, as users write it.
+std::string dtype_str(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(t);
+  }
+}
+
+bool is_float_storage(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Calls f(T{}) with the storage type of a float tensor (float, qf::bf16 or qf::fp16).
+template <typename F>
+void dispatch_float_storage(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(bf16{}); break;
+    case at::kHalf: f(fp16{}); break;
+    default: TORCH_CHECK(false, "qwen_fast: no kernel for dtype ", dtype_str(t));
+  }
+}
+
+template <typename T>
+T* data(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+// x (and any tensor checked against it) must be a bf16/fp16/fp32 [..., hidden] tensor on the CPU,
+// or on a CUDA device when the CUDA kernels were compiled in.
+void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., hidden], got a 0-dim tensor");
+  TORCH_CHECK(is_float_storage(x.scalar_type()), op,
+              ": x must have dtype torch.bfloat16, torch.float16 or torch.float32, got ",
+              dtype_str(x.scalar_type()));
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": x must be a CPU or CUDA tensor, got device ",
+              x.device());
+#ifndef QF_WITH_CUDA
+  TORCH_CHECK(!x.is_cuda(), "qwen_fast was built without CUDA (nvcc was not found at build time, ",
+              "or QWEN_FAST_CUDA=0), so ", op, " cannot run on ", x.device(),
+              "; rebuild with nvcc available, or pass backend=\"reference\"");
+#endif
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op,
+              ": x must have a contiguous last dim (stride 1), got stride ", x.stride(-1),
+              " for shape ", shape_str(x.sizes()), "; call .contiguous() first");
+}
+
+// `t` (named `name`) must match x in shape, dtype and device, with a contiguous last dim.
+void check_same_as_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape ", shape_str(x.sizes()),
+              " (the shape of x), got ", shape_str(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ",
+              dtype_str(x.scalar_type()), " (the dtype of x), got ", dtype_str(t.scalar_type()));
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+              " (the device of x), got ", t.device());
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
+              " must have a contiguous last dim (stride 1), got stride ", t.stride(-1),
+              "; call .contiguous() first");
+}
+
+void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& x) {
+  const int64_t hidden = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, op, ": weight must have shape [",
+              hidden, "] (hidden size of x), got ", shape_str(weight.sizes()));
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have dtype ",
+              dtype_str(x.scalar_type()), " (the dtype of x), got ",
+              dtype_str(weight.scalar_type()));
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(),
+              " (the device of x), got ", weight.device());
+  TORCH_CHECK(hidden <= 1 || weight.stride(0) == 1, op,
+              ": weight must be contiguous (stride 1), got stride ", weight.stride(0));
+}
+
+// A [..., hidden] tensor seen as `rows` rows of `hidden` contiguous elements, `ld` apart.
+struct Rows {
+  at::Tensor t;  // the tensor itself, or a contiguous copy when its leading dims cannot collapse
+  int64_t rows;
+  int64_t ld;
+};
+
+Rows as_rows(const at::Tensor& t) {
+  const int64_t hidden = t.size(-1);
+  const int64_t rows = t.numel() / hidden;
+  // The leading dims collapse into one row stride when each (ignoring size-1 dims) steps over
+  // exactly the dims inside it, as in x[:, :hidden] or a [b, s, hidden] slice of a wider buffer.
+  int64_t ld = -1;
+  int64_t span = 0;
+  for (int64_t d = t.dim() - 2; d >= 0; --d) {
+    if (t.size(d) == 1) continue;
+    if (ld < 0) {
+      ld = t.stride(d);
+      span = ld * t.size(d);
+    } else if (t.stride(d) == span) {
+      span *= t.size(d);
+    } else {
+      return {t.contiguous(), rows, hidden};
+    }
+  }
+  return {t, rows, ld < 0 ? hidden : ld};
+}
+
+void check_status(Status s, const char* op) {
+  if (ok(s)) return;
+#ifdef QF_WITH_CUDA
+  TORCH_CHECK(!is_cuda_error(s), op, ": CUDA error: ",
+              cudaGetErrorString(static_cast<cudaError_t>(cuda_error_code(s))));
+#endif
+  TORCH_CHECK(false, op, ": the kernel rejected its arguments (", status_name(s), ")");
+}
+
+#ifdef QF_WITH_CUDA
+// Our static CUDA runtime keeps its own current device: select x's before every launch.
+cudaStream_t cuda_prepare(const char* op, const at::Tensor& x, int64_t stream) {
+  const cudaError_t err = cudaSetDevice(x.get_device());
+  TORCH_CHECK(err == cudaSuccess, op, ": cudaSetDevice(", x.get_device(),
+              ") failed: ", cudaGetErrorString(err));
+  return reinterpret_cast<cudaStream_t>(stream);
+}
+#endif
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t stream) {
+  const char* op = "rms_norm";
+  check_x(op, x);
+  check_weight(op, weight, x);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  const int64_t hidden = x.size(-1);
+  const Rows in = as_rows(x);
+  dispatch_float_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    Status s;
+#ifdef QF_WITH_CUDA
+    if (x.is_cuda()) {
+      s = cuda::rms_norm<T>(data<T>(out), data<T>(in.t), data<T>(weight), in.rows, hidden, hidden,
+                            in.ld, static_cast<float>(eps), cuda_prepare(op, x, stream));
+    } else
+#endif
+    {
+      s = cpu::rms_norm<T>(data<T>(out), data<T>(in.t), data<T>(weight), in.rows, hidden, hidden,
+                           in.ld, static_cast<float>(eps));
+    }
+    check_status(s, op);
+  });
+  (void)stream;
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
+                                                      const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps,
+                                                      int64_t stream) {
+  const char* op = "fused_add_rms_norm";
+  check_x(op, x);
+  check_same_as_x(op, "residual", residual, x);
+  check_weight(op, weight, x);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor residual_out = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return {out, residual_out};
+  const int64_t hidden = x.size(-1);
+  const Rows in = as_rows(x);
+  const Rows res = as_rows(residual);
+  dispatch_float_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    Status s;
+#ifdef QF_WITH_CUDA
+    if (x.is_cuda()) {
+      s = cuda::fused_add_rms_norm<T>(data<T>(out), data<T>(residual_out), data<T>(in.t),
+                                      data<T>(res.t), data<T>(weight), in.rows, hidden, hidden,
+                                      hidden, in.ld, res.ld, static_cast<float>(eps),
+                                      cuda_prepare(op, x, stream));
+    } else
+#endif
+    {
+      s = cpu::fused_add_rms_norm<T>(data<T>(out), data<T>(residual_out), data<T>(in.t),
+                                     data<T>(res.t), data<T>(weight), in.rows, hidden, hidden,
+                                     hidden, in.ld, res.ld, static_cast<float>(eps));
+    }
+    check_status(s, op);
+  });
+  (void)stream;
+  return {out, residual_out};
+}
+
+int64_t cuda_device_count() {
+#ifdef QF_WITH_CUDA
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: clear the error, report none
+    return 0;
+  }
+  return n;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace qf

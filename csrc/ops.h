@@ -1,0 +1,23 @@
+// Tensor-level entry points, implemented in ops.cpp and exposed by bindings.cpp.
+// `stream` is a cudaStream_t passed as an integer (torch.cuda.current_stream().cuda_stream);
+// it is ignored for CPU tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace qf {
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t stream);
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
+                                                      const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps,
+                                                      int64_t stream);
+
+// Number of CUDA devices our (static) CUDA runtime sees; 0 without a CUDA build or a device.
+int64_t cuda_device_count();
+
+}  // namespace qf

@@ -1,0 +1,35 @@
+// Every CUDA launcher on one screen. Torch-free host declarations (also included by ops.cpp,
+// compiled by the host compiler): raw device pointers, sizes, row strides in elements, and the
+// stream to launch on. Launchers return a qf::Status (a CUDA error comes back as
+// cuda_error_status(err)), never throw, never allocate, never synchronise.
+// T is the storage type: float, qf::bf16 or qf::fp16 (explicitly instantiated for those).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../common/float16.h"
+#include "../common/status.h"
+
+namespace qf::cuda {
+
+// out = (x * rsqrt(mean(x^2) + eps)) rounded to T, times weight, rounded to T (reference.rms_norm).
+template <typename T>
+Status rms_norm(T* out,           // [rows, ld_out], the first `hidden` columns are written
+                const T* x,       // [rows, ld_x]
+                const T* weight,  // [hidden]
+                int64_t rows, int64_t hidden, int64_t ld_out, int64_t ld_x, float eps,
+                cudaStream_t stream);
+
+// residual_out = residual + x rounded to T; out = rms_norm(residual_out) (reference.fused_add_rms_norm).
+template <typename T>
+Status fused_add_rms_norm(T* out,             // [rows, ld_out]
+                          T* residual_out,    // [rows, ld_residual_out]; may alias residual
+                          const T* x,         // [rows, ld_x]
+                          const T* residual,  // [rows, ld_residual]
+                          const T* weight,    // [hidden]
+                          int64_t rows, int64_t hidden, int64_t ld_out, int64_t ld_residual_out,
+                          int64_t ld_x, int64_t ld_residual, float eps, cudaStream_t stream);
+
+}  // namespace qf::cuda

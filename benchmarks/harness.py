@@ -1,0 +1,101 @@
+"""One benchmark harness: warm-up, median of repeated runs, bytes declared term by term, and
+achieved GB/s against a copy measured in the same run (the machine's practical peak).
+
+CPU timing uses perf_counter; CUDA timing uses events and flushes L2 between runs.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3,
+            min_runs: int = 5, min_time_s: float = 0.3, max_runs: int = 1000) -> float:
+    """Median seconds of one call of fn."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    flush = None
+    if device.type == "cuda":
+        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    t_start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - t_start < min_time_s):
+        if device.type == "cuda":
+            flush.zero_()   # evict L2 so every run reads from memory
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_peak_gbs(device: torch.device | str = "cpu", nbytes: int = 256 * 2**20) -> float:
+    """Achieved bandwidth of a large tensor copy (read + write bytes), GB/s: the practical peak."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device)
+    return 2 * nbytes / t / 1e9
+
+
+@dataclass
+class Row:
+    case: str
+    impl: str
+    shape: str
+    dtype: str
+    time_us: float
+    bytes: int
+    gbs: float
+    pct_peak: float
+    speedup_vs_reference: Optional[float] = None
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def report(name: str, rows: List[Row], meta: dict, out_dir: Path = RESULTS) -> Path:
+    """Print a markdown table and write JSON + markdown to benchmarks/results/."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head = "| case | impl | shape | dtype | time (us) | GB/s | % of copy peak | speed-up vs reference |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        sp = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference else ""
+        lines.append(f"| {r.case} | {r.impl} | {r.shape} | {r.dtype} | {r.time_us:.1f} | "
+                     f"{r.gbs:.1f} | {r.pct_peak:.0f}% | {sp} |")
+    meta_line = ", ".join(f"{k}: {v}" for k, v in meta.items())
+    md = f"# {name}\n\n{meta_line}\n\n" + "\n".join(lines) + "\n"
+    print(md)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"{name}-{stamp}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    (out_dir / f"{name}-latest.md").write_text(md)
+    return path

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, library_paths
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -231,7 +231,8 @@ setup(
             # float conversions); it changes no result. -g0 overrides Python's -g: debug info for
             # torch's templates triples the compile time.
             extra_compile_args={"cxx": ["-O3", "-fno-trapping-math", "-g0", *OPENMP]},
-            extra_link_args=OPENMP,
+            # The rpath lets `import qwen_fast._C` find libc10/libtorch before torch is imported.
+            extra_link_args=[*OPENMP, *(f"-Wl,-rpath,{d}" for d in library_paths())],
         )
     ],
     cmdclass={"build_ext": BuildExt},

@@ -67,6 +67,8 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Tensor arguments need torch's Python types: load torch even when _C is imported first.
+  py::module_::import("torch");
   m.doc() = "qwen_fast compiled kernels (CPU, and CUDA when built with nvcc). Use qwen_fast.ops.";
 
   m.def("rms_norm", &qf::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),

@@ -56,8 +56,9 @@ def _cuda_home_of(nvcc: Path) -> Path | None:
         return home
     # A wrapper script elsewhere: nvcc's own dry run names its toolkit root ("#$ TOP=...").
     try:
-        dry = subprocess.run([str(nvcc), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True)
+        dry = subprocess.run(
+            [str(nvcc), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True)
         match = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.M)
     except OSError:
         return None
@@ -65,7 +66,7 @@ def _cuda_home_of(nvcc: Path) -> Path | None:
 
 
 def find_cuda() -> tuple[Path, Path] | None:
-    """(nvcc, toolkit root) from CUDA_HOME, /usr/local/cuda or PATH, in that order; None if absent."""
+    """(nvcc, toolkit root) from CUDA_HOME, /usr/local/cuda or PATH, in that order, or None."""
     candidates = []
     if os.environ.get("CUDA_HOME"):
         candidates.append(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc")
@@ -101,7 +102,8 @@ def cuda_archs() -> list[tuple[str, bool]]:
         token = token[:-4] if ptx else token
         match = re.fullmatch(r"(\d+)\.(\d)([af]?)|(\d{2,3}[af]?)", token)
         if not match:
-            raise RuntimeError(f"cannot read CUDA arch {token!r} in {raw!r} (use e.g. 80;90 or 8.0;9.0)")
+            raise RuntimeError(
+                f"cannot read CUDA arch {token!r} in {raw!r} (use e.g. 80;90 or 8.0;9.0)")
         sm = match.group(4) or match.group(1) + match.group(2) + match.group(3)
         archs.append((sm, ptx))
     if not archs:
@@ -110,7 +112,8 @@ def cuda_archs() -> list[tuple[str, bool]]:
 
 
 def nvcc_version(nvcc: Path) -> str:
-    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True,
+                         check=True).stdout
     match = re.search(r"V(\d+\.\d+\.\d+)", out) or re.search(r"release (\d+\.\d+)", out)
     return match.group(1) if match else "unknown"
 
@@ -172,7 +175,8 @@ class BuildExt(BuildExtension):
             "home": home,
             "archs": cuda_archs(),
             "version": nvcc_version(nvcc),
-            "include": _first_dir_with(home, ["include", "targets/*/include"], "cuda_runtime_api.h"),
+            "include": _first_dir_with(home, ["include", "targets/*/include"],
+                                       "cuda_runtime_api.h"),
             "lib": _first_dir_with(home, ["lib64", "lib", "targets/*/lib"], "libcudart_static.a"),
         }
         log(f"CUDA kernels with {nvcc} {cuda['version']} for sm {cuda['archs']}")

@@ -28,7 +28,8 @@ CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C bu
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)]),
+                 marks=[pytest.mark.gpu,
+                        pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)]),
 ]
 DTYPES = [
     pytest.param(torch.bfloat16, id="bf16"),
@@ -202,7 +203,8 @@ def _x(*shape, dtype=torch.bfloat16):
                  r"fused_add_rms_norm: residual must have dtype torch.bfloat16 \(the dtype of x\), "
                  r"got torch.float16", id="fused_residual_dtype"),
     pytest.param(lambda: ops.fused_add_rms_norm(_x(7, 2048), _x(7, 4096)[:, ::2], _x(2048)),
-                 r"fused_add_rms_norm: residual must have a contiguous last dim", id="fused_residual_strided"),
+                 r"fused_add_rms_norm: residual must have a contiguous last dim",
+                 id="fused_residual_strided"),
     pytest.param(lambda: ops.fused_add_rms_norm(_x(7, 2048), _x(7, 2048), _x(2047)),
                  r"fused_add_rms_norm: weight must have shape \[2048\] \(hidden size of x\), "
                  r"got \[2047\]", id="fused_weight_shape"),

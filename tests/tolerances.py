@@ -38,7 +38,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, op: str | None = 
                  msg: str = "") -> None:
     """actual ~= expected within the table's tolerance for expected.dtype (compared on the CPU)."""
     assert actual.dtype == expected.dtype, f"{msg}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     torch.testing.assert_close(actual.cpu().float(), expected.cpu().float(),
                                **tolerance(expected.dtype, op),
                                msg=lambda m: f"{msg}: {m}" if msg else m)

@@ -100,7 +100,8 @@ Status rms_norm(T* out, const T* x, const T* weight, int64_t rows, int64_t hidde
   if (rows == 0) return Status::kOk;
   if (out == nullptr || x == nullptr || weight == nullptr) return Status::kInvalidArgument;
 #pragma omp parallel for schedule(static) if (parallel_worthwhile(rows, hidden))
-  for (int64_t r = 0; r < rows; ++r) rms_norm_row(out + r * ld_out, x + r * ld_x, weight, hidden, eps);
+  for (int64_t r = 0; r < rows; ++r)
+    rms_norm_row(out + r * ld_out, x + r * ld_x, weight, hidden, eps);
   return Status::kOk;
 }
 

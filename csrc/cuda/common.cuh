@@ -52,7 +52,7 @@ __device__ __forceinline__ __half from_f32<__half>(float v) {
   return __float2half_rn(v);
 }
 
-// N consecutive elements moved as one aligned memory transaction (16 bytes for N * sizeof(T) == 16).
+// N consecutive elements moved as one aligned memory access (16-byte vectors in the kernels).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
@@ -68,7 +68,7 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {  // p: [N]
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
-// Value of `v` held by the lane whose index is this lane's XOR `lane_mask` (all 32 lanes take part).
+// `v` of the lane whose index is this lane's XOR `lane_mask` (all 32 lanes must take part).
 __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
   return __shfl_xor_sync(kFullWarpMask, v, lane_mask);
 }

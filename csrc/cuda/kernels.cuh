@@ -22,7 +22,8 @@ Status rms_norm(T* out,           // [rows, ld_out], the first `hidden` columns 
                 int64_t rows, int64_t hidden, int64_t ld_out, int64_t ld_x, float eps,
                 cudaStream_t stream);
 
-// residual_out = residual + x rounded to T; out = rms_norm(residual_out) (reference.fused_add_rms_norm).
+// residual_out = residual + x rounded to T; out = rms_norm(residual_out)
+// (reference.fused_add_rms_norm).
 template <typename T>
 Status fused_add_rms_norm(T* out,             // [rows, ld_out]
                           T* residual_out,    // [rows, ld_residual_out]; may alias residual

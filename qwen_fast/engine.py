@@ -265,9 +265,11 @@ class Engine:
         ignore_eos. Generation stops at <|endoftext|> unless ignore_eos.
         """
         p = self._params(params, overrides)
-        many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
+            prompt = prompt.tolist()
+        many = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
         prompts = [self._prompt_ids(x) for x in (prompt if many else [prompt])]
-        for _ in self._run(prompts, [p] * len(prompts)):
+        for _ in self._run(prompts, [p] * len(prompts), self._config_stop_ids()):
             pass
         return self._last if many else self._last[0]
 
@@ -276,7 +278,7 @@ class Engine:
         broken UTF-8 character, never a piece of a stop string)."""
         p = self._params(params, overrides)
         ids = self._prompt_ids(prompt)
-        for _, delta in self._run([ids], [p]):
+        for _, delta in self._run([ids], [p], self._config_stop_ids()):
             yield delta
 
     @torch.inference_mode()
@@ -330,4 +332,15 @@ class Engine:
                 yield delta
 
     def _chat_stop_ids(self) -> List[int]:
-        return [t for seq in chatml.STOP_WORDS_IDS for t in seq]
+        return [t for seq in chatml.STOP_WORDS_IDS for t in seq] + self._config_stop_ids()
+
+    def _config_stop_ids(self) -> List[int]:
+        """Single-token stop_words_ids of generation_config.json (the base release lists
+        [[151643]]); the release code also stops on these."""
+        out = []
+        for seq in self.generation_config.stop_words_ids or []:
+            if not isinstance(seq, list) or len(seq) != 1 or not isinstance(seq[0], int):
+                raise ValueError(f"generation_config stop_words_ids: only single-token stop words "
+                                 f"are supported, got {seq!r}")
+            out.append(seq[0])
+        return out

@@ -170,3 +170,15 @@ def test_from_pretrained_argument_errors(tiny_ckpt):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             Engine.from_pretrained(tiny_ckpt, device="cuda")
+
+
+def test_generation_config_stop_words_and_tensor_batches(fresh):
+    fresh.generation_config.stop_words_ids = [[IM_START_ID]]
+    _make_greedy_pick(fresh, IM_START_ID)
+    r = fresh.generate("hi", max_new_tokens=4, **GREEDY)
+    assert (r.finish_reason, r.stop_reason) == ("stop", IM_START_ID)
+    out = fresh.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), max_new_tokens=2, **GREEDY)
+    assert len(out) == 2 and all(x.prompt_tokens == 3 for x in out)
+    fresh.generation_config.stop_words_ids = [[1, 2]]
+    with pytest.raises(ValueError, match="single-token stop words"):
+        fresh.generate("hi", max_new_tokens=2)

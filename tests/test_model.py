@@ -128,3 +128,16 @@ def test_forward_rejects_bad_arguments(tiny_engine_fp32):
         m.forward(torch.zeros(2, 1, dtype=torch.long), cache, rows=[0, 0])
     with pytest.raises(ValueError, match="num_new"):
         m.forward(torch.zeros(1, 2, dtype=torch.long), cache, num_new=[3])
+
+
+def test_native_backend_matches_reference(tiny_ckpt):
+    """backend='auto' swaps in the compiled rms_norm kernels: same logits as the reference."""
+    from qwen_fast import Engine, ops
+    if not ops.HAVE_C:
+        pytest.skip(f"qwen_fast._C is not built: {ops.IMPORT_ERROR}")
+    ids = _ids(40, seed=9)
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
+        ref = Engine.from_pretrained(tiny_ckpt, dtype=dtype, backend="reference")
+        nat = Engine.from_pretrained(tiny_ckpt, dtype=dtype, backend="auto")
+        assert nat.model.ops["rms_norm"] is ops.rms_norm
+        torch.testing.assert_close(nat.logits(ids), ref.logits(ids), rtol=tol, atol=tol)

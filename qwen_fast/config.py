@@ -110,15 +110,7 @@ class QwenConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "QwenConfig":
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        try:
-            return cls.from_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return _from_json(cls, path)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -187,22 +179,43 @@ class GenerationConfig:
         kwargs.setdefault("repetition_penalty", 1.0)
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        return cls(**kwargs)
+        gen = cls(**kwargs)
+        gen.validate()
+        return gen
+
+    def validate(self) -> None:
+        """The sampling defaults must be valid sampling parameters (named in the error)."""
+        from .sampling import SamplingParams
+        try:
+            SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           top_p=self.top_p, top_k=self.top_k,
+                           repetition_penalty=self.repetition_penalty).validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for name in ("eos_token_id", "max_window_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "GenerationConfig":
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        try:
-            return cls.from_dict(d)
-        except (ConfigError, TypeError) as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return _from_json(cls, path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _from_json(cls, path: str | os.PathLike):
+    """cls.from_dict of a JSON file; every error names the file."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return cls.from_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def ntk_alpha(true_seq_len: int, seq_length: int) -> int:

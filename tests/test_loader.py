@@ -166,3 +166,11 @@ def test_tokenizer_and_generation_config_from_checkpoint(tiny_ckpt):
     assert e.generation_config.top_p == 0.8 and e.generation_config.repetition_penalty == 1.1
     assert e.default_params.max_new_tokens == 512
     assert e.tokenizer.encode("Panda") == [47, 9817]
+
+
+def test_bad_generation_config_is_named(tmp_path, cfg):
+    path = _write(tmp_path, cfg)
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps(dict(gen, top_p=1.7)))
+    with pytest.raises(ConfigError, match=r"generation_config.json: top_p must be in \(0, 1\]"):
+        Engine.from_pretrained(path)

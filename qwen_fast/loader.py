@@ -96,8 +96,9 @@ def read_safetensors_header(path: Path) -> Dict[str, dict]:
     return header
 
 
-def _find_weight_files(model_dir: Path) -> Dict[str, Path]:
-    """Map tensor name -> file, from the index if there is one, else from the single file."""
+def _find_weight_files(model_dir: Path, headers: Dict[Path, dict]) -> Dict[str, Path]:
+    """Map tensor name -> file, from the index if there is one, else from the file headers
+    (read into `headers`, which caches them for the caller)."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -123,7 +124,8 @@ def _find_weight_files(model_dir: Path) -> Dict[str, Path]:
                               f"{model_dir.name}/.{hint}")
     out = {}
     for p in files:
-        for name in read_safetensors_header(p):
+        headers[p] = read_safetensors_header(p)
+        for name in headers[p]:
             out[name] = p
     return out
 
@@ -136,9 +138,9 @@ def check_checkpoint(model_dir: Path, cfg: QwenConfig) -> Dict[str, Tuple[Path, 
             f"{model_dir.name}/config.json has a quantization_config ({q.get('quant_method', '?')}, "
             f"{q.get('bits', '?')} bits): GPTQ checkpoints are not supported by this version yet; "
             "use the bf16 release")
-    files = _find_weight_files(model_dir)
     headers: Dict[Path, dict] = {}
-    for p in set(files.values()):
+    files = _find_weight_files(model_dir, headers)
+    for p in set(files.values()) - set(headers):
         headers[p] = read_safetensors_header(p)
     expected = expected_shapes(cfg)
     found: Dict[str, Tuple[Path, dict]] = {}

@@ -174,3 +174,9 @@ def test_bad_generation_config_is_named(tmp_path, cfg):
     (path / "generation_config.json").write_text(json.dumps(dict(gen, top_p=1.7)))
     with pytest.raises(ConfigError, match=r"generation_config.json: top_p must be in \(0, 1\]"):
         Engine.from_pretrained(path)
+
+
+def test_progress_bar_on_request(tmp_path, cfg, capsys):
+    out = load_state_dict(_write(tmp_path, cfg), cfg, torch.bfloat16, progress=True)
+    assert len(out) == len(expected_shapes(cfg))
+    assert "loading ckpt" in capsys.readouterr().err

@@ -10,10 +10,9 @@ its own sampling parameters, seed, stop conditions and KV-cache length.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 

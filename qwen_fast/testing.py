@@ -54,7 +54,8 @@ def write_checkpoint(path, cfg: QwenConfig, state_dict: Optional[Dict[str, torch
     path.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else random_state_dict(cfg, dtype, seed)
     d = cfg.to_dict()
-    d.pop("quantization_config", None) if not cfg.quantization_config else None
+    if not cfg.quantization_config:
+        d.pop("quantization_config")
     (path / "config.json").write_text(json.dumps(d, indent=2))
     gen = generation_config or GenerationConfig()
     (path / "generation_config.json").write_text(json.dumps(

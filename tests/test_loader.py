@@ -1,8 +1,6 @@
 """Loader: release layout (sharded + index, single file), dtype conversion, and every kind of
 malformed checkpoint gets an error naming the tensor/file and what was expected."""
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -17,8 +17,11 @@ _LAZY = {
     "GenerationConfig": ("config", "GenerationConfig"),
     "QwenConfig": ("config", "QwenConfig"),
     "QwenTokenizer": ("tokenizer", "QwenTokenizer"),
-    "CheckpointError": ("loader", "CheckpointError"),
-    "ConfigError": ("config", "ConfigError"),
+    "QwenFastError": ("errors", "QwenFastError"),
+    "ConfigError": ("errors", "ConfigError"),
+    "CheckpointError": ("errors", "CheckpointError"),
+    "RequestError": ("errors", "RequestError"),
+    "CapacityError": ("errors", "CapacityError"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

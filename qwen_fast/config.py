@@ -16,9 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A config.json / generation_config.json that does not describe a Qwen v1 model."""
+from .errors import ConfigError
 
 
 _DTYPES = {

@@ -136,13 +136,15 @@ class Engine:
     def from_pretrained(cls, path: Union[str, os.PathLike, None] = None, *, device: str = "cpu",
                         dtype: Union[str, torch.dtype] = "auto", backend: str = "auto",
                         load_format: str = "safetensors", config: Union[str, QwenConfig, None] = None,
-                        progress: Optional[bool] = None, seed: int = 0) -> "Engine":
+                        progress: Optional[bool] = None, seed: int = 0,
+                        kv_cache_budget: Union[int, str, None] = "auto") -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
         QwenConfig, a built-in name such as "qwen-1.8b-chat", or the path's config.json).
         dtype: "auto" (the release's: bf16 unless config.json says fp16/fp32), or a float dtype.
         backend: "reference" (PyTorch), "native" or "auto" (our kernels where they exist).
+        kv_cache_budget: bytes of KV cache one call may use (see Engine).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -179,7 +181,7 @@ class Engine:
             tok_dir = model_dir
         tokenizer = QwenTokenizer.from_dir(tok_dir) if tok_dir is not None else QwenTokenizer.default()
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
-        return cls(model, tokenizer, gen_cfg)
+        return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget)
 
     @property
     def device(self) -> torch.device:

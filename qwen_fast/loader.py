@@ -17,6 +17,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from .config import QwenConfig
+from .errors import CheckpointError
 
 # Tensors the release code lists in _keys_to_ignore_*: buffers that may be saved, never used.
 IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
@@ -24,10 +25,6 @@ IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _ST_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that does not match the Qwen v1 release layout."""
 
 
 def expected_shapes(cfg: QwenConfig) -> Dict[str, Tuple[int, ...]]:

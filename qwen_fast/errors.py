@@ -1,0 +1,41 @@
+"""The package's error types: one base class and a small hierarchy by what was wrong.
+
+    QwenFastError                    every error qwen_fast raises on purpose
+    ├── ConfigError (ValueError)     config.json / generation_config.json / a QwenConfig value
+    ├── CheckpointError (ValueError) weight files, the index, the vocabulary file
+    └── RequestError (ValueError)    a bad argument to generate / stream / chat / logits:
+        │                            prompt, sampling parameter, history, messages
+        └── CapacityError            a request that cannot fit: longer than the context, or
+                                     more KV cache than the engine's memory budget
+
+Every message names the file, tensor, field or parameter that was wrong and what was expected.
+They are ValueError subclasses because the caller passed a bad value; ``except QwenFastError``
+catches all of them and nothing else.
+"""
+from __future__ import annotations
+
+__all__ = ["QwenFastError", "ConfigError", "CheckpointError", "RequestError", "CapacityError"]
+
+
+class QwenFastError(Exception):
+    """Base class of every error qwen_fast raises on purpose."""
+
+
+class ConfigError(QwenFastError, ValueError):
+    """A config.json / generation_config.json (or a QwenConfig) that does not describe a
+    Qwen v1 model this engine can run."""
+
+
+class CheckpointError(QwenFastError, ValueError):
+    """A checkpoint directory, weight file, index or vocabulary file that does not match the
+    Qwen v1 release layout, or holds unusable values (NaN/Inf weights)."""
+
+
+class RequestError(QwenFastError, ValueError):
+    """A bad argument to a generation call: the prompt, a sampling parameter, the history or
+    the messages. Nothing has been computed when it is raised."""
+
+
+class CapacityError(RequestError):
+    """A request that cannot fit: prompt + max_new_tokens beyond the model's context, or a
+    KV cache larger than the engine's memory budget. Raised before any work is done."""

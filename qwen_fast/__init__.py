@@ -22,6 +22,7 @@ _LAZY = {
     "CheckpointError": ("errors", "CheckpointError"),
     "RequestError": ("errors", "RequestError"),
     "CapacityError": ("errors", "CapacityError"),
+    "NumericalError": ("errors", "NumericalError"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

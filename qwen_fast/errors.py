@@ -3,18 +3,21 @@
     QwenFastError                    every error qwen_fast raises on purpose
     ├── ConfigError (ValueError)     config.json / generation_config.json / a QwenConfig value
     ├── CheckpointError (ValueError) weight files, the index, the vocabulary file
-    └── RequestError (ValueError)    a bad argument to generate / stream / chat / logits:
-        │                            prompt, sampling parameter, history, messages
-        └── CapacityError            a request that cannot fit: longer than the context, or
-                                     more KV cache than the engine's memory budget
+    ├── RequestError (ValueError)    a bad argument to generate / stream / chat / logits:
+    │   │                            prompt, sampling parameter, history, messages
+    │   └── CapacityError            a request that cannot fit: longer than the context, or
+    │                                more memory than the engine's budget
+    └── NumericalError (RuntimeError) the model itself produced NaN/Inf logits (broken weights
+                                     or an fp16 overflow), whatever the request
 
 Every message names the file, tensor, field or parameter that was wrong and what was expected.
-They are ValueError subclasses because the caller passed a bad value; ``except QwenFastError``
+All but NumericalError are ValueError subclasses because the caller passed a bad value; ``except QwenFastError``
 catches all of them and nothing else.
 """
 from __future__ import annotations
 
-__all__ = ["QwenFastError", "ConfigError", "CheckpointError", "RequestError", "CapacityError"]
+__all__ = ["QwenFastError", "ConfigError", "CheckpointError", "RequestError", "CapacityError",
+           "NumericalError"]
 
 
 class QwenFastError(Exception):
@@ -39,3 +42,8 @@ class RequestError(QwenFastError, ValueError):
 class CapacityError(RequestError):
     """A request that cannot fit: prompt + max_new_tokens beyond the model's context, or a
     KV cache larger than the engine's memory budget. Raised before any work is done."""
+
+
+class NumericalError(QwenFastError, RuntimeError):
+    """The model produced NaN or Inf logits: broken weights (load with check_finite=True) or
+    an overflow of the compute dtype; no sampling parameter causes it."""

@@ -19,9 +19,24 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
+
+from .errors import NumericalError, RequestError
+
+
+#: Seeds are taken modulo nothing: torch's CPU generator (mt19937) uses only the low 32 bits of
+#: a seed, so larger seeds would silently repeat smaller ones; they are refused instead.
+MAX_SEED = 2**32 - 1
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -40,49 +55,65 @@ class SamplingParams:
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    @classmethod
+    def from_mapping(cls, d: Mapping) -> "SamplingParams":
+        """SamplingParams from a dict of parameter names (checked)."""
+        if not isinstance(d, Mapping):
+            raise RequestError(f"params must be a SamplingParams or a dict of parameters, got "
+                               f"{type(d).__name__}")
+        return cls().replace(**d)
+
     def replace(self, **overrides) -> "SamplingParams":
-        """A copy with overrides applied and checked; unknown names raise TypeError."""
-        unknown = sorted(set(overrides) - set(self.names()))
+        """A copy with overrides applied and checked; an unknown name raises RequestError."""
+        unknown = sorted(set(overrides) - set(self.names()), key=str)
         if unknown:
-            raise TypeError(f"unknown generation parameter(s) {unknown}; valid ones are {self.names()}")
+            raise RequestError(f"unknown generation parameter(s) {unknown}; valid ones are "
+                               f"{self.names()}")
         p = dataclasses.replace(self, **overrides)
         p.validate()
         return p
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
-        def is_int(v):
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not is_num(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not is_num(self.top_p) or not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 = disabled), got {self.top_k!r}")
-        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got "
-                             f"{self.repetition_penalty!r}")
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        """Check every field (RequestError naming it) and normalise in place: numpy scalars
+        become int/float, a single stop string or id becomes a list."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_num(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                               f"{self.temperature!r}")
+        if not _is_num(self.top_p) or not (0 < self.top_p <= 1):
+            raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise RequestError(f"top_k must be an integer >= 0 (0 or -1 = disabled), got {self.top_k!r}")
+        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise RequestError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got "
+                               f"{self.repetition_penalty!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise RequestError(f"seed must be an integer in [0, 2**32 - 1] or None, got {self.seed!r}"
+                               " (torch's CPU generator uses 32 bits of a seed: larger ones would "
+                               "repeat smaller ones)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        if isinstance(self.stop_token_ids, numbers.Integral):
+            raise RequestError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if _is_int(self.stop_token_ids):
             self.stop_token_ids = [self.stop_token_ids]
-        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")
+        if (not isinstance(self.stop_token_ids, (list, tuple))
+                or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)):
+            raise RequestError(f"stop_token_ids must be a list of non-negative token ids, got "
+                               f"{self.stop_token_ids!r}")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if t >= vocab_size]
             if bad:
-                raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+                raise RequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise RequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        self.max_new_tokens, self.top_k = int(self.max_new_tokens), int(self.top_k)
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.repetition_penalty = float(self.repetition_penalty)
+        self.seed = None if self.seed is None else int(self.seed)
+        self.stop = list(self.stop)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
 
     @property
     def greedy(self) -> bool:
@@ -99,10 +130,16 @@ def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalt
 
 
 def process_scores(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
-                   valid_vocab: Optional[int] = None) -> torch.Tensor:
+                   valid_vocab: Optional[int] = None, stable: bool = False) -> torch.Tensor:
     """The release's logits processors and warpers on one row: [V] -> [V] scores (same dtype),
-    -inf where a token cannot be drawn."""
-    scores = logits
+    -inf where a token cannot be drawn.
+
+    stable=True is the fallback for parameters whose release maths overflows the dtype (a
+    temperature of 1e-38 turns bf16 scores into inf, a repetition_penalty of 1e-45 too): the
+    same steps in float64, with the temperature applied to (scores - max), which leaves the
+    distribution unchanged in exact arithmetic but cannot overflow for any finite parameter.
+    """
+    scores = logits.double() if stable else logits
     if valid_vocab is not None and valid_vocab < scores.shape[0]:
         scores = scores.clone()
         scores[valid_vocab:] = float("-inf")
@@ -110,7 +147,7 @@ def process_scores(logits: torch.Tensor, history: torch.Tensor, p: SamplingParam
     if p.greedy:
         return scores
     if p.temperature != 1.0:
-        scores = scores / p.temperature
+        scores = (scores - scores.max()) / p.temperature if stable else scores / p.temperature
     if p.top_k > 0:
         k = min(p.top_k, scores.shape[0])
         kth = torch.topk(scores, k)[0][-1]
@@ -124,20 +161,40 @@ def process_scores(logits: torch.Tensor, history: torch.Tensor, p: SamplingParam
     return scores
 
 
+def _drawable(scores: torch.Tensor) -> bool:
+    """No NaN and no +inf: -inf marks the tokens that cannot be drawn, anything else is a
+    number the next step can use."""
+    return not bool(torch.isnan(scores).any() or torch.isposinf(scores).any())
+
+
 def sample_next(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
                 generator: Optional[torch.Generator], valid_vocab: Optional[int] = None) -> int:
-    """Next token id for one sequence. logits [V] in the model dtype; history [n] int64."""
+    """Next token id for one sequence. logits [V] in the model dtype; history [n] int64.
+
+    The release's maths in the logits dtype first (bit-exact seeded sampling); only when that
+    overflows does the float64 fallback of process_scores run. Non-finite logits (a broken
+    model, not a parameter) raise NumericalError."""
+    if not bool(torch.isfinite(logits[:valid_vocab]).all()):
+        bad = int((~torch.isfinite(logits[:valid_vocab])).sum())
+        raise NumericalError(f"the model produced {bad} non-finite logits (NaN or Inf); the weights "
+                             "or the dtype overflow (fp16?) are the cause, not the request")
     scores = process_scores(logits, history, p, valid_vocab)
     if p.greedy:
+        if not _drawable(scores):
+            scores = process_scores(logits, history, p, valid_vocab, stable=True)
         return int(torch.argmax(scores))
     probs = torch.softmax(scores, dim=-1)
+    if not _drawable(scores) or not bool(torch.isfinite(probs).all()):
+        probs = torch.softmax(process_scores(logits, history, p, valid_vocab, stable=True), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def make_generator(seed: Optional[int], device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request generator: seeded like the release's torch.manual_seed(seed), or from
+    the OS's entropy when seed is None."""
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed)
+        g.manual_seed(int(seed))
     return g

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from qwen_fast.errors import RequestError
 from qwen_fast.sampling import (SamplingParams, apply_repetition_penalty, make_generator,
                                 process_scores, sample_next)
 
@@ -96,7 +97,7 @@ def test_bad_parameters_are_named(kw, msg):
 
 
 def test_unknown_parameter():
-    with pytest.raises(TypeError, match=r"unknown generation parameter\(s\) \['max_tokens'\]"):
+    with pytest.raises(RequestError, match=r"unknown generation parameter\(s\) \['max_tokens'\]"):
         P(max_tokens=3)
 
 

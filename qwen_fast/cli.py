@@ -59,6 +59,9 @@ class ChatREPL:
                 print(delta, end="", file=self.out, flush=True)
         except KeyboardInterrupt:
             self.say("\n[interrupted]")
+        except Exception as e:  # a failed turn is reported; the session and its history go on
+            self.say(f"\nerror: {type(e).__name__}: {e}")
+            return True
         response = "".join(pieces).strip()
         self.say()
         self.history.append((line, response))
@@ -86,13 +89,10 @@ class ChatREPL:
                 self.say(f"seed = {self.seed}")
             else:
                 try:
-                    seed = int(arg)
-                    if seed < 0:
-                        raise ValueError
-                    self.seed = seed
+                    self.seed = self.engine.sampling_params(self.params, seed=int(arg)).seed
                     self.say(f"seed = {self.seed}")
                 except ValueError:
-                    self.say(f"error: :seed needs a non-negative integer, got {arg!r}")
+                    self.say(f"error: :seed needs an integer in [0, 2**32 - 1], got {arg!r}")
         elif cmd == "conf":
             if not arg:
                 for k, v in vars(self.params).items():
@@ -121,8 +121,8 @@ class ChatREPL:
             self.say("error: use :seed N to set the seed")
             return
         try:
-            self.params = self.params.replace(**{key: value})
-        except (TypeError, ValueError) as e:
+            self.params = self.engine.sampling_params(self.params, **{key: value})
+        except ValueError as e:
             self.say(f"error: {e}")
             return
         self.say(f"{key} = {getattr(self.params, key)!r}")
@@ -131,13 +131,16 @@ class ChatREPL:
         self.say("Qwen-1.8B-Chat (qwen_fast). Type :help for commands, :exit to leave.")
         interactive = inp.isatty()
         while True:
-            if interactive:
-                print("\n> ", end="", file=self.out, flush=True)
-            line = inp.readline()
-            if not line:
-                break
-            if not self.handle(line):
-                break
+            try:
+                if interactive:
+                    print("\n> ", end="", file=self.out, flush=True)
+                line = inp.readline()
+                if not line:
+                    break
+                if not self.handle(line):
+                    break
+            except KeyboardInterrupt:   # Ctrl-C at the prompt: a new prompt, not the end
+                self.say("\n(interrupted: :exit or Ctrl-D leaves)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .errors import QwenFastError
     args = build_parser().parse_args(argv)
     try:
         engine = _load(args)
@@ -210,9 +214,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(delta, end="", flush=True)
             print()
         return 0
-    except (ValueError, TypeError, OSError) as e:
+    except (QwenFastError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,25 +7,38 @@
 
 The decoding loop is plain Python over the model's batched forward. Every request in a batch has
 its own sampling parameters, seed, stop conditions and KV-cache length.
+
+Threads: one Engine may be shared. Calls take turns (one decodes at a time; continuous batching
+comes with the scheduler), and every call's state (KV cache, generators, results) is its own, so
+results always belong to their call. A stream holds the engine from its first item until it is
+exhausted or closed (a dropped stream is closed by the garbage collector).
+
+Memory: the KV cache of a call grows with the tokens it really holds (KVCache.ensure), and a
+call whose worst case (every sequence reaching max_new_tokens) would exceed the engine's
+kv_cache_budget is refused up front with a CapacityError, before any work is done.
 """
 from __future__ import annotations
 
+import numbers
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import chat as chatml
 from .config import GenerationConfig, QwenConfig, builtin_config, parse_dtype
+from .errors import CapacityError, ConfigError, RequestError
 from .loader import dummy_state_dict, load_config, load_state_dict
 from .model import BACKENDS, KVCache, QwenModel
 from .sampling import SamplingParams, make_generator, sample_next
 from .tokenizer import IncrementalDecoder, QwenTokenizer
 
-Prompt = Union[str, Sequence[int]]
+Prompt = Union[str, Sequence[int], torch.Tensor, np.ndarray]
 
 
 @dataclass
@@ -37,6 +50,7 @@ class GenerationResult:
     stop_reason: Union[int, str, None] = None   # the stop token id or stop string that ended it
     prefill_s: float = 0.0              # time to first token (prefill + first sample)
     decode_s: float = 0.0               # time for the remaining tokens
+    kv_cache_bytes: int = 0             # peak KV cache of the call (shared by a batch's rows)
 
     @property
     def completion_tokens(self) -> int:
@@ -65,17 +79,68 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def _available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on the device now: the GPU's free memory, or the OS's
+    MemAvailable (physical pages otherwise)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class _Turns:
+    """A lock by which calls take turns on one Engine.
+
+    Re-entrant for the thread that holds it (a loop over a stream may call generate: each
+    call's state is its own, so nesting is safe), and releasable from any thread, because a
+    stream dropped unfinished is closed by the garbage collector wherever that runs."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._owner: Optional[int] = None
+        self._depth = 0
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            while self._owner not in (None, me):
+                self._cond.wait()
+            self._owner = me
+            self._depth += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+
 class _Request:
     """Decoding state of one sequence of a batch."""
 
     def __init__(self, engine: "Engine", prompt_ids: List[int], params: SamplingParams,
-                 extra_stop_ids: Sequence[int]):
+                 extra_stop_ids: Sequence[int], limit: int):
         self.prompt_ids = prompt_ids
         self.params = params
+        self.limit = limit
         self.stop_ids = set(params.stop_token_ids) | set(extra_stop_ids)
         if not params.ignore_eos:
             self.stop_ids.add(engine.generation_config.eos_token_id)
-        self.history = torch.tensor(prompt_ids, dtype=torch.long, device=engine.device)
+        # Prompt + output ids for the repetition penalty, in one buffer sized for the worst case.
+        self._ids = torch.empty(len(prompt_ids) + limit, dtype=torch.long, device=engine.device)
+        self._ids[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+        self._n = len(prompt_ids)
         self.generator = make_generator(params.seed, engine.device)
         self.decoder = IncrementalDecoder(engine.tokenizer)
         self.out_ids: List[int] = []
@@ -85,7 +150,11 @@ class _Request:
         self.stop_reason = None
         self.t_first = 0.0
 
-    def add_token(self, tok: int, limit: int) -> str:
+    @property
+    def history(self) -> torch.Tensor:
+        return self._ids[:self._n]
+
+    def add_token(self, tok: int) -> str:
         """Record a sampled token; returns the text delta that is now safe to emit."""
         p = self.params
         if tok in self.stop_ids:
@@ -93,7 +162,8 @@ class _Request:
             self.text += self.decoder.flush()
             return self._emit(final=True)
         self.out_ids.append(tok)
-        self.history = torch.cat([self.history, self.history.new_tensor([tok])])
+        self._ids[self._n] = tok
+        self._n += 1
         prev = len(self.text)
         self.text += self.decoder.push(tok)
         if p.stop:
@@ -104,7 +174,7 @@ class _Request:
                 self.text = self.text[:i]
                 self.finish_reason, self.stop_reason = "stop", s
                 return self._emit(final=True)
-        if len(self.out_ids) >= limit:
+        if len(self.out_ids) >= self.limit:
             self.finish_reason = "length"
             self.text += self.decoder.flush()
             return self._emit(final=True)
@@ -117,9 +187,23 @@ class _Request:
         return delta
 
 
+def _finish(run) -> list:
+    """Run a _run generator to its end and return its results."""
+    try:
+        while True:
+            next(run)
+    except StopIteration as stop:
+        return stop.value
+
+
 class Engine:
     def __init__(self, model: QwenModel, tokenizer: QwenTokenizer,
-                 generation_config: Optional[GenerationConfig] = None):
+                 generation_config: Optional[GenerationConfig] = None,
+                 kv_cache_budget: Union[int, str, None] = "auto"):
+        """kv_cache_budget: the most bytes of KV cache one call may need in the worst case
+        (every sequence of a batch reaching max_new_tokens; logits() counts its output too).
+        "auto" = half the memory available on the device when the engine is built (after the
+        weights); an int = that many bytes; None = no limit but the model's context."""
         self.model = model
         self.cfg: QwenConfig = model.cfg
         self.tokenizer = tokenizer
@@ -130,6 +214,15 @@ class Engine:
             max_new_tokens=g.max_new_tokens, temperature=g.temperature if g.do_sample else 0.0,
             top_p=g.top_p, top_k=g.top_k, repetition_penalty=g.repetition_penalty)
         self.default_params.validate()
+        if kv_cache_budget == "auto":
+            kv_cache_budget = _available_memory(self.device) // 2
+        elif kv_cache_budget is not None and (
+                not isinstance(kv_cache_budget, numbers.Integral) or isinstance(kv_cache_budget, bool)
+                or kv_cache_budget <= 0):
+            raise ValueError(f"kv_cache_budget must be 'auto', a positive number of bytes or None, "
+                             f"got {kv_cache_budget!r}")
+        self.kv_cache_budget: Optional[int] = None if kv_cache_budget is None else int(kv_cache_budget)
+        self._turns = _Turns()
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -191,146 +284,232 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    # ---- helpers -------------------------------------------------------------------------
-    def _params(self, params: Optional[SamplingParams], overrides: dict) -> SamplingParams:
-        base = params if params is not None else self.default_params
+    # ---- request checks: everything is checked before any work is done -------------------
+    def sampling_params(self, params: Union[SamplingParams, Mapping, None] = None,
+                        **overrides) -> SamplingParams:
+        """The parameters a call would use: params (a SamplingParams or a dict; default the
+        checkpoint's generation_config) with overrides, checked against this model."""
+        if params is None:
+            base = self.default_params
+        elif isinstance(params, SamplingParams):
+            base = params
+        elif isinstance(params, Mapping):
+            base = SamplingParams.from_mapping(params)
+        else:
+            raise RequestError(f"params must be a SamplingParams or a dict of parameters, got "
+                               f"{type(params).__name__}")
         p = base.replace(**overrides)
         p.validate(vocab_size=self.cfg.vocab_size)
         return p
 
-    def _prompt_ids(self, prompt: Prompt) -> List[int]:
+    def _token_ids(self, prompt, name: str = "prompt") -> List[int]:
+        """One prompt -> ids: a str, a list/tuple of ints (numpy integers too), or a 1-D integer
+        tensor/array. Anything else is refused by name (bytes, dicts and sets are not ids)."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, torch.Tensor):
-            ids = prompt.reshape(-1).tolist()
+        elif isinstance(prompt, (torch.Tensor, np.ndarray)):
+            integer = (prompt.dtype.kind in "iu" if isinstance(prompt, np.ndarray) else
+                       not (prompt.dtype.is_floating_point or prompt.dtype.is_complex
+                            or prompt.dtype == torch.bool))
+            if prompt.ndim != 1 or not integer:
+                raise RequestError(f"{name} must be a 1-D integer tensor of token ids, got shape "
+                                   f"{tuple(prompt.shape)} and dtype {prompt.dtype}")
+            ids = [int(t) for t in prompt.tolist()]
+        elif isinstance(prompt, (list, tuple)):
+            ids = []
+            for i, t in enumerate(prompt):
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                    raise RequestError(f"{name}[{i}] must be a token id (an int), got "
+                                       f"{type(t).__name__} {t!r:.40}")
+                ids.append(int(t))
         else:
-            ids = list(prompt)
+            raise RequestError(f"{name} must be a str, a list of token ids or a 1-D integer tensor,"
+                               f" got {type(prompt).__name__}")
         if not ids:
-            raise ValueError("prompt is empty: give at least one token")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.cfg.vocab_size]
+            raise RequestError(f"{name} is empty: give at least one token")
+        V = self.cfg.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.cfg.vocab_size}); got {bad[:5]}")
+            raise RequestError(f"{name}: token ids must be integers in [0, {V}); got {bad[:5]}")
         if len(ids) >= self.cfg.max_context:
-            raise ValueError(f"prompt has {len(ids)} tokens; this model handles at most "
-                             f"{self.cfg.max_context} tokens in all (prompt + output)")
+            raise CapacityError(f"{name} has {len(ids)} tokens; this model handles at most "
+                                f"{self.cfg.max_context} tokens in all (prompt + output)")
         return ids
 
-    # ---- the decoding loop ---------------------------------------------------------------
-    def _run(self, prompts: List[List[int]], params: List[SamplingParams],
-             extra_stop_ids: Sequence[int] = ()) -> Iterator[Tuple[int, str]]:
-        """Generate for a batch; yields (row, text delta) and leaves results in self._last."""
-        reqs = [_Request(self, ids, p, extra_stop_ids) for ids, p in zip(prompts, params)]
+    def _batch(self, prompt) -> Tuple[List[List[int]], bool]:
+        """generate()'s prompt argument -> (ids of each prompt, whether it was a batch). A batch
+        is a list/tuple of prompts or a 2-D tensor/array; one prompt is anything _token_ids takes."""
+        if isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim == 2:
+            items = list(prompt)
+        elif (isinstance(prompt, (list, tuple)) and prompt
+              and all(isinstance(x, (str, list, tuple, torch.Tensor, np.ndarray)) for x in prompt)):
+            items = list(prompt)
+        else:
+            return [self._token_ids(prompt)], False
+        return [self._token_ids(x, f"prompt[{i}]") for i, x in enumerate(items)], True
+
+    def _limits(self, prompts: List[List[int]], params: List[SamplingParams]) -> List[int]:
+        """New tokens each sequence may produce; refuses (CapacityError) a call whose worst-case
+        KV cache exceeds the budget. The cache is one block of batch x longest sequence."""
         limits = [min(p.max_new_tokens, self.cfg.max_context - len(ids)) for ids, p in zip(prompts, params)]
-        cap = max(len(ids) + n for ids, n in zip(prompts, limits))
-        cache = KVCache(self.cfg, len(reqs), cap, self.dtype, self.device)
-        T = max(len(ids) for ids in prompts)
-        batch = torch.zeros(len(prompts), T, dtype=torch.long)
-        for b, ids in enumerate(prompts):
-            batch[b, :len(ids)] = torch.tensor(ids)
-        t0 = time.perf_counter()
-        logits = self.model.forward(batch, cache, num_new=[len(ids) for ids in prompts])
-        rows = list(range(len(reqs)))
-        valid_vocab = len(self.tokenizer)
-        first = True
-        while rows:
-            nxt = []
-            for i, b in enumerate(rows):
-                r = reqs[b]
-                tok = sample_next(logits[i], r.history, r.params, r.generator, valid_vocab)
-                delta = r.add_token(tok, limits[b])
-                if first:
-                    r.t_first = time.perf_counter() - t0
-                if delta:
-                    yield b, delta
-                if r.finish_reason is None:
-                    nxt.append((b, tok))
-            first = False
-            if not nxt:
-                break
-            rows = [b for b, _ in nxt]
-            ids = torch.tensor([[tok] for _, tok in nxt], dtype=torch.long)
-            logits = self.model.forward(ids, cache, rows=rows)
-        total = time.perf_counter() - t0
-        self._last = [GenerationResult(
-            text=r.text, token_ids=r.out_ids, finish_reason=r.finish_reason, stop_reason=r.stop_reason,
-            prompt_tokens=len(r.prompt_ids), prefill_s=r.t_first, decode_s=total - r.t_first)
-            for r in reqs]
+        longest = max(len(ids) + n for ids, n in zip(prompts, limits))
+        self._check_budget(len(prompts) * longest * KVCache.bytes_per_token(self.cfg, self.dtype),
+                           f"{len(prompts)} sequence(s) x up to {longest} tokens of KV cache")
+        return limits
+
+    def _check_budget(self, nbytes: int, what: str) -> None:
+        if self.kv_cache_budget is not None and nbytes > self.kv_cache_budget:
+            raise CapacityError(
+                f"this request needs up to {_gib(nbytes)} ({what}), more than the engine's "
+                f"kv_cache_budget of {_gib(self.kv_cache_budget)}; lower max_new_tokens, send "
+                "fewer prompts at once, or raise kv_cache_budget in Engine.from_pretrained")
+
+    # ---- the decoding loop ---------------------------------------------------------------
+    def _run(self, prompts: List[List[int]], params: List[SamplingParams], limits: List[int],
+             extra_stop_ids: Sequence[int] = ()):
+        """Generate for a checked batch: yields (row, text delta), returns the results.
+        Holds the engine's turn from its first step to its end (or close)."""
+        self._turns.acquire()
+        try:
+            reqs = [_Request(self, ids, p, extra_stop_ids, n) for ids, p, n in zip(prompts, params, limits)]
+            longest = max(len(ids) + n for ids, n in zip(prompts, limits))
+            T = max(len(ids) for ids in prompts)
+            cache = KVCache(self.cfg, len(reqs), T, self.dtype, self.device, max_capacity=longest)
+            batch = torch.zeros(len(prompts), T, dtype=torch.long)
+            for b, ids in enumerate(prompts):
+                batch[b, :len(ids)] = torch.tensor(ids)
+            t0 = time.perf_counter()
+            logits = self.model.forward(batch, cache, num_new=[len(ids) for ids in prompts])
+            rows = list(range(len(reqs)))
+            valid_vocab = len(self.tokenizer)
+            first = True
+            while rows:
+                nxt = []
+                for i, b in enumerate(rows):
+                    r = reqs[b]
+                    tok = sample_next(logits[i], r.history, r.params, r.generator, valid_vocab)
+                    delta = r.add_token(tok)
+                    if first:
+                        r.t_first = time.perf_counter() - t0
+                    if delta:
+                        yield b, delta
+                    if r.finish_reason is None:
+                        nxt.append((b, tok))
+                first = False
+                if not nxt:
+                    break
+                rows = [b for b, _ in nxt]
+                ids = torch.tensor([[tok] for _, tok in nxt], dtype=torch.long)
+                logits = self.model.forward(ids, cache, rows=rows)
+            total = time.perf_counter() - t0
+            return [GenerationResult(
+                text=r.text, token_ids=r.out_ids, finish_reason=r.finish_reason,
+                stop_reason=r.stop_reason, prompt_tokens=len(r.prompt_ids), prefill_s=r.t_first,
+                decode_s=total - r.t_first, kv_cache_bytes=cache.peak_bytes) for r in reqs]
+        finally:
+            self._turns.release()
+
+    def _start(self, ids: List[int], p: SamplingParams, extra_stop_ids: Sequence[int]):
+        """A checked one-prompt run (not started yet: no turn is taken until it is iterated)."""
+        return self._run([ids], [p], self._limits([ids], [p]), extra_stop_ids)
+
+    @staticmethod
+    def _deltas(run) -> Iterator[str]:
+        try:
+            for _, delta in run:
+                yield delta
+        finally:
+            run.close()
 
     # ---- public API ----------------------------------------------------------------------
-    def generate(self, prompt: Union[Prompt, List[Prompt]], params: Optional[SamplingParams] = None,
+    def generate(self, prompt: Union[Prompt, Sequence[Prompt]],
+                 params: Union[SamplingParams, Mapping, None] = None,
                  **overrides) -> Union[GenerationResult, List[GenerationResult]]:
-        """Complete a prompt (text or token ids), or a list of them as one batch.
+        """Complete a prompt, or a batch of prompts (a list/tuple of them, or a 2-D tensor).
 
-        Parameters (defaults from generation_config.json): max_new_tokens, temperature (0 =
-        greedy), top_p, top_k, repetition_penalty, seed, stop (strings), stop_token_ids,
-        ignore_eos. Generation stops at <|endoftext|> unless ignore_eos.
+        A prompt is text, a list of token ids or a 1-D integer tensor/array. Parameters
+        (defaults from generation_config.json): max_new_tokens, temperature (0 = greedy), top_p,
+        top_k, repetition_penalty, seed, stop (strings), stop_token_ids, ignore_eos; as keywords,
+        or params= a SamplingParams or a dict. Generation stops at <|endoftext|> unless ignore_eos.
         """
-        p = self._params(params, overrides)
-        if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
-            prompt = prompt.tolist()
-        many = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
-        prompts = [self._prompt_ids(x) for x in (prompt if many else [prompt])]
-        for _ in self._run(prompts, [p] * len(prompts), self._config_stop_ids()):
-            pass
-        return self._last if many else self._last[0]
+        p = self.sampling_params(params, **overrides)
+        prompts, many = self._batch(prompt)
+        ps = [p] * len(prompts)
+        results = _finish(self._run(prompts, ps, self._limits(prompts, ps), self._config_stop_ids()))
+        return results if many else results[0]
 
-    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None, **overrides) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: Union[SamplingParams, Mapping, None] = None,
+               **overrides) -> Iterator[str]:
         """Like generate() for one prompt, yielding text deltas as they become final (never a
-        broken UTF-8 character, never a piece of a stop string)."""
-        p = self._params(params, overrides)
-        ids = self._prompt_ids(prompt)
-        for _, delta in self._run([ids], [p], self._config_stop_ids()):
-            yield delta
+        broken UTF-8 character, never a piece of a stop string). The request is checked when
+        stream() is called; close the iterator (or drop it) to stop early."""
+        p = self.sampling_params(params, **overrides)
+        return self._deltas(self._start(self._token_ids(prompt), p, self._config_stop_ids()))
 
     @torch.inference_mode()
     def logits(self, token_ids: Prompt) -> torch.Tensor:
         """Full-sequence logits [len, vocab] (fp32 copy of the model-dtype logits), one prefill."""
-        ids = self._prompt_ids(token_ids)
-        cache = KVCache(self.cfg, 1, len(ids), self.dtype, self.device)
-        out = self.model.forward(torch.tensor([ids]), cache, all_logits=True)
-        return out[0].float()
+        ids = self._token_ids(token_ids, "token_ids")
+        n = len(ids)
+        self._check_budget(n * (KVCache.bytes_per_token(self.cfg, self.dtype) + 4 * self.cfg.vocab_size),
+                           f"{n} tokens of KV cache and a {n} x {self.cfg.vocab_size} fp32 logits tensor")
+        self._turns.acquire()
+        try:
+            cache = KVCache(self.cfg, 1, n, self.dtype, self.device)
+            return self.model.forward(torch.tensor([ids]), cache, all_logits=True,
+                                      logits_dtype=torch.float32)[0]
+        finally:
+            self._turns.release()
 
     def _chat_prompt(self, query, history, system, max_window_size) -> Tuple[List[int], list, str]:
-        if isinstance(query, list):
+        if isinstance(query, (list, tuple)):
             if history is not None:
-                raise ValueError("pass either a list of messages or query + history, not both")
+                raise RequestError("pass either a list of messages or query + history, not both")
             query, history, system = chatml.messages_to_chat(query)
         if not isinstance(query, str):
-            raise TypeError(f"query must be a str or a list of messages, got {type(query).__name__}")
-        history = [] if history is None else history
+            raise RequestError(f"query must be a str or a list of messages, got {type(query).__name__}")
+        history = chatml.validate_history(history)
         if self.generation_config.chat_format != "chatml":
-            raise ValueError(f"chat needs chat_format 'chatml'; this checkpoint's generation_config "
-                             f"says {self.generation_config.chat_format!r} (a base model?): use generate()")
+            raise RequestError(f"chat needs chat_format 'chatml'; this checkpoint's generation_config "
+                               f"says {self.generation_config.chat_format!r} (a base model?): use generate()")
         mws = self.generation_config.max_window_size if max_window_size is None else max_window_size
         _, ids = chatml.make_context(self.tokenizer, query, history, system=system, max_window_size=mws)
-        return ids, history, query
+        return self._token_ids(ids), history, query
 
     def chat(self, query, history=None, system: str = chatml.DEFAULT_SYSTEM,
-             max_window_size: Optional[int] = None, params: Optional[SamplingParams] = None,
-             **overrides) -> Tuple[str, list]:
+             max_window_size: Optional[int] = None,
+             params: Union[SamplingParams, Mapping, None] = None, **overrides) -> Tuple[str, list]:
         """One chat turn, as the release's model.chat: returns (response, history + [(query, response)]).
 
         query may also be an OpenAI-style list of {"role", "content"} messages."""
         ids, history, query = self._chat_prompt(query, history, system, max_window_size)
-        p = self._params(params, overrides)
-        for _ in self._run([self._prompt_ids(ids)], [p], extra_stop_ids=self._chat_stop_ids()):
-            pass
-        response = self._last[0].text.strip()
-        return response, [tuple(t) for t in history] + [(query, response)]
+        p = self.sampling_params(params, **overrides)
+        (result,) = _finish(self._start(ids, p, self._chat_stop_ids()))
+        response = result.text.strip()
+        return response, history + [(query, response)]
 
     def chat_stream(self, query, history=None, system: str = chatml.DEFAULT_SYSTEM,
-                    max_window_size: Optional[int] = None, params: Optional[SamplingParams] = None,
-                    **overrides) -> Iterator[str]:
-        """Stream one chat turn as text deltas. Like the release, history is not updated."""
+                    max_window_size: Optional[int] = None,
+                    params: Union[SamplingParams, Mapping, None] = None, **overrides) -> Iterator[str]:
+        """Stream one chat turn as text deltas. Like the release, history is not updated.
+        The request is checked when chat_stream() is called."""
         ids, history, query = self._chat_prompt(query, history, system, max_window_size)
-        p = self._params(params, overrides)
+        p = self.sampling_params(params, **overrides)
+        return self._chat_deltas(self._deltas(self._start(ids, p, self._chat_stop_ids())))
+
+    @staticmethod
+    def _chat_deltas(deltas: Iterator[str]) -> Iterator[str]:
+        """chat() strips the response; strip the start of the stream the same way."""
         started = False
-        for _, delta in self._run([self._prompt_ids(ids)], [p], extra_stop_ids=self._chat_stop_ids()):
-            if not started:   # chat() strips the response; strip its start here the same way
-                delta = delta.lstrip()
-                started = bool(delta)
-            if delta:
-                yield delta
+        try:
+            for delta in deltas:
+                if not started:
+                    delta = delta.lstrip()
+                    started = bool(delta)
+                if delta:
+                    yield delta
+        finally:
+            deltas.close()
 
     def _chat_stop_ids(self) -> List[int]:
         return [t for seq in chatml.STOP_WORDS_IDS for t in seq] + self._config_stop_ids()
@@ -341,7 +520,7 @@ class Engine:
         out = []
         for seq in self.generation_config.stop_words_ids or []:
             if not isinstance(seq, list) or len(seq) != 1 or not isinstance(seq[0], int):
-                raise ValueError(f"generation_config stop_words_ids: only single-token stop words "
-                                 f"are supported, got {seq!r}")
+                raise ConfigError(f"generation_config stop_words_ids: only single-token stop words "
+                                  f"are supported, got {seq!r}")
             out.append(seq[0])
         return out

@@ -43,35 +43,70 @@ def resolve_ops(backend: str) -> Dict[str, Callable]:
 
 
 class KVCache:
-    """Per-layer keys (after RoPE) and values: k, v = [layers, batch, capacity, heads, head_dim].
+    """Per-layer keys (after RoPE) and values: k[layer], v[layer] = [batch, capacity, heads, head_dim].
 
     lengths[b] is how many positions of sequence b are filled; alpha[b] its NTK alpha.
+    The cache starts at `capacity` positions and grows with use (ensure) up to `max_capacity`
+    (default: no growth), one layer at a time, so that a growth step needs only one layer's
+    worth of extra memory; memory follows what the sequences use, not what they might use.
     """
 
+    GRANULE = 64    # capacities are rounded up to a multiple of this many positions
+
     def __init__(self, cfg: QwenConfig, batch_size: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        if capacity > cfg.max_context:
-            raise ValueError(f"KV cache capacity {capacity} exceeds the model's hard maximum of "
-                             f"{cfg.max_context} tokens")
-        shape = (cfg.num_hidden_layers, batch_size, capacity, cfg.num_attention_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 device: torch.device | str = "cpu", max_capacity: Optional[int] = None):
+        self.max_capacity = capacity if max_capacity is None else max_capacity
+        if self.max_capacity > cfg.max_context:
+            raise ValueError(f"KV cache capacity {self.max_capacity} exceeds the model's hard "
+                             f"maximum of {cfg.max_context} tokens")
+        if not 0 < capacity <= self.max_capacity:
+            raise ValueError(f"KV cache capacity {capacity} must be in [1, {self.max_capacity}]")
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        shape = (batch_size, capacity, cfg.num_attention_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.lengths: List[int] = [0] * batch_size
         self.alpha: List[int] = [1] * batch_size
+        self.peak_bytes = self.nbytes()
+
+    @staticmethod
+    def bytes_per_token(cfg: QwenConfig, dtype: torch.dtype) -> int:
+        """Bytes of keys + values one position of one sequence takes (192 KiB for 1.8B bf16)."""
+        return (2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
+                * torch.empty((), dtype=dtype).element_size())
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def ensure(self, needed: int) -> None:
+        """Make room for `needed` positions per sequence: at least double the capacity (so
+        growth costs O(1) per token), never past max_capacity. New positions are zero."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_capacity:
+            raise ValueError(f"{needed} positions exceed the KV cache capacity of {self.max_capacity}")
+        new = max(needed, 2 * self.capacity)
+        new = min(-(-new // self.GRANULE) * self.GRANULE, self.max_capacity)
+        old = self.capacity
+        for kv in (self.k, self.v):
+            for li, t in enumerate(kv):
+                grown = torch.zeros((t.shape[0], new) + t.shape[2:], dtype=t.dtype, device=t.device)
+                grown[:, :old] = t
+                kv[li] = grown
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
 
 class QwenModel:
+    LOGITS_CHUNK = 256      # positions per lm_head call when all logits are asked for
+
     def __init__(self, cfg: QwenConfig, weights: Dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str = "cpu", backend: str = "reference"):
         self.cfg = cfg
@@ -126,6 +161,7 @@ class QwenModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache,
                 num_new: Optional[Sequence[int]] = None, all_logits: bool = False,
+                logits_dtype: Optional[torch.dtype] = None,
                 rows: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Append tokens to sequences of the cache and return logits.
 
@@ -133,7 +169,10 @@ class QwenModel:
         rows: the cache sequence of each input row (default 0..B-1), so finished sequences
         can drop out of a batch. A sequence whose cache is empty is a prefill and picks its NTK
         alpha from num_new[b]. Returns [B, vocab] logits of each row's last valid token, or
-        [B, T, vocab] for all positions when all_logits (model dtype).
+        [B, T, vocab] for all positions when all_logits. Logits are rounded to the model dtype
+        (as the release), then stored as logits_dtype (default: the model dtype); all_logits
+        computes them LOGITS_CHUNK positions at a time into the output, so the only full-size
+        tensor is the one returned.
         """
         cfg, ops = self.cfg, self.ops
         B, T = input_ids.shape
@@ -145,12 +184,13 @@ class QwenModel:
             raise ValueError(f"num_new must give 1..{T} tokens for each of {B} rows, got {n_new}")
         lengths = [cache.lengths[r] for r in rows]
         for b, r in enumerate(rows):
-            if lengths[b] + n_new[b] > cache.capacity:
+            if lengths[b] + n_new[b] > cache.max_capacity:
                 raise ValueError(f"sequence {r}: {lengths[b]} cached + {n_new[b]} new tokens "
-                                 f"exceed the KV cache capacity of {cache.capacity}")
+                                 f"exceed the KV cache capacity of {cache.max_capacity}")
             if lengths[b] == 0:
                 cache.alpha[r] = ntk_alpha(n_new[b], cfg.seq_length) if cfg.use_dynamic_ntk else 1
         alphas = [cache.alpha[r] for r in rows]
+        cache.ensure(max(lengths[b] + n_new[b] for b in range(B)))
         ids = input_ids.to(self.device)
         start = torch.tensor(lengths, dtype=torch.long, device=self.device)
         positions = start[:, None] + torch.arange(T, device=self.device)[None, :]   # [B, T]
@@ -191,6 +231,10 @@ class QwenModel:
         for b, r in enumerate(rows):
             cache.lengths[r] += n_new[b]
         if all_logits:
-            return F.linear(x, self.lm_head)
+            out = torch.empty(B, T, self.lm_head.shape[0], dtype=logits_dtype or self.dtype,
+                              device=self.device)
+            for t0 in range(0, T, self.LOGITS_CHUNK):
+                out[:, t0:t0 + self.LOGITS_CHUNK] = F.linear(x[:, t0:t0 + self.LOGITS_CHUNK], self.lm_head)
+            return out
         last = torch.tensor([n - 1 for n in n_new], device=self.device)
         return F.linear(x[torch.arange(B, device=self.device), last], self.lm_head)

@@ -7,6 +7,7 @@ import torch
 from qwen_fast.chat import (
     DEFAULT_SYSTEM, STOP_WORDS_IDS, extract_response, make_context, messages_to_chat,
 )
+from qwen_fast.errors import RequestError
 from qwen_fast.tokenizer import EOD_ID, IM_END_ID, IM_START_ID, QwenTokenizer
 
 NL = 198
@@ -155,17 +156,17 @@ def test_raw_format(tok):
 def test_make_context_errors(tok):
     with pytest.raises(ValueError, match="chat_format"):
         make_context(tok, "q", chat_format="llama")
-    with pytest.raises(TypeError, match="query"):
+    with pytest.raises(RequestError, match="query"):
         make_context(tok, 5)
-    with pytest.raises(TypeError, match="history"):
+    with pytest.raises(RequestError, match="history"):
         make_context(tok, "q", history="not a list")
-    with pytest.raises(TypeError, match=r"history\[0\]"):
+    with pytest.raises(RequestError, match=r"history\[0\]"):
         make_context(tok, "q", history=["qr"])
     with pytest.raises(ValueError, match=r"history\[1\].*2 items"):
         make_context(tok, "q", history=[("a", "b"), ("a", "b", "c")])
-    with pytest.raises(TypeError, match=r"history\[0\]\[1\]"):
+    with pytest.raises(RequestError, match=r"history\[0\]\[1\]"):
         make_context(tok, "q", history=[("a", None)])
-    with pytest.raises(TypeError, match="system"):
+    with pytest.raises(RequestError, match="system"):
         make_context(tok, "q", system=None)
 
 
@@ -234,9 +235,9 @@ def test_messages_errors(msgs, match):
 
 
 def test_messages_not_a_list():
-    with pytest.raises(TypeError):
+    with pytest.raises(RequestError):
         messages_to_chat({"role": "user", "content": "hi"})
-    with pytest.raises(TypeError):
+    with pytest.raises(RequestError):
         messages_to_chat("hi")
 
 

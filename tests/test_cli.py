@@ -28,7 +28,8 @@ def test_conf_takes_effect(repl):
     repl.handle(":conf max_new_tokens=2")
     assert "max_new_tokens = 2" in _out(repl)
     repl.handle("hello")
-    assert e._last[0].completion_tokens <= 2
+    assert repl.params.max_new_tokens == 2
+    assert repl.history[-1][1] == e.chat("hello", params=repl.params, seed=7)[0]
     repl.handle(":conf temperature=0")
     repl.handle(":conf repetition_penalty=1.0")
     repl.handle(":seed 1")
@@ -46,11 +47,61 @@ def test_conf_takes_effect(repl):
 
 
 def test_conf_errors_are_reported_not_raised(repl):
-    for line, msg in [(":conf top_p=7", "top_p must be in (0, 1]"), (":conf nope=1", "unknown generation"),
-                      (":conf top_p", "use :conf key=value"), (":seed x", "non-negative integer"),
+    for line, msg in [(":conf top_p=7", "top_p must be a number in (0, 1]"), (":conf nope=1", "unknown generation"),
+                      (":conf top_p", "use :conf key=value"), (":seed x", "integer in [0, 2**32 - 1]"),
                       (":frobnicate", "unknown command")]:
         assert repl.handle(line) is True
         assert msg in _out(repl)
+
+
+def test_accepted_settings_work_and_bad_ones_are_refused(repl):
+    """Settings the REPL accepts must not end the session later; ones it cannot use are
+    refused when given, and the history survives all of it."""
+    repl.handle(":conf max_new_tokens=2")
+    repl.handle("first")
+    assert len(repl.history) == 1
+    for line, msg in [(":conf stop_token_ids=[1000000000000]", "outside the vocabulary"),
+                      (":seed 99999999999999999999999", "integer in [0, 2**32 - 1]"),
+                      (":seed -3", "integer in [0, 2**32 - 1]"),
+                      (":conf temperature=float('nan')", "error"),
+                      (":conf seed=3", "use :seed N")]:
+        assert repl.handle(line) is True
+        assert "error" in (out := _out(repl)) and msg in out, (line, out)
+    for line in (":conf temperature=1e-300", ":conf repetition_penalty=1e-45", ":seed 4294967295"):
+        assert repl.handle(line) is True and "error" not in _out(repl)
+        assert repl.handle("next turn") is True
+        assert "error" not in _out(repl)
+    assert len(repl.history) == 4 and repl.history[0][0] == "first"
+
+
+def test_failed_turn_and_ctrl_c_keep_the_session(repl, monkeypatch):
+    repl.handle(":conf max_new_tokens=2")
+    repl.handle("kept")
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated failure inside generation")
+    monkeypatch.setattr(repl.engine, "chat_stream", broken)
+    assert repl.handle("this turn fails") is True
+    assert "error: RuntimeError: simulated failure" in _out(repl)
+    assert [q for q, _ in repl.history] == ["kept"]
+    monkeypatch.undo()
+
+    class Keys:
+        """stdin that delivers a Ctrl-C at the prompt, then a line, then :exit."""
+        def __init__(self):
+            self.items = [KeyboardInterrupt, ":his\n", ":exit\n"]
+
+        def isatty(self):
+            return False
+
+        def readline(self):
+            item = self.items.pop(0)
+            if item is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            return item
+    repl.run(Keys())
+    out = _out(repl)
+    assert "interrupted" in out and "[0] User: kept" in out
 
 
 def test_history_seed_and_exit(repl):

@@ -5,6 +5,7 @@ import torch
 
 from qwen_fast import Engine
 from qwen_fast.chat import make_context
+from qwen_fast.errors import RequestError
 from qwen_fast.tokenizer import EOD_ID, IM_END_ID, IM_START_ID
 
 GREEDY = dict(temperature=0, repetition_penalty=1.0)
@@ -152,10 +153,10 @@ def test_logits_api(tiny_engine):
     (lambda e: e.generate([1, 999999]), ValueError, "token ids must be integers in"),
     (lambda e: e.generate([0] * 40000), ValueError, "at most 32767 tokens"),
     (lambda e: e.generate("a", top_p=2), ValueError, "top_p"),
-    (lambda e: e.generate("a", max_tokens=2), TypeError, "max_tokens"),
-    (lambda e: e.chat(5), TypeError, "query must be a str"),
+    (lambda e: e.generate("a", max_tokens=2), RequestError, "max_tokens"),
+    (lambda e: e.chat(5), RequestError, "query must be a str"),
     (lambda e: e.chat([{"role": "user", "content": "x"}], history=[]), ValueError, "not both"),
-    (lambda e: e.logits([]), ValueError, "prompt is empty"),
+    (lambda e: e.logits([]), RequestError, "token_ids is empty"),
 ])
 def test_bad_requests(tiny_engine, call, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -338,11 +338,12 @@ class Engine:
 
     def _batch(self, prompt) -> Tuple[List[List[int]], bool]:
         """generate()'s prompt argument -> (ids of each prompt, whether it was a batch). A batch
-        is a list/tuple of prompts or a 2-D tensor/array; one prompt is anything _token_ids takes."""
+        is a list/tuple of prompts (whose first item is not a token id) or a 2-D tensor/array;
+        one prompt is anything _token_ids takes."""
         if isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim == 2:
             items = list(prompt)
         elif (isinstance(prompt, (list, tuple)) and prompt
-              and all(isinstance(x, (str, list, tuple, torch.Tensor, np.ndarray)) for x in prompt)):
+              and isinstance(prompt[0], (str, list, tuple, torch.Tensor, np.ndarray))):
             items = list(prompt)
         else:
             return [self._token_ids(prompt)], False

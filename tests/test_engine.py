@@ -183,3 +183,157 @@ def test_generation_config_stop_words_and_tensor_batches(fresh):
     fresh.generation_config.stop_words_ids = [[1, 2]]
     with pytest.raises(ValueError, match="single-token stop words"):
         fresh.generate("hi", max_new_tokens=2)
+
+
+# ---- prompt types: what is a prompt, what is a batch, and what is refused ------------------
+
+def test_prompt_forms_give_the_same_ids(tiny_engine_fp32):
+    import numpy as np
+    e = tiny_engine_fp32
+    ids = e.tokenizer.encode("one two three")
+    want = e.generate(ids, max_new_tokens=3, **GREEDY).token_ids
+    for form in (tuple(ids), [np.int64(t) for t in ids], np.array(ids, dtype=np.int32),
+                 torch.tensor(ids), torch.tensor(ids, dtype=torch.int16)):
+        assert e.generate(form, max_new_tokens=3, **GREEDY).token_ids == want
+        assert "".join(e.stream(form, max_new_tokens=3, **GREEDY)) == e.tokenizer.decode(want)
+    torch.testing.assert_close(e.logits(np.array(ids)), e.logits(ids))
+    # Batches: a list or tuple of prompts, or a 2-D tensor/array.
+    for batch in (("one two three", "one two three"), [ids, tuple(ids)], np.array([ids, ids]),
+                  torch.tensor([ids, ids])):
+        out = e.generate(batch, max_new_tokens=3, **GREEDY)
+        assert [r.token_ids for r in out] == [want, want]
+    # params as a dict or a SamplingParams
+    assert e.generate(ids, params={"max_new_tokens": 3, **GREEDY}).token_ids == want
+    assert e.generate(ids, params=e.sampling_params(max_new_tokens=3, **GREEDY)).token_ids == want
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda e: e.generate(None), "prompt must be a str, a list of token ids"),
+    (lambda e: e.generate(b"bytes"), "prompt must be a str"),
+    (lambda e: e.generate(bytearray(b"ab")), "prompt must be a str"),
+    (lambda e: e.generate({1: 2}), "prompt must be a str"),
+    (lambda e: e.generate({1, 2}), "prompt must be a str"),
+    (lambda e: e.generate(3), "prompt must be a str"),
+    (lambda e: e.generate([1, "a"]), r"prompt\[1\] must be a token id"),
+    (lambda e: e.generate([True, 2]), r"prompt\[0\] must be a token id"),
+    (lambda e: e.generate([1.0, 2.0]), r"prompt\[0\] must be a token id"),
+    (lambda e: e.generate(["ok", b"x"]), r"prompt\[1\] must be a str"),
+    (lambda e: e.generate(["ok", ""]), r"prompt\[1\] is empty"),
+    (lambda e: e.generate([]), "prompt is empty"),
+    (lambda e: e.generate(torch.tensor([1.0, 2.0])), "1-D integer tensor"),
+    (lambda e: e.generate(torch.zeros(2, 2, 2, dtype=torch.long)), "1-D integer tensor"),
+    (lambda e: e.stream(torch.tensor([[1, 2], [3, 4]])), "1-D integer tensor"),
+    (lambda e: e.logits(torch.tensor([[1, 2], [3, 4]])), r"token_ids must be a 1-D integer tensor.*\(2, 2\)"),
+    (lambda e: e.generate([-1]), r"token ids must be integers in \[0, 151936\)"),
+    (lambda e: e.generate("a", params={"temperature": 0, "nope": 1}), r"unknown generation parameter\(s\) \['nope'\]"),
+    (lambda e: e.generate("a", params=[("temperature", 0)]), "params must be a SamplingParams or a dict"),
+    (lambda e: e.generate("a", params="greedy"), "params must be a SamplingParams or a dict"),
+    (lambda e: e.chat(None), "query must be a str"),
+    (lambda e: e.chat("hi", history="hello"), "history must be a list"),
+    (lambda e: e.chat("hi", history=[("q",)]), "exactly 2 items"),
+    (lambda e: e.chat("hi", system=None), "system must be str"),
+    (lambda e: e.chat([{"role": "bot", "content": "x"}]), "unknown role"),
+])
+def test_bad_prompts_are_named(tiny_engine, call, msg):
+    with pytest.raises(RequestError, match=msg):
+        call(tiny_engine)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(seed=2**64), r"seed must be an integer in \[0, 2\*\*32 - 1\]"),
+    (dict(seed=2**32), "seed must be an integer"),
+    (dict(seed=1.0), "seed must be an integer"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(repetition_penalty=-1e-45), "repetition_penalty"),
+    (dict(stop_token_ids=[10**12]), "outside the vocabulary"),
+])
+def test_refused_sampling_values_are_named(tiny_engine, kw, msg):
+    with pytest.raises(RequestError, match=msg):
+        tiny_engine.generate("a", max_new_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=1e-38), dict(temperature=5e-324), dict(temperature=3.5e38),
+    dict(temperature=1.7e308), dict(repetition_penalty=1e-45), dict(repetition_penalty=1.7e308),
+    dict(temperature=0, repetition_penalty=1e-45), dict(top_p=5e-324), dict(top_k=10**12),
+    dict(seed=2**32 - 1), dict(max_new_tokens=10**30, stop_token_ids=list(range(151936))),
+])
+def test_extreme_accepted_values_work(tiny_engine, kw):
+    """Every value validation accepts must work (they used to crash inside torch.multinomial)."""
+    r = tiny_engine.generate("Hello", **{"max_new_tokens": 3, **kw})
+    assert r.finish_reason in ("stop", "length")
+
+
+def test_numpy_seeds_equal_int_seeds(tiny_engine):
+    import numpy as np
+    a = tiny_engine.generate("abc", max_new_tokens=5, seed=np.int64(9), ignore_eos=True)
+    b = tiny_engine.generate("abc", max_new_tokens=5, seed=9, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+
+
+def test_tiny_temperature_is_greedy_in_the_limit(tiny_engine_fp32):
+    e = tiny_engine_fp32
+    want = e.generate("limit", max_new_tokens=6, ignore_eos=True, temperature=0).token_ids
+    for t in (1e-30, 1e-38, 5e-324):
+        got = e.generate("limit", max_new_tokens=6, ignore_eos=True, temperature=t, seed=3).token_ids
+        assert got == want, t
+
+
+# ---- memory: the KV cache grows with use and a call that cannot fit is refused up front ----
+
+def test_kv_cache_grows_with_use_not_with_max_new_tokens(tiny_ckpt):
+    e = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference",
+                               kv_cache_budget=2**30)
+    _make_greedy_pick(e, EOD_ID)
+    out = e.generate(["Hello"] * 32, max_new_tokens=10**9, **GREEDY)
+    per_token = 2 * e.cfg.num_hidden_layers * e.cfg.hidden_size * 4
+    # Worst case 32 x 32767 positions; used: the 1-token prompts, rounded up to one granule.
+    assert all(r.finish_reason == "stop" for r in out)
+    assert out[0].kv_cache_bytes <= 32 * 64 * per_token
+
+
+def test_decoding_across_growth_steps_matches_a_cache_that_never_grows(tiny_engine_fp32, monkeypatch):
+    """150 tokens from a 3-token prompt: the cache grows 3 -> 64 -> 128 -> 153 positions (the
+    call's worst case caps the last step), and decodes exactly as one allocated at 153."""
+    from qwen_fast.model import KVCache
+    e = tiny_engine_fp32
+    prompt = e.tokenizer.encode("a b c")
+    r = e.generate(prompt, max_new_tokens=150, ignore_eos=True, **GREEDY)
+    assert len(r.token_ids) == 150
+    assert r.kv_cache_bytes == 153 * 2 * e.cfg.num_hidden_layers * e.cfg.hidden_size * 4
+    monkeypatch.setattr(KVCache, "GRANULE", 4096)         # one step straight to the cap
+    assert e.generate(prompt, max_new_tokens=150, ignore_eos=True, **GREEDY).token_ids == r.token_ids
+
+
+def test_over_budget_requests_are_refused_up_front(tiny_ckpt):
+    from qwen_fast.errors import CapacityError
+    e = Engine.from_pretrained(tiny_ckpt, dtype="bfloat16", backend="reference",
+                               kv_cache_budget=4 * 2**20)
+    per_token = 2 * e.cfg.num_hidden_layers * e.cfg.hidden_size * 2        # 512 bytes
+    assert e.kv_cache_budget // per_token == 8192
+    with pytest.raises(CapacityError, match=r"32 sequence\(s\) x up to 32767 tokens.*kv_cache_budget of 0.00"):
+        e.generate(["Hello"] * 32, max_new_tokens=10**9)
+    with pytest.raises(CapacityError, match="kv_cache_budget"):
+        e.stream("Hello", max_new_tokens=10**9)                 # refused when called
+    with pytest.raises(CapacityError, match="fp32 logits"):
+        e.logits([1] * 8000)                                    # 8000 x 151936 x 4 bytes
+    r = e.generate(["Hello"] * 2, max_new_tokens=4000, ignore_eos=True, temperature=0,
+                   stop_token_ids=[e.generate("Hello", max_new_tokens=1, **GREEDY).token_ids[0]])
+    assert all(x.finish_reason == "stop" for x in r)            # fits, and the engine still works
+    with pytest.raises(ValueError, match="kv_cache_budget must be"):
+        Engine(e.model, e.tokenizer, kv_cache_budget=-1)
+
+
+def test_logits_are_computed_in_chunks_with_the_same_values(tiny_engine, monkeypatch):
+    ids = list(range(100, 140))
+    whole = tiny_engine.logits(ids)
+    monkeypatch.setattr(type(tiny_engine.model), "LOGITS_CHUNK", 7)
+    assert torch.equal(tiny_engine.logits(ids), whole)
+
+
+def test_full_size_kv_cache_arithmetic():
+    """qwen-spec §4: 2 x 24 x 2048 x 2 bytes = 192 KiB per token; 6 GiB at 32k."""
+    from qwen_fast.config import QwenConfig
+    from qwen_fast.model import KVCache
+    per = KVCache.bytes_per_token(QwenConfig(), torch.bfloat16)
+    assert per == 192 * 1024 and per * 32768 == 6 * 2**30

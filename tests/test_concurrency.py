@@ -1,0 +1,140 @@
+"""One Engine shared by threads: every call gets exactly the result it would get alone, calls
+take turns, and a stream holds the engine only while it is open."""
+import sys
+import threading
+
+import pytest
+
+from qwen_fast import Engine
+
+GREEDY = dict(temperature=0, repetition_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    return Engine.from_pretrained(tiny_ckpt, dtype="bfloat16", backend="reference")
+
+
+def _calls(e):
+    """(name, call) pairs covering generate (single and batch), stream, chat, chat_stream and
+    logits, sampled with fixed seeds and greedy, so each has one right answer."""
+    calls = []
+    for i in range(4):
+        calls.append((f"gen{i}", lambda i=i: e.generate(f"prompt {i}", max_new_tokens=6, seed=i,
+                                                        ignore_eos=True).token_ids))
+        calls.append((f"batch{i}", lambda i=i: [r.token_ids for r in e.generate(
+            ["a", f"b {i}", "c c c"], max_new_tokens=4 + i, seed=100 + i, ignore_eos=True)]))
+        calls.append((f"stream{i}", lambda i=i: "".join(e.stream(f"story {i}:", max_new_tokens=5,
+                                                                 seed=7 * i, ignore_eos=True))))
+        calls.append((f"chat{i}", lambda i=i: e.chat(f"question {i}", history=[("hi", "hello")],
+                                                     max_new_tokens=5, seed=i)))
+        calls.append((f"chat_stream{i}", lambda i=i: "".join(e.chat_stream(
+            f"q{i}", max_new_tokens=5, **GREEDY))))
+        calls.append((f"logits{i}", lambda i=i: e.logits([1, 2, 3 + i]).argmax(-1).tolist()))
+    return calls
+
+
+@pytest.fixture()
+def busy_switching():
+    """Switch threads every microsecond, so that a race between calls shows up in one run."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
+
+
+def test_threads_get_the_results_of_lone_calls(engine, busy_switching):
+    calls = _calls(engine)
+    expected = {name: call() for name, call in calls}
+    got, errors = {}, []
+    lock = threading.Lock()
+
+    def worker(items):
+        try:
+            for _ in range(2):
+                for name, call in items:
+                    r = call()
+                    with lock:
+                        got.setdefault(name, []).append(r)
+        except Exception as e:  # reported below; a thread's exception would be lost otherwise
+            errors.append(e)
+    # 6 threads, each running a shuffled share of the calls twice, all at once.
+    threads = [threading.Thread(target=worker, args=(calls[k::6][::-1] + calls[k::6],))
+               for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert set(got) == set(expected)
+    for name, results in got.items():
+        assert all(r == expected[name] for r in results), name
+
+
+def test_calls_wait_for_an_open_stream_and_run_when_it_closes(engine):
+    s = engine.stream("hold the engine", max_new_tokens=50, ignore_eos=True, seed=1)
+    next(s)                                   # the stream now holds the engine's turn
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (engine.generate("x", max_new_tokens=2), done.set()))
+    t.start()
+    assert not done.wait(0.5)                 # waiting its turn
+    s.close()
+    assert done.wait(60)
+    t.join()
+
+
+def test_a_dropped_stream_releases_the_engine(engine):
+    def start_and_drop():
+        s = engine.stream("dropped", max_new_tokens=50, ignore_eos=True)
+        next(s)                               # holds the turn; then goes out of scope unclosed
+    start_and_drop()
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (engine.generate("y", max_new_tokens=2), done.set()))
+    t.start()
+    assert done.wait(60)
+    t.join()
+
+
+def test_nested_calls_in_one_thread_do_not_deadlock(engine):
+    """A loop over a stream may call the engine again (e.g. to score what it streamed)."""
+    want = engine.generate("inner", max_new_tokens=3, **GREEDY).token_ids
+    seen = []
+    for delta in engine.stream("outer", max_new_tokens=3, ignore_eos=True, **GREEDY):
+        seen.append(engine.generate("inner", max_new_tokens=3, **GREEDY).token_ids)
+    assert seen and all(x == want for x in seen)
+
+
+def test_requests_are_checked_when_called_not_when_iterated(engine):
+    from qwen_fast.errors import RequestError
+    with pytest.raises(RequestError, match="top_p"):
+        engine.stream("x", top_p=5)
+    with pytest.raises(RequestError, match="prompt is empty"):
+        engine.stream("")
+
+
+def test_a_call_finishing_in_between_cannot_take_anothers_result(engine, monkeypatch):
+    """The race the stress test above hunts for, made certain: thread A has finished decoding
+    but not yet returned when thread B runs a whole call. (The old engine kept results in one
+    attribute shared by all calls, so A returned B's result.)"""
+    import qwen_fast.engine as E
+    want_a = engine.generate("alpha", max_new_tokens=4, **GREEDY).token_ids
+    want_b = engine.generate("beta beta", max_new_tokens=6, ignore_eos=True, **GREEDY).token_ids
+    real_finish, paused, resume = E._finish, threading.Event(), threading.Event()
+
+    def finish_then_pause(run):
+        out = real_finish(run)
+        if threading.current_thread().name == "A":
+            paused.set()
+            resume.wait(60)
+        return out
+    monkeypatch.setattr(E, "_finish", finish_then_pause)
+    got = {}
+    a = threading.Thread(name="A", target=lambda: got.setdefault(
+        "a", engine.generate("alpha", max_new_tokens=4, **GREEDY)))
+    a.start()
+    assert paused.wait(60)
+    got["b"] = engine.generate("beta beta", max_new_tokens=6, ignore_eos=True, **GREEDY)
+    resume.set()
+    a.join(60)
+    assert got["a"].token_ids == want_a and got["a"].prompt_tokens == 1
+    assert got["b"].token_ids == want_b and got["b"].prompt_tokens == 2

@@ -21,6 +21,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .errors import NumericalError, RequestError
@@ -106,8 +107,9 @@ class SamplingParams:
             bad = [t for t in self.stop_token_ids if t >= vocab_size]
             if bad:
                 raise RequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
-        if not isinstance(self.ignore_eos, bool):
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise RequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        self.ignore_eos = bool(self.ignore_eos)
         self.max_new_tokens, self.top_k = int(self.max_new_tokens), int(self.top_k)
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         self.repetition_penalty = float(self.repetition_penalty)

@@ -230,7 +230,8 @@ class Engine:
                         dtype: Union[str, torch.dtype] = "auto", backend: str = "auto",
                         load_format: str = "safetensors", config: Union[str, QwenConfig, None] = None,
                         progress: Optional[bool] = None, seed: int = 0,
-                        kv_cache_budget: Union[int, str, None] = "auto") -> "Engine":
+                        kv_cache_budget: Union[int, str, None] = "auto",
+                        check_finite: bool = True, verify_vocab: bool = True) -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
@@ -238,7 +239,16 @@ class Engine:
         dtype: "auto" (the release's: bf16 unless config.json says fp16/fp32), or a float dtype.
         backend: "reference" (PyTorch), "native" or "auto" (our kernels where they exist).
         kv_cache_budget: bytes of KV cache one call may use (see Engine).
+        check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.1 s for 1.8B).
+        verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
+        different (still well-formed) vocabulary.
+
+        Every problem with the files or the config is a ConfigError or CheckpointError naming
+        the file and field; the small files are checked before any weight is read, and the
+        weights' size is checked against the free memory before anything is allocated.
         """
+        from .loader import check_memory, quantization_error
+
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         dev = torch.device(device)
@@ -250,10 +260,17 @@ class Engine:
                 cfg = config
             elif isinstance(config, str):
                 cfg = builtin_config(config)
+            elif config is not None:
+                raise ConfigError(f"config must be a QwenConfig or a built-in config name, got "
+                                  f"{type(config).__name__}")
             elif model_dir is not None:
                 cfg = load_config(model_dir)
             else:
                 cfg = builtin_config("qwen-1.8b-chat")
+            cfg.validate()          # a QwenConfig built in code is checked like config.json
+            msg = quantization_error(cfg, "the config")
+            if msg:
+                raise ConfigError(msg + " (load_format='dummy' builds unquantized weights)")
         elif load_format == "safetensors":
             if model_dir is None:
                 raise ValueError("from_pretrained needs a checkpoint directory (or load_format='dummy')")
@@ -261,18 +278,22 @@ class Engine:
         else:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         dt = cfg.default_dtype() if dtype == "auto" else parse_dtype(dtype)
-        if load_format == "dummy":
-            weights = dummy_state_dict(cfg, dt, dev, seed=seed)
-        else:
-            weights = load_state_dict(model_dir, cfg, dt, dev, progress=progress)
+        # The small files first, so that a bad one is reported before gigabytes are read.
         gen_cfg = GenerationConfig()
         tok_dir = None
         if model_dir is not None and model_dir.is_dir():
             gpath = model_dir / "generation_config.json"
-            if gpath.exists():
-                gen_cfg = GenerationConfig.from_json(gpath)
+            if os.path.lexists(gpath):
+                gen_cfg = GenerationConfig.from_json(gpath, vocab_size=cfg.vocab_size)
             tok_dir = model_dir
-        tokenizer = QwenTokenizer.from_dir(tok_dir) if tok_dir is not None else QwenTokenizer.default()
+        tokenizer = (QwenTokenizer.from_dir(tok_dir, verify=verify_vocab) if tok_dir is not None
+                     else QwenTokenizer.default())
+        check_memory(cfg, dt, dev, f"load_format={load_format!r}")
+        if load_format == "dummy":
+            weights = dummy_state_dict(cfg, dt, dev, seed=seed)
+        else:
+            weights = load_state_dict(model_dir, cfg, dt, dev, progress=progress,
+                                      check_finite=check_finite)
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
         return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget)
 

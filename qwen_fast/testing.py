@@ -78,3 +78,22 @@ def write_checkpoint(path, cfg: QwenConfig, state_dict: Optional[Dict[str, torch
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return path
+
+
+def raw_safetensors(header, data: bytes = b"", length: Optional[int] = None) -> bytes:
+    """The bytes of a safetensors file with any header, valid or not, for loader tests.
+
+    ``header``: a JSON value (dumped as is, NaN allowed) or the header bytes themselves;
+    ``length``: the 8-byte header length field (default: the real length)."""
+    import struct
+    raw = header if isinstance(header, (bytes, bytearray)) else json.dumps(header).encode("utf-8", "surrogatepass")
+    n = len(raw) if length is None else length
+    return struct.pack("<Q", n) + bytes(raw) + data
+
+
+def read_raw_safetensors(path) -> tuple:
+    """(header dict, data bytes) of a valid safetensors file, for building mutated copies."""
+    import struct
+    blob = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8:8 + n]), blob[8 + n:]

@@ -19,13 +19,19 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
+import hashlib
 import operator
 import os
+import re
 import unicodedata
 from pathlib import Path
-from typing import AbstractSet, Collection, Iterable, Union
+from typing import AbstractSet, Collection, Iterable, Optional, Union
 
 import tiktoken
+
+from .config import MAX_VOCAB_BYTES, read_bounded_file
+from .errors import CheckpointError
 
 __all__ = [
     "ENDOFTEXT", "IM_START", "IM_END", "EXTRAS", "SPECIAL_TOKENS", "SPECIAL_START_ID",
@@ -76,65 +82,137 @@ def default_vocab_path() -> Path:
     return Path(__file__).resolve().parent / "data" / VOCAB_FILENAME
 
 
-def load_tiktoken_bpe(vocab_file: PathLike) -> dict[bytes, int]:
+def load_tiktoken_bpe(vocab_file: PathLike,
+                      n_ranks: Optional[int] = SPECIAL_START_ID) -> dict[bytes, int]:
     """Read a ``base64 rank`` file into ``{token_bytes: rank}``, validating it.
 
-    Blank lines are ignored (as the HF loader does). Raises ValueError naming the file and
-    the 1-based line number on a malformed line, a duplicate token or rank, or when the
-    ranks are not exactly 0..N-1.
+    The file must be a regular file of at most 16 MiB. Blank lines are ignored (as the HF
+    loader does). Raises CheckpointError (a ValueError) naming the file and the 1-based line
+    number on a malformed line, a duplicate token or rank; naming the missing rank when the
+    ranks are not exactly 0..N-1; when N is not ``n_ranks`` (151643 for Qwen v1: a truncated
+    file); or when one of the 256 single-byte tokens is missing (byte-level BPE needs them
+    all). ``n_ranks=None`` accepts any count (for tools and tests).
     """
     path = Path(vocab_file)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Qwen vocabulary file not found: {str(path)!r}") from None
+    data = read_bounded_file(path, MAX_VOCAB_BYTES, CheckpointError, _VOCAB_WHAT)
+    return _parse_tiktoken_bpe(data, path, n_ranks)
+
+
+_VOCAB_WHAT = "Qwen vocabulary file (qwen.tiktoken: 'base64 rank' lines)"
+
+
+def _parse_tiktoken_bpe(data: bytes, path: Path, n_ranks: Optional[int]) -> dict[bytes, int]:
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError as e:
         line_no = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}: line {line_no}: non-ASCII byte in vocabulary file "
-                         f"(expected 'base64 rank' lines)") from None
+        raise CheckpointError(f"{path}: line {line_no}: non-ASCII byte in vocabulary file "
+                              f"(expected 'base64 rank' lines)") from None
 
     ranks: dict[bytes, int] = {}
     seen_ranks: dict[int, int] = {}  # rank -> line number
+    last_line = 0
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        last_line = line_no
         parts = line.split()
         if len(parts) != 2:
-            raise ValueError(f"{path}: line {line_no}: malformed line {line[:80]!r}: expected "
-                             f"'<base64 token> <rank>', got {len(parts)} field(s)")
+            raise CheckpointError(f"{path}: line {line_no}: malformed line {line[:80]!r}: expected "
+                                  f"'<base64 token> <rank>', got {len(parts)} field(s)")
         b64, rank_s = parts
         try:
             token = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
-            raise ValueError(f"{path}: line {line_no}: invalid base64 token {b64[:60]!r}") from None
+            raise CheckpointError(f"{path}: line {line_no}: invalid base64 token "
+                                  f"{b64[:60]!r}") from None
         if not token:
-            raise ValueError(f"{path}: line {line_no}: empty token")
-        if not rank_s.isdigit() or not rank_s.isascii():
-            raise ValueError(f"{path}: line {line_no}: rank {rank_s[:40]!r} is not a "
-                             f"non-negative integer")
+            raise CheckpointError(f"{path}: line {line_no}: empty token")
+        if not rank_s.isdigit() or not rank_s.isascii() or len(rank_s) > 9:
+            raise CheckpointError(f"{path}: line {line_no}: rank {rank_s[:40]!r} is not a "
+                                  f"non-negative integer below 10**9")
         rank = int(rank_s)
         if token in ranks:
-            raise ValueError(f"{path}: line {line_no}: duplicate token {token!r} "
-                             f"(already has rank {ranks[token]})")
+            raise CheckpointError(f"{path}: line {line_no}: duplicate token {token!r} "
+                                  f"(already has rank {ranks[token]})")
         if rank in seen_ranks:
-            raise ValueError(f"{path}: line {line_no}: duplicate rank {rank} "
-                             f"(first used on line {seen_ranks[rank]})")
+            raise CheckpointError(f"{path}: line {line_no}: duplicate rank {rank} "
+                                  f"(first used on line {seen_ranks[rank]})")
         ranks[token] = rank
         seen_ranks[rank] = line_no
 
     n = len(ranks)
     if n == 0:
-        raise ValueError(f"{path}: vocabulary file has no tokens")
+        raise CheckpointError(f"{path}: vocabulary file has no tokens")
     if max(seen_ranks) != n - 1:
         missing = next(r for r in range(n) if r not in seen_ranks)
-        raise ValueError(f"{path}: ranks are not contiguous 0..{n - 1}: rank {missing} is "
-                         f"missing (largest rank is {max(seen_ranks)})")
+        raise CheckpointError(f"{path}: ranks are not contiguous 0..{n - 1}: rank {missing} is "
+                              f"missing (largest rank is {max(seen_ranks)})")
+    if n_ranks is not None and n != n_ranks:
+        if n < n_ranks:
+            why = (f"rank {n} is missing (the file ends at line {last_line}): truncated, or not "
+                   "the Qwen v1 vocabulary")
+        else:
+            why = f"rank {n_ranks} (line {seen_ranks[n_ranks]}) and later are extra"
+        raise CheckpointError(f"{path}: vocabulary has {n} ranks (0..{n - 1}), expected exactly "
+                              f"{n_ranks} (0..{n_ranks - 1}); {why}")
     if n > SPECIAL_START_ID:
-        raise ValueError(f"{path}: vocabulary has {n} tokens, but special tokens start at id "
-                         f"{SPECIAL_START_ID}; at most {SPECIAL_START_ID} BPE ranks are allowed")
+        raise CheckpointError(f"{path}: vocabulary has {n} tokens, but special tokens start at id "
+                              f"{SPECIAL_START_ID}; at most {SPECIAL_START_ID} BPE ranks are allowed")
+    absent = [b for b in range(256) if bytes([b]) not in ranks]
+    if absent:
+        raise CheckpointError(f"{path}: byte 0x{absent[0]:02x} has no token ({len(absent)} of the "
+                              "256 single bytes are missing); byte-level BPE needs all of them")
     return ranks
+
+
+#: sha256 of a vocabulary file's bytes -> (ranks, tiktoken Encoding), the few most recent.
+_ENCODINGS: dict[str, tuple] = {}
+
+#: Whitespace runs longer than this are cut into pre-tokens by QwenTokenizer itself (tiktoken's
+#: regex fails at about 10**6); shorter ones go to tiktoken whole.
+WS_RUN_LIMIT = 4096
+
+#: Unicode White_Space, which is what \s means in tiktoken's (Rust) regex engine.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@functools.lru_cache(maxsize=8)
+def _long_ws_runs(limit: int) -> "re.Pattern[str]":
+    """Maximal whitespace runs longer than ``limit``. The lookbehind makes the search start
+    only at the first character of a run, so it is linear in the text."""
+    return re.compile(f"(?<![{_WS}])[{_WS}]{{{limit + 1},}}")
+
+
+_WS_SET = frozenset(re.findall(f"[{_WS}]", "".join(map(chr, range(0x3001)))))
+
+
+def _is_punct(ch: str) -> bool:
+    r"""[^\s\p{L}\p{N}] of PAT_STR (with the regex module's Unicode tables, as recent as
+    tiktoken's; unicodedata's if it is missing)."""
+    if ch in _WS_SET:
+        return False
+    try:
+        import regex
+    except ImportError:  # pragma: no cover - tiktoken depends on regex
+        return unicodedata.category(ch)[0] not in "LN"
+    return regex.match(r"[\p{L}\p{N}]", ch) is None
+
+
+def _special_ends_at(text: str, i: int, allowed) -> bool:
+    """Does an allowed special token (which tiktoken splits out) end just before text[i]?"""
+    if i < 4 or not text.startswith("|>", i - 2):
+        return False
+    j = text.rfind("<|", max(0, i - 40), i - 2)
+    return j >= 0 and text[j:i] in allowed
+
+
+def _special_starts_at(text: str, i: int, allowed) -> bool:
+    """Does an allowed special token start at text[i]? (None has "|>" inside.)"""
+    if not text.startswith("<|", i):
+        return False
+    j = text.find("|>", i + 2, i + 40)
+    return j >= 0 and text[i:j + 2] in allowed
 
 
 def _as_special_set(value, name: str):
@@ -191,18 +269,34 @@ def _to_id_list(ids) -> list[int]:
 class QwenTokenizer:
     """Qwen v1 tokenizer (see module docstring)."""
 
-    def __init__(self, vocab_file: PathLike):
+    def __init__(self, vocab_file: PathLike, verify: bool = True):
+        """Load ``vocab_file`` (a ``qwen.tiktoken``): exactly 151643 contiguous ranks, and with
+        ``verify`` (default) the release file's sha256 VOCAB_SHA256. ``verify=False`` loads a
+        deliberately different vocabulary that is still structurally valid. Every problem is a
+        CheckpointError naming the file."""
         self.vocab_file = Path(vocab_file)
-        self._mergeable_ranks = load_tiktoken_bpe(self.vocab_file)
-        self._n_ranks = len(self._mergeable_ranks)
+        data = read_bounded_file(self.vocab_file, MAX_VOCAB_BYTES, CheckpointError, _VOCAB_WHAT)
+        digest = hashlib.sha256(data).hexdigest()
+        cached = _ENCODINGS.get(digest)
+        if cached is None:
+            ranks = _parse_tiktoken_bpe(data, self.vocab_file, SPECIAL_START_ID)
+        if verify and digest != VOCAB_SHA256:
+            raise CheckpointError(
+                f"{self.vocab_file}: sha256 is {digest}, expected {VOCAB_SHA256} (the Qwen v1 "
+                "release qwen.tiktoken): the file is modified or corrupted. To use a "
+                "deliberately different vocabulary pass verify=False (QwenTokenizer) or "
+                "verify_vocab=False (Engine.from_pretrained)")
         self._special_tokens = {tok: SPECIAL_START_ID + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self._special_by_id = {i: tok for tok, i in self._special_tokens.items()}
-        self._enc = tiktoken.Encoding(
-            name="qwen",
-            pat_str=PAT_STR,
-            mergeable_ranks=self._mergeable_ranks,
-            special_tokens=self._special_tokens,
-        )
+        if cached is None:
+            enc = tiktoken.Encoding(name="qwen", pat_str=PAT_STR, mergeable_ranks=ranks,
+                                    special_tokens=self._special_tokens)
+            cached = _ENCODINGS[digest] = (ranks, enc)
+            while len(_ENCODINGS) > 4:
+                del _ENCODINGS[next(iter(_ENCODINGS))]
+        # The same bytes give the same (never mutated) ranks and Encoding: parsed once.
+        self._mergeable_ranks, self._enc = cached
+        self._n_ranks = len(self._mergeable_ranks)
         self._id_to_bytes: list[bytes] | None = None  # built lazily by id_to_bytes
 
     # -- construction --------------------------------------------------------------------
@@ -213,18 +307,19 @@ class QwenTokenizer:
         return cls(default_vocab_path())
 
     @classmethod
-    def from_dir(cls, path: PathLike | None = None) -> "QwenTokenizer":
-        """Load ``path/qwen.tiktoken`` if present, else the packaged vocabulary.
+    def from_dir(cls, path: PathLike | None = None, verify: bool = True) -> "QwenTokenizer":
+        """Load ``path/qwen.tiktoken`` if the directory has one (whatever it is: a FIFO or a
+        broken symlink there is an error, not a silent fallback), else the packaged vocabulary.
 
         ``path`` may also name a vocabulary file directly.
         """
         if path is not None:
             p = Path(path)
-            if p.is_file():
-                return cls(p)
+            if not p.is_dir() and os.path.lexists(p):
+                return cls(p, verify=verify)
             candidate = p / VOCAB_FILENAME
-            if candidate.is_file():
-                return cls(candidate)
+            if os.path.lexists(candidate):
+                return cls(candidate, verify=verify)
         return cls.default()
 
     # -- properties ------------------------------------------------------------------------
@@ -291,7 +386,73 @@ class QwenTokenizer:
         if unknown:
             raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)!r}")
         text = unicodedata.normalize("NFC", text)
+        if len(text) > WS_RUN_LIMIT and _long_ws_runs(WS_RUN_LIMIT).search(text) is not None:
+            return self._encode_long_ws(text, allowed, disallowed)
         return self._enc.encode(text, allowed_special=allowed, disallowed_special=disallowed)
+
+    # -- long whitespace runs -----------------------------------------------------------------
+    #
+    # tiktoken's regex engine gives up ("Max stack size exceeded for backtracking") on the
+    # alternative \s+(?!\S) over a whitespace run of about a million characters. Such runs are
+    # cut here into the exact pre-tokens PAT_STR gives them, so that the ids are the same as
+    # encoding the whole string would give. Over a maximal whitespace run [s, n) followed by X
+    # (a non-whitespace character, or the end of the text / of the segment before an allowed
+    # special token), PAT_STR's matches are:
+    #   * leading \r/\n characters are taken by the punctuation alternative
+    #     ` ?[^\s\p{L}\p{N}]+[\r\n]*` when the character before s is punctuation (not a
+    #     letter, digit or the end of a special token); the run's own pre-tokens start at i0,
+    #     after them;
+    #   * if [i0, n) holds a \r or \n, `\s*[\r\n]+` matches from i0 up to and including the
+    #     last one (k): [i0, k+1) (the alternatives before it cannot match inside a run);
+    #   * the rest [j, n) has no \r/\n. If X is the end: `\s+(?!\S)` takes all of it. Else
+    #     it takes all but the last character ([j, n-1), when that is not empty), and the last
+    #     one starts the next pre-token (" word", " !", or alone), which tiktoken encodes with
+    #     the text after it.
+    # The pre-tokens inside the run are BPE-encoded as single pieces; the text between runs is
+    # encoded by tiktoken as usual, cut only at positions that are pre-token boundaries and
+    # whose pre-tokens do not look past the cut.
+
+    def _encode_long_ws(self, text: str, allowed, disallowed) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:      # what tiktoken does with surrogates, done before cutting
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        enc = self._enc
+        allowed_set = self._special_tokens if allowed == "all" else allowed
+
+        def chunk(a: int, b: int) -> list[int]:
+            return enc.encode(text[a:b], allowed_special=allowed, disallowed_special=disallowed) \
+                if b > a else []
+
+        def piece(a: int, b: int) -> list[int]:
+            return enc._encode_single_piece(text[a:b].encode("utf-8"))
+
+        out: list[int] = []
+        pos = 0     # text[:pos] is encoded; pos is a pre-token boundary
+        for m in _long_ws_runs(WS_RUN_LIMIT).finditer(text):
+            s, n = m.span()
+            i0 = s
+            c = len(text[s:n]) - len(text[s:n].lstrip("\r\n"))
+            if c and s > 0 and _is_punct(text[s - 1]) and not _special_ends_at(text, s, allowed_set):
+                i0 = s + c
+            out += chunk(pos, i0)
+            k = max(text.rfind("\r", i0, n), text.rfind("\n", i0, n))
+            j = i0
+            if k >= 0:
+                out += piece(i0, k + 1)
+                j = k + 1
+            if j == n:
+                pos = n
+            elif n == len(text) or _special_starts_at(text, n, allowed_set):
+                out += piece(j, n)
+                pos = n
+            elif n - j >= 2:
+                out += piece(j, n - 1)
+                pos = n - 1
+            else:
+                pos = j
+        out += chunk(pos, len(text))
+        return out
 
     __call__ = encode
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwen_fast.errors import CheckpointError
 from qwen_fast.tokenizer import (
     ENDOFTEXT, EOD_ID, IM_END, IM_END_ID, IM_START, IM_START_ID, PAT_STR, VOCAB_SHA256,
     IncrementalDecoder, QwenTokenizer, default_vocab_path, load_tiktoken_bpe,
@@ -242,16 +243,18 @@ def _write(tmp_path, lines, name="bad.tiktoken"):
 
 
 def test_small_valid_vocab(tmp_path):
+    """load_tiktoken_bpe(n_ranks=None) parses any well-formed vocabulary; QwenTokenizer needs
+    exactly the 151643 ranks of Qwen v1, even with verify=False."""
     import base64
     lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
     p = _write(tmp_path, lines + [""], name="small.tiktoken")
-    ranks = load_tiktoken_bpe(p)
+    ranks = load_tiktoken_bpe(p, n_ranks=None)
     assert len(ranks) == 256 and ranks[b"!"] == 33
-    t = QwenTokenizer(p)
-    assert t.decode(t.encode("hi")) == "hi"
-    assert t.encode("<|im_end|>") == [IM_END_ID]
-    with pytest.raises(ValueError, match="no ids 256"):
-        t.decode([300])
+    for verify in (True, False):
+        with pytest.raises(CheckpointError, match=r"small.tiktoken: vocabulary has 256 ranks \(0..255\), "
+                                                  r"expected exactly 151643 \(0..151642\); rank 256 is "
+                                                  r"missing \(the file ends at line 256\)"):
+            QwenTokenizer(p, verify=verify)
 
 
 @pytest.mark.parametrize("lines, match", [
@@ -268,13 +271,14 @@ def test_small_valid_vocab(tmp_path):
 ])
 def test_malformed_vocab(tmp_path, lines, match):
     p = _write(tmp_path, lines)
-    with pytest.raises(ValueError, match=match) as ei:
+    with pytest.raises(CheckpointError, match=match) as ei:
         QwenTokenizer(p)
     assert "bad.tiktoken" in str(ei.value)
 
 
 def test_missing_vocab(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match=r"nope.tiktoken: no such file; expected the Qwen "
+                                              r"vocabulary file"):
         QwenTokenizer(tmp_path / "nope.tiktoken")
 
 
@@ -375,3 +379,212 @@ def test_incremental_push_many_and_reset(tok):
     dec.reset()
     assert dec.text == "" and dec.ids == []
     assert dec.push_many(torch.tensor(ids)) + dec.flush() == out
+
+
+# ---------------------------------------------------------------------------------------
+# The release vocabulary: exact rank count, sha256, bounded regular file
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vocab_lines():
+    return default_vocab_path().read_bytes().splitlines(keepends=True)
+
+
+def test_truncated_release_vocab(tmp_path, vocab_lines):
+    p = tmp_path / "qwen.tiktoken"
+    for n in (151642, 100_000, 300):
+        p.write_bytes(b"".join(vocab_lines[:n]))
+        for verify in (True, False):
+            with pytest.raises(CheckpointError, match=rf"qwen.tiktoken: vocabulary has {n} ranks "
+                                                      rf"\(0..{n - 1}\), expected exactly 151643 "
+                                                      rf"\(0..151642\); rank {n} is missing \(the file "
+                                                      rf"ends at line {n}\)"):
+                QwenTokenizer(p, verify=verify)
+    # cut inside the last line: a malformed line, named by its number
+    p.write_bytes(b"".join(vocab_lines)[:-3])
+    with pytest.raises(CheckpointError, match=r"qwen.tiktoken: line 151643: "):
+        QwenTokenizer(p)
+
+
+def test_extra_rank_is_refused(tmp_path, vocab_lines):
+    import base64
+    p = tmp_path / "qwen.tiktoken"
+    p.write_bytes(b"".join(vocab_lines) + base64.b64encode(b"\xff" * 200) + b" 151643\n")
+    with pytest.raises(CheckpointError, match=r"vocabulary has 151644 ranks .* rank 151643 \(line 151644\) "
+                                              r"and later are extra"):
+        QwenTokenizer(p, verify=False)
+
+
+def test_modified_vocab_needs_verify_false(tmp_path, vocab_lines):
+    lines = list(vocab_lines)
+    a, b = lines[1000].split(), lines[1001].split()       # swap two tokens: still well-formed
+    lines[1000], lines[1001] = b[0] + b" " + a[1] + b"\n", a[0] + b" " + b[1] + b"\n"
+    p = tmp_path / "qwen.tiktoken"
+    p.write_bytes(b"".join(lines))
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError, match=rf"qwen.tiktoken: sha256 is {digest}, expected "
+                                              rf"{VOCAB_SHA256} .*verify=False"):
+        QwenTokenizer(p)
+    with pytest.raises(CheckpointError, match="sha256"):
+        QwenTokenizer.from_dir(tmp_path)
+    t = QwenTokenizer(p, verify=False)
+    assert t.token_to_id(base64.b64decode(a[0])) == 1001
+    assert QwenTokenizer.from_dir(tmp_path, verify=False).vocab_size == 151851
+    assert QwenTokenizer.default().token_to_id(base64.b64decode(a[0])) == 1000   # cache keyed by content
+
+
+def test_vocab_needs_every_single_byte(tmp_path):
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(255)]
+    lines.append(f"{base64.b64encode(b'ab').decode()} 255")
+    p = _write(tmp_path, lines)
+    with pytest.raises(CheckpointError, match=r"bad.tiktoken: byte 0xff has no token \(1 of the 256 "
+                                              r"single bytes are missing\)"):
+        load_tiktoken_bpe(p, n_ranks=None)
+
+
+def test_huge_rank_number(tmp_path):
+    p = _write(tmp_path, ["IQ== " + "9" * 5000])
+    with pytest.raises(CheckpointError, match=r"line 1: rank '9999.*' is not a non-negative integer below 10\*\*9"):
+        QwenTokenizer(p)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory", "broken_symlink"])
+def test_vocab_must_be_a_regular_file(tmp_path, kind):
+    import os
+    import signal
+    p = tmp_path / "qwen.tiktoken"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "dev_zero":
+        p.symlink_to("/dev/zero")
+    elif kind == "directory":
+        p.mkdir()
+    else:
+        p.symlink_to(tmp_path / "gone")
+    old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("hung")))
+    signal.alarm(20)
+    try:
+        with pytest.raises(CheckpointError, match=r"qwen.tiktoken( is a|: no such file)"):
+            QwenTokenizer(p)
+        if kind != "directory":    # a directory named qwen.tiktoken is not "a vocab in the dir"
+            with pytest.raises(CheckpointError, match=r"qwen.tiktoken"):
+                QwenTokenizer.from_dir(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_oversized_vocab(tmp_path):
+    p = tmp_path / "qwen.tiktoken"
+    with open(p, "wb") as f:
+        f.truncate((16 << 20) + 1)
+    with pytest.raises(CheckpointError, match=r"qwen.tiktoken is 16777217 bytes, more than the 16777216"):
+        QwenTokenizer(p)
+
+
+# ---------------------------------------------------------------------------------------
+# Long whitespace runs: cut into PAT_STR's own pre-tokens, same ids as encoding whole
+# ---------------------------------------------------------------------------------------
+
+import base64  # noqa: E402
+import time  # noqa: E402
+import unicodedata  # noqa: E402
+
+import qwen_fast.tokenizer as tokmod  # noqa: E402
+
+_ALPHABET = [" ", " ", " ", "\t", "\n", "\n", "\r", "\r\n", "\x0b", "\x0c", "\x85", "\xa0", "\u3000",
+             "\u2028", "\u2009", "\x1c",                               # \x1c: isspace() but not \s
+             "a", "b", "Z", "é", "e\u0301", "中", "文", "ア", "1", "7", "٣", "!", ".", "'", "s", "'s",
+             "-", "😀", "\u0301", "<|endoftext|>", "<|im_end|>", "<|", "|>", "\ud800"]
+_ALLOWED = ["all", set(), {"<|endoftext|>"}]
+
+
+def _whole(tok, text, allowed):
+    """What tiktoken gives for the whole string (short strings never hit its limit)."""
+    return tok.encoding.encode(unicodedata.normalize("NFC", text),
+                               allowed_special=allowed if allowed == "all" else frozenset(allowed),
+                               disallowed_special=())
+
+
+@pytest.mark.parametrize("limit", [0, 1, 3])
+def test_long_run_cutting_equals_whole_encoding(tok, monkeypatch, limit):
+    """With the cut-off lowered, every whitespace run longer than `limit` goes through our own
+    pre-tokenisation; the ids must equal tiktoken's for the whole string."""
+    monkeypatch.setattr(tokmod, "WS_RUN_LIMIT", limit)
+    rng = random.Random(limit)
+    for _ in range(3000):
+        text = "".join(rng.choice(_ALPHABET) for _ in range(rng.randint(0, 24)))
+        for allowed in _ALLOWED:
+            assert tok.encode(text, allowed_special=allowed) == _whole(tok, text, allowed), (text, allowed)
+
+
+@pytest.mark.parametrize("text", [
+    "a   b", "a \n b", "!\n\n  \n  x", "!\n\n", "x\n\n   \n   ", " ", "\n", "  ", "\t!", " !", "  !",
+    "a\r\n\r\n  b", "<|endoftext|>\n\n  x", "<|endoftext|>   ", "  <|endoftext|>", "x  <|im_end|>y",
+    "12  34", "'s  's", "中  文", "\u3000\u3000x", "a\x85\x85b", "a\x1c\x1cb", "😀\n\n 😀", "!" + " \n" * 5,
+])
+def test_long_run_cutting_edge_cases(tok, monkeypatch, text):
+    monkeypatch.setattr(tokmod, "WS_RUN_LIMIT", 0)
+    for allowed in _ALLOWED:
+        assert tok.encode(text, allowed_special=allowed) == _whole(tok, text, allowed)
+
+
+def test_long_run_cutting_is_used_for_long_runs_only(tok, monkeypatch):
+    calls = []
+    real = QwenTokenizer._encode_long_ws
+    monkeypatch.setattr(QwenTokenizer, "_encode_long_ws", lambda *a: calls.append(1) or real(*a))
+    text = "x" + " " * tokmod.WS_RUN_LIMIT + "y"
+    assert tok.encode(text) == _whole(tok, text, "all") and not calls
+    text = "x" + " " * (tokmod.WS_RUN_LIMIT + 1) + "y"
+    assert tok.encode(text) == _whole(tok, text, "all") and calls
+
+
+@pytest.mark.parametrize("name, text", [
+    ("2M spaces", " " * 2_000_000),
+    ("2M newlines", "\n" * 2_000_000),
+    ("1M tabs", "\t" * 1_000_000),
+    ("mixed", "x" + " \t\n\r" * 400_000 + "  y"),
+    ("runs between words", ("word" + " " * 1_200_000) * 2 + "!"),
+    ("ideographic", "\u3000" * 1_500_000 + "中"),
+    ("punct then newlines", "!" + "\n" * 1000 + " " * 1_500_000 + "<|endoftext|>"),
+])
+def test_million_whitespace_chars(tok, name, text):
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    assert time.perf_counter() - t0 < 20, name
+    assert tok.decode(ids) == text
+
+
+def test_long_whitespace_pieces(tok):
+    """Runs past the limit are the pre-tokens PAT_STR gives them: all of the run at the end of
+    the text, all but the last character before a word (which takes it: " y"), and up to the
+    last newline first."""
+    enc, n = tok.encoding, 50_000
+    assert n > tokmod.WS_RUN_LIMIT
+    assert tok.encode(" " * n) == enc._encode_single_piece(b" " * n)
+    assert tok.encode("x" + " " * n + "y") == (
+        enc.encode("x") + enc._encode_single_piece(b" " * (n - 1)) + enc.encode(" y"))
+    assert tok.encode("x" + " " * n + "\n" + " " * n + "y") == (
+        enc.encode("x") + enc._encode_single_piece(b" " * n + b"\n")
+        + enc._encode_single_piece(b" " * (n - 1)) + enc.encode(" y"))
+    assert tok.encode("x" + " " * n + "y") == _whole(tok, "x" + " " * n + "y", "all")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("1M letters", "a" * 1_000_000),
+    ("1M random letters", "".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz")
+                                  for _ in range(1_000_000))),
+    ("1M digits", "7" * 1_000_000),
+    ("1M punctuation", "!" * 1_000_000),
+    ("1M mixed punctuation", "".join(random.Random(1).choice("!@#$%^&*()[]{};:,.<>/?|") for _ in range(1_000_000))),
+    ("300k CJK", "中" * 300_000),
+    ("300k emoji", "😀" * 300_000),
+    ("1M combining marks", "\u0301" * 1_000_000),
+])
+def test_million_char_words(tok, name, text):
+    """A single huge pre-token is BPE-merged in one piece; tiktoken >= 0.13 does that in
+    O(n log n) (older versions are quadratic: minutes for these)."""
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    assert time.perf_counter() - t0 < 20, name
+    assert tok.decode(ids) == text

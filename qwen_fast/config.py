@@ -273,7 +273,7 @@ class QwenConfig:
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt is not None and mt != "qwen":
-            raise ConfigError(f"config.json: model_type is {_short(mt)}, expected 'qwen' (Qwen v1); "
+            raise ConfigError(f"model_type is {_short(mt)}, expected 'qwen' (Qwen v1); "
                               "Qwen1.5/Qwen2 checkpoints use a different architecture")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}

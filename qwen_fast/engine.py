@@ -239,7 +239,7 @@ class Engine:
         dtype: "auto" (the release's: bf16 unless config.json says fp16/fp32), or a float dtype.
         backend: "reference" (PyTorch), "native" or "auto" (our kernels where they exist).
         kv_cache_budget: bytes of KV cache one call may use (see Engine).
-        check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.1 s for 1.8B).
+        check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
 

@@ -3,13 +3,19 @@
 Behaviour matches the Hugging Face ``QWenTokenizer`` (``tokenization_qwen.py``):
 
 * the vocabulary is a ``qwen.tiktoken`` file, one ``base64(token_bytes) rank`` per line,
-  ranks 0..151642 contiguous, rank == token id;
+  ranks 0..151642 contiguous, rank == token id. It is checked on load: a regular file of at
+  most 16 MiB, exactly these 151643 ranks, and the release file's sha256 (``verify=False``
+  loads a deliberately different but well-formed file); every problem is a CheckpointError;
 * 208 special tokens follow from id 151643 (``<|endoftext|>``, ``<|im_start|>``,
   ``<|im_end|>``, ``<|extra_0|>`` .. ``<|extra_204|>``), so ``len(tokenizer) == 151851``;
 * ``encode`` NFC-normalises first, and by default (``allowed_special="all"``) turns special
   surface forms in the text into special ids;
 * ``decode`` concatenates the bytes of every id (specials as their surface string) and decodes
   UTF-8 with ``errors="replace"`` unless told otherwise; no clean-up of spaces.
+
+Whitespace runs of any length encode (tiktoken's regex alone fails at about a million
+characters): runs longer than WS_RUN_LIMIT are cut into PAT_STR's own pre-tokens here, with
+the same ids as encoding the whole string.
 
 ``IncrementalDecoder`` turns a stream of ids into text deltas that never split a UTF-8
 character, and whose concatenation equals ``decode(all_ids)`` exactly.
@@ -424,8 +430,11 @@ class QwenTokenizer:
             return enc.encode(text[a:b], allowed_special=allowed, disallowed_special=disallowed) \
                 if b > a else []
 
+        # BPE of one pre-token, as tiktoken's encode does for each regex match (tiktoken 0.5+).
+        single = getattr(enc, "_encode_single_piece", None) or enc._core_bpe.encode_single_piece
+
         def piece(a: int, b: int) -> list[int]:
-            return enc._encode_single_piece(text[a:b].encode("utf-8"))
+            return single(text[a:b].encode("utf-8"))
 
         out: list[int] = []
         pos = 0     # text[:pos] is encoded; pos is a pre-token boundary

@@ -94,6 +94,24 @@ def _available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def parse_device(device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or a torch.device -> torch.device; ConfigError for anything
+    else, or for a GPU this machine does not have."""
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device type {dev.type!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device={device!r} was asked for but torch sees no CUDA GPU")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device={device!r}: this machine has {n} CUDA GPU(s) (0..{n - 1})")
+    return dev
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -219,8 +237,8 @@ class Engine:
         elif kv_cache_budget is not None and (
                 not isinstance(kv_cache_budget, numbers.Integral) or isinstance(kv_cache_budget, bool)
                 or kv_cache_budget <= 0):
-            raise ValueError(f"kv_cache_budget must be 'auto', a positive number of bytes or None, "
-                             f"got {kv_cache_budget!r}")
+            raise ConfigError(f"kv_cache_budget must be 'auto', a positive number of bytes or None, "
+                              f"got {kv_cache_budget!r}")
         self.kv_cache_budget: Optional[int] = None if kv_cache_budget is None else int(kv_cache_budget)
         self._turns = _Turns()
 
@@ -250,11 +268,17 @@ class Engine:
         from .loader import check_memory, quantization_error
 
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU")
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        dev = parse_device(device)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"path must be a checkpoint directory (str or os.PathLike), got "
+                              f"{type(path).__name__}")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise ConfigError(f"seed (of the dummy weights) must be an integer, got {seed!r}")
         model_dir = Path(path) if path is not None else None
+        if config is not None and load_format != "dummy":
+            raise ConfigError("config= is only used with load_format='dummy'; a checkpoint's own "
+                              "config.json describes its weights")
         if load_format == "dummy":
             if isinstance(config, QwenConfig):
                 cfg = config
@@ -273,10 +297,10 @@ class Engine:
                 raise ConfigError(msg + " (load_format='dummy' builds unquantized weights)")
         elif load_format == "safetensors":
             if model_dir is None:
-                raise ValueError("from_pretrained needs a checkpoint directory (or load_format='dummy')")
+                raise ConfigError("from_pretrained needs a checkpoint directory (or load_format='dummy')")
             cfg = load_config(model_dir)
         else:
-            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
+            raise ConfigError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         dt = cfg.default_dtype() if dtype == "auto" else parse_dtype(dtype)
         # The small files first, so that a bad one is reported before gigabytes are read.
         gen_cfg = GenerationConfig()

@@ -32,12 +32,23 @@ from .errors import NumericalError, RequestError
 MAX_SEED = 2**32 - 1
 
 
+def _show(v) -> str:
+    """A value for an error message: its repr, cut short (a bad value may be huge)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:       # an int too large for a float
+        return False
 
 
 @dataclass
@@ -78,37 +89,37 @@ class SamplingParams:
         """Check every field (RequestError naming it) and normalise in place: numpy scalars
         become int/float, a single stop string or id becomes a list."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {_show(self.max_new_tokens)}")
         if not _is_num(self.temperature) or self.temperature < 0:
             raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got "
-                               f"{self.temperature!r}")
+                               f"{_show(self.temperature)}")
         if not _is_num(self.top_p) or not (0 < self.top_p <= 1):
-            raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            raise RequestError(f"top_p must be a number in (0, 1], got {_show(self.top_p)}")
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise RequestError(f"top_k must be an integer >= 0 (0 or -1 = disabled), got {self.top_k!r}")
+            raise RequestError(f"top_k must be an integer >= 0 (0 or -1 = disabled), got {_show(self.top_k)}")
         if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise RequestError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got "
-                               f"{self.repetition_penalty!r}")
+                               f"{_show(self.repetition_penalty)}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise RequestError(f"seed must be an integer in [0, 2**32 - 1] or None, got {self.seed!r}"
+            raise RequestError(f"seed must be an integer in [0, 2**32 - 1] or None, got {_show(self.seed)}"
                                " (torch's CPU generator uses 32 bits of a seed: larger ones would "
                                "repeat smaller ones)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
-            raise RequestError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+            raise RequestError(f"stop must be a string or a list of non-empty strings, got {_show(self.stop)}")
         if _is_int(self.stop_token_ids):
             self.stop_token_ids = [self.stop_token_ids]
         if (not isinstance(self.stop_token_ids, (list, tuple))
                 or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)):
             raise RequestError(f"stop_token_ids must be a list of non-negative token ids, got "
-                               f"{self.stop_token_ids!r}")
+                               f"{_show(self.stop_token_ids)}")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if t >= vocab_size]
             if bad:
                 raise RequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise RequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+            raise RequestError(f"ignore_eos must be True or False, got {_show(self.ignore_eos)}")
         self.ignore_eos = bool(self.ignore_eos)
         self.max_new_tokens, self.top_k = int(self.max_new_tokens), int(self.top_k)
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
@@ -146,6 +157,8 @@ def process_scores(logits: torch.Tensor, history: torch.Tensor, p: SamplingParam
         scores = scores.clone()
         scores[valid_vocab:] = float("-inf")
     scores = apply_repetition_penalty(scores, history, p.repetition_penalty)
+    if stable:      # a penalty below ~1e-270 can still overflow float64: saturate, not NaN
+        scores = scores.clamp(max=torch.finfo(torch.float64).max)
     if p.greedy:
         return scores
     if p.temperature != 1.0:

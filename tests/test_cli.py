@@ -141,3 +141,8 @@ def test_cli_errors(tiny_ckpt, tmp_path):
     p = _run_cli("generate", "--model", str(tmp_path), "hi")
     assert p.returncode == 2 and "has no config.json" in p.stderr
     assert main(["generate", "--model", str(tiny_ckpt), "--top-p", "3", "hi"]) == 2
+    p = _run_cli("generate", "--model", str(tiny_ckpt), "--device", "bogus", "hi")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "device must be 'cpu', 'cuda' or 'cuda:N', got 'bogus'" in p.stderr
+    p = _run_cli("chat", "--model", str(tiny_ckpt), "--device", "bogus")
+    assert p.returncode == 2 and "Traceback" not in p.stderr

@@ -163,14 +163,30 @@ def test_bad_requests(tiny_engine, call, exc, msg):
         call(tiny_engine)
 
 
-def test_from_pretrained_argument_errors(tiny_ckpt):
-    with pytest.raises(ValueError, match="backend must be one of"):
-        Engine.from_pretrained(tiny_ckpt, backend="tensorrt")
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        Engine.from_pretrained(tiny_ckpt, dtype="int8")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU"):
-            Engine.from_pretrained(tiny_ckpt, device="cuda")
+@pytest.mark.parametrize("kw,msg", [
+    (dict(backend="tensorrt"), "backend must be one of"),
+    (dict(dtype="int8"), "dtype must be one of"),
+    (dict(device="bogus"), r"device must be 'cpu', 'cuda' or 'cuda:N', got 'bogus'"),
+    (dict(device=None), "device must be"),
+    (dict(device="meta"), "device type 'meta' is not supported"),
+    (dict(device="cuda:99"), "cuda:99"),
+    (dict(load_format="pickle"), "load_format must be"),
+    (dict(config="qwen-1.8b-chat"), "config= is only used with load_format='dummy'"),
+    (dict(kv_cache_budget=0), "kv_cache_budget must be"),
+    (dict(kv_cache_budget="lots"), "kv_cache_budget must be"),
+])
+def test_from_pretrained_argument_errors(tiny_ckpt, kw, msg):
+    from qwen_fast.errors import ConfigError
+    with pytest.raises(ConfigError, match=msg):
+        Engine.from_pretrained(tiny_ckpt, **kw)
+
+
+def test_from_pretrained_path_and_seed_types():
+    from qwen_fast.errors import ConfigError
+    with pytest.raises(ConfigError, match="path must be a checkpoint directory"):
+        Engine.from_pretrained(5)
+    with pytest.raises(ConfigError, match="seed .* must be an integer"):
+        Engine.from_pretrained(load_format="dummy", seed="x")
 
 
 def test_generation_config_stop_words_and_tensor_batches(fresh):
@@ -246,6 +262,7 @@ def test_bad_prompts_are_named(tiny_engine, call, msg):
     (dict(temperature=float("inf")), "temperature"),
     (dict(repetition_penalty=-1e-45), "repetition_penalty"),
     (dict(stop_token_ids=[10**12]), "outside the vocabulary"),
+    (dict(temperature=10**400), r"temperature must be a finite number >= 0 \(0 = greedy\), got 10{56}\.\.\.$"),
 ])
 def test_refused_sampling_values_are_named(tiny_engine, kw, msg):
     with pytest.raises(RequestError, match=msg):
@@ -255,6 +272,7 @@ def test_refused_sampling_values_are_named(tiny_engine, kw, msg):
 @pytest.mark.parametrize("kw", [
     dict(temperature=1e-38), dict(temperature=5e-324), dict(temperature=3.5e38),
     dict(temperature=1.7e308), dict(repetition_penalty=1e-45), dict(repetition_penalty=1.7e308),
+    dict(repetition_penalty=5e-324), dict(repetition_penalty=5e-324, temperature=5e-324),
     dict(temperature=0, repetition_penalty=1e-45), dict(top_p=5e-324), dict(top_k=10**12),
     dict(seed=2**32 - 1), dict(max_new_tokens=10**30, stop_token_ids=list(range(151936))),
 ])

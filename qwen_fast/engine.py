@@ -215,6 +215,8 @@ def _finish(run) -> list:
 
 
 class Engine:
+    PREFILL_TOKENS = 4096   # most prompt positions (batch x chunk) one prefill forward takes
+
     def __init__(self, model: QwenModel, tokenizer: QwenTokenizer,
                  generation_config: Optional[GenerationConfig] = None,
                  kv_cache_budget: Union[int, str, None] = "auto"):
@@ -421,11 +423,8 @@ class Engine:
             longest = max(len(ids) + n for ids, n in zip(prompts, limits))
             T = max(len(ids) for ids in prompts)
             cache = KVCache(self.cfg, len(reqs), T, self.dtype, self.device, max_capacity=longest)
-            batch = torch.zeros(len(prompts), T, dtype=torch.long)
-            for b, ids in enumerate(prompts):
-                batch[b, :len(ids)] = torch.tensor(ids)
             t0 = time.perf_counter()
-            logits = self.model.forward(batch, cache, num_new=[len(ids) for ids in prompts])
+            logits = self._prefill(prompts, cache)
             rows = list(range(len(reqs)))
             valid_vocab = len(self.tokenizer)
             first = True
@@ -454,6 +453,29 @@ class Engine:
                 decode_s=total - r.t_first, kv_cache_bytes=cache.peak_bytes) for r in reqs]
         finally:
             self._turns.release()
+
+    def _prefill(self, prompts: List[List[int]], cache: KVCache) -> torch.Tensor:
+        """Prefill every prompt; returns the logits of each one's last token [B, vocab].
+
+        At most PREFILL_TOKENS positions go through one forward (a batch of long prompts is
+        prefilled chunk by chunk, with each sequence's NTK alpha taken from its whole prompt), so
+        activation memory is bounded whatever the batch; one prompt up to PREFILL_TOKENS long is
+        one forward, as in the release."""
+        B, T = len(prompts), max(len(ids) for ids in prompts)
+        batch = torch.zeros(B, T, dtype=torch.long)
+        for b, ids in enumerate(prompts):
+            batch[b, :len(ids)] = torch.tensor(ids)
+        step = max(1, self.PREFILL_TOKENS // B)
+        last: List[Optional[torch.Tensor]] = [None] * B
+        for s0 in range(0, T, step):
+            rows = [b for b in range(B) if len(prompts[b]) > s0]
+            n_new = [min(step, len(prompts[b]) - s0) for b in rows]
+            out = self.model.forward(batch[rows, s0:s0 + max(n_new)], cache, num_new=n_new, rows=rows,
+                                     prompt_lengths=[len(prompts[b]) for b in rows])
+            for i, b in enumerate(rows):
+                if len(prompts[b]) <= s0 + step:
+                    last[b] = out[i]
+        return torch.stack(last)
 
     def _start(self, ids: List[int], p: SamplingParams, extra_stop_ids: Sequence[int]):
         """A checked one-prompt run (not started yet: no turn is taken until it is iterated)."""

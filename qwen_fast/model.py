@@ -162,13 +162,15 @@ class QwenModel:
     def forward(self, input_ids: torch.Tensor, cache: KVCache,
                 num_new: Optional[Sequence[int]] = None, all_logits: bool = False,
                 logits_dtype: Optional[torch.dtype] = None,
-                rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+                rows: Optional[Sequence[int]] = None,
+                prompt_lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Append tokens to sequences of the cache and return logits.
 
         input_ids: [B, T] int64, row b right-padded with num_new[b] valid tokens (default T).
         rows: the cache sequence of each input row (default 0..B-1), so finished sequences
         can drop out of a batch. A sequence whose cache is empty is a prefill and picks its NTK
-        alpha from num_new[b]. Returns [B, vocab] logits of each row's last valid token, or
+        alpha from its prompt length: prompt_lengths[b] when the prompt is prefilled in
+        chunks, else num_new[b]. Returns [B, vocab] logits of each row's last valid token, or
         [B, T, vocab] for all positions when all_logits. Logits are rounded to the model dtype
         (as the release), then stored as logits_dtype (default: the model dtype); all_logits
         computes them LOGITS_CHUNK positions at a time into the output, so the only full-size
@@ -188,7 +190,8 @@ class QwenModel:
                 raise ValueError(f"sequence {r}: {lengths[b]} cached + {n_new[b]} new tokens "
                                  f"exceed the KV cache capacity of {cache.max_capacity}")
             if lengths[b] == 0:
-                cache.alpha[r] = ntk_alpha(n_new[b], cfg.seq_length) if cfg.use_dynamic_ntk else 1
+                n = n_new[b] if prompt_lengths is None else int(prompt_lengths[b])
+                cache.alpha[r] = ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1
         alphas = [cache.alpha[r] for r in rows]
         cache.ensure(max(lengths[b] + n_new[b] for b in range(B)))
         ids = input_ids.to(self.device)

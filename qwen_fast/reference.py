@@ -60,6 +60,10 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return up * torch.nn.functional.silu(gate)
 
 
+#: Bytes of fp32 scores the reference attention holds at once (it shrinks its query chunk to fit).
+ATTENTION_SCORES_BYTES = 256 * 2**20
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
               scale: float | None = None, query_chunk: int = 1024) -> torch.Tensor:
     """Causal multi-head attention over a KV cache with per-sequence lengths.
@@ -69,11 +73,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Te
     are 0 .. start[b] + T - 1 (bottom-right aligned causal mask, so chunked prefill is right).
     start: [B] int64. Scores, softmax and the weighted sum run in fp32; the output is rounded
     once to q.dtype (what flash-attention does on the GPU). Returns [B, T, H, D].
-    Queries are processed in chunks so that long prefills need bounded memory.
+    Queries are processed in chunks of at most query_chunk, fewer when B x H x chunk x S fp32
+    scores would pass ATTENTION_SCORES_BYTES, so that long prefills need bounded memory.
     """
     B, T, H, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     S = k.shape[1]
+    query_chunk = max(1, min(query_chunk, ATTENTION_SCORES_BYTES // (4 * B * H * S)))
     kf = k.float().permute(0, 2, 3, 1)          # [B, H, D, S]
     vf = v.float().permute(0, 2, 1, 3)          # [B, H, S, D]
     key_pos = torch.arange(S, device=q.device)

@@ -138,3 +138,30 @@ def test_a_call_finishing_in_between_cannot_take_anothers_result(engine, monkeyp
     a.join(60)
     assert got["a"].token_ids == want_a and got["a"].prompt_tokens == 1
     assert got["b"].token_ids == want_b and got["b"].prompt_tokens == 2
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, "nan"])
+def test_a_call_that_fails_midway_releases_the_engine(tiny_ckpt, failure):
+    """Ctrl-C or NaN logits in the middle of decoding: the error reaches the caller (NaN as a
+    NumericalError naming the cause), and other threads can use the engine right after."""
+    from qwen_fast.errors import NumericalError
+    e = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference")
+    forward, calls = e.model.forward, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        out = forward(*args, **kwargs)
+        if len(calls) == 3:
+            if failure is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            out = out.clone().fill_(float("nan"))
+        return out
+    e.model.forward = failing
+    with pytest.raises(NumericalError if failure == "nan" else KeyboardInterrupt):
+        e.generate("fail here", max_new_tokens=10, ignore_eos=True)
+    e.model.forward = forward
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (e.generate("after", max_new_tokens=2), done.set()))
+    t.start()
+    assert done.wait(60)
+    t.join()

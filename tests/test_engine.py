@@ -355,3 +355,27 @@ def test_full_size_kv_cache_arithmetic():
     from qwen_fast.model import KVCache
     per = KVCache.bytes_per_token(QwenConfig(), torch.bfloat16)
     assert per == 192 * 1024 and per * 32768 == 6 * 2**30
+
+
+def test_chunked_prefill_of_a_batch_matches_whole_prefill(tiny_engine_fp32, monkeypatch):
+    """A batch of long prompts is prefilled PREFILL_TOKENS positions at a time; the NTK alpha
+    still comes from each whole prompt (40 tokens > seq_length 32: alpha 3)."""
+    e = tiny_engine_fp32
+    prompts = [list(range(1000, 1040)), list(range(2000, 2011)), list(range(3000, 3033))]
+    whole = e.generate(prompts, max_new_tokens=5, ignore_eos=True, **GREEDY)
+    monkeypatch.setattr(type(e), "PREFILL_TOKENS", 12)        # 4 positions per sequence a step
+    chunked = e.generate(prompts, max_new_tokens=5, ignore_eos=True, **GREEDY)
+    assert [r.token_ids for r in chunked] == [r.token_ids for r in whole]
+    for ids, r in zip(prompts, chunked):                       # first token = full forward's
+        assert e.logits(ids)[-1].argmax().item() == r.token_ids[0]
+
+
+def test_reference_attention_bounds_its_scores(monkeypatch):
+    from qwen_fast import reference
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 50, 4, 16, generator=g)
+    k, v = torch.randn(2, 60, 4, 16, generator=g), torch.randn(2, 60, 4, 16, generator=g)
+    start = torch.tensor([10, 3])
+    want = reference.attention(q, k, v, start)
+    monkeypatch.setattr(reference, "ATTENTION_SCORES_BYTES", 4 * 2 * 4 * 60 * 7)   # 7 queries
+    torch.testing.assert_close(reference.attention(q, k, v, start), want, rtol=1e-6, atol=1e-6)

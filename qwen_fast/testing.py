@@ -6,9 +6,12 @@ release does, so the loader is exercised exactly as on the real model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -97,3 +100,43 @@ def read_raw_safetensors(path) -> tuple:
     blob = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", blob[:8])
     return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+class TimeLimit(Exception):
+    """Raised by time_limit when the code under it runs too long (a hang in a test)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise TimeLimit in the main thread after `seconds` (SIGALRM): a test that would hang,
+    e.g. on opening a FIFO for reading, fails instead of blocking CI."""
+    def on_alarm(*_):
+        raise TimeLimit(f"no answer within {seconds} s")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+SPECIAL_FILE_KINDS = ("fifo", "dev_zero", "directory", "broken_symlink")
+
+
+def make_special_file(path, kind: str) -> None:
+    """Put something that is not a regular file at `path` (replacing a file there): a FIFO, a
+    symlink to /dev/zero, a directory, or a broken symlink."""
+    path = Path(path)
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "broken_symlink":
+        path.symlink_to(path.parent / "nowhere")
+    else:
+        raise ValueError(f"kind must be one of {SPECIAL_FILE_KINDS}, got {kind!r}")

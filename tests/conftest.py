@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qwen_fast.testing import tiny_config, write_checkpoint
+from qwen_fast.testing import time_limit, tiny_config, write_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,10 @@ def tiny_engine_fp32(tiny_ckpt):
 def tiny_engine(tiny_ckpt):
     from qwen_fast import Engine
     return Engine.from_pretrained(tiny_ckpt, dtype="bfloat16", backend="reference")
+
+
+@pytest.fixture()
+def alarm():
+    """Fail instead of hanging forever if a FIFO is ever opened for reading (20 s)."""
+    with time_limit(20):
+        yield

@@ -11,6 +11,7 @@ from qwen_fast.config import (BOOL_FIELDS, FLOAT_BOUNDS, INT_BOUNDS, GenerationC
                               ntk_alpha, parse_dtype, read_bounded_file, read_json_file)
 from qwen_fast.errors import CheckpointError, ConfigError
 from qwen_fast.loader import expected_shapes
+from qwen_fast.testing import make_special_file
 
 QWEN_72B = dict(vocab_size=152064, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                 kv_channels=128, intermediate_size=49152, seq_length=32768,
@@ -213,22 +214,15 @@ def test_read_bounded_file(tmp_path):
         read_bounded_file(str(tmp_path / "a\0b"), 10)
 
 
-def test_read_bounded_file_fifo_and_devices(tmp_path):
-    import signal
+def test_read_bounded_file_fifo_and_devices(tmp_path, alarm):
     fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("hung")))
-    signal.alarm(20)
-    try:
-        with pytest.raises(ConfigError, match=r"fifo is a FIFO \(named pipe\), not a regular file"):
-            read_bounded_file(fifo, 10)
-        link = tmp_path / "zero"
-        link.symlink_to("/dev/zero")
-        with pytest.raises(ConfigError, match=r"zero is a character device, not a regular file"):
-            read_bounded_file(link, 1 << 20)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    make_special_file(fifo, "fifo")
+    with pytest.raises(ConfigError, match=r"fifo is a FIFO \(named pipe\), not a regular file"):
+        read_bounded_file(fifo, 10)
+    link = tmp_path / "zero"
+    make_special_file(link, "dev_zero")
+    with pytest.raises(ConfigError, match=r"zero is a character device, not a regular file"):
+        read_bounded_file(link, 1 << 20)
 
 
 def test_read_bounded_file_follows_symlinks(tmp_path):

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import struct
 import tempfile
 import time
@@ -32,7 +31,8 @@ from hypothesis import strategies as st  # noqa: E402
 from qwen_fast import Engine  # noqa: E402
 from qwen_fast.errors import CheckpointError, ConfigError  # noqa: E402
 from qwen_fast.loader import read_safetensors_header  # noqa: E402
-from qwen_fast.testing import raw_safetensors, read_raw_safetensors, tiny_config, write_checkpoint  # noqa: E402
+from qwen_fast.testing import (raw_safetensors, read_raw_safetensors, time_limit, tiny_config,  # noqa: E402
+                               write_checkpoint)
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 INDEX = "model.safetensors.index.json"
@@ -63,10 +63,6 @@ def base(tmp_path_factory):
     return path
 
 
-class _Hang(Exception):
-    pass
-
-
 def _event(what: str) -> None:
     """Count outcomes for --hypothesis-show-statistics (a no-op outside a hypothesis test)."""
     try:
@@ -75,29 +71,22 @@ def _event(what: str) -> None:
         pass
 
 
-def _on_alarm(*_):
-    raise _Hang("no answer within 30 s")
-
-
 def check_loads_or_refuses(path: Path) -> str:
     """The property: load, then generate one token; or a ConfigError/CheckpointError."""
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(30)                      # a hang fails the example instead of blocking CI
     t0 = time.monotonic()
     try:
-        try:
-            eng = Engine.from_pretrained(path, backend="reference", dtype="float32")
-        except (ConfigError, CheckpointError) as e:
-            assert str(e), "an error with no message"
-            _event(f"refused: {type(e).__name__}")    # --hypothesis-show-statistics shows the mix
-            return "refused"
-        res = eng.generate("hi", max_new_tokens=1)
-        assert len(res.token_ids) <= 1
-        _event("loaded and generated")
-        return "loaded"
+        with time_limit(30):              # a hang fails the example instead of blocking CI
+            try:
+                eng = Engine.from_pretrained(path, backend="reference", dtype="float32")
+            except (ConfigError, CheckpointError) as e:
+                assert str(e), "an error with no message"
+                _event(f"refused: {type(e).__name__}")    # --hypothesis-show-statistics shows the mix
+                return "refused"
+            res = eng.generate("hi", max_new_tokens=1)
+            assert len(res.token_ids) <= 1
+            _event("loaded and generated")
+            return "loaded"
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
         assert time.monotonic() - t0 < EXAMPLE_SECONDS
 
 

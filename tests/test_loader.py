@@ -9,7 +9,9 @@ import torch
 from qwen_fast import Engine
 from qwen_fast.config import ConfigError, QwenConfig
 from qwen_fast.loader import CheckpointError, expected_shapes, load_state_dict
-from qwen_fast.testing import random_state_dict, tiny_config, write_checkpoint
+from qwen_fast.loader import MAX_HEADER_BYTES, read_safetensors_header
+from qwen_fast.testing import (SPECIAL_FILE_KINDS, make_special_file, random_state_dict, raw_safetensors,
+                               read_raw_safetensors, tiny_config, write_checkpoint)
 
 
 @pytest.fixture()
@@ -186,8 +188,6 @@ def test_progress_bar_on_request(tmp_path, cfg, capsys):
 # before safetensors' own parser sees the file.
 # ---------------------------------------------------------------------------------------
 
-from qwen_fast.loader import MAX_HEADER_BYTES, read_safetensors_header  # noqa: E402
-from qwen_fast.testing import raw_safetensors, read_raw_safetensors  # noqa: E402
 
 T = "transformer.ln_f.weight"
 
@@ -376,36 +376,7 @@ def test_hub_cache_symlinks_load(tmp_path, cfg):
 # Only bounded regular files are read: FIFOs, devices and directories are refused, never hang
 # ---------------------------------------------------------------------------------------
 
-@pytest.fixture()
-def alarm():
-    """Fail instead of hanging forever if a FIFO is ever opened for reading."""
-    import signal
-
-    def boom(*_):
-        raise TimeoutError("hung opening a special file")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-SPECIAL_FILES = ["fifo", "dev_zero", "directory", "broken_symlink"]
-
-
-def _make_special(p, kind):
-    p.unlink()
-    if kind == "fifo":
-        os.mkfifo(p)
-    elif kind == "dev_zero":
-        p.symlink_to("/dev/zero")
-    elif kind == "directory":
-        p.mkdir()
-    else:
-        p.symlink_to(p.parent / "nowhere")
-
-
-@pytest.mark.parametrize("kind", SPECIAL_FILES)
+@pytest.mark.parametrize("kind", SPECIAL_FILE_KINDS)
 @pytest.mark.parametrize("fname, exc", [
     ("config.json", ConfigError), ("generation_config.json", ConfigError),
     ("model.safetensors.index.json", CheckpointError), ("qwen.tiktoken", CheckpointError),
@@ -415,7 +386,7 @@ def test_special_files_are_refused(tmp_path, cfg, alarm, fname, exc, kind):
     if kind == "dev_zero" and not os.path.exists("/dev/zero"):
         pytest.skip("no /dev/zero")
     path = _write(tmp_path, cfg, shards=2)
-    _make_special(path / fname, kind)
+    make_special_file(path / fname, kind)
     want = {"fifo": "is a FIFO", "dev_zero": "is a character device", "directory": "is a directory",
             "broken_symlink": "no such file \\(a broken symlink\\)"}[kind]
     with pytest.raises(exc, match=rf"{fname}:? {want}|{fname}: {want}") as ei:

@@ -1,14 +1,19 @@
 """Tokenizer tests: spec section 5 check vectors, decode rules, streaming decoder."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
+import time
+import unicodedata
 
 import numpy as np
 import pytest
 import torch
 
+import qwen_fast.tokenizer as tokmod
 from qwen_fast.errors import CheckpointError
+from qwen_fast.testing import SPECIAL_FILE_KINDS, make_special_file
 from qwen_fast.tokenizer import (
     ENDOFTEXT, EOD_ID, IM_END, IM_END_ID, IM_START, IM_START_ID, PAT_STR, VOCAB_SHA256,
     IncrementalDecoder, QwenTokenizer, default_vocab_path, load_tiktoken_bpe,
@@ -448,30 +453,15 @@ def test_huge_rank_number(tmp_path):
         QwenTokenizer(p)
 
 
-@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory", "broken_symlink"])
-def test_vocab_must_be_a_regular_file(tmp_path, kind):
-    import os
-    import signal
+@pytest.mark.parametrize("kind", SPECIAL_FILE_KINDS)
+def test_vocab_must_be_a_regular_file(tmp_path, alarm, kind):
     p = tmp_path / "qwen.tiktoken"
-    if kind == "fifo":
-        os.mkfifo(p)
-    elif kind == "dev_zero":
-        p.symlink_to("/dev/zero")
-    elif kind == "directory":
-        p.mkdir()
-    else:
-        p.symlink_to(tmp_path / "gone")
-    old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("hung")))
-    signal.alarm(20)
-    try:
-        with pytest.raises(CheckpointError, match=r"qwen.tiktoken( is a|: no such file)"):
-            QwenTokenizer(p)
-        if kind != "directory":    # a directory named qwen.tiktoken is not "a vocab in the dir"
-            with pytest.raises(CheckpointError, match=r"qwen.tiktoken"):
-                QwenTokenizer.from_dir(tmp_path)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    make_special_file(p, kind)
+    with pytest.raises(CheckpointError, match=r"qwen.tiktoken( is a|: no such file)"):
+        QwenTokenizer(p)
+    if kind != "directory":    # a directory named qwen.tiktoken is not "a vocab in the dir"
+        with pytest.raises(CheckpointError, match=r"qwen.tiktoken"):
+            QwenTokenizer.from_dir(tmp_path)
 
 
 def test_oversized_vocab(tmp_path):
@@ -486,11 +476,7 @@ def test_oversized_vocab(tmp_path):
 # Long whitespace runs: cut into PAT_STR's own pre-tokens, same ids as encoding whole
 # ---------------------------------------------------------------------------------------
 
-import base64  # noqa: E402
-import time  # noqa: E402
-import unicodedata  # noqa: E402
 
-import qwen_fast.tokenizer as tokmod  # noqa: E402
 
 _ALPHABET = [" ", " ", " ", "\t", "\n", "\n", "\r", "\r\n", "\x0b", "\x0c", "\x85", "\xa0", "\u3000",
              "\u2028", "\u2009", "\x1c",                               # \x1c: isspace() but not \s

@@ -33,7 +33,7 @@ import torch
 from . import chat as chatml
 from .config import GenerationConfig, QwenConfig, builtin_config, parse_dtype
 from .errors import CapacityError, ConfigError, RequestError
-from .loader import dummy_state_dict, load_config, load_state_dict
+from .loader import available_memory, dummy_state_dict, load_config, load_state_dict
 from .model import BACKENDS, KVCache, QwenModel
 from .sampling import SamplingParams, make_generator, sample_next
 from .tokenizer import IncrementalDecoder, QwenTokenizer
@@ -77,21 +77,6 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
                 best = n
                 break
     return best
-
-
-def _available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on the device now: the GPU's free memory, or the OS's
-    MemAvailable (physical pages otherwise)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def parse_device(device) -> torch.device:
@@ -223,7 +208,8 @@ class Engine:
         """kv_cache_budget: the most bytes of KV cache one call may need in the worst case
         (every sequence of a batch reaching max_new_tokens; logits() counts its output too).
         "auto" = half the memory available on the device when the engine is built (after the
-        weights); an int = that many bytes; None = no limit but the model's context."""
+        weights; no limit if that is unknown); an int = that many bytes; None = no limit but
+        the model's context."""
         self.model = model
         self.cfg: QwenConfig = model.cfg
         self.tokenizer = tokenizer
@@ -235,7 +221,8 @@ class Engine:
             top_p=g.top_p, top_k=g.top_k, repetition_penalty=g.repetition_penalty)
         self.default_params.validate()
         if kv_cache_budget == "auto":
-            kv_cache_budget = _available_memory(self.device) // 2
+            avail = available_memory(self.device)
+            kv_cache_budget = None if avail is None else avail // 2
         elif kv_cache_budget is not None and (
                 not isinstance(kv_cache_budget, numbers.Integral) or isinstance(kv_cache_budget, bool)
                 or kv_cache_budget <= 0):

@@ -110,6 +110,8 @@ class SamplingParams:
             raise RequestError(f"stop must be a string or a list of non-empty strings, got {_show(self.stop)}")
         if _is_int(self.stop_token_ids):
             self.stop_token_ids = [self.stop_token_ids]
+        elif isinstance(self.stop_token_ids, (np.ndarray, torch.Tensor)) and self.stop_token_ids.ndim == 1:
+            self.stop_token_ids = self.stop_token_ids.tolist()     # ids as an array, like prompts
         if (not isinstance(self.stop_token_ids, (list, tuple))
                 or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)):
             raise RequestError(f"stop_token_ids must be a list of non-negative token ids, got "

@@ -218,6 +218,12 @@ def test_prompt_forms_give_the_same_ids(tiny_engine_fp32):
                   torch.tensor([ids, ids])):
         out = e.generate(batch, max_new_tokens=3, **GREEDY)
         assert [r.token_ids for r in out] == [want, want]
+    # stop ids as an array too; an array of floats is still refused
+    stop = want[1]
+    for ids_form in (np.array([stop]), torch.tensor([stop])):
+        assert e.generate(ids, max_new_tokens=3, stop_token_ids=ids_form, **GREEDY).token_ids == want[:want.index(stop)]
+    with pytest.raises(RequestError, match="stop_token_ids must be a list"):
+        e.generate(ids, stop_token_ids=np.array([1.5]))
     # params as a dict or a SamplingParams
     assert e.generate(ids, params={"max_new_tokens": 3, **GREEDY}).token_ids == want
     assert e.generate(ids, params=e.sampling_params(max_new_tokens=3, **GREEDY)).token_ids == want

@@ -1,5 +1,5 @@
-"""The ``qwen-fast`` command line: ``chat`` (a REPL with the release demo's commands) and
-``generate`` (one completion, streamed or as JSON).
+"""The ``qwen-fast`` command line: ``chat`` (a REPL with the release demo's commands),
+``generate`` (one completion, streamed or as JSON) and ``bench`` (qwen_fast/bench.py).
 
     qwen-fast chat --model Qwen-1_8B-Chat
     qwen-fast generate --model Qwen-1_8B-Chat "Once upon a time" --max-new-tokens 64
@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
     g.add_argument("--seed", type=int)
     g.add_argument("--json", action="store_true", help="print the result as JSON (no streaming)")
+    b = sub.add_parser("bench", help="decode benchmark on full-size random weights")
+    from .bench import build_parser as bench_parser
+    bench_parser(b)
     return parser
 
 
@@ -198,6 +201,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .errors import QwenFastError
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from .bench import main as bench_main
+            bench_main(args=args)
+            return 0
         engine = _load(args)
         if args.command == "chat":
             ChatREPL(engine, seed=args.seed, system=args.system).run()

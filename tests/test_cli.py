@@ -146,3 +146,21 @@ def test_cli_errors(tiny_ckpt, tmp_path):
     assert "device must be 'cpu', 'cuda' or 'cuda:N', got 'bogus'" in p.stderr
     p = _run_cli("chat", "--model", str(tiny_ckpt), "--device", "bogus")
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_bench_writes_every_number(tmp_path):
+    """qwen-fast bench end to end on the tiny config (the numbers themselves are not judged
+    here: a benchmark is read, not asserted)."""
+    out = tmp_path / "bench.json"
+    p = _run_cli("bench", "--config", "tiny", "--backend", "auto,reference", "--prompt-tokens", "9",
+                 "--new-tokens", "3", "--repeats", "1", "--threads", "1", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "[bench] measuring memory bandwidth" in p.stderr and "| auto |" in p.stdout
+    r = json.loads(out.read_text())
+    assert r["read_gb_s"] > 0 and r["copy_gb_s"] > 0 and r["peak_rss_mb"] > 0
+    assert [x["backend"] for x in r["results"]] == ["auto", "reference"]
+    for x in r["results"]:
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "ms_per_token",
+                    "weight_bytes_per_token", "weights_gb_s", "pct_of_read"):
+            assert x[key] > 0, key
+    assert _run_cli("bench", "--config", "tiny", "--new-tokens", "0").returncode == 2

@@ -1,0 +1,177 @@
+"""End-to-end benchmark: ``qwen-fast bench`` and ``benchmarks/bench_decode.py`` are this code.
+
+Full-size Qwen-1.8B shapes with random weights (``load_format="dummy"``, no download). For each
+backend, in one run: time to first token and prefill tokens/s for a prompt, decode ms/token and
+tokens/s (with ``--context N``: N tokens already cached), the weight bytes one decode token
+reads, and bytes x tokens/s as GB/s against a read and a copy of memory measured in the same
+run: decode is bound by reading the weights, so the read bandwidth is its roofline.
+
+    qwen-fast bench [--dtype bfloat16] [--backend auto,reference] [--prompt-tokens 128]
+                    [--new-tokens 16] [--context N] [--threads N] [--quant none] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+PEAK_BUFFER_BYTES = 1 << 30     # far larger than any CPU cache
+
+
+def _best_seconds(fn, runs: int = 5) -> float:
+    fn()                                    # warm-up (page faults, first touch)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def read_bandwidth_gbs(nbytes: int = PEAK_BUFFER_BYTES) -> float:
+    """GB/s of a read-only pass (a sum) over a buffer far larger than the caches: the roofline
+    of a decode step, which reads every weight once and writes almost nothing."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / _best_seconds(lambda: buf.sum()) / 1e9
+
+
+def copy_bandwidth_gbs(nbytes: int = PEAK_BUFFER_BYTES // 2) -> float:
+    """GB/s of a large copy, counting the bytes read and written."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best_seconds(lambda: dst.copy_(src)) / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: every matrix and norm once, one embedding row."""
+    total = sum(t.numel() * t.element_size() for L in model.layers for t in L.values())
+    total += model.lm_head.numel() * model.lm_head.element_size()
+    total += model.ln_f.numel() * model.ln_f.element_size()
+    return total + model.wte.shape[1] * model.wte.element_size()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def measure(engine, prompt_tokens: int, new_tokens: int, context: int, repeats: int) -> dict:
+    """Prefill and decode numbers of one engine (median over repeats)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = len(engine.tokenizer) - 208        # plain BPE ids: no special tokens in the prompt
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist()
+    ctx = torch.randint(0, vocab, (max(context, 1),), generator=g).tolist()
+    greedy = dict(temperature=0, ignore_eos=True)
+    engine.generate(prompt[:8], max_new_tokens=2, **greedy)                       # warm-up
+    ttft, per_token = [], []
+    for i in range(repeats):
+        _progress(f"{engine.model.backend}: prefill {prompt_tokens} tokens ({i + 1}/{repeats})")
+        ttft.append(engine.generate(prompt, max_new_tokens=1, **greedy).prefill_s)
+        _progress(f"{engine.model.backend}: decode {new_tokens} tokens after "
+                  f"{context or prompt_tokens} ({i + 1}/{repeats})")
+        r = engine.generate(ctx if context else prompt, max_new_tokens=new_tokens + 1, **greedy)
+        per_token.append(r.decode_s / (r.completion_tokens - 1))
+    t_pre, t_tok = statistics.median(ttft), statistics.median(per_token)
+    nbytes = weight_bytes_per_token(engine.model)
+    return {"backend": engine.model.backend, "ttft_ms": t_pre * 1e3,
+            "prefill_tokens_per_s": prompt_tokens / t_pre, "decode_tokens_per_s": 1 / t_tok,
+            "ms_per_token": t_tok * 1e3, "weight_bytes_per_token": nbytes,
+            "weights_gb_s": nbytes / t_tok / 1e9}
+
+
+def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="qwen-fast bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="qwen-1.8b-chat",
+                   help="built-in config (default: qwen-1.8b-chat; 'tiny' for a smoke run)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    p.add_argument("--backend", default="auto", help="comma-separated: auto, native, reference")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--context", type=int, default=0,
+                   help="decode with this many tokens already cached (default: after the prompt)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--quant", default="none", choices=["none"],
+                   help="weight quantization (int8/int4 come with the GPTQ backend)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
+    return p
+
+
+def run(args) -> dict:
+    from .engine import Engine
+    from .model import resolve_ops
+
+    for name in ("prompt_tokens", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.context < 0:
+        raise ValueError(f"--context must be >= 0, got {args.context}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)     # torch and our OpenMP kernels share one runtime
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    _progress("measuring memory bandwidth")
+    read_gbs, copy_gbs = read_bandwidth_gbs(), copy_bandwidth_gbs()
+    _progress(f"read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s; building random "
+              f"{args.config} weights in {args.dtype}")
+    if args.config == "tiny":           # the test suite's 2-layer model: a smoke run in seconds
+        from .testing import tiny_config
+        config = tiny_config()
+    else:
+        config = args.config
+    engine = Engine.from_pretrained(load_format="dummy", config=config, dtype=args.dtype,
+                                    device=args.device, backend=backends[0])
+    rows = []
+    for backend in backends:
+        engine.model.ops, engine.model.backend = resolve_ops(backend), backend   # same weights
+        row = measure(engine, args.prompt_tokens, args.new_tokens, args.context, args.repeats)
+        row["pct_of_read"] = 100 * row["weights_gb_s"] / read_gbs
+        rows.append(row)
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads()},
+            "config": args.config, "dtype": args.dtype, "quant": args.quant,
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "context": args.context or args.prompt_tokens, "read_gb_s": read_gbs,
+            "copy_gb_s": copy_gbs, "peak_rss_mb": peak_rss_mb(), "results": rows}
+
+
+def format_table(out: dict) -> str:
+    lines = [f"# decode benchmark: {out['config']} {out['dtype']}, prompt {out['prompt_tokens']}, "
+             f"decode after {out['context']} tokens, {out['machine']['threads']} threads",
+             "", f"read {out['read_gb_s']:.1f} GB/s, copy {out['copy_gb_s']:.1f} GB/s (same run); "
+             f"peak RSS {out['peak_rss_mb']:.0f} MB", "",
+             "| backend | TTFT ms | prefill tok/s | decode tok/s | ms/token | weight MB/token | "
+             "GB/s | % of read |", "|" + "---|" * 8]
+    for r in out["results"]:
+        lines.append(f"| {r['backend']} | {r['ttft_ms']:.1f} | {r['prefill_tokens_per_s']:.1f} | "
+                     f"{r['decode_tokens_per_s']:.2f} | {r['ms_per_token']:.1f} | "
+                     f"{r['weight_bytes_per_token'] / 1e6:.0f} | {r['weights_gb_s']:.1f} | "
+                     f"{r['pct_of_read']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None, args=None) -> dict:
+    args = args or build_parser().parse_args(argv)
+    out = run(args)
+    print(format_table(out))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

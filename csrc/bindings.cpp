@@ -91,6 +91,17 @@ contiguous. weight: [hidden]. stream: as for rms_norm.
 Returns (out, residual_out), both new and contiguous:
     residual_out = round(residual + x);  out = rms_norm(residual_out, weight, eps).)");
 
+  m.def("attention", &qf::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"),
+        py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
+        R"(Causal multi-head attention over a KV cache, CPU (reference.attention).
+
+q: [B, T, H, D] new queries (bfloat16/float16/float32, head dim contiguous, other dims may be
+strided); query t of row b sits at position start[b] + t. k, v: [B, S, H, D] the cache, already
+holding this step's keys/values (strided views are fine). start: [B] torch.int64 on the CPU.
+Row b's query t attends to keys 0 .. min(start[b] + t, S - 1) (bottom-right causal mask).
+scale: multiplies q . k (1/sqrt(D) for Qwen). Scores, softmax and the weighted sum in fp32;
+returns a new contiguous [B, T, H, D] tensor in q's dtype.)");
+
   m.def("build_info", &build_info,
         R"(How this extension was built, as a dict:
 cuda (bool): CUDA kernels compiled in; cuda_archs ([str]): SM targets, "+PTX" where PTX is

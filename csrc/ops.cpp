@@ -219,6 +219,51 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
   return {out, residual_out};
 }
 
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& start, double scale) {
+  const char* op = "attention";
+  TORCH_CHECK(q.dim() == 4, op, ": q must have shape [batch, tokens, heads, head_dim], got ",
+              shape_str(q.sizes()));
+  check_x(op, q);
+  TORCH_CHECK(q.is_cpu(), op, ": no CUDA kernel yet; q is on ", q.device(),
+              " (qwen_fast.ops.attention runs the reference there)");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(2) == H && t.size(3) == D && t.size(1) >= 1,
+                op, ": ", name, " must have shape [", B, ", cached, ", H, ", ", D,
+                "] (batch, heads and head_dim of q), got ", shape_str(t.sizes()));
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have dtype ",
+                dtype_str(q.scalar_type()), " (the dtype of q), got ", dtype_str(t.scalar_type()));
+    TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(), ", got ",
+                t.device());
+    TORCH_CHECK(D <= 1 || t.stride(3) == 1, op, ": ", name,
+                " must have a contiguous head dim (stride 1), got stride ", t.stride(3));
+  }
+  TORCH_CHECK(k.size(1) == v.size(1), op, ": k and v must hold the same number of positions, got ",
+              k.size(1), " and ", v.size(1));
+  TORCH_CHECK(start.dim() == 1 && start.size(0) == B && start.scalar_type() == at::kLong &&
+                  start.is_cpu(),
+              op, ": start must be a CPU torch.int64 tensor of shape [", B, "], got ",
+              dtype_str(start.scalar_type()), " ", shape_str(start.sizes()), " on ",
+              start.device());
+  TORCH_CHECK(D <= 256, op, ": head_dim must be at most 256, got ", D);
+  const at::Tensor st = start.contiguous();
+  TORCH_CHECK(st.numel() == 0 || st.min().item<int64_t>() >= 0, op,
+              ": start must be >= 0 (cached positions per sequence)");
+  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  if (out.numel() == 0) return out;
+  dispatch_float_storage(q.scalar_type(), [&](auto tag) {
+    using T_ = decltype(tag);
+    check_status(cpu::attention<T_>(data<T_>(out), data<T_>(q), data<T_>(k), data<T_>(v),
+                                    st.data_ptr<int64_t>(), B, T, H, D, k.size(1), q.stride(0),
+                                    q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                                    k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                    static_cast<float>(scale)),
+                 op);
+  });
+  return out;
+}
+
 int64_t cuda_device_count() {
 #ifdef QF_WITH_CUDA
   int n = 0;

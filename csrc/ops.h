@@ -17,6 +17,11 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
                                                       const at::Tensor& weight, double eps,
                                                       int64_t stream);
 
+// Causal attention over a KV cache (CPU): q [B, T, H, D], k/v [B, S, H, D] (strided views
+// with a contiguous head dim), start [B] int64; returns [B, T, H, D] in q's dtype.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& start, double scale);
+
 // Number of CUDA devices our (static) CUDA runtime sees; 0 without a CUDA build or a device.
 int64_t cuda_device_count();
 

@@ -25,7 +25,7 @@ HAVE_C = _C is not None
 BACKENDS = (None, "reference")
 
 __all__ = ["HAVE_C", "IMPORT_ERROR", "build_info", "cuda_device_count", "rms_norm",
-           "fused_add_rms_norm"]
+           "fused_add_rms_norm", "attention"]
 
 _warned_fallback = False
 
@@ -104,3 +104,24 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if not _use_kernel("fused_add_rms_norm", backend):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
     return _C.fused_add_rms_norm(x, residual, weight, eps, _stream(x))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+              scale: float | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """Causal multi-head attention over a KV cache: the spec is reference.attention.
+
+    q:     [B, T, H, D] new queries, bfloat16 / float16 / float32, head dim contiguous; query t
+           of row b sits at absolute position start[b] + t.
+    k, v:  [B, S, H, D] the cache, already holding this step's keys and values (views of the
+           cache are used as they are, no copy).
+    start: [B] int64, positions cached before this call (so T = 1 is a decode step over each
+           sequence's own length, T > 1 a prefill or a chunk of one).
+    Row b's query t sees keys 0 .. start[b] + t (bottom-right causal). Scores, softmax and the
+    weighted sum in fp32; returns a new [B, T, H, D] tensor in q.dtype.
+    backend: None runs the CPU kernel for CPU tensors (CUDA tensors use the reference until the
+    CUDA kernel lands); "reference" the PyTorch reference.
+    """
+    if not _use_kernel("attention", backend) or q.is_cuda:
+        return reference.attention(q, k, v, start, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _C.attention(q, k, v, start.to("cpu", torch.long), scale)

@@ -28,4 +28,17 @@ Status fused_add_rms_norm(T* out,             // [rows, ld_out]
                           int64_t rows, int64_t hidden, int64_t ld_out, int64_t ld_residual_out,
                           int64_t ld_x, int64_t ld_residual, float eps);
 
+// Causal attention over a KV cache (reference.attention): query t of sequence b sits at position
+// start[b] + t and sees keys 0 .. min(start[b] + t, S - 1); fp32 scores, online softmax and
+// accumulation, the output rounded once to T. Strides are in elements; the head dim is contiguous.
+template <typename T>
+Status attention(T* out,                // [B, T, H, D] contiguous
+                 const T* q,            // [B, T, H, D] at strides (sq_b, sq_t, sq_h, 1)
+                 const T* k,            // [B, S, H, D] at strides (sk_b, sk_s, sk_h, 1)
+                 const T* v,            // [B, S, H, D] at strides (sv_b, sv_s, sv_h, 1)
+                 const int64_t* start,  // [B] cached positions before this call's queries
+                 int64_t B, int64_t T_, int64_t H, int64_t D, int64_t S, int64_t sq_b,
+                 int64_t sq_t, int64_t sq_h, int64_t sk_b, int64_t sk_s, int64_t sk_h,
+                 int64_t sv_b, int64_t sv_s, int64_t sv_h, float scale);
+
 }  // namespace qf::cpu

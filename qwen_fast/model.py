@@ -203,8 +203,14 @@ class QwenModel:
         if cfg.use_logn_attn and int(positions.max()) >= cfg.seq_length:
             logn = self._logn[positions].to(self.dtype)[:, :, None, None]      # [B, T, 1, 1]
         S = max(lengths[b] + n_new[b] for b in range(B))
-        full = rows == list(range(cache.batch_size))
-        sel = None if full else torch.tensor(rows, device=self.device)
+        # Input rows i0..i1 that are cache rows r0.. in order: attention reads each run of the
+        # cache as a view, so a batch whose finished rows dropped out copies nothing per step.
+        runs = []
+        for i, r in enumerate(rows):
+            if runs and r == runs[-1][2] + (i - runs[-1][0]):
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1, r])
         H, D = cfg.num_attention_heads, cfg.head_dim
 
         h = F.embedding(ids, self.wte)                                          # [B, T, hidden]
@@ -221,10 +227,9 @@ class QwenModel:
                 s0 = lengths[b]
                 kc[r, s0:s0 + n_new[b]] = k[b, :n_new[b]]
                 vc[r, s0:s0 + n_new[b]] = v[b, :n_new[b]]
-            if full:
-                a = ops["attention"](q, kc[:, :S], vc[:, :S], start)            # [B, T, H, D]
-            else:
-                a = ops["attention"](q, kc[sel, :S], vc[sel, :S], start)
+            parts = [ops["attention"](q[i0:i1], kc[r0:r0 + i1 - i0, :S], vc[r0:r0 + i1 - i0, :S],
+                                      start[i0:i1]) for i0, i1, r0 in runs]
+            a = parts[0] if len(parts) == 1 else torch.cat(parts)                # [B, T, H, D]
             attn_out = F.linear(a.reshape(B, T, H * D), L["attn.c_proj.weight"])
             x, h = ops["fused_add_rms_norm"](attn_out, h, L["ln_2.weight"], cfg.layer_norm_epsilon)
             act = ops["swiglu"](F.linear(x, L["mlp.w1.weight"]), F.linear(x, L["mlp.w2.weight"]))

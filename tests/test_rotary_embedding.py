@@ -7,20 +7,13 @@ are strided in B, T and H; the kernel reads them in place.
 """
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 
 from qwen_fast import ops, reference
+from kernel_cases import DTYPES, case_generator
 
 CUDA_READY = torch.cuda.is_available()
-
-DTYPES = [
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.float32, id="fp32"),
-]
 
 # (id, (B, T, H, D), R, layout of x). Qwen-1.8B: H = 16 heads of D = 128, R = 128.
 LAYOUTS = [
@@ -37,11 +30,6 @@ LAYOUTS = [
     ("head_slice_2x3x5x128", (2, 3, 5, 128), 128, "head_slice"),  # heads 1..5 of 8, offset start
 ]
 SHAPES = [pytest.param(shape, r, layout, id=name) for name, shape, r, layout in LAYOUTS]
-
-
-def _generator(request) -> torch.Generator:
-    """A generator seeded from the test's own id: reproducible, and different for every case."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
 
 
 def _make_x(shape, layout, dtype, gen) -> torch.Tensor:
@@ -83,7 +71,7 @@ def _require_extension():
 @pytest.mark.parametrize("shape,r,layout", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_embedding_is_bit_exact(dtype, shape, r, layout, request):
-    gen = _generator(request)
+    gen = case_generator(request)
     x = _make_x(shape, layout, dtype, gen)
     cos, sin = _tables(shape[0], shape[1], r, gen)
 

@@ -12,22 +12,38 @@ import torch
 from harness import Row, copy_peak_gbs, machine, report, time_fn
 from qwen_fast import ops, reference
 
-# Rows: decode (1 token), a small batch, prefill-sized blocks. Hidden 2048 = Qwen-1.8B.
-SHAPES = [(1, 2048), (16, 2048), (512, 2048), (4096, 2048)]
+# Tokens per call: decode (1), a batch of decode steps (16), prefill-sized blocks (512, 4096).
+TOKENS = [1, 16, 512, 4096]
+# Qwen-1.8B: hidden 2048 = 16 heads x head_dim 128 (rotary dim 128), MLP intermediate 5504.
+HIDDEN, HEADS, HEAD_DIM, FFN = 2048, 16, 128, 5504
 
 
-def cases(rows: int, hidden: int, dtype, device):
+def cases(tokens: int, dtype, device):
+    """(case, shape, bytes moved, kernel, reference) for each op at this many tokens."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)
-    r = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)
-    w = torch.randn(hidden, generator=g).to(device=device, dtype=dtype)
-    e = x.element_size()
-    act = rows * hidden * e
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+
+    e = torch.empty((), dtype=dtype).element_size()
+    x, r, w = randn(tokens, HIDDEN), randn(tokens, HIDDEN), randn(HIDDEN)
+    act = tokens * HIDDEN * e
     # bytes: read x (+ residual), read weight, write out (+ residual_out)
-    yield ("rms_norm", act + hidden * e + act,
+    yield ("rms_norm", f"{tokens}x{HIDDEN}", act + HIDDEN * e + act,
            lambda: ops.rms_norm(x, w), lambda: reference.rms_norm(x, w))
-    yield ("fused_add_rms_norm", 2 * act + hidden * e + 2 * act,
+    yield ("fused_add_rms_norm", f"{tokens}x{HIDDEN}", 2 * act + HIDDEN * e + 2 * act,
            lambda: ops.fused_add_rms_norm(x, r, w), lambda: reference.fused_add_rms_norm(x, r, w))
+    # q as the model passes it: a strided view of the fused qkv output, one sequence of `tokens`.
+    q = randn(1, tokens, 3 * HIDDEN).view(1, tokens, 3, HEADS, HEAD_DIM).unbind(2)[0]
+    cos, sin = (randn(1, tokens, HEAD_DIM, dt=torch.float32) for _ in range(2))
+    # bytes: read q, read cos and sin (fp32), write out
+    yield ("rotary_embedding", f"1x{tokens}x{HEADS}x{HEAD_DIM}",
+           act + 2 * tokens * HEAD_DIM * 4 + act,
+           lambda: ops.rotary_embedding(q, cos, sin), lambda: reference.rotary_embedding(q, cos, sin))
+    up, gate = randn(tokens, FFN), randn(tokens, FFN)
+    # bytes: read up and gate, write out
+    yield ("swiglu", f"{tokens}x{FFN}", 3 * tokens * FFN * e,
+           lambda: ops.swiglu(up, gate), lambda: reference.swiglu(up, gate))
 
 
 # (B, T, S): decode at a short and a long context, a batch of 4 decoding, a 128-token prefill.
@@ -66,9 +82,9 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     peak = copy_peak_gbs(device)
     out = []
-    for rows, hidden in SHAPES:
-        for name, nbytes, kernel, ref in cases(rows, hidden, dtype, device):
-            _measure(name, f"{rows}x{hidden}", nbytes, kernel, ref, args.dtype, device, peak, out)
+    for tokens in TOKENS:
+        for name, shape, nbytes, kernel, ref in cases(tokens, dtype, device):
+            _measure(name, shape, nbytes, kernel, ref, args.dtype, device, peak, out)
     for name, nbytes, kernel, ref in attention_cases(dtype, device):
         _measure("attention", name.split(" ", 1)[1], nbytes, kernel, ref, args.dtype, device, peak, out)
     meta = dict(machine(), device=str(device), copy_peak_gbs=round(peak, 1),

@@ -102,6 +102,29 @@ Row b's query t attends to keys 0 .. min(start[b] + t, S - 1) (bottom-right caus
 scale: multiplies q . k (1/sqrt(D) for Qwen). Scores, softmax and the weighted sum in fp32;
 returns a new contiguous [B, T, H, D] tensor in q's dtype.)");
 
+  m.def("rotary_embedding", &qf::rotary_embedding, py::arg("x"), py::arg("cos"), py::arg("sin"),
+        py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+        R"(GPT-NeoX ("rotate half") rotary embedding of q or k (reference.rotary_embedding).
+
+x: [B, T, H, D] bfloat16/float16/float32 on the CPU, last dim contiguous; B, T, H may have any
+strides (the q/k views of qkv.view(B, T, 3, H, D).unbind(2) are read in place).
+cos, sin: [B, T, R] float32, R even and <= D (the rotary dim); dims R..D-1 of x pass through.
+stream: accepted for a uniform signature; there is no CUDA kernel yet (a CUDA x is an error).
+Returns a new contiguous [B, T, H, D] tensor in x.dtype, bit-identical to the reference:
+    round(x * cos + rotate_half(x) * sin), fp32 maths, each product rounded before the add,
+    rotate_half(x) = cat(-x[..., R/2:R], x[..., :R/2]).)");
+
+  m.def("swiglu", &qf::swiglu, py::arg("up"), py::arg("gate"), py::arg("stream") = 0,
+        py::call_guard<py::gil_scoped_release>(),
+        R"(Qwen MLP activation up * silu(gate) (reference.swiglu), up = w1(x), gate = w2(x).
+
+up, gate: [..., F], same shape and dtype (bfloat16/float16/float32), on the CPU, last dim
+contiguous (rows may be strided, e.g. a column slice of a wider tensor).
+stream: accepted for a uniform signature; there is no CUDA kernel yet (a CUDA tensor is an error).
+Returns a new contiguous tensor shaped like up:
+    round(up * round(gate / (1 + exp(-gate)))), fp32 maths, the roundings of torch's CPU silu
+    and mul in up.dtype; exp is SLEEF's expf_u10, as in torch's vectorised CPU silu.)");
+
   m.def("build_info", &build_info,
         R"(How this extension was built, as a dict:
 cuda (bool): CUDA kernels compiled in; cuda_archs ([str]): SM targets, "+PTX" where PTX is

@@ -62,33 +62,42 @@ T* data(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
 }
 
-// x (and any tensor checked against it) must be a bf16/fp16/fp32 [..., hidden] tensor on the CPU,
-// or on a CUDA device when the CUDA kernels were compiled in.
-void check_x(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., hidden], got a 0-dim tensor");
-  TORCH_CHECK(is_float_storage(x.scalar_type()), op,
-              ": x must have dtype torch.bfloat16, torch.float16 or torch.float32, got ",
+// x (named `name`; and any tensor checked against it) must be a bf16/fp16/fp32 [..., hidden]
+// tensor on the CPU, or on a CUDA device when the CUDA kernels were compiled in.
+void check_x(const char* op, const at::Tensor& x, const char* name = "x") {
+  TORCH_CHECK(x.dim() >= 1, op, ": ", name, " must have shape [..., hidden], got a 0-dim tensor");
+  TORCH_CHECK(is_float_storage(x.scalar_type()), op, ": ", name,
+              " must have dtype torch.bfloat16, torch.float16 or torch.float32, got ",
               dtype_str(x.scalar_type()));
-  TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": x must be a CPU or CUDA tensor, got device ",
-              x.device());
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": ", name,
+              " must be a CPU or CUDA tensor, got device ", x.device());
 #ifndef QF_WITH_CUDA
   TORCH_CHECK(!x.is_cuda(), "qwen_fast was built without CUDA (nvcc was not found at build time, ",
               "or QWEN_FAST_CUDA=0), so ", op, " cannot run on ", x.device(),
               "; rebuild with nvcc available, or pass backend=\"reference\"");
 #endif
-  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op,
-              ": x must have a contiguous last dim (stride 1), got stride ", x.stride(-1),
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, op, ": ", name,
+              " must have a contiguous last dim (stride 1), got stride ", x.stride(-1),
               " for shape ", shape_str(x.sizes()), "; call .contiguous() first");
 }
 
-// `t` (named `name`) must match x in shape, dtype and device, with a contiguous last dim.
-void check_same_as_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+// For ops that have no CUDA kernel yet (qwen_fast.ops runs the reference for CUDA tensors).
+void check_no_cuda_kernel(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(!x.is_cuda(), op, ": no CUDA kernel yet (got a tensor on ", x.device(),
+              "); qwen_fast.ops.", op, " runs the PyTorch reference for CUDA tensors");
+}
+
+// `t` (named `name`) must match x (named `x_name`) in shape, dtype and device, with a contiguous
+// last dim.
+void check_same_as_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                     const char* x_name = "x") {
   TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape ", shape_str(x.sizes()),
-              " (the shape of x), got ", shape_str(t.sizes()));
+              " (the shape of ", x_name, "), got ", shape_str(t.sizes()));
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ",
-              dtype_str(x.scalar_type()), " (the dtype of x), got ", dtype_str(t.scalar_type()));
+              dtype_str(x.scalar_type()), " (the dtype of ", x_name, "), got ",
+              dtype_str(t.scalar_type()));
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
-              " (the device of x), got ", t.device());
+              " (the device of ", x_name, "), got ", t.device());
   TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
               " must have a contiguous last dim (stride 1), got stride ", t.stride(-1),
               "; call .contiguous() first");
@@ -261,6 +270,71 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                                     static_cast<float>(scale)),
                  op);
   });
+  return out;
+}
+
+namespace {
+
+// cos / sin of rotary_embedding: fp32 [B, T, R] on x's device, R even and <= head_dim.
+void check_rope_table(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  const int64_t head_dim = x.size(3);
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == x.size(0) && t.size(1) == x.size(1) &&
+                  t.size(2) % 2 == 0 && t.size(2) <= head_dim,
+              op, ": ", name, " must have shape [B, T, R] = [", x.size(0), ", ", x.size(1),
+              ", R] (batch and seq of x, R even and <= head_dim ", head_dim, "), got ",
+              shape_str(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must have dtype torch.float32, got ",
+              dtype_str(t.scalar_type()));
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+              " (the device of x), got ", t.device());
+}
+
+}  // namespace
+
+at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            int64_t stream) {
+  const char* op = "rotary_embedding";
+  check_no_cuda_kernel(op, x);
+  TORCH_CHECK(x.dim() == 4, op, ": x must have shape [B, T, H, D], got ", shape_str(x.sizes()));
+  check_x(op, x);
+  check_rope_table(op, "cos", cos, x);
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have shape ", shape_str(cos.sizes()),
+              " (the shape of cos), got ", shape_str(sin.sizes()));
+  check_rope_table(op, "sin", sin, x);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  // The tables are 1/H of x's size: a contiguous copy of a strided one is cheap (usually a no-op).
+  const at::Tensor c = cos.contiguous();
+  const at::Tensor s = sin.contiguous();
+  dispatch_float_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    check_status(cpu::rotary_embedding<T>(data<T>(out), data<T>(x), data<float>(c),
+                                          data<float>(s), x.size(0), x.size(1), x.size(2),
+                                          x.size(3), cos.size(2), x.stride(0), x.stride(1),
+                                          x.stride(2)),
+                 op);
+  });
+  (void)stream;  // no CUDA kernel yet
+  return out;
+}
+
+at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream) {
+  const char* op = "swiglu";
+  check_no_cuda_kernel(op, up);
+  check_x(op, up, "up");
+  check_same_as_x(op, "gate", gate, up, "up");
+  at::Tensor out = at::empty(up.sizes(), up.options());
+  if (out.numel() == 0) return out;
+  const int64_t cols = up.size(-1);
+  const Rows u = as_rows(up);
+  const Rows g = as_rows(gate);
+  dispatch_float_storage(up.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    check_status(cpu::swiglu<T>(data<T>(out), data<T>(u.t), data<T>(g.t), u.rows, cols, cols,
+                                u.ld, g.ld),
+                 op);
+  });
+  (void)stream;  // no CUDA kernel yet
   return out;
 }
 

@@ -22,6 +22,13 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& start, double scale);
 
+// CPU only for now: a CUDA tensor gets "<op>: no CUDA kernel yet"; stream is accepted for the
+// uniform signature and ignored.
+at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            int64_t stream);
+
+at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream);
+
 // Number of CUDA devices our (static) CUDA runtime sees; 0 without a CUDA build or a device.
 int64_t cuda_device_count();
 

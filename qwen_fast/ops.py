@@ -25,7 +25,7 @@ HAVE_C = _C is not None
 BACKENDS = (None, "reference")
 
 __all__ = ["HAVE_C", "IMPORT_ERROR", "build_info", "cuda_device_count", "rms_norm",
-           "fused_add_rms_norm", "attention"]
+           "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention"]
 
 _warned_fallback = False
 
@@ -104,6 +104,44 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if not _use_kernel("fused_add_rms_norm", backend):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
     return _C.fused_add_rms_norm(x, residual, weight, eps, _stream(x))
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                     backend: str | None = None) -> torch.Tensor:
+    """GPT-NeoX ("rotate half") RoPE of q or k: the spec is reference.rotary_embedding.
+
+    x:        [B, T, H, D], bfloat16 / float16 / float32, last dim contiguous; B, T and H may have
+              any strides (the q/k views of ``qkv.view(B, T, 3, H, D).unbind(2)`` are read in
+              place, not copied).
+    cos, sin: [B, T, R] float32 on x's device, R even and <= D; dims R..D-1 pass through.
+    Returns a new contiguous [B, T, H, D] tensor in x.dtype, bit-identical to the reference:
+        round(x * cos + rotate_half(x) * sin), rotate_half(x) = cat(-x[..., R/2:R], x[..., :R/2]),
+        fp32 maths with each product rounded before the add, one rounding to x.dtype.
+    backend: None runs the compiled CPU kernel (CUDA tensors run the reference: no CUDA kernel
+    yet); "reference" the PyTorch reference.
+    """
+    if not _use_kernel("rotary_embedding", backend) or x.is_cuda:
+        return reference.rotary_embedding(x, cos, sin)
+    return _C.rotary_embedding(x, cos, sin, _stream(x))
+
+
+def swiglu(up: torch.Tensor, gate: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Qwen MLP activation up * silu(gate): the spec is reference.swiglu.
+
+    up, gate: [..., F] (F = 5504 for Qwen-1.8B; up = w1(x), gate = w2(x)), same shape and dtype
+              (bfloat16 / float16 / float32), last dim contiguous (rows may be strided, e.g. a
+              column slice of a wider tensor).
+    Returns a new contiguous tensor shaped like up, in up.dtype:
+        round(up * round(gate / (1 + exp(-gate)))), fp32 maths rounded where torch's CPU silu
+        and mul round in that dtype (no rounding for float32). exp is SLEEF's expf_u10, torch's
+        vectorised CPU exp, so the result equals torch's vector path bit for bit; elements that
+        torch computes in its scalar tail (libm expf) may differ by an fp32 ulp before rounding.
+    backend: None runs the compiled CPU kernel (CUDA tensors run the reference: no CUDA kernel
+    yet); "reference" the PyTorch reference.
+    """
+    if not _use_kernel("swiglu", backend) or up.is_cuda:
+        return reference.swiglu(up, gate)
+    return _C.swiglu(up, gate, _stream(up))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,

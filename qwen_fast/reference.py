@@ -42,6 +42,8 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
     x: [B, T, H, D] (any float dtype); cos, sin: [B, T, R] fp32 with R <= D the rotary dim.
     The maths runs in fp32 and the result is rounded once to x.dtype; dims past R pass through.
+    Rounding: x*cos and rotate_half(x)*sin are separate fp32 multiplies (each rounded), then one
+    fp32 add, then the cast to x.dtype; a kernel that does the same is bit-identical.
     """
     r = cos.shape[-1]
     xr = x[..., :r].float()
@@ -56,6 +58,10 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Qwen MLP activation: up * silu(gate), with gate = w2(x) and up = w1(x) (spec §3.2).
 
     Computed in the tensors' dtype with the release's two roundings (silu, then the product).
+    For bf16/fp16, torch's CPU silu computes g / (1 + exp(-g)) in fp32 (a division, not
+    g * sigmoid(g)) and rounds once to the dtype; the product of the two 16-bit values is exact in
+    fp32 and rounded once. For fp32 both are plain fp32 ops. torch's exp here is SLEEF's expf_u10
+    on its vector path and libm's expf on the scalar tail of each contiguous run.
     """
     return up * torch.nn.functional.silu(gate)
 

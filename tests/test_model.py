@@ -175,10 +175,13 @@ def test_native_backend_fidelity(tiny_ckpt):
     are not expected; what must hold is that the model predicts the same next token: top-1
     agreement, teacher-forced over 64 positions, at >= 95%, and every disagreement is a near tie
     (the reference's top-2 gap below 2% of its top logit)."""
-    from qwen_fast import Engine
+    from qwen_fast import Engine, ops
+    from qwen_fast.model import OP_NAMES
     ids = _ids(40, seed=5)
     ref = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference")
     nat = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="auto")
+    if ops.HAVE_C:      # every op of the model runs our kernel
+        assert all(nat.model.ops[name] is getattr(ops, name) for name in OP_NAMES)
     want = _decode_all(ref, ids, 30)
     got = _decode_all(nat, ids, 30)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

@@ -8,12 +8,11 @@ skipped the rounding of the normalised value would still pass the tolerance, not
 """
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 
 from qwen_fast import ops, reference
+from kernel_cases import DTYPES, case_generator
 from tolerances import assert_close
 
 EPS = 1e-6
@@ -31,11 +30,6 @@ DEVICES = [
                  marks=[pytest.mark.gpu,
                         pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)]),
 ]
-DTYPES = [
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.float32, id="fp32"),
-]
 
 # (id, shape of x, how x is laid out in memory). Qwen-1.8B's hidden size is 2048.
 LAYOUTS = [
@@ -50,11 +44,6 @@ LAYOUTS = [
     ("transposed_2x3x2048", (2, 3, 2048), "transposed"),      # leading dims do not collapse
 ]
 SHAPES = [pytest.param(shape, layout, id=name) for name, shape, layout in LAYOUTS]
-
-
-def _generator(request) -> torch.Generator:
-    """A generator seeded from the test's own id: reproducible, and different for every case."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
 
 
 def _make(shape, layout, dtype, device, gen) -> torch.Tensor:
@@ -94,7 +83,7 @@ def _require_extension():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_rms_norm_matches_reference(device, dtype, shape, layout, request):
-    gen = _generator(request)
+    gen = case_generator(request)
     x = _make(shape, layout, dtype, device, gen)
     weight = _make(shape[-1:], "contiguous", dtype, device, gen)
 
@@ -110,7 +99,7 @@ def test_rms_norm_matches_reference(device, dtype, shape, layout, request):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_add_rms_norm_matches_reference(device, dtype, shape, layout, request):
-    gen = _generator(request)
+    gen = case_generator(request)
     x = _make(shape, layout, dtype, device, gen)
     # The residual stream has its own layout: contiguous, so that x and residual differ.
     residual = _make(shape, "contiguous", dtype, device, gen)

@@ -41,4 +41,25 @@ Status attention(T* out,                // [B, T, H, D] contiguous
                  int64_t sq_t, int64_t sq_h, int64_t sk_b, int64_t sk_s, int64_t sk_h,
                  int64_t sv_b, int64_t sv_s, int64_t sv_h, float scale);
 
+// GPT-NeoX ("rotate half") RoPE over the first rot_dim dims of each head; dims past rot_dim are
+// copied (reference.rotary_embedding). fp32 maths, x*cos and rotate_half(x)*sin each rounded
+// before the add, one rounding to T.
+template <typename T>
+Status rotary_embedding(T* out,            // [batch, seq, heads, head_dim], contiguous
+                        const T* x,        // [batch, seq, heads, head_dim], strides
+                                           // (x_stride_b, x_stride_t, x_stride_h, 1)
+                        const float* cos,  // [batch, seq, rot_dim], contiguous
+                        const float* sin,  // [batch, seq, rot_dim], contiguous
+                        int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                        int64_t rot_dim, int64_t x_stride_b, int64_t x_stride_t,
+                        int64_t x_stride_h);
+
+// out = up * silu(gate), silu(g) = g / (1 + exp(-g)) rounded to T, the product rounded to T
+// (reference.swiglu).
+template <typename T>
+Status swiglu(T* out,         // [rows, ld_out], the first `cols` columns are written
+              const T* up,    // [rows, ld_up]
+              const T* gate,  // [rows, ld_gate]
+              int64_t rows, int64_t cols, int64_t ld_out, int64_t ld_up, int64_t ld_gate);
+
 }  // namespace qf::cpu

@@ -1,0 +1,73 @@
+// Rotary embedding (GPT-NeoX "rotate half") on the CPU, bit-exact with reference.rotary_embedding:
+// with h = R/2, out[i] = x[i]*cos[i] - x[i+h]*sin[i] and out[i+h] = x[i+h]*cos[i+h] + x[i]*sin[i+h]
+// for i < h, each product rounded to fp32 before the add (FMA contraction is off in this file,
+// see fp_contract_off.h), then rounded once to T; dims R..D-1 pass through unchanged.
+// Layout: x is [B, T, H, D] with any strides on B, T, H (the q/k views of the fused qkv output) and
+// a contiguous last dim; cos/sin are contiguous [B, T, R] fp32; out is contiguous [B, T, H, D].
+// Parallelisation: OpenMP over the B*T*H rows (serial when small); the row worker is built for
+// AVX-512, AVX2 and baseline x86 (QF_CPU_CLONES). Constraints: R even, 0 <= R <= D.
+#include "../common/fp_contract_off.h"
+
+#include "../common/simd.h"
+#include "kernels.h"
+
+namespace qf::cpu {
+namespace {
+
+// Below this many elements the OpenMP fork/join costs more than it saves.
+constexpr int64_t kParallelMinElements = int64_t{1} << 15;
+
+template <typename T>
+QF_CPU_CLONES void rotary_row(T* __restrict out,          // [head_dim]
+                              const T* __restrict x,      // [head_dim]
+                              const float* __restrict cos,  // [rot_dim]
+                              const float* __restrict sin,  // [rot_dim]
+                              int64_t head_dim, int64_t rot_dim) {
+  const int64_t half = rot_dim / 2;
+  // x*cos + rotate_half(x)*sin with rotate_half(x) = [-x[h:], x[:h]]; p + (-q) == p - q exactly.
+  for (int64_t i = 0; i < half; ++i) {
+    const float lo = to_float(x[i]);
+    const float hi = to_float(x[i + half]);
+    out[i] = from_float<T>(lo * cos[i] - hi * sin[i]);
+    out[i + half] = from_float<T>(hi * cos[i + half] + lo * sin[i + half]);
+  }
+  // The reference converts these to fp32 and back: the same as a copy, NaN payloads aside.
+  for (int64_t i = rot_dim; i < head_dim; ++i) out[i] = from_float<T>(to_float(x[i]));
+}
+
+}  // namespace
+
+template <typename T>
+Status rotary_embedding(T* out, const T* x, const float* cos, const float* sin, int64_t batch,
+                        int64_t seq, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                        int64_t x_stride_b, int64_t x_stride_t, int64_t x_stride_h) {
+  if (batch < 0 || seq < 0 || heads < 0 || head_dim < 1 || rot_dim < 0 || rot_dim % 2 != 0 ||
+      rot_dim > head_dim || x_stride_b < 0 || x_stride_t < 0 || x_stride_h < 0)
+    return Status::kInvalidArgument;
+  const int64_t rows = batch * seq * heads;
+  if (rows == 0) return Status::kOk;
+  if (out == nullptr || x == nullptr || (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
+    return Status::kInvalidArgument;
+#pragma omp parallel for collapse(3) schedule(static) \
+    if (rows > 1 && rows * head_dim >= kParallelMinElements)
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < seq; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t bt = b * seq + t;  // row of the cos/sin tables
+        rotary_row(out + (bt * heads + h) * head_dim,
+                   x + b * x_stride_b + t * x_stride_t + h * x_stride_h, cos + bt * rot_dim,
+                   sin + bt * rot_dim, head_dim, rot_dim);
+      }
+  return Status::kOk;
+}
+
+#define QF_INSTANTIATE(T)                                                                   \
+  template Status rotary_embedding<T>(T*, const T*, const float*, const float*, int64_t,    \
+                                      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                      int64_t);
+QF_INSTANTIATE(float)
+QF_INSTANTIATE(bf16)
+QF_INSTANTIATE(fp16)
+#undef QF_INSTANTIATE
+
+}  // namespace qf::cpu

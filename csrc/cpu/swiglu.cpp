@@ -1,0 +1,83 @@
+// SwiGLU on the CPU: out = round(up * round(silu(gate))), silu(g) = g / (1 + exp(-g)) in fp32, as
+// torch's CPU silu computes it (a division, not g * sigmoid(g)); the roundings to T are those of
+// reference.swiglu (none for fp32). exp is SLEEF's expf_u10, operation for operation (explicit
+// FMAs, no other contraction: fp_contract_off.h), because that is torch's vectorised exp on
+// AVX2 / AVX-512; so the output equals torch's vector path bit for bit (torch's scalar tail uses
+// libm expf, which can differ by an fp32 ulp). Layout: [rows, cols] with row strides ld_*,
+// contiguous rows. Parallelisation: OpenMP over rows; the row worker is built for AVX-512, AVX2
+// (both vectorise the exp) and baseline x86 (QF_CPU_CLONES). Constraints: cols >= 1.
+#include "../common/fp_contract_off.h"
+
+#include <cmath>
+
+#include "../common/simd.h"
+#include "kernels.h"
+
+namespace qf::cpu {
+namespace {
+
+// Below this many elements the OpenMP fork/join costs more than it saves.
+constexpr int64_t kParallelMinElements = int64_t{1} << 15;
+
+// 2^q for -126 <= q <= 127, from its exponent bits (SLEEF's vpow2i).
+QF_INLINE float pow2i(int32_t q) { return float_from_bits(static_cast<uint32_t>(q + 0x7f) << 23); }
+
+// exp(d) as SLEEF's xexpf (expf_u10, src/libm/sleefsimdsp.c) built with FMA: q = rint(d/ln2),
+// s = d - q*ln2 in two FMA steps, a degree-6 polynomial, then a scale by 2^q in two halves.
+QF_INLINE float sleef_expf(float d) {
+  const float qf = std::nearbyint(d * 1.442695040888963407359924681001892137426645954152985934f);
+  // |d| <= 104 is all that matters (see the end); this keeps the int conversion defined
+  // for any d, NaN included (whose s below is NaN whatever q is).
+  const int32_t q = qf > -1000.0f && qf < 1000.0f ? static_cast<int32_t>(qf) : 0;
+  const float qq = static_cast<float>(q);
+  float s = std::fma(qq, -0.693145751953125f, d);
+  s = std::fma(qq, -1.428606765330187045e-06f, s);
+  float u = 0.000198527617612853646278381f;
+  u = std::fma(u, s, 0.00139304355252534151077271f);
+  u = std::fma(u, s, 0.00833336077630519866943359f);
+  u = std::fma(u, s, 0.0416664853692054748535156f);
+  u = std::fma(u, s, 0.166666671633720397949219f);
+  u = std::fma(u, s, 0.5f);
+  u = 1.0f + std::fma(s * s, u, s);
+  const int32_t q_half = q >> 1;
+  u = (u * pow2i(q_half)) * pow2i(q - q_half);
+  u = d < -104.0f ? 0.0f : u;
+  return 100.0f < d ? INFINITY : u;
+}
+
+template <typename T>
+QF_CPU_CLONES void swiglu_row(T* __restrict out,         // [cols]
+                              const T* __restrict up,    // [cols]
+                              const T* __restrict gate,  // [cols]
+                              int64_t cols) {
+  for (int64_t i = 0; i < cols; ++i) {
+    const float g = to_float(gate[i]);
+    // torch rounds silu to the tensor dtype, then multiplies in fp32 and rounds again.
+    const float silu = to_float(from_float<T>(g / (1.0f + sleef_expf(-g))));
+    out[i] = from_float<T>(to_float(up[i]) * silu);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+Status swiglu(T* out, const T* up, const T* gate, int64_t rows, int64_t cols, int64_t ld_out,
+              int64_t ld_up, int64_t ld_gate) {
+  if (rows < 0 || cols < 1 || ld_up < 0 || ld_gate < 0 || (rows > 1 && ld_out < cols))
+    return Status::kInvalidArgument;
+  if (rows == 0) return Status::kOk;
+  if (out == nullptr || up == nullptr || gate == nullptr) return Status::kInvalidArgument;
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * cols >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r)
+    swiglu_row(out + r * ld_out, up + r * ld_up, gate + r * ld_gate, cols);
+  return Status::kOk;
+}
+
+#define QF_INSTANTIATE(T) \
+  template Status swiglu<T>(T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t);
+QF_INSTANTIATE(float)
+QF_INSTANTIATE(bf16)
+QF_INSTANTIATE(fp16)
+#undef QF_INSTANTIATE
+
+}  // namespace qf::cpu

@@ -1,0 +1,193 @@
+"""rotary_embedding: the compiled kernel against reference.py, over dtypes, shapes and layouts.
+
+The kernel does the reference's fp32 operations in the reference's order (each product rounded,
+then the add, then one rounding to the dtype), so every case must be bit-identical, not only
+within the tolerance table. The q/k views that the model passes (qkv.view(B, T, 3, H, D).unbind(2))
+are strided in B, T and H; the kernel reads them in place.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_fast import ops, reference
+from kernel_cases import DTYPES, case_generator
+
+CUDA_READY = torch.cuda.is_available()
+
+# (id, (B, T, H, D), R, layout of x). Qwen-1.8B: H = 16 heads of D = 128, R = 128.
+LAYOUTS = [
+    ("decode_1x1x16x128", (1, 1, 16, 128), 128, "qkv"),
+    ("decode_4x1x16x128", (4, 1, 16, 128), 128, "qkv"),
+    ("prefill_1x128x16x128", (1, 128, 16, 128), 128, "qkv"),
+    ("prefill_4x128x16x128", (4, 128, 16, 128), 128, "qkv"),
+    ("contiguous_2x7x16x128", (2, 7, 16, 128), 128, "contiguous"),
+    ("odd_3x7x5x128", (3, 7, 5, 128), 128, "qkv"),
+    ("partial_R64_2x3x4x128", (2, 3, 4, 128), 64, "qkv"),         # R < D: dims 64.. pass through
+    ("odd_D_1x83x3x83_R82", (1, 83, 3, 83), 82, "contiguous"),
+    ("R0_2x5x3x8", (2, 5, 3, 8), 0, "contiguous"),               # nothing rotated: a copy
+    ("transposed_3x5x4x128", (3, 5, 4, 128), 128, "transposed"),  # [T, B, ...] memory order
+    ("head_slice_2x3x5x128", (2, 3, 5, 128), 128, "head_slice"),  # heads 1..5 of 8, offset start
+]
+SHAPES = [pytest.param(shape, r, layout, id=name) for name, shape, r, layout in LAYOUTS]
+
+
+def _make_x(shape, layout, dtype, gen) -> torch.Tensor:
+    """x of `shape` [B, T, H, D] (values ~ N(0, 2^2)) in the requested memory layout."""
+    B, T, H, D = shape
+
+    def randn(*size):
+        return (2 * torch.randn(*size, generator=gen)).to(dtype)
+
+    if layout == "contiguous":
+        x = randn(B, T, H, D)
+    elif layout == "qkv":  # what the model passes: q of the fused qkv projection
+        x = randn(B, T, 3 * H * D).view(B, T, 3, H, D).unbind(2)[0]
+    elif layout == "transposed":
+        x = randn(T, B, H, D).transpose(0, 1)
+    elif layout == "head_slice":
+        x = randn(B, T, H + 3, D)[:, :, 1:H + 1]
+    else:
+        raise ValueError(layout)
+    assert tuple(x.shape) == tuple(shape)
+    return x
+
+
+def _tables(B, T, R, gen):
+    """cos, sin [B, T, R] fp32 as the model builds them (cat(freqs, freqs)) at random positions,
+    up to 32k so that large angles are covered."""
+    pos = torch.randint(0, 32768, (B, T), generator=gen).float()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / max(R, 1)))
+    freqs = pos[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.fixture(autouse=True)
+def _require_extension():
+    assert ops.HAVE_C, f"qwen_fast._C is not built: {ops.IMPORT_ERROR}"
+
+
+@pytest.mark.parametrize("shape,r,layout", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_embedding_is_bit_exact(dtype, shape, r, layout, request):
+    gen = case_generator(request)
+    x = _make_x(shape, layout, dtype, gen)
+    cos, sin = _tables(shape[0], shape[1], r, gen)
+
+    out = ops.rotary_embedding(x, cos, sin)
+
+    expected = reference.rotary_embedding(x, cos, sin)
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    mismatch = (out != expected).sum().item()
+    assert torch.equal(out, expected), f"{request.node.name}: {mismatch} elements differ"
+
+
+def test_strided_tables_and_k_view():
+    """k (the second unbind view) and cos/sin that are slices of wider tables."""
+    gen = torch.Generator().manual_seed(1)
+    B, T, H, D = 2, 9, 16, 128
+    k = torch.randn(B, T, 3 * H * D, generator=gen).view(B, T, 3, H, D).unbind(2)[1]
+    wide_cos, wide_sin = (torch.randn(B, T, 2 * D, generator=gen) for _ in range(2))
+    cos, sin = wide_cos[..., :D], wide_sin[..., D:]
+    assert not cos.is_contiguous() and not sin.is_contiguous()
+    assert torch.equal(ops.rotary_embedding(k, cos, sin), reference.rotary_embedding(k, cos, sin))
+
+
+def test_special_values_follow_the_reference():
+    """inf and large values give the same inf / nan pattern as the reference."""
+    x = torch.tensor([float("inf"), -3e38, 1.0, 0.0, 3e38, -0.0, float("-inf"), 2.0])
+    x = x.view(1, 1, 1, 8)
+    cos = torch.tensor([[[0.5, -1.0, 0.0, 1.0, 0.5, -1.0, 0.0, 1.0]]])
+    sin = torch.tensor([[[0.5, 0.0, 1.0, -1.0, 0.5, 0.0, 1.0, -1.0]]])
+    out, expected = ops.rotary_embedding(x, cos, sin), reference.rotary_embedding(x, cos, sin)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(0.0), expected.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_backend_argument_routes(backend):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 2, 16, generator=gen).to(torch.bfloat16)
+    cos, sin = _tables(1, 3, 16, gen)
+    out = ops.rotary_embedding(x, cos, sin, backend=backend)
+    assert torch.equal(out, reference.rotary_embedding(x, cos, sin))
+    with pytest.raises(ValueError, match="backend must be None"):
+        ops.rotary_embedding(x, cos, sin, backend="cuda")
+
+
+def test_empty_inputs():
+    x = torch.empty(0, 3, 16, 128, dtype=torch.bfloat16)
+    cos = sin = torch.empty(0, 3, 128)
+    assert ops.rotary_embedding(x, cos, sin).shape == (0, 3, 16, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of torch")
+def test_cuda_tensors_run_the_reference():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 128, generator=gen).to(torch.bfloat16)
+    cos, sin = _tables(2, 3, 128, gen)
+    out = ops.rotary_embedding(x.cuda(), cos.cuda(), sin.cuda())
+    assert out.is_cuda and torch.equal(out.cpu(), reference.rotary_embedding(x, cos, sin))
+    from qwen_fast import _C
+    with pytest.raises(RuntimeError, match="rotary_embedding: no CUDA kernel yet"):
+        _C.rotary_embedding(x.cuda(), cos.cuda(), sin.cuda())
+
+
+def _x(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape).to(dtype)
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize("call,error", [
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 128), _t(2, 5, 128), _t(2, 5, 128)),
+                 r"rotary_embedding: x must have shape \[B, T, H, D\], got \[2, 5, 128\]",
+                 id="x_3d"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128, dtype=torch.float64),
+                                              _t(2, 5, 128), _t(2, 5, 128)),
+                 r"rotary_embedding: x must have dtype torch.bfloat16, torch.float16 or "
+                 r"torch.float32, got torch.float64", id="x_dtype"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 256)[..., ::2], _t(2, 5, 128),
+                                              _t(2, 5, 128)),
+                 r"rotary_embedding: x must have a contiguous last dim \(stride 1\), got stride 2",
+                 id="x_last_dim_strided"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128).to("meta"),
+                                              _t(2, 5, 128).to("meta"), _t(2, 5, 128).to("meta")),
+                 r"rotary_embedding: x must be a CPU or CUDA tensor, got device meta",
+                 id="x_device"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128), _t(2, 4, 128), _t(2, 4, 128)),
+                 r"rotary_embedding: cos must have shape \[B, T, R\] = \[2, 5, R\] \(batch and "
+                 r"seq of x, R even and <= head_dim 128\), got \[2, 4, 128\]", id="cos_seq"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128), _t(2, 5, 130), _t(2, 5, 130)),
+                 r"rotary_embedding: cos must have shape \[B, T, R\] = \[2, 5, R\] .* got "
+                 r"\[2, 5, 130\]", id="cos_R_too_big"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128), _t(2, 5, 63), _t(2, 5, 63)),
+                 r"rotary_embedding: cos must have shape \[B, T, R\] = \[2, 5, R\] \(batch and "
+                 r"seq of x, R even .* got \[2, 5, 63\]", id="cos_R_odd"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128), _t(2, 5, 1, 128),
+                                              _t(2, 5, 1, 128)),
+                 r"rotary_embedding: cos must have shape \[B, T, R\] = \[2, 5, R\] .* got "
+                 r"\[2, 5, 1, 128\]", id="cos_4d"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128), _t(2, 5, 128, dtype=torch.bfloat16),
+                                              _t(2, 5, 128, dtype=torch.bfloat16)),
+                 r"rotary_embedding: cos must have dtype torch.float32, got torch.bfloat16",
+                 id="cos_dtype"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128), _t(2, 5, 128).to("meta"),
+                                              _t(2, 5, 128).to("meta")),
+                 r"rotary_embedding: cos must be on cpu \(the device of x\), got meta",
+                 id="cos_device"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128), _t(2, 5, 128), _t(2, 5, 64)),
+                 r"rotary_embedding: sin must have shape \[2, 5, 128\] \(the shape of cos\), "
+                 r"got \[2, 5, 64\]", id="sin_shape"),
+    pytest.param(lambda: ops.rotary_embedding(_x(2, 5, 16, 128), _t(2, 5, 128),
+                                              _t(2, 5, 128, dtype=torch.float64)),
+                 r"rotary_embedding: sin must have dtype torch.float32, got torch.float64",
+                 id="sin_dtype"),
+])
+def test_bad_arguments_are_named(call, error):
+    with pytest.raises(RuntimeError, match=error):
+        call()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import reference
 from .config import QwenConfig, ntk_alpha
 
-OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention")
+OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention", "linear")
 BACKENDS = ("reference", "native", "auto")
 
 
@@ -31,7 +31,10 @@ def resolve_ops(backend: str) -> Dict[str, Callable]:
     C++/CUDA kernel where one exists for the op, the reference elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    table = {name: getattr(reference, name) for name in OP_NAMES}
+    table = {name: getattr(reference, name) for name in OP_NAMES if name != "linear"}
+    # The release's projections are torch's own F.linear in the model dtype (fp32 sums, one
+    # rounding: what reference.linear specifies for the kernel, at torch's speed).
+    table["linear"] = F.linear
     if backend != "reference":
         from . import ops
         if ops.HAVE_C:
@@ -216,7 +219,8 @@ class QwenModel:
         h = F.embedding(ids, self.wte)                                          # [B, T, hidden]
         x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon)
         for li, L in enumerate(self.layers):
-            qkv = F.linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"])   # [B, T, 3*proj]
+            linear = ops["linear"]
+            qkv = linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"])     # [B, T, 3*proj]
             q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
             q = ops["rotary_embedding"](q, cos, sin)
             k = ops["rotary_embedding"](k, cos, sin)
@@ -230,10 +234,10 @@ class QwenModel:
             parts = [ops["attention"](q[i0:i1], kc[r0:r0 + i1 - i0, :S], vc[r0:r0 + i1 - i0, :S],
                                       start[i0:i1]) for i0, i1, r0 in runs]
             a = parts[0] if len(parts) == 1 else torch.cat(parts)                # [B, T, H, D]
-            attn_out = F.linear(a.reshape(B, T, H * D), L["attn.c_proj.weight"])
+            attn_out = linear(a.reshape(B, T, H * D), L["attn.c_proj.weight"])
             x, h = ops["fused_add_rms_norm"](attn_out, h, L["ln_2.weight"], cfg.layer_norm_epsilon)
-            act = ops["swiglu"](F.linear(x, L["mlp.w1.weight"]), F.linear(x, L["mlp.w2.weight"]))
-            mlp_out = F.linear(act, L["mlp.c_proj.weight"])
+            act = ops["swiglu"](linear(x, L["mlp.w1.weight"]), linear(x, L["mlp.w2.weight"]))
+            mlp_out = linear(act, L["mlp.c_proj.weight"])
             nxt = self.layers[li + 1]["ln_1.weight"] if li + 1 < len(self.layers) else self.ln_f
             x, h = ops["fused_add_rms_norm"](mlp_out, h, nxt, cfg.layer_norm_epsilon)
         for b, r in enumerate(rows):
@@ -242,7 +246,7 @@ class QwenModel:
             out = torch.empty(B, T, self.lm_head.shape[0], dtype=logits_dtype or self.dtype,
                               device=self.device)
             for t0 in range(0, T, self.LOGITS_CHUNK):
-                out[:, t0:t0 + self.LOGITS_CHUNK] = F.linear(x[:, t0:t0 + self.LOGITS_CHUNK], self.lm_head)
+                out[:, t0:t0 + self.LOGITS_CHUNK] = ops["linear"](x[:, t0:t0 + self.LOGITS_CHUNK], self.lm_head)
             return out
         last = torch.tensor([n - 1 for n in n_new], device=self.device)
-        return F.linear(x[torch.arange(B, device=self.device), last], self.lm_head)
+        return ops["linear"](x[torch.arange(B, device=self.device), last], self.lm_head)

@@ -377,10 +377,10 @@ def write_gguf(path, cfg, state_dict, ftype: str = "f16", name: str = "qwen_fast
     def as_array(t: torch.Tensor):
         t = t.detach().cpu().contiguous()
         if t.dim() == 1 or ftype == "f32":
-            return t.to(torch.float32).numpy(), None
+            return t.to(torch.float32).numpy()
         if ftype == "f16":
-            return t.to(torch.float16).numpy(), None
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), qt.BF16
+            return t.to(torch.float16).numpy()
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)   # raw bf16 bits
 
     order = list(state_dict)
     for n in order:
@@ -394,8 +394,7 @@ def write_gguf(path, cfg, state_dict, ftype: str = "f16", name: str = "qwen_fast
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for n in order:
-        arr, _ = as_array(state_dict[n])
-        w.write_tensor_data(arr)
+        w.write_tensor_data(as_array(state_dict[n]))
     w.close()
     os.replace(tmp, path)
     return path
@@ -457,13 +456,20 @@ def run_llama_bench(bench: Path, model: Path, threads: int, prompt: int, new: in
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout)
+    records = json.loads(r.stdout)
+    for rec in records:             # no machine paths in the results we keep
+        if "model_filename" in rec:
+            rec["model_filename"] = Path(rec["model_filename"]).name
+    return records
 
 
-def llama_rates(records: List[dict], prompt: int, new: int) -> Tuple[float, float]:
+def llama_rates(records: List[dict], prompt: int, new: int) -> Dict[str, float]:
+    """llama-bench's mean and standard deviation of tokens/s for pp<prompt> and tg<new>."""
+    nan = float("nan")
     pp = [x for x in records if x.get("n_prompt") == prompt and x.get("n_gen") == 0]
     tg = [x for x in records if x.get("n_gen") == new and x.get("n_prompt") == 0]
-    return (pp[0]["avg_ts"] if pp else float("nan"), tg[0]["avg_ts"] if tg else float("nan"))
+    return {"pp": pp[0]["avg_ts"] if pp else nan, "pp_std": pp[0]["stddev_ts"] if pp else nan,
+            "tg": tg[0]["avg_ts"] if tg else nan, "tg_std": tg[0]["stddev_ts"] if tg else nan}
 
 
 def run_ours(args) -> dict:
@@ -476,14 +482,42 @@ def run_ours(args) -> dict:
     return qbench.run(ns)
 
 
+def best_rows(rounds: List[dict], types: Sequence[str], args) -> List[dict]:
+    """Table rows: for each engine and metric the best round (the least disturbed on a shared
+    machine; with one round, that round)."""
+    ours = [r["ours"]["results"][0] for r in rounds]
+    rows = [{"engine": f"qwen_fast ({ours[0]['backend']})", "type": args.dtype,
+             "pp_tokens_per_s": max(o["prefill_tokens_per_s"] for o in ours),
+             "decode_tokens_per_s": max(o["decode_tokens_per_s"] for o in ours),
+             "per_round": [{"pp": o["prefill_tokens_per_s"], "decode": o["decode_tokens_per_s"]}
+                           for o in ours]}]
+    for t in types:
+        rates = [llama_rates(r["llama_cpp"][t], args.prompt_tokens, args.new_tokens)
+                 for r in rounds]
+        bp = max(rates, key=lambda x: x["pp"] if x["pp"] == x["pp"] else -1)
+        bt = max(rates, key=lambda x: x["tg"] if x["tg"] == x["tg"] else -1)
+        pp, tg = bp["pp"], bt["tg"]
+        rows.append({"engine": "llama.cpp", "type": t.upper(), "pp_tokens_per_s": pp,
+                     "decode_tokens_per_s": tg, "pp_stddev": bp["pp_std"],
+                     "decode_stddev": bt["tg_std"],
+                     "ours_over_pp": rows[0]["pp_tokens_per_s"] / pp if pp else None,
+                     "ours_over_tg": rows[0]["decode_tokens_per_s"] / tg if tg else None,
+                     "per_round": [{"pp": x["pp"], "decode": x["tg"]} for x in rates]})
+    return rows
+
+
 def format_table(out: dict) -> str:
-    o = out["ours"]
+    gbs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)       # noqa: E731
+    n = out["rounds_run"]
     lines = [f"# qwen_fast vs llama.cpp: {out['config']} random weights (seed {out['seed']}), "
              f"prompt {out['prompt_tokens']}, {out['new_tokens']} new tokens, "
              f"{out['threads']} threads",
              "",
-             f"read {o['read_gb_s']:.1f} GB/s, copy {o['copy_gb_s']:.1f} GB/s (same run, "
-             f"qwen_fast.bench); llama.cpp {out['llama_cpp']['build']}; {out['machine']}",
+             f"memory read {gbs(out['read_gb_s'])} GB/s, copy {gbs(out['copy_gb_s'])} GB/s "
+             f"(same run, qwen_fast.bench{', per round' if n > 1 else ''}); 1-min load average "
+             f"before/after{' per round' if n > 1 else ''}: "
+             f"{'; '.join(f'{a}/{b}' for a, b in out['loadavg_1min'])}; llama.cpp "
+             f"{out['llama_cpp']['build']}; {out['machine']}",
              "",
              f"| engine | dtype / quant | pp{out['prompt_tokens']} tok/s | decode tok/s | "
              f"ours/llama.cpp pp | ours/llama.cpp decode |",
@@ -491,11 +525,17 @@ def format_table(out: dict) -> str:
     for r in out["rows"]:
         rp = f"{r['ours_over_pp']:.2f}x" if r.get("ours_over_pp") else ""
         rt = f"{r['ours_over_tg']:.2f}x" if r.get("ours_over_tg") else ""
-        lines.append(f"| {r['engine']} | {r['type']} | {r['pp_tokens_per_s']:.1f} | "
-                     f"{r['decode_tokens_per_s']:.2f} | {rp} | {rt} |")
-    lines += ["", "pp: qwen_fast = prompt tokens / time to first token (prefill + 1 sampled "
-              "token), llama.cpp = llama-bench pp (prompt only); decode: tg of llama-bench, "
-              "per-token decode after the prompt for qwen_fast."]
+        pp_sd = f" ± {r['pp_stddev']:.1f}" if r.get("pp_stddev") is not None else ""
+        tg_sd = f" ± {r['decode_stddev']:.2f}" if r.get("decode_stddev") is not None else ""
+        lines.append(f"| {r['engine']} | {r['type']} | {r['pp_tokens_per_s']:.1f}{pp_sd} | "
+                     f"{r['decode_tokens_per_s']:.2f}{tg_sd} | {rp} | {rt} |")
+    lines += ["", f"pp: qwen_fast = prompt tokens / time to first token (prefill + 1 sampled "
+              f"token; median of {out['ours_repeats']}), llama.cpp = llama-bench pp (prompt "
+              f"only; mean ± sd of {out['llama_reps']}). decode: qwen_fast = per-token decode "
+              f"after the prompt (median), llama.cpp = llama-bench tg{out['new_tokens']} (mean ± "
+              f"sd, from an empty cache). Ratios > 1: qwen_fast is faster."
+              + (f" Best of {n} rounds (llama.cpp then qwen_fast in each) per engine and "
+                 f"metric; every round is in the JSON." if n > 1 else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -516,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="our backend (qwen_fast.bench --backend)")
     p.add_argument("--repeats", type=int, default=2, help="qwen_fast.bench --repeats")
     p.add_argument("--llama-reps", type=int, default=3, help="llama-bench -r")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run both engines this many times, alternating, and report each one's "
+                        "best round (for a shared, noisy machine)")
     p.add_argument("--build", action="store_true",
                    help="(re)build llama.cpp's tools even if they are there (incremental)")
     p.add_argument("--no-build", action="store_true", help="never build; skip if tools are missing")
@@ -553,39 +596,42 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     bench = find_tool("llama-bench", build_dir)
-    llama: Dict[str, List[dict]] = {}
-    for t, p in paths.items():       # llama.cpp first, so our model is not in memory meanwhile
-        llama[t] = run_llama_bench(bench, p, args.threads, args.prompt_tokens, args.new_tokens,
-                                   args.llama_reps)
-    progress(f"qwen_fast.bench: {args.dtype}, backend {args.backend}, {args.threads} threads")
-    ours = run_ours(args)
-    row0 = ours["results"][0]
-    rows = [{"engine": f"qwen_fast ({row0['backend']})", "type": args.dtype,
-             "pp_tokens_per_s": row0["prefill_tokens_per_s"],
-             "decode_tokens_per_s": row0["decode_tokens_per_s"]}]
-    for t in types:
-        pp, tg = llama_rates(llama[t], args.prompt_tokens, args.new_tokens)
-        rows.append({"engine": "llama.cpp", "type": t.upper(), "pp_tokens_per_s": pp,
-                     "decode_tokens_per_s": tg,
-                     "ours_over_pp": rows[0]["pp_tokens_per_s"] / pp if pp else None,
-                     "ours_over_tg": rows[0]["decode_tokens_per_s"] / tg if tg else None})
-    rec = next(iter(llama.values()))[0]
+    rounds = []
+    for k in range(args.rounds):
+        load_before = os.getloadavg()
+        llama: Dict[str, List[dict]] = {}
+        for t, p in paths.items():     # llama.cpp first, so our model is not in memory meanwhile
+            llama[t] = run_llama_bench(bench, p, args.threads, args.prompt_tokens,
+                                       args.new_tokens, args.llama_reps)
+        progress(f"round {k + 1}/{args.rounds}: qwen_fast.bench: {args.dtype}, backend "
+                 f"{args.backend}, {args.threads} threads")
+        ours = run_ours(args)
+        rounds.append({"llama_cpp": llama, "ours": ours,
+                       "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()}})
+    rows = best_rows(rounds, types, args)
+    rec = rounds[0]["llama_cpp"][types[0]][0]
     info = {}
     info_file = build_dir / "qwen_fast-build.json"
     if info_file.is_file():
         info = json.loads(info_file.read_text())
+    best_ours = max((r["ours"] for r in rounds),
+                    key=lambda o: o["results"][0]["decode_tokens_per_s"])
     out = {"config": args.config, "seed": args.seed, "dtype": args.dtype,
            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-           "threads": args.threads,
+           "threads": args.threads, "ours_repeats": args.repeats, "llama_reps": args.llama_reps,
+           "rounds_run": args.rounds,
            "machine": f"{platform.machine()} {rec.get('cpu_info', platform.processor())}",
+           "read_gb_s": [r["ours"]["read_gb_s"] for r in rounds],
+           "copy_gb_s": [r["ours"]["copy_gb_s"] for r in rounds],
+           "loadavg_1min": [[round(r["loadavg_1_5_15"]["before"][0], 1),
+                             round(r["loadavg_1_5_15"]["after"][0], 1)] for r in rounds],
            "llama_cpp": {"build": f"{rec.get('build_commit', '?')} "
                                   f"(build {rec.get('build_number', '?')}, "
                                   f"{info.get('sdist', 'own build')})",
                          "build_info": info, "backends": rec.get("backends"),
                          "gguf": {t: {"file": p.name, "bytes": p.stat().st_size}
-                                  for t, p in paths.items()},
-                         "results": llama},
-           "ours": ours, "rows": rows}
+                                  for t, p in paths.items()}},
+           "ours_machine": best_ours["machine"], "rows": rows, "rounds": rounds}
     md = format_table(out)
     print(md)
     res = Path(args.results)

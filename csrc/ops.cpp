@@ -4,10 +4,12 @@
 #include "ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <string>
 
 #include "common/float16.h"
+#include "common/simd.h"
 #include "common/status.h"
 #include "cpu/kernels.h"
 #ifdef QF_WITH_CUDA
@@ -82,13 +84,19 @@ void check_x(const char* op, const at::Tensor& x) {
 }
 
 // `t` (named `name`) must match x in shape, dtype and device, with a contiguous last dim.
-void check_same_as_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape ", shape_str(x.sizes()),
-              " (the shape of x), got ", shape_str(t.sizes()));
+// `t` (named `name`) must have x's dtype and device.
+void check_dtype_device_as_x(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ",
               dtype_str(x.scalar_type()), " (the dtype of x), got ", dtype_str(t.scalar_type()));
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
               " (the device of x), got ", t.device());
+}
+
+void check_same_as_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape ", shape_str(x.sizes()),
+              " (the shape of x), got ", shape_str(t.sizes()));
+  check_dtype_device_as_x(op, name, t, x);
   TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
               " must have a contiguous last dim (stride 1), got stride ", t.stride(-1),
               "; call .contiguous() first");
@@ -98,11 +106,7 @@ void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& x)
   const int64_t hidden = x.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, op, ": weight must have shape [",
               hidden, "] (hidden size of x), got ", shape_str(weight.sizes()));
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have dtype ",
-              dtype_str(x.scalar_type()), " (the dtype of x), got ",
-              dtype_str(weight.scalar_type()));
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(),
-              " (the device of x), got ", weight.device());
+  check_dtype_device_as_x(op, "weight", weight, x);
   TORCH_CHECK(hidden <= 1 || weight.stride(0) == 1, op,
               ": weight must be contiguous (stride 1), got stride ", weight.stride(0));
 }
@@ -217,6 +221,84 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
   });
   (void)stream;
   return {out, residual_out};
+}
+
+namespace {
+
+// linear with isa "auto" runs our kernel up to this many rows of x (decode and small batches,
+// where streaming the weights once is what counts) and above it whatever is fastest per dtype.
+constexpr int64_t kLinearKernelMaxRows = 16;
+
+constexpr CpuIsa kLinearIsas[] = {CpuIsa::kAvx512Bf16, CpuIsa::kAvx512, CpuIsa::kAvx2,
+                                  CpuIsa::kScalar};
+
+std::string quoted_list(const std::vector<std::string>& names) {
+  std::string s;
+  for (const std::string& n : names) s += (s.empty() ? "\"" : ", \"") + n + "\"";
+  return s;
+}
+
+CpuIsa parse_linear_isa(const std::string& name) {
+  if (name == cpu_isa_name(CpuIsa::kAuto)) return CpuIsa::kAuto;
+  for (CpuIsa isa : kLinearIsas) {
+    if (name != cpu_isa_name(isa)) continue;
+    TORCH_CHECK(cpu_isa_supported(isa), "linear: isa \"", name,
+                "\" is not supported by this CPU; it runs ", quoted_list(linear_isas()));
+    return isa;
+  }
+  std::vector<std::string> all;
+  for (CpuIsa isa : kLinearIsas) all.push_back(cpu_isa_name(isa));
+  TORCH_CHECK(false, "linear: isa must be \"auto\" or one of ", quoted_list(all), ", got \"", name,
+              "\"");
+}
+
+}  // namespace
+
+std::vector<std::string> linear_isas() {
+  std::vector<std::string> out;
+  for (CpuIsa isa : kLinearIsas)
+    if (cpu_isa_supported(isa)) out.push_back(cpu_isa_name(isa));
+  return out;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, int64_t stream, const std::string& isa) {
+  const char* op = "linear";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
+  TORCH_CHECK(!x.is_cuda(), op, ": no CUDA kernel yet (x is on ", x.device(),
+              "); qwen_fast.ops.linear runs torch.nn.functional.linear for CUDA tensors");
+  check_x(op, x);
+  const CpuIsa level = parse_linear_isa(isa);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, op, ": weight must have shape [N, ", K,
+              "] (out_features, in_features = last dim of x), got ", shape_str(weight.sizes()));
+  check_dtype_device_as_x(op, "weight", weight, x);
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous (row-major [N, K]), got "
+              "strides ", shape_str(weight.strides()), "; call .contiguous() first");
+  const int64_t N = weight.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
+                "] (out_features = weight.size(0)), got ", shape_str(bias->sizes()));
+    check_dtype_device_as_x(op, "bias", *bias, x);
+    TORCH_CHECK(N <= 1 || bias->stride(0) == 1, op,
+                ": bias must be contiguous (stride 1), got stride ", bias->stride(0));
+  }
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options());
+  if (y.numel() == 0) return y;
+  if (K == 0) return bias.has_value() ? y.copy_(*bias) : y.zero_();  // an empty sum is 0
+  const Rows in = as_rows(x);
+  dispatch_float_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* b = bias.has_value() ? data<T>(*bias) : nullptr;
+    check_status(cpu::linear<T>(data<T>(y), data<T>(in.t), data<T>(weight), b, in.rows, N, K, N,
+                                in.ld, at::get_num_threads(), level),
+                 op);
+  });
+  (void)stream;
+  (void)kLinearKernelMaxRows;
+  return y;
 }
 
 int64_t cuda_device_count() {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -25,7 +26,7 @@ HAVE_C = _C is not None
 BACKENDS = (None, "reference")
 
 __all__ = ["HAVE_C", "IMPORT_ERROR", "build_info", "cuda_device_count", "rms_norm",
-           "fused_add_rms_norm"]
+           "fused_add_rms_norm", "linear"]
 
 _warned_fallback = False
 
@@ -104,3 +105,24 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if not _use_kernel("fused_add_rms_norm", backend):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
     return _C.fused_add_rms_norm(x, residual, weight, eps, _stream(x))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           backend: str | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias: the spec is reference.linear.
+
+    x:      [..., K], bfloat16 / float16 / float32, last dim contiguous (rows may be a strided
+            view, e.g. ``buf[:, :K]``; leading dims are flattened, copied only if they must be).
+    weight: [N, K] contiguous, same dtype and device as x.
+    bias:   [N] or None, same dtype and device.
+    Returns a new contiguous [..., N] tensor in x.dtype: products and sums in fp32, the bias
+    added in fp32, rounded once. On the CPU, up to 16 rows of x run our kernel, which streams
+    the weights once (decode); more rows go to the faster of it and torch for the dtype
+    (csrc/ops.cpp). CUDA tensors run torch.nn.functional.linear (no CUDA kernel yet).
+    backend: None runs the compiled kernel; "reference" the PyTorch reference.
+    """
+    if not _use_kernel("linear", backend):
+        return reference.linear(x, weight, bias)
+    if x.is_cuda:
+        return F.linear(x, weight, bias)
+    return _C.linear(x, weight, bias)

@@ -1,53 +1,119 @@
-"""Kernel microbenchmarks: each compiled op against its PyTorch reference, in GB/s and as a
-share of the copy bandwidth measured in the same run.
+"""Kernel microbenchmarks: each compiled op against a baseline timed in the same run (the PyTorch
+reference; for linear, torch's own F.linear), in GB/s and as a share of the copy and read-only
+bandwidths measured in the same run.
 
-    python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype bfloat16]
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype bfloat16] [--cases rms_norm,linear]
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
-from harness import Row, copy_peak_gbs, machine, report, time_fn
+from harness import Row, copy_peak_gbs, machine, read_peak_gbs, report, time_fn
 from qwen_fast import ops, reference
 
 # Rows: decode (1 token), a small batch, prefill-sized blocks. Hidden 2048 = Qwen-1.8B.
-SHAPES = [(1, 2048), (16, 2048), (512, 2048), (4096, 2048)]
+NORM_SHAPES = [(1, 2048), (16, 2048), (512, 2048), (4096, 2048)]
+# Qwen-1.8B's projections: (name, N = out_features, K = in_features, has bias).
+LINEAR_SHAPES = [
+    ("c_attn", 6144, 2048, True),
+    ("mlp.w1", 5504, 2048, False),   # mlp.w2 has the same shape
+    ("mlp.c_proj", 2048, 5504, False),
+    ("lm_head", 151936, 2048, False),
+]
+DECODE_ROWS = (1, 4)   # one sequence / four sequences decoding together
+PREFILL_ROWS = 128     # a prompt chunk; not for lm_head (prefill projects only the last position)
 
 
-def cases(rows: int, hidden: int, dtype, device):
+@dataclass
+class Case:
+    name: str
+    shape: str
+    nbytes: int
+    flops: int | None
+    kernel: Callable[[], object]
+    baseline: Callable[[], object]
+    baseline_impl: str
+    # Read the weights from memory, not the cache: in the model every layer has its own, 0.9-3.7
+    # GB in all, so a decode step always streams them from DRAM.
+    cold_cache: bool = False
+
+
+def _randn(*shape, dtype, device, gen) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def norm_cases(dtype, device) -> Iterator[Case]:
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)
-    r = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)
-    w = torch.randn(hidden, generator=g).to(device=device, dtype=dtype)
-    e = x.element_size()
-    act = rows * hidden * e
-    # bytes: read x (+ residual), read weight, write out (+ residual_out)
-    yield ("rms_norm", act + hidden * e + act,
-           lambda: ops.rms_norm(x, w), lambda: reference.rms_norm(x, w))
-    yield ("fused_add_rms_norm", 2 * act + hidden * e + 2 * act,
-           lambda: ops.fused_add_rms_norm(x, r, w), lambda: reference.fused_add_rms_norm(x, r, w))
+    for rows, hidden in NORM_SHAPES:
+        x, r = (_randn(rows, hidden, dtype=dtype, device=device, gen=g) for _ in range(2))
+        w = _randn(hidden, dtype=dtype, device=device, gen=g)
+        e = x.element_size()
+        act = rows * hidden * e
+        shape = f"{rows}x{hidden}"
+        # bytes: read x (+ residual), read weight, write out (+ residual_out)
+        yield Case("rms_norm", shape, act + hidden * e + act, None,
+                   lambda: ops.rms_norm(x, w), lambda: reference.rms_norm(x, w), "reference")
+        yield Case("fused_add_rms_norm", shape, 2 * act + hidden * e + 2 * act, None,
+                   lambda: ops.fused_add_rms_norm(x, r, w),
+                   lambda: reference.fused_add_rms_norm(x, r, w), "reference")
+
+
+def linear_cases(dtype, device) -> Iterator[Case]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for name, n, k, has_bias in LINEAR_SHAPES:
+        w = _randn(n, k, dtype=dtype, device=device, gen=g)
+        b = _randn(n, dtype=dtype, device=device, gen=g) if has_bias else None
+        e = w.element_size()
+        rows = DECODE_ROWS + ((PREFILL_ROWS,) if name != "lm_head" else ())
+        for m in rows:
+            x = _randn(m, k, dtype=dtype, device=device, gen=g)
+            # bytes: read the weight (and bias) once, read x, write y
+            nbytes = n * k * e + (n * e if has_bias else 0) + m * k * e + m * n * e
+            flops = 2 * m * n * k + (m * n if has_bias else 0)
+            yield Case(f"linear {name}", f"{m}x{k} @ {n}x{k}^T", nbytes, flops,
+                       lambda: ops.linear(x, w, b), lambda: F.linear(x, w, b), "torch F.linear",
+                       cold_cache=True)
+
+
+CASES = {"rms_norm": norm_cases, "linear": linear_cases}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated families among {', '.join(CASES)}")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    families = args.cases.split(",")
+    unknown = set(families) - set(CASES)
+    if unknown:
+        ap.error(f"unknown case families {sorted(unknown)}; choose among {list(CASES)}")
+    if device.type == "cuda" and "linear" in families:
+        print("linear: no CUDA kernel yet (ops.linear runs F.linear on CUDA); skipped")
+        families.remove("linear")
     peak = copy_peak_gbs(device)
+    read_peak = read_peak_gbs(device)
     out = []
-    for rows, hidden in SHAPES:
-        for name, nbytes, kernel, ref in cases(rows, hidden, dtype, device):
-            t_ref = time_fn(ref, device)
-            t_k = time_fn(kernel, device)
-            for impl, t, sp in (("reference", t_ref, None), ("kernel", t_k, t_ref / t_k)):
-                gbs = nbytes / t / 1e9
-                out.append(Row(name, impl, f"{rows}x{hidden}", args.dtype, t * 1e6, nbytes, gbs,
-                               100 * gbs / peak, sp))
+    for family in families:
+        for c in CASES[family](dtype, device):
+            t_base = time_fn(c.baseline, device, cold_cache=c.cold_cache)
+            t_k = time_fn(c.kernel, device, cold_cache=c.cold_cache)
+            for impl, t, sp in ((c.baseline_impl, t_base, None), ("kernel", t_k, t_base / t_k)):
+                gbs = c.nbytes / t / 1e9
+                out.append(Row(c.name, impl, c.shape, args.dtype, t * 1e6, c.nbytes, gbs,
+                               100 * gbs / peak, sp, pct_read_peak=100 * gbs / read_peak,
+                               gflops=c.flops / t / 1e9 if c.flops else None))
     meta = dict(machine(), device=str(device), copy_peak_gbs=round(peak, 1),
-                build=ops.build_info())
+                read_peak_gbs=round(read_peak, 1), build=ops.build_info(),
+                note="speed-up = baseline time / kernel time, both timed in this run; linear "
+                     "cases read the weights from memory (caches evicted before each run)")
     report(f"kernels-{device.type}", out, meta)
 
 

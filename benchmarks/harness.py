@@ -1,7 +1,9 @@
 """One benchmark harness: warm-up, median of repeated runs, bytes declared term by term, and
-achieved GB/s against a copy measured in the same run (the machine's practical peak).
+achieved GB/s against a copy and a read-only pass measured in the same run (the machine's
+practical peaks: a kernel that mostly reads, like a decode GEMV, is bounded by the read one).
 
-CPU timing uses perf_counter; CUDA timing uses events and flushes L2 between runs.
+CPU timing uses perf_counter (and, with cold_cache, evicts the caches before each run); CUDA
+timing uses events and flushes L2 between runs.
 """
 from __future__ import annotations
 
@@ -23,19 +25,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Read before each cold CPU run: far larger than any last-level cache it has to evict.
+CPU_FLUSH_BYTES = 256 * 2**20
+
+
 def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3,
-            min_runs: int = 5, min_time_s: float = 0.3, max_runs: int = 1000) -> float:
-    """Median seconds of one call of fn."""
+            min_runs: int = 5, min_time_s: float = 0.3, max_runs: int = 1000,
+            cold_cache: bool = False) -> float:
+    """Median seconds of one call of fn. On CUDA, L2 is always flushed between runs; on the CPU
+    only with cold_cache, which reads CPU_FLUSH_BYTES (untimed) before each run, so that data
+    the kernel reads comes from memory, as a model's weights do when every layer has its own."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     _sync(device)
     times: List[float] = []
-    flush = None
+    flush = cpu_flush = None
     if device.type == "cuda":
         flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    elif cold_cache:
+        cpu_flush = torch.ones(CPU_FLUSH_BYTES // 4, dtype=torch.float32)
     t_start = time.perf_counter()
     while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - t_start < min_time_s):
+        if cpu_flush is not None:
+            cpu_flush.sum()     # reads only: no dirty lines left to write back during the run
         if device.type == "cuda":
             flush.zero_()   # evict L2 so every run reads from memory
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -60,6 +73,15 @@ def copy_peak_gbs(device: torch.device | str = "cpu", nbytes: int = 256 * 2**20)
     return 2 * nbytes / t / 1e9
 
 
+def read_peak_gbs(device: torch.device | str = "cpu", nbytes: int = 2**30) -> float:
+    """Achieved bandwidth of a read-only pass (a sum) over a buffer far larger than the caches,
+    GB/s: the roofline of kernels that read much and write little (decode GEMV)."""
+    device = torch.device(device)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    t = time_fn(lambda: buf.sum(), device)
+    return nbytes / t / 1e9
+
+
 @dataclass
 class Row:
     case: str
@@ -72,6 +94,8 @@ class Row:
     pct_peak: float
     speedup_vs_reference: Optional[float] = None
     extra: Dict[str, float] = field(default_factory=dict)
+    pct_read_peak: Optional[float] = None   # GB/s as a share of read_peak_gbs, where measured
+    gflops: Optional[float] = None          # where the case declares its FLOPs
 
 
 def machine() -> dict:
@@ -85,12 +109,18 @@ def machine() -> dict:
 def report(name: str, rows: List[Row], meta: dict, out_dir: Path = RESULTS) -> Path:
     """Print a markdown table and write JSON + markdown to benchmarks/results/."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    head = "| case | impl | shape | dtype | time (us) | GB/s | % of copy peak | speed-up vs reference |"
-    lines = [head, "|" + "---|" * 8]
+    read = any(r.pct_read_peak is not None for r in rows)
+    flops = any(r.gflops is not None for r in rows)
+    head = ("| case | impl | shape | dtype | time (us) | GB/s | % of copy peak |"
+            + (" % of read peak |" if read else "") + (" GFLOP/s |" if flops else "")
+            + " speed-up vs baseline |")
+    lines = [head, "|" + "---|" * (8 + read + flops)]
     for r in rows:
         sp = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference else ""
+        rd = (f" {r.pct_read_peak:.0f}% |" if r.pct_read_peak is not None else " |") if read else ""
+        fl = (f" {r.gflops:.1f} |" if r.gflops is not None else " |") if flops else ""
         lines.append(f"| {r.case} | {r.impl} | {r.shape} | {r.dtype} | {r.time_us:.1f} | "
-                     f"{r.gbs:.1f} | {r.pct_peak:.0f}% | {sp} |")
+                     f"{r.gbs:.1f} | {r.pct_peak:.0f}% |{rd}{fl} {sp} |")
     meta_line = ", ".join(f"{k}: {v}" for k, v in meta.items())
     md = f"# {name}\n\n{meta_line}\n\n" + "\n".join(lines) + "\n"
     print(md)

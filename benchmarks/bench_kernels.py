@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from harness import Row, copy_peak_gbs, machine, read_peak_gbs, report, time_fn
+from harness import Row, copy_peak_gbs, machine, read_pass, read_peak_gbs, report, time_fns
 from qwen_fast import ops, reference
 
 # Rows: decode (1 token), a small batch, prefill-sized blocks. Hidden 2048 = Qwen-1.8B.
@@ -27,6 +27,7 @@ LINEAR_SHAPES = [
 ]
 DECODE_ROWS = (1, 4)   # one sequence / four sequences decoding together
 PREFILL_ROWS = 128     # a prompt chunk; not for lm_head (prefill projects only the last position)
+READ_PASS_BYTES = 2**30
 
 
 @dataclass
@@ -39,8 +40,11 @@ class Case:
     baseline: Callable[[], object]
     baseline_impl: str
     # Read the weights from memory, not the cache: in the model every layer has its own, 0.9-3.7
-    # GB in all, so a decode step always streams them from DRAM.
+    # GB in all, so a decode step always streams them from DRAM. Such a case is timed
+    # interleaved with a read pass, its roofline at that moment.
     cold_cache: bool = False
+    # More implementations to time against the baseline: (impl, fn).
+    variants: tuple = ()
 
 
 def _randn(*shape, dtype, device, gen) -> torch.Tensor:
@@ -65,6 +69,7 @@ def norm_cases(dtype, device) -> Iterator[Case]:
 
 def linear_cases(dtype, device) -> Iterator[Case]:
     g = torch.Generator(device="cpu").manual_seed(0)
+    best = ops._C.linear_isas()[0]
     for name, n, k, has_bias in LINEAR_SHAPES:
         w = _randn(n, k, dtype=dtype, device=device, gen=g)
         b = _randn(n, dtype=dtype, device=device, gen=g) if has_bias else None
@@ -75,9 +80,12 @@ def linear_cases(dtype, device) -> Iterator[Case]:
             # bytes: read the weight (and bias) once, read x, write y
             nbytes = n * k * e + (n * e if has_bias else 0) + m * k * e + m * n * e
             flops = 2 * m * n * k + (m * n if has_bias else 0)
+            # Past the decode sizes ops.linear may hand bf16 / fp32 to torch (csrc/ops.cpp):
+            # time our kernel there too, forced, to show where the crossover lies.
+            forced = (("kernel, forced", lambda: ops._C.linear(x, w, b, isa=best)),) if m > 16 else ()
             yield Case(f"linear {name}", f"{m}x{k} @ {n}x{k}^T", nbytes, flops,
                        lambda: ops.linear(x, w, b), lambda: F.linear(x, w, b), "torch F.linear",
-                       cold_cache=True)
+                       cold_cache=True, variants=forced)
 
 
 CASES = {"rms_norm": norm_cases, "linear": linear_cases}
@@ -100,20 +108,33 @@ def main():
         families.remove("linear")
     peak = copy_peak_gbs(device)
     read_peak = read_peak_gbs(device)
+    read_fn = read_pass(device, READ_PASS_BYTES)
     out = []
     for family in families:
         for c in CASES[family](dtype, device):
-            t_base = time_fn(c.baseline, device, cold_cache=c.cold_cache)
-            t_k = time_fn(c.kernel, device, cold_cache=c.cold_cache)
-            for impl, t, sp in ((c.baseline_impl, t_base, None), ("kernel", t_k, t_base / t_k)):
+            impls = [(c.baseline_impl, c.baseline), ("kernel", c.kernel), *c.variants]
+            if c.cold_cache:  # all interleaved, caches evicted before every run
+                times = time_fns([fn for _, fn in impls] + [read_fn], device, cold_cache=True)
+                case_read_peak = READ_PASS_BYTES / times[-1] / 1e9
+            else:  # one after the other, each with its data warm in the caches
+                times = [time_fns([fn], device)[0] for _, fn in impls]
+                case_read_peak = read_peak
+            t_base = times[0]
+            for (impl, _), t in zip(impls, times):
                 gbs = c.nbytes / t / 1e9
                 out.append(Row(c.name, impl, c.shape, args.dtype, t * 1e6, c.nbytes, gbs,
-                               100 * gbs / peak, sp, pct_read_peak=100 * gbs / read_peak,
+                               100 * gbs / peak, t_base / t if impl != c.baseline_impl else None,
+                               extra={"read_peak_gbs": round(case_read_peak, 1)},
+                               pct_read_peak=100 * gbs / case_read_peak,
                                gflops=c.flops / t / 1e9 if c.flops else None))
     meta = dict(machine(), device=str(device), copy_peak_gbs=round(peak, 1),
-                read_peak_gbs=round(read_peak, 1), build=ops.build_info(),
-                note="speed-up = baseline time / kernel time, both timed in this run; linear "
-                     "cases read the weights from memory (caches evicted before each run)")
+                read_peak_gbs=round(read_peak, 1),
+                build=ops.build_info(),
+                note="speed-up = baseline time / kernel time, timed interleaved; linear cases "
+                     "read the weights from memory (caches evicted before each run) and their "
+                     "% of read peak is against a 1 GiB read pass interleaved with them; "
+                     "'kernel' is ops.linear (torch past 64 bf16 / 128 fp32 rows), 'kernel, "
+                     "forced' our kernel at the best ISA level")
     report(f"kernels-{device.type}", out, meta)
 
 

@@ -133,7 +133,7 @@ def main():
                 note="speed-up = baseline time / kernel time, timed interleaved; linear cases "
                      "read the weights from memory (caches evicted before each run) and their "
                      "% of read peak is against a 1 GiB read pass interleaved with them; "
-                     "'kernel' is ops.linear (torch past 64 bf16 / 128 fp32 rows), 'kernel, "
+                     "'kernel' is ops.linear (torch past 48-128 bf16 / fp32 rows), 'kernel, "
                      "forced' our kernel at the best ISA level")
     report(f"kernels-{device.type}", out, meta)
 

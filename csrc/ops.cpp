@@ -226,21 +226,23 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
 
 namespace {
 
-// Rows of x up to which linear with isa "auto" runs our kernel; above it torch's at::linear, for
-// the dtypes where torch's GEMM (oneDNN for bf16, MKL for fp32, both packing the weights into
-// blocks) is then faster. Our kernel streams the weights once and wins at decode sizes.
-// Measured with cold weights, Zen 4, 2 threads, both in the same run, torch time / ours for
-// [c_attn 6144x2048, mlp.w1 5504x2048, mlp.c_proj 2048x5504]:
-//   bf16  M=16: 1.63 1.81 1.53   M=64: 1.18 1.17 1.01   M=128: 1.03 1.03 0.95   M=256: 0.98 0.97 0.87
-//   fp32  M=16: 2.82 2.75 2.10   M=128: 1.43 1.29 1.02   M=256: 1.18 1.12 0.88
-//   fp16  M=16: 4.04 4.16 3.95   M=128: 4.04 3.94 3.86   M=512: 4.02 4.00 3.88 (torch's CPU fp16
-//         GEMM is slow at every size, so fp16 always runs ours).
-int64_t linear_kernel_max_rows(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return 64;
-    case at::kFloat: return 128;
-    default: return std::numeric_limits<int64_t>::max();
-  }
+// Rows of x up to which linear with isa "auto" runs our kernel; above it torch's at::linear (oneDNN
+// for bf16, MKL for fp32, both packing the weights into blocks), which is then faster. Our
+// kernel streams the weights once and wins at decode sizes; it holds 4 weight rows in L1
+// (32 KiB) while it passes over the activation rows, and loses to torch sooner when they do not
+// fit (bf16 K > 4096, fp32 K > 2048). Measured with cold weights, Zen 4, 2 threads, torch time /
+// ours (best of 9, interleaved) for c_attn 6144x2048, mlp.w1 5504x2048, mlp.c_proj 2048x5504:
+//   bf16  M=16: 1.63 1.81 1.53  M=48: 1.31 1.30 1.05  M=96: 1.11 1.10 0.90  M=128: 1.03 1.01 0.91
+//         (medians in bench_kernels.py at M=128: 1.00 0.98 0.87)
+//   fp32  M=16: 2.82 2.75 2.10  M=48: 1.65 1.79 1.34  M=64: 1.44 1.54 1.19  M=128: 1.31 1.28 1.01
+//         (medians in bench_kernels.py at M=128: 1.17 1.20 0.80)
+//   fp16  M=16: 4.04 4.16 3.95  M=128: 4.04 3.94 3.86  M=512: 4.02 4.00 3.88: torch's CPU fp16
+//         GEMM is slow at every size, so fp16 always runs ours.
+int64_t linear_kernel_max_rows(at::ScalarType t, int64_t K) {
+  if (t == at::kHalf) return std::numeric_limits<int64_t>::max();
+  const bool rows_fit_l1 = 4 * K * static_cast<int64_t>(c10::elementSize(t)) <= 32 * 1024;
+  if (!rows_fit_l1) return 48;
+  return t == at::kBFloat16 ? 96 : 128;
 }
 
 constexpr CpuIsa kLinearIsas[] = {CpuIsa::kAvx512Bf16, CpuIsa::kAvx512, CpuIsa::kAvx2,
@@ -297,7 +299,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK(N <= 1 || bias->stride(0) == 1, op,
                 ": bias must be contiguous (stride 1), got stride ", bias->stride(0));
   }
-  if (level == CpuIsa::kAuto && K > 0 && x.numel() / K > linear_kernel_max_rows(x.scalar_type()))
+  if (level == CpuIsa::kAuto && K > 0 && x.numel() / K > linear_kernel_max_rows(x.scalar_type(), K))
     return at::linear(x, weight, bias).contiguous();
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;

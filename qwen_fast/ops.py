@@ -117,9 +117,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     bias:   [N] or None, same dtype and device.
     Returns a new contiguous [..., N] tensor in x.dtype: products and sums in fp32, the bias
     added in fp32, rounded once. On the CPU our kernel streams the weights once (decode,
-    small batches); above 64 rows of x in bf16 and 128 in fp32, torch's blocked GEMM is faster
-    and runs instead (fp16 always runs ours: measurements in csrc/ops.cpp). CUDA tensors run
-    torch.nn.functional.linear (no CUDA kernel yet).
+    small batches); above 48-128 rows of x (by dtype and K) torch's blocked GEMM is faster in
+    bf16 and fp32 and runs instead; fp16 always runs ours (measurements in csrc/ops.cpp).
+    CUDA tensors run torch.nn.functional.linear (no CUDA kernel yet).
     backend: None runs the compiled kernel; "reference" the PyTorch reference.
     """
     if not _use_kernel("linear", backend):

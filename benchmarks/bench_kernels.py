@@ -82,7 +82,8 @@ def linear_cases(dtype, device) -> Iterator[Case]:
             flops = 2 * m * n * k + (m * n if has_bias else 0)
             # Past the decode sizes ops.linear may hand bf16 / fp32 to torch (csrc/ops.cpp):
             # time our kernel there too, forced, to show where the crossover lies.
-            forced = (("kernel, forced", lambda: ops._C.linear(x, w, b, isa=best)),) if m > 16 else ()
+            forced = ((("kernel, forced", lambda: ops._C.linear(x, w, b, isa=best)),)
+                      if m > 16 else ())
             yield Case(f"linear {name}", f"{m}x{k} @ {n}x{k}^T", nbytes, flops,
                        lambda: ops.linear(x, w, b), lambda: F.linear(x, w, b), "torch F.linear",
                        cold_cache=True, variants=forced)

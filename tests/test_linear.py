@@ -45,7 +45,8 @@ ISAS = ops._C.linear_isas() if ops.HAVE_C else []
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)]),
+                 marks=[pytest.mark.gpu,
+                        pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)]),
 ]
 DTYPES = [
     pytest.param(torch.bfloat16, id="bf16"),
@@ -278,7 +279,8 @@ def test_ops_linear_gives_the_model_logits(tiny_engine, monkeypatch):
     x, w, b, y = calls[-1]
     assert w is tiny_engine.model.lm_head and torch.equal(y[0].float(), logits)
     # Per layer: c_attn (the one with a bias), c_proj, w1, w2, mlp.c_proj; then lm_head.
-    assert [b is not None for _, _, b, _ in calls] == [i % 5 == 0 for i in range(len(calls) - 1)] + [False]
+    has_bias = [b is not None for _, _, b, _ in calls]
+    assert has_bias == [i % 5 == 0 for i in range(len(calls) - 1)] + [False]
     for i, (x, w, b, y) in enumerate(calls):
         assert w.dtype == torch.bfloat16
         ours = ops.linear(x, w, b)
@@ -314,7 +316,8 @@ def _t(*shape, dtype=torch.bfloat16):
                  r"linear: weight must be contiguous \(row-major \[N, K\]\), got strides "
                  r"\[1, 6144\]", id="weight_transposed"),
     pytest.param(lambda: ops.linear(_t(7, 2048), _t(6144, 2048).to("meta")),
-                 r"linear: weight must be on cpu \(the device of x\), got meta", id="weight_device"),
+                 r"linear: weight must be on cpu \(the device of x\), got meta",
+                 id="weight_device"),
     pytest.param(lambda: ops.linear(_t(7, 2048), _t(6144, 2048), _t(2048)),
                  r"linear: bias must have shape \[6144\] \(out_features = weight.size\(0\)\), "
                  r"got \[2048\]", id="bias_shape"),

@@ -63,7 +63,8 @@ def dot_product_bound(s: torch.Tensor, k: int, expected: torch.Tensor) -> torch.
         info = torch.finfo(expected.dtype)
         # |round(a) - round(b)| <= |a - b| + (ulp(a) + ulp(b)) / 2, and the spacing at v is at
         # most eps * |v|, or smallest_normal * eps below the normal range.
-        ulp = info.eps * (1 + info.eps) * expected.cpu().float().abs() + info.smallest_normal * info.eps
+        ulp = (info.eps * (1 + info.eps) * expected.cpu().float().abs()
+               + info.smallest_normal * info.eps)
         bound = bound * (1 + info.eps) + ulp
     return bound
 

@@ -1,11 +1,15 @@
 // Linear layer on the CPU: y[m, n] = round(sum_k x[m, k] * w[n, k] + bias[n]); products and sums
 // in fp32, the bias added in fp32, one rounding to T (reference.linear).
 // Layout: x [M, ld_x] (K contiguous elements a row), w [N, K] contiguous, y [M, ld_y], bias [N].
-// Parallelisation: the weights stream from memory exactly once. Each OpenMP thread owns a block
-// of output columns n; for each group of kRows weight rows it forms the dot products with all M
-// activation rows (register tiles of kRows x MB fp32 accumulators) while those rows sit in L1.
+// Parallelisation: the weights stream from memory once (up to 16 rows of x; more rows are taken
+// in panels that fit in L2, the weights once per panel). Each OpenMP thread owns a block of
+// output columns n; for each group of kRows weight rows it forms the dot products with all the
+// panel's rows of x (register tiles of kRows x MB fp32 accumulators) while those weight rows sit
+// in L1, and prefetches the next group into L2 meanwhile.
 // ISA: explicit kernels for AVX-512 BF16 (vdpbf16ps on bf16 pairs), AVX-512 and AVX2 (16-bit
 // values widened to fp32, then FMA) and plain C++, picked at run time or forced by the caller.
+// Constraints: M, N, K >= 0, any row strides; each output is one thread's fixed-order sum, so
+// results do not depend on the thread count.
 #include <cstring>
 #include <type_traits>
 #ifdef _OPENMP
@@ -105,8 +109,9 @@ QF_TARGET_AVX512 inline void hsum4(__m512 a, __m512 b, __m512 c, __m512 d, float
 // `Ops` gives the ISA's vector types and operations for one storage type: Vec (kStep elements of
 // K as loaded and widened), Acc (fp32 partial sums), zero, load, load_partial (the first n < kStep
 // elements, the rest zero) and fma (acc + w . x over one Vec); hsum / hsum4 (overloaded on Acc)
-// sum the lanes of one / four accumulators. kMaxMB is the most activation rows a tile holds. These helpers are plain `inline`; each ISA's entry point below
-// carries the target attribute and `flatten`, which inlines all of them into it.
+// sum the lanes of one / four accumulators. kMaxMB is the most activation rows a tile holds.
+// These helpers are plain `inline`; each ISA's entry point below carries the target attribute
+// and `flatten`, which inlines all of them into it.
 
 // acc[r][m] += w[r, :kStep] . x[m, :kStep]; kPartial: only the first n elements (n < kStep).
 template <class Ops, int R, int MB, bool kPartial>

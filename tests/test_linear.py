@@ -42,6 +42,8 @@ CUDA_READY = torch.cuda.is_available()
 CUDA_SKIP_REASON = "needs a CUDA GPU and a CUDA build of torch"
 ISAS = ops._C.linear_isas() if ops.HAVE_C else []
 
+pytestmark = pytest.mark.usefixtures("require_extension")
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda",
@@ -118,11 +120,6 @@ def check_linear(y, x, w, b, msg) -> None:
         assert inexact <= allowed, (
             f"{msg}: {inexact} of {y.numel()} elements differ from the reference in some bit "
             f"(at most {allowed} expected from a different fp32 sum order)")
-
-
-@pytest.fixture(autouse=True)
-def _require_extension():
-    assert ops.HAVE_C, f"qwen_fast._C is not built: {ops.IMPORT_ERROR}"
 
 
 @pytest.mark.parametrize("n,k,has_bias", SHAPES)

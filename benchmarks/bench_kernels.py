@@ -1,16 +1,49 @@
-"""Kernel microbenchmarks: each compiled op against its PyTorch reference, in GB/s and as a
-share of the copy bandwidth measured in the same run.
+"""Kernel microbenchmarks: each compiled op against a baseline timed in the same run (the PyTorch
+reference; for linear, torch's own F.linear), in GB/s and as a share of the copy and read-only
+bandwidths measured in the same run.
 
-    python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype bfloat16]
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype bfloat16] [--cases rms_norm,linear]
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
-from harness import Row, copy_peak_gbs, machine, report, time_fn
+from harness import Row, copy_peak_gbs, machine, read_pass, read_peak_gbs, report, time_fns
 from qwen_fast import ops, reference
+
+# Qwen-1.8B's projections: (name, N = out_features, K = in_features, has bias).
+LINEAR_SHAPES = [
+    ("c_attn", 6144, 2048, True),
+    ("mlp.w1", 5504, 2048, False),   # mlp.w2 has the same shape
+    ("mlp.c_proj", 2048, 5504, False),
+    ("lm_head", 151936, 2048, False),
+]
+DECODE_ROWS = (1, 4)   # one sequence / four sequences decoding together
+PREFILL_ROWS = 128     # a prompt chunk; not for lm_head (prefill projects only the last position)
+READ_PASS_BYTES = 2**30
+
+
+@dataclass
+class Case:
+    name: str
+    shape: str
+    nbytes: int
+    flops: int | None
+    kernel: Callable[[], object]
+    baseline: Callable[[], object]
+    baseline_impl: str
+    # Read the weights from memory, not the cache: in the model every layer has its own, 0.9-3.7
+    # GB in all, so a decode step always streams them from DRAM. Such a case is timed
+    # interleaved with a read pass, its roofline at that moment.
+    cold_cache: bool = False
+    # More implementations to time against the baseline: (impl, fn).
+    variants: tuple = ()
+
 
 # Tokens per call: decode (1), a batch of decode steps (16), prefill-sized blocks (512, 4096).
 TOKENS = [1, 16, 512, 4096]
@@ -18,7 +51,7 @@ TOKENS = [1, 16, 512, 4096]
 HIDDEN, HEADS, HEAD_DIM, FFN = 2048, 16, 128, 5504
 
 
-def cases(tokens: int, dtype, device):
+def _elementwise(tokens: int, dtype, device):
     """(case, shape, bytes moved, kernel, reference) for each op at this many tokens."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -50,7 +83,7 @@ def cases(tokens: int, dtype, device):
 ATTENTION_SHAPES = [(1, 1, 128), (1, 1, 2048), (4, 1, 2048), (1, 128, 128)]
 
 
-def attention_cases(dtype, device):
+def attention_cases(dtype, device) -> Iterator[Case]:
     """Qwen-1.8B attention (16 heads of 128); bytes: the cached keys and values each query row
     reads (once per sequence and head), q and out."""
     H, D = 16, 128
@@ -62,33 +95,91 @@ def attention_cases(dtype, device):
         start = torch.full((B,), S - T, dtype=torch.long)
         e = q.element_size()
         nbytes = 2 * B * S * H * D * e + 2 * q.numel() * e
-        yield (f"attention B{B} T{T} S{S}", nbytes, lambda q=q, k=k, v=v, s=start: ops.attention(q, k, v, s),
-               lambda q=q, k=k, v=v, s=start: reference.attention(q, k, v, s))
+        yield Case("attention", f"B{B} T{T} S{S}", nbytes, None,
+                   lambda q=q, k=k, v=v, s=start: ops.attention(q, k, v, s),
+                   lambda q=q, k=k, v=v, s=start: reference.attention(q, k, v, s), "reference")
 
 
-def _measure(name, shape, nbytes, kernel, ref, dtype_name, device, peak, out):
-    t_ref = time_fn(ref, device)
-    t_k = time_fn(kernel, device)
-    for impl, t, sp in (("reference", t_ref, None), ("kernel", t_k, t_ref / t_k)):
-        gbs = nbytes / t / 1e9
-        out.append(Row(name, impl, shape, dtype_name, t * 1e6, nbytes, gbs, 100 * gbs / peak, sp))
+def _randn(*shape, dtype, device, gen) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def elementwise_cases(dtype, device) -> Iterator[Case]:
+    """rms_norm, fused_add_rms_norm, rotary_embedding and swiglu at every token count."""
+    for tokens in TOKENS:
+        for name, shape, nbytes, kernel, ref in _elementwise(tokens, dtype, device):
+            yield Case(name, shape, nbytes, None, kernel, ref, "reference")
+
+
+def linear_cases(dtype, device) -> Iterator[Case]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    best = ops._C.linear_isas()[0]
+    for name, n, k, has_bias in LINEAR_SHAPES:
+        w = _randn(n, k, dtype=dtype, device=device, gen=g)
+        b = _randn(n, dtype=dtype, device=device, gen=g) if has_bias else None
+        e = w.element_size()
+        rows = DECODE_ROWS + ((PREFILL_ROWS,) if name != "lm_head" else ())
+        for m in rows:
+            x = _randn(m, k, dtype=dtype, device=device, gen=g)
+            # bytes: read the weight (and bias) once, read x, write y
+            nbytes = n * k * e + (n * e if has_bias else 0) + m * k * e + m * n * e
+            flops = 2 * m * n * k + (m * n if has_bias else 0)
+            # Past the decode sizes ops.linear may hand bf16 / fp32 to torch (csrc/ops.cpp):
+            # time our kernel there too, forced, to show where the crossover lies.
+            forced = ((("kernel, forced", lambda: ops._C.linear(x, w, b, isa=best)),)
+                      if m > 16 else ())
+            yield Case(f"linear {name}", f"{m}x{k} @ {n}x{k}^T", nbytes, flops,
+                       lambda: ops.linear(x, w, b), lambda: F.linear(x, w, b), "torch F.linear",
+                       cold_cache=True, variants=forced)
+
+
+CASES = {"elementwise": elementwise_cases, "attention": attention_cases, "linear": linear_cases}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated families among {', '.join(CASES)}")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    families = args.cases.split(",")
+    unknown = set(families) - set(CASES)
+    if unknown:
+        ap.error(f"unknown case families {sorted(unknown)}; choose among {list(CASES)}")
+    if device.type == "cuda" and "linear" in families:
+        print("linear: no CUDA kernel yet (ops.linear runs F.linear on CUDA); skipped")
+        families.remove("linear")
     peak = copy_peak_gbs(device)
+    read_peak = read_peak_gbs(device)
+    read_fn = read_pass(device, READ_PASS_BYTES)
     out = []
-    for tokens in TOKENS:
-        for name, shape, nbytes, kernel, ref in cases(tokens, dtype, device):
-            _measure(name, shape, nbytes, kernel, ref, args.dtype, device, peak, out)
-    for name, nbytes, kernel, ref in attention_cases(dtype, device):
-        _measure("attention", name.split(" ", 1)[1], nbytes, kernel, ref, args.dtype, device, peak, out)
+    for family in families:
+        for c in CASES[family](dtype, device):
+            impls = [(c.baseline_impl, c.baseline), ("kernel", c.kernel), *c.variants]
+            if c.cold_cache:  # all interleaved, caches evicted before every run
+                times = time_fns([fn for _, fn in impls] + [read_fn], device, cold_cache=True)
+                case_read_peak = READ_PASS_BYTES / times[-1] / 1e9
+            else:  # one after the other, each with its data warm in the caches
+                times = [time_fns([fn], device)[0] for _, fn in impls]
+                case_read_peak = read_peak
+            t_base = times[0]
+            for (impl, _), t in zip(impls, times):
+                gbs = c.nbytes / t / 1e9
+                out.append(Row(c.name, impl, c.shape, args.dtype, t * 1e6, c.nbytes, gbs,
+                               100 * gbs / peak, t_base / t if impl != c.baseline_impl else None,
+                               extra={"read_peak_gbs": round(case_read_peak, 1)},
+                               pct_read_peak=100 * gbs / case_read_peak,
+                               gflops=c.flops / t / 1e9 if c.flops else None))
     meta = dict(machine(), device=str(device), copy_peak_gbs=round(peak, 1),
-                build=ops.build_info())
+                read_peak_gbs=round(read_peak, 1),
+                build=ops.build_info(),
+                note="speed-up = baseline time / kernel time, timed interleaved; linear cases "
+                     "read the weights from memory (caches evicted before each run) and their "
+                     "% of read peak is against a 1 GiB read pass interleaved with them; "
+                     "'kernel' is ops.linear (torch past 48-128 bf16 / fp32 rows), 'kernel, "
+                     "forced' our kernel at the best ISA level")
     report(f"kernels-{device.type}", out, meta)
 
 

@@ -125,6 +125,21 @@ Returns a new contiguous tensor shaped like up:
     round(up * round(gate / (1 + exp(-gate)))), fp32 maths, the roundings of torch's CPU silu
     and mul in up.dtype; exp is SLEEF's expf_u10, as in torch's vectorised CPU silu.)");
 
+  m.def("linear", &qf::linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        py::arg("stream") = 0, py::arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
+        R"(y = x @ weight.T + bias on the CPU (reference.linear).
+
+x: [..., K] bfloat16/float16/float32, last dim contiguous (rows may be strided).
+weight: [N, K] contiguous; bias: [N] or None; both with x's dtype and device.
+Returns a new contiguous [..., N] tensor in x.dtype: fp32 products and sums, the bias added in
+fp32, rounded once. CUDA tensors are refused (no CUDA kernel yet; ops.linear uses F.linear).
+stream: reserved for the CUDA kernel. isa: "auto", or one of linear_isas() to force that
+level of our weight-streaming kernel for every size (for tests).)");
+
+  m.def("linear_isas", &qf::linear_isas,
+        "ISA levels of the linear kernel that this CPU runs, best first (e.g. [\"avx512_bf16\", "
+        "\"avx512\", \"avx2\", \"scalar\"]); any of them may be passed as linear(..., isa=).");
+
   m.def("build_info", &build_info,
         R"(How this extension was built, as a dict:
 cuda (bool): CUDA kernels compiled in; cuda_archs ([str]): SM targets, "+PTX" where PTX is

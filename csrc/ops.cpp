@@ -4,10 +4,13 @@
 #include "ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <limits>
 #include <string>
 
 #include "common/float16.h"
+#include "common/simd.h"
 #include "common/status.h"
 #include "cpu/kernels.h"
 #ifdef QF_WITH_CUDA
@@ -87,17 +90,23 @@ void check_no_cuda_kernel(const char* op, const at::Tensor& x) {
               "); qwen_fast.ops.", op, " runs the PyTorch reference for CUDA tensors");
 }
 
+// `t` (named `name`) must have the dtype and device of x (named `x_name`).
+void check_dtype_device_as_x(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& x, const char* x_name = "x") {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ",
+              dtype_str(x.scalar_type()), " (the dtype of ", x_name, "), got ",
+              dtype_str(t.scalar_type()));
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+              " (the device of ", x_name, "), got ", t.device());
+}
+
 // `t` (named `name`) must match x (named `x_name`) in shape, dtype and device, with a contiguous
 // last dim.
 void check_same_as_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                      const char* x_name = "x") {
   TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape ", shape_str(x.sizes()),
               " (the shape of ", x_name, "), got ", shape_str(t.sizes()));
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ",
-              dtype_str(x.scalar_type()), " (the dtype of ", x_name, "), got ",
-              dtype_str(t.scalar_type()));
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
-              " (the device of ", x_name, "), got ", t.device());
+  check_dtype_device_as_x(op, name, t, x, x_name);
   TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
               " must have a contiguous last dim (stride 1), got stride ", t.stride(-1),
               "; call .contiguous() first");
@@ -107,11 +116,7 @@ void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& x)
   const int64_t hidden = x.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, op, ": weight must have shape [",
               hidden, "] (hidden size of x), got ", shape_str(weight.sizes()));
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have dtype ",
-              dtype_str(x.scalar_type()), " (the dtype of x), got ",
-              dtype_str(weight.scalar_type()));
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(),
-              " (the device of x), got ", weight.device());
+  check_dtype_device_as_x(op, "weight", weight, x);
   TORCH_CHECK(hidden <= 1 || weight.stride(0) == 1, op,
               ": weight must be contiguous (stride 1), got stride ", weight.stride(0));
 }
@@ -289,6 +294,48 @@ void check_rope_table(const char* op, const char* name, const at::Tensor& t, con
               " (the device of x), got ", t.device());
 }
 
+// Rows of x up to which linear with isa "auto" runs our kernel; above it torch's at::linear (oneDNN
+// for bf16, MKL for fp32, both packing the weights into blocks), which is then faster. Our
+// kernel streams the weights once and wins at decode sizes; it holds 4 weight rows in L1
+// (32 KiB) while it passes over the activation rows, and loses to torch sooner when they do not
+// fit (bf16 K > 4096, fp32 K > 2048). Measured with cold weights, Zen 4, 2 threads, torch time /
+// ours (best of 9, interleaved) for c_attn 6144x2048, mlp.w1 5504x2048, mlp.c_proj 2048x5504:
+//   bf16  M=16: 1.63 1.81 1.53  M=48: 1.31 1.30 1.05  M=96: 1.11 1.10 0.90  M=128: 1.03 1.01 0.91
+//         (medians in bench_kernels.py at M=128: 1.00 0.98 0.87)
+//   fp32  M=16: 2.82 2.75 2.10  M=48: 1.65 1.79 1.34  M=64: 1.44 1.54 1.19  M=128: 1.31 1.28 1.01
+//         (medians in bench_kernels.py at M=128: 1.17 1.20 0.80)
+//   fp16  M=16: 4.04 4.16 3.95  M=128: 4.04 3.94 3.86  M=512: 4.02 4.00 3.88: torch's CPU fp16
+//         GEMM is slow at every size, so fp16 always runs ours.
+int64_t linear_kernel_max_rows(at::ScalarType t, int64_t K) {
+  if (t == at::kHalf) return std::numeric_limits<int64_t>::max();
+  const bool rows_fit_l1 = 4 * K * static_cast<int64_t>(c10::elementSize(t)) <= 32 * 1024;
+  if (!rows_fit_l1) return 48;
+  return t == at::kBFloat16 ? 96 : 128;
+}
+
+constexpr CpuIsa kLinearIsas[] = {CpuIsa::kAvx512Bf16, CpuIsa::kAvx512, CpuIsa::kAvx2,
+                                  CpuIsa::kScalar};
+
+std::string quoted_list(const std::vector<std::string>& names) {
+  std::string s;
+  for (const std::string& n : names) s += (s.empty() ? "\"" : ", \"") + n + "\"";
+  return s;
+}
+
+CpuIsa parse_linear_isa(const std::string& name) {
+  if (name == cpu_isa_name(CpuIsa::kAuto)) return CpuIsa::kAuto;
+  for (CpuIsa isa : kLinearIsas) {
+    if (name != cpu_isa_name(isa)) continue;
+    TORCH_CHECK(cpu_isa_supported(isa), "linear: isa \"", name,
+                "\" is not supported by this CPU; it runs ", quoted_list(linear_isas()));
+    return isa;
+  }
+  std::vector<std::string> all;
+  for (CpuIsa isa : kLinearIsas) all.push_back(cpu_isa_name(isa));
+  TORCH_CHECK(false, "linear: isa must be \"auto\" or one of ", quoted_list(all), ", got \"", name,
+              "\"");
+}
+
 }  // namespace
 
 at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
@@ -336,6 +383,54 @@ at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream) 
   });
   (void)stream;  // no CUDA kernel yet
   return out;
+}
+
+std::vector<std::string> linear_isas() {
+  std::vector<std::string> out;
+  for (CpuIsa isa : kLinearIsas)
+    if (cpu_isa_supported(isa)) out.push_back(cpu_isa_name(isa));
+  return out;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, int64_t stream, const std::string& isa) {
+  const char* op = "linear";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
+  TORCH_CHECK(!x.is_cuda(), op, ": no CUDA kernel yet (x is on ", x.device(),
+              "); qwen_fast.ops.linear runs torch.nn.functional.linear for CUDA tensors");
+  check_x(op, x);
+  const CpuIsa level = parse_linear_isa(isa);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, op, ": weight must have shape [N, ", K,
+              "] (out_features, in_features = last dim of x), got ", shape_str(weight.sizes()));
+  check_dtype_device_as_x(op, "weight", weight, x);
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous (row-major [N, K]), got "
+              "strides ", shape_str(weight.strides()), "; call .contiguous() first");
+  const int64_t N = weight.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
+                "] (out_features = weight.size(0)), got ", shape_str(bias->sizes()));
+    check_dtype_device_as_x(op, "bias", *bias, x);
+    TORCH_CHECK(N <= 1 || bias->stride(0) == 1, op,
+                ": bias must be contiguous (stride 1), got stride ", bias->stride(0));
+  }
+  if (level == CpuIsa::kAuto && K > 0 && x.numel() / K > linear_kernel_max_rows(x.scalar_type(), K))
+    return at::linear(x, weight, bias).contiguous();
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options());
+  if (y.numel() == 0) return y;
+  if (K == 0) return bias.has_value() ? y.copy_(*bias) : y.zero_();  // an empty sum is 0
+  const Rows in = as_rows(x);
+  dispatch_float_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* b = bias.has_value() ? data<T>(*bias) : nullptr;
+    check_status(cpu::linear<T>(data<T>(y), data<T>(in.t), data<T>(weight), b, in.rows, N, K, N,
+                                in.ld, at::get_num_threads(), level),
+                 op);
+  });
+  (void)stream;
+  return y;
 }
 
 int64_t cuda_device_count() {

@@ -6,7 +6,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace qf {
 
@@ -28,6 +31,16 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
                             int64_t stream);
 
 at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream);
+
+// y = x . weight^T + bias. isa: "auto" (decode sizes run our kernel at the best level this CPU
+// has; prefill sizes go wherever is fastest, see ops.cpp) or one of linear_isas(), which forces
+// our kernel at that level for every size (the tests use it to reach each path).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, int64_t stream, const std::string& isa);
+
+// The ISA levels of the linear kernel this CPU runs, best first ("avx512_bf16", "avx512",
+// "avx2", "scalar").
+std::vector<std::string> linear_isas();
 
 // Number of CUDA devices our (static) CUDA runtime sees; 0 without a CUDA build or a device.
 int64_t cuda_device_count();

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -25,7 +26,7 @@ HAVE_C = _C is not None
 BACKENDS = (None, "reference")
 
 __all__ = ["HAVE_C", "IMPORT_ERROR", "build_info", "cuda_device_count", "rms_norm",
-           "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention"]
+           "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention", "linear"]
 
 _warned_fallback = False
 
@@ -163,3 +164,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Te
         return reference.attention(q, k, v, start, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _C.attention(q, k, v, start.to("cpu", torch.long), scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           backend: str | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias: the spec is reference.linear.
+
+    x:      [..., K], bfloat16 / float16 / float32, last dim contiguous (rows may be a strided
+            view, e.g. ``buf[:, :K]``; leading dims are flattened, copied only if they must be).
+    weight: [N, K] contiguous, same dtype and device as x.
+    bias:   [N] or None, same dtype and device.
+    Returns a new contiguous [..., N] tensor in x.dtype: products and sums in fp32, the bias
+    added in fp32, rounded once. On the CPU our kernel streams the weights once (decode,
+    small batches); above 48-128 rows of x (by dtype and K) torch's blocked GEMM is faster in
+    bf16 and fp32 and runs instead; fp16 always runs ours (measurements in csrc/ops.cpp).
+    CUDA tensors run torch.nn.functional.linear (no CUDA kernel yet).
+    backend: None runs the compiled kernel; "reference" the PyTorch reference.
+    """
+    if not _use_kernel("linear", backend):
+        return reference.linear(x, weight, bias)
+    if x.is_cuda:
+        return F.linear(x, weight, bias)
+    return _C.linear(x, weight, bias)

@@ -25,6 +25,14 @@ def tiny_engine(tiny_ckpt):
 
 
 @pytest.fixture()
+def require_extension():
+    """Fails (does not skip) a kernel test when qwen_fast._C did not build: the kernels are the
+    point of it. Use with `pytestmark = pytest.mark.usefixtures("require_extension")`."""
+    from qwen_fast import ops
+    assert ops.HAVE_C, f"qwen_fast._C is not built: {ops.IMPORT_ERROR}"
+
+
+@pytest.fixture()
 def alarm():
     """Fail instead of hanging forever if a FIFO is ever opened for reading (20 s)."""
     with time_limit(20):

@@ -74,7 +74,8 @@ def test_cuda_device_count_without_a_gpu():
 
 def test_ops_have_docstrings():
     from qwen_fast import _C
-    for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "swiglu", "build_info",
+    for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention",
+                 "linear", "linear_isas", "build_info",
                  "cuda_device_count"):
         assert len(getattr(_C, name).__doc__ or "") > 40, name
 

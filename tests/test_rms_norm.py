@@ -24,6 +24,8 @@ CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C bu
                     f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
                     f"_C cuda={ops.build_info()['cuda']})")
 
+pytestmark = pytest.mark.usefixtures("require_extension")
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda",
@@ -72,11 +74,6 @@ def _check_mostly_exact(actual: torch.Tensor, expected: torch.Tensor, what: str)
     assert inexact <= MAX_INEXACT_FRACTION, (
         f"{what}: {inexact:.2%} of elements differ from the reference in some bit "
         f"(at most {MAX_INEXACT_FRACTION:.0%} expected from a different sum order)")
-
-
-@pytest.fixture(autouse=True)
-def _require_extension():
-    assert ops.HAVE_C, f"qwen_fast._C is not built: {ops.IMPORT_ERROR}"
 
 
 @pytest.mark.parametrize("shape,layout", SHAPES)

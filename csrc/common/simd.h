@@ -14,6 +14,13 @@
 #define QF_CPU_CLONES_ENABLED 0
 #endif
 
+// Kernels written with x86 intrinsics per ISA level (function target attributes; GCC or clang).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define QF_X86_INTRINSICS 1
+#else
+#define QF_X86_INTRINSICS 0
+#endif
+
 #if defined(__GNUC__)
 #define QF_INLINE inline __attribute__((always_inline))
 #else
@@ -21,6 +28,59 @@
 #endif
 
 namespace qf {
+
+// Instruction-set levels of the kernels that are written with explicit intrinsics per level
+// (linear); kAuto picks the best one the CPU has. Forcing a lower level lets the tests run every
+// path on one machine.
+enum class CpuIsa : int {
+  kAuto = 0,
+  kScalar = 1,      // plain C++, any CPU
+  kAvx2 = 2,        // AVX2 + FMA + F16C
+  kAvx512 = 3,      // AVX-512 F/BW/VL/DQ
+  kAvx512Bf16 = 4,  // kAvx512 + AVX512_BF16 (vdpbf16ps)
+};
+
+inline const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAuto: return "auto";
+    case CpuIsa::kScalar: return "scalar";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx512Bf16: return "avx512_bf16";
+  }
+  return "unknown";
+}
+
+// Whether this CPU (and OS: __builtin_cpu_supports checks XCR0) runs `isa`; kAuto always.
+inline bool cpu_isa_supported(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAuto:
+    case CpuIsa::kScalar: return true;
+#if QF_X86_INTRINSICS
+    case CpuIsa::kAvx2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case CpuIsa::kAvx512:
+      __builtin_cpu_init();
+      return cpu_isa_supported(CpuIsa::kAvx2) && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512dq");
+    case CpuIsa::kAvx512Bf16:
+      __builtin_cpu_init();
+      return cpu_isa_supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
+#endif
+    default: return false;
+  }
+}
+
+// The best level this CPU runs (what kAuto means).
+inline CpuIsa best_cpu_isa() {
+  if (cpu_isa_supported(CpuIsa::kAvx512Bf16)) return CpuIsa::kAvx512Bf16;
+  if (cpu_isa_supported(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
+  if (cpu_isa_supported(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
+  return CpuIsa::kScalar;
+}
 
 // The instruction set that QF_CPU_CLONES functions run with on this machine.
 inline const char* cpu_simd_level() {

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../common/float16.h"
+#include "../common/simd.h"
 #include "../common/status.h"
 
 namespace qf::cpu {
@@ -61,5 +62,17 @@ Status swiglu(T* out,         // [rows, ld_out], the first `cols` columns are wr
               const T* up,    // [rows, ld_up]
               const T* gate,  // [rows, ld_gate]
               int64_t rows, int64_t cols, int64_t ld_out, int64_t ld_up, int64_t ld_gate);
+
+// y = x . w^T + bias: fp32 products and sums, the bias added in fp32, rounded once to T
+// (reference.linear). Streams w once, each of num_threads OpenMP threads owning a block of
+// output columns; built for small M (decode), correct for any M. isa: kAuto = the best this CPU
+// has; a lower level forces that kernel (kUnsupported if the CPU lacks it).
+template <typename T>
+Status linear(T* y,           // [M, ld_y], the first N columns are written
+              const T* x,     // [M, ld_x], the first K columns are read
+              const T* w,     // [N, K] contiguous
+              const T* bias,  // [N], or nullptr for none
+              int64_t M, int64_t N, int64_t K, int64_t ld_y, int64_t ld_x, int num_threads,
+              CpuIsa isa);
 
 }  // namespace qf::cpu

@@ -434,17 +434,27 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: QwenConfig, dtype: torch.
 
 
 def dummy_state_dict(cfg: QwenConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-                     seed: int = 0) -> Dict[str, torch.Tensor]:
+                     seed: int = 0, chunk_elements: int = 1 << 23) -> Dict[str, torch.Tensor]:
     """Random weights with the exact release names and shapes (normal(0, initializer_range),
-    norms = 1, c_attn bias small): for benchmarks and smoke runs with no download."""
+    norms = 1, c_attn bias small): for benchmarks and smoke runs with no download.
+
+    Values are drawn in fp32 and rounded to dtype, a block of rows (about chunk_elements, a
+    multiple of 16 elements) at a time: torch's CPU normal_ fills 16 values per step from one
+    stream, so the blocks give the same values as one draw over the whole tensor (tested) while
+    the fp32 temporary stays small (the 151936 x 2048 embedding would need 1.2 GB)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = {}
     for name, shape in expected_shapes(cfg).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             t = torch.ones(shape, dtype=dtype)
         else:
-            t = torch.empty(shape, dtype=torch.float32).normal_(0.0, cfg.initializer_range, generator=g)
-            t = t.to(dtype)
+            t = torch.empty(shape, dtype=dtype)
+            rows = t.view(shape[0], -1)
+            step = max(16, (chunk_elements // rows.shape[1]) // 16 * 16)
+            for r in range(0, rows.shape[0], step):
+                block = rows[r:r + step]
+                block.copy_(torch.empty(block.shape, dtype=torch.float32).normal_(
+                    0.0, cfg.initializer_range, generator=g))
         out[name] = t.to(device)
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight"]

@@ -559,3 +559,14 @@ def test_available_memory_is_known_here():
     from qwen_fast.loader import available_memory
     have = available_memory(torch.device("cpu"))
     assert have is None or have > 0
+
+
+def test_dummy_weights_drawn_in_blocks_equal_one_draw():
+    """dummy_state_dict draws big tensors a block of rows at a time (a small fp32 temporary):
+    the values are those of one draw over the whole tensor, so 'seed 0' names one model."""
+    from qwen_fast.loader import dummy_state_dict
+    cfg = tiny_config(num_hidden_layers=1)
+    whole = dummy_state_dict(cfg, torch.bfloat16, chunk_elements=1 << 40)
+    blocks = dummy_state_dict(cfg, torch.bfloat16, chunk_elements=1000)
+    assert whole.keys() == blocks.keys()
+    assert all(torch.equal(whole[k], blocks[k]) for k in whole)

@@ -8,18 +8,15 @@ rounding). fp32 outputs use the tolerance table (the online softmax reorders fp3
 """
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 
 from qwen_fast import ops, reference
+from kernel_cases import DTYPES, case_generator
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_C, reason=f"qwen_fast._C not built: {ops.IMPORT_ERROR}")
 
-DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
-          pytest.param(torch.float32, id="fp32")]
 
 # (id, B, T, H, D, capacity S of the cache view, start per sequence)
 CASES = [
@@ -35,10 +32,6 @@ CASES = [
 PARAMS = [pytest.param(*c[1:], id=c[0]) for c in CASES]
 
 
-def _gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
-
-
 def _inputs(B, T, H, D, S, dtype, g):
     """q as the model makes it (a view of a fused qkv projection) and k, v as views of a
     larger cache: none of the three is contiguous."""
@@ -51,7 +44,7 @@ def _inputs(B, T, H, D, S, dtype, g):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,H,D,S,start", PARAMS)
 def test_attention_matches_reference(request, dtype, B, T, H, D, S, start):
-    q, k, v = _inputs(B, T, H, D, S, dtype, _gen(request))
+    q, k, v = _inputs(B, T, H, D, S, dtype, case_generator(request))
     st = torch.tensor(start)
     got = ops.attention(q, k, v, st)
     assert got.shape == (B, T, H, D) and got.dtype == dtype and got.is_contiguous()
@@ -67,7 +60,7 @@ def test_attention_matches_reference(request, dtype, B, T, H, D, S, start):
 
 
 def test_attention_backend_reference_and_default_scale(request):
-    q, k, v = _inputs(1, 2, 2, 16, 5, torch.float32, _gen(request))
+    q, k, v = _inputs(1, 2, 2, 16, 5, torch.float32, case_generator(request))
     st = torch.tensor([3])
     assert torch.equal(ops.attention(q, k, v, st, backend="reference"),
                        reference.attention(q, k, v, st))

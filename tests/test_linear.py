@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen_fast import ops, reference
+from kernel_cases import DTYPES, devices
 from tolerances import (FP32_UNIT_ROUNDOFF, assert_within, dot_product_bound,
                         dot_product_magnitude)
 
@@ -42,17 +43,7 @@ ISAS = ops._C.linear_isas() if ops.HAVE_C else []
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda",
-                 marks=[pytest.mark.gpu,
-                        pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)]),
-]
-DTYPES = [
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.float32, id="fp32"),
-]
+DEVICES = devices(CUDA_READY, CUDA_SKIP_REASON)
 # Decode (1), small batches (2, 7, 16, 17: every remainder of the 4-row tiles) and prefill
 # blocks (128, 200), where ops.linear runs our kernel or torch by dtype and K (csrc/ops.cpp):
 # both paths are covered, and fp16 at 200 rows runs ours over several activation panels.

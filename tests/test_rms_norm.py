@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qwen_fast import ops, reference
-from kernel_cases import DTYPES, case_generator
+from kernel_cases import DTYPES, case_generator, devices
 from tolerances import assert_close
 
 EPS = 1e-6
@@ -26,12 +26,7 @@ CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C bu
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda",
-                 marks=[pytest.mark.gpu,
-                        pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)]),
-]
+DEVICES = devices(CUDA_READY, CUDA_SKIP_REASON)
 
 # (id, shape of x, how x is laid out in memory). Qwen-1.8B's hidden size is 2048.
 LAYOUTS = [

@@ -46,7 +46,9 @@ def resolve_ops(backend: str) -> Dict[str, Callable]:
 
 
 class KVCache:
-    """Per-layer keys (after RoPE) and values: k[layer], v[layer] = [batch, capacity, heads, head_dim].
+    """Per-layer keys (after RoPE) and values: k[layer], v[layer] = [batch, heads, capacity, head_dim]
+    (each head's positions contiguous, so that attention streams them; the release keeps
+    [batch, seq, heads, head_dim], where consecutive positions of a head lie 4 KiB apart).
 
     lengths[b] is how many positions of sequence b are filled; alpha[b] its NTK alpha.
     The cache starts at `capacity` positions and grows with use (ensure) up to `max_capacity`
@@ -65,7 +67,7 @@ class KVCache:
         if not 0 < capacity <= self.max_capacity:
             raise ValueError(f"KV cache capacity {capacity} must be in [1, {self.max_capacity}]")
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        shape = (batch_size, capacity, cfg.num_attention_heads, cfg.head_dim)
+        shape = (batch_size, cfg.num_attention_heads, capacity, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.lengths: List[int] = [0] * batch_size
@@ -84,7 +86,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -101,8 +103,8 @@ class KVCache:
         old = self.capacity
         for kv in (self.k, self.v):
             for li, t in enumerate(kv):
-                grown = torch.zeros((t.shape[0], new) + t.shape[2:], dtype=t.dtype, device=t.device)
-                grown[:, :old] = t
+                grown = torch.zeros(t.shape[:2] + (new, t.shape[3]), dtype=t.dtype, device=t.device)
+                grown[:, :, :old] = t
                 kv[li] = grown
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
@@ -229,10 +231,12 @@ class QwenModel:
             kc, vc = cache.k[li], cache.v[li]
             for b, r in enumerate(rows):
                 s0 = lengths[b]
-                kc[r, s0:s0 + n_new[b]] = k[b, :n_new[b]]
-                vc[r, s0:s0 + n_new[b]] = v[b, :n_new[b]]
-            parts = [ops["attention"](q[i0:i1], kc[r0:r0 + i1 - i0, :S], vc[r0:r0 + i1 - i0, :S],
-                                      start[i0:i1]) for i0, i1, r0 in runs]
+                kc[r, :, s0:s0 + n_new[b]] = k[b, :n_new[b]].transpose(0, 1)
+                vc[r, :, s0:s0 + n_new[b]] = v[b, :n_new[b]].transpose(0, 1)
+            # [B, S, H, D] views of the [B, H, S, D] cache: each head's keys are contiguous.
+            parts = [ops["attention"](q[i0:i1], kc[r0:r0 + i1 - i0, :, :S].transpose(1, 2),
+                                      vc[r0:r0 + i1 - i0, :, :S].transpose(1, 2), start[i0:i1])
+                     for i0, i1, r0 in runs]
             a = parts[0] if len(parts) == 1 else torch.cat(parts)                # [B, T, H, D]
             attn_out = linear(a.reshape(B, T, H * D), L["attn.c_proj.weight"])
             x, h = ops["fused_add_rms_norm"](attn_out, h, L["ln_2.weight"], cfg.layer_norm_epsilon)

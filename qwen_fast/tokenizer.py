@@ -32,7 +32,7 @@ import os
 import re
 import unicodedata
 from pathlib import Path
-from typing import AbstractSet, Collection, Iterable, Optional, Union
+from typing import AbstractSet, Collection, Iterator, Mapping, Optional, Sequence, Union
 
 import tiktoken
 
@@ -256,12 +256,12 @@ def _to_id_list(ids) -> list[int]:
             return [int(ids)]
     if isinstance(ids, (str, bytes, bytearray)):
         raise TypeError(f"expected token ids, got {type(ids).__name__}")
+    # Ids have an order: a set or a dict's keys would be decoded in whatever order they iterate.
+    if not isinstance(ids, (Sequence, Iterator)) or isinstance(ids, (AbstractSet, Mapping)):
+        raise TypeError(f"expected a sequence of token ids (list, tuple, 1-D array), got "
+                        f"{type(ids).__name__}")
     out = []
-    try:
-        it = iter(ids)
-    except TypeError:
-        raise TypeError(f"expected a sequence of token ids, got {type(ids).__name__}") from None
-    for i in it:
+    for i in ids:
         if isinstance(i, bool):
             raise TypeError("token ids must be integers, got bool")
         try:
@@ -558,7 +558,7 @@ class IncrementalDecoder:
             self._parts.append(delta)
         return delta
 
-    def push_many(self, ids: Iterable[int]) -> str:
+    def push_many(self, ids: Union[Sequence[int], Iterator[int]]) -> str:
         """Push several ids; return the concatenated delta."""
         return "".join(self.push(i) for i in _to_id_list(ids))
 

@@ -574,3 +574,14 @@ def test_million_char_words(tok, name, text):
     ids = tok.encode(text)
     assert time.perf_counter() - t0 < 20, name
     assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("ids", [{1, 2, 3}, frozenset({4, 5}), {1: "a", 2: "b"}])
+def test_unordered_collections_are_not_token_ids(tok, ids):
+    """Token ids have an order: a set or a dict would decode in its iteration order, so the one
+    id parser behind decode, IncrementalDecoder and extract_response refuses them."""
+    with pytest.raises(TypeError, match="expected a sequence of token ids"):
+        tok.decode(ids)
+    with pytest.raises(TypeError, match="expected a sequence of token ids"):
+        IncrementalDecoder(tok).push_many(ids)
+    assert IncrementalDecoder(tok).push_many(iter([40, 41])) == tok.decode([40, 41])

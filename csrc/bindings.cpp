@@ -72,27 +72,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qwen_fast compiled kernels (CPU, and CUDA when built with nvcc). Use qwen_fast.ops.";
 
   m.def("rms_norm", &qf::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
-        py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+        py::arg("stream") = 0, py::kw_only(), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
         R"(Qwen RMSNorm over the last dim (reference.rms_norm).
 
 x: [..., hidden] bfloat16/float16/float32, last dim contiguous (rows may be strided).
 weight: [hidden], same dtype and device as x. eps: added to mean(x^2).
 stream: cudaStream_t as an int (torch.cuda.current_stream().cuda_stream); ignored on CPU.
-Returns a new contiguous tensor shaped like x:
+Returns a new contiguous tensor shaped like x (or out, if given: contiguous, x's shape, dtype
+and device, not overlapping x or weight):
     round(round(x * rsqrt(mean(x^2) + eps)) * weight), fp32 maths, rounded to x.dtype.)");
 
   m.def("fused_add_rms_norm", &qf::fused_add_rms_norm, py::arg("x"), py::arg("residual"),
-        py::arg("weight"), py::arg("eps"), py::arg("stream") = 0,
+        py::arg("weight"), py::arg("eps"), py::arg("stream") = 0, py::kw_only(),
+        py::arg("out") = py::none(), py::arg("residual_out") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         R"(Residual add then RMSNorm in one pass (reference.fused_add_rms_norm).
 
 x, residual: [..., hidden], same shape, dtype (bfloat16/float16/float32) and device; last dim
 contiguous. weight: [hidden]. stream: as for rms_norm.
 Returns (out, residual_out), both new and contiguous:
-    residual_out = round(residual + x);  out = rms_norm(residual_out, weight, eps).)");
+    residual_out = round(residual + x);  out = rms_norm(residual_out, weight, eps).
+out, residual_out: optional buffers to write instead (contiguous, x's shape, dtype and device,
+overlapping no input); residual_out may be residual itself, updated in place.)");
 
   m.def("attention", &qf::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"),
-        py::arg("scale"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("scale"), py::kw_only(), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
         R"(Causal multi-head attention over a KV cache, CPU (reference.attention).
 
 q: [B, T, H, D] new queries (bfloat16/float16/float32, head dim contiguous, other dims may be
@@ -100,7 +104,23 @@ strided); query t of row b sits at position start[b] + t. k, v: [B, S, H, D] the
 holding this step's keys/values (strided views are fine). start: [B] torch.int64 on the CPU.
 Row b's query t attends to keys 0 .. min(start[b] + t, S - 1) (bottom-right causal mask).
 scale: multiplies q . k (1/sqrt(D) for Qwen). Scores, softmax and the weighted sum in fp32;
-returns a new contiguous [B, T, H, D] tensor in q's dtype.)");
+returns a new contiguous [B, T, H, D] tensor in q's dtype (or writes out, if given:
+contiguous, that shape, q's dtype, overlapping no input).)");
+
+  m.def("rotary_kv_cache", &qf::rotary_kv_cache, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+        py::arg("start"), py::arg("n_new"), py::kw_only(), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        R"(rotary_embedding of q and k, with k and v written straight into a KV cache, CPU
+(reference.rotary_kv_cache).
+
+q, k, v: [B, T, H, D] bfloat16/float16/float32 views with the same strides (of the fused qkv
+output), head dim contiguous. cos, sin: [B, T, R] float32 as for rotary_embedding.
+k_cache, v_cache: [slots, H, positions, D] with the same shape and strides, head dim contiguous.
+slots, start, n_new: one int per sequence: row b's first n_new[b] tokens go to cache slot
+slots[b] at positions start[b] .. start[b] + n_new[b] - 1 (keys rotated, values copied).
+Returns the rotated q, a new contiguous [B, T, H, D] tensor (or out, if given), bit-identical
+to rotary_embedding(q, cos, sin).)");
 
   m.def("rotary_embedding", &qf::rotary_embedding, py::arg("x"), py::arg("cos"), py::arg("sin"),
         py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
@@ -115,18 +135,20 @@ Returns a new contiguous [B, T, H, D] tensor in x.dtype, bit-identical to the re
     rotate_half(x) = cat(-x[..., R/2:R], x[..., :R/2]).)");
 
   m.def("swiglu", &qf::swiglu, py::arg("up"), py::arg("gate"), py::arg("stream") = 0,
-        py::call_guard<py::gil_scoped_release>(),
+        py::kw_only(), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
         R"(Qwen MLP activation up * silu(gate) (reference.swiglu), up = w1(x), gate = w2(x).
 
 up, gate: [..., F], same shape and dtype (bfloat16/float16/float32), on the CPU, last dim
 contiguous (rows may be strided, e.g. a column slice of a wider tensor).
 stream: accepted for a uniform signature; there is no CUDA kernel yet (a CUDA tensor is an error).
-Returns a new contiguous tensor shaped like up:
+Returns a new contiguous tensor shaped like up (or out, if given: contiguous, up's shape and
+dtype, overlapping neither input):
     round(up * round(gate / (1 + exp(-gate)))), fp32 maths, the roundings of torch's CPU silu
     and mul in up.dtype; exp is SLEEF's expf_u10, as in torch's vectorised CPU silu.)");
 
   m.def("linear", &qf::linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
-        py::arg("stream") = 0, py::arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
+        py::arg("stream") = 0, py::arg("isa") = "auto", py::kw_only(), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
         R"(y = x @ weight.T + bias on the CPU (reference.linear).
 
 x: [..., K] bfloat16/float16/float32, last dim contiguous (rows may be strided).
@@ -134,7 +156,8 @@ weight: [N, K] contiguous; bias: [N] or None; both with x's dtype and device.
 Returns a new contiguous [..., N] tensor in x.dtype: fp32 products and sums, the bias added in
 fp32, rounded once. CUDA tensors are refused (no CUDA kernel yet; ops.linear uses F.linear).
 stream: reserved for the CUDA kernel. isa: "auto", or one of linear_isas() to force that
-level of our weight-streaming kernel for every size (for tests).)");
+level of our weight-streaming kernel for every size (for tests). out: a buffer to write instead
+(contiguous, [..., N], x's dtype, overlapping no input).)");
 
   m.def("linear_isas", &qf::linear_isas,
         "ISA levels of the linear kernel that this CPU runs, best first (e.g. [\"avx512_bf16\", "

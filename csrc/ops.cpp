@@ -6,7 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <initializer_list>
 #include <limits>
+#include <utility>
 #include <string>
 
 #include "common/float16.h"
@@ -112,6 +114,44 @@ void check_same_as_x(const char* op, const char* name, const at::Tensor& t, cons
               "; call .contiguous() first");
 }
 
+using Named = std::pair<const char*, const at::Tensor*>;
+
+// Whether a and b may share memory: the same storage and intersecting byte ranges (from each
+// one's first to its last element). Conservative for interleaved strided views, which is what
+// the callers want: an output must lie apart from what is read.
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  auto span = [](const at::Tensor& t) {
+    const char* lo = static_cast<const char*>(t.data_ptr());
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return std::pair<const char*, const char*>{lo, lo + (last + 1) * t.element_size()};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// The result of `op`: a new tensor of `sizes` with the dtype and device of `like` (named
+// `like_name`), or `out` (named `name`) checked to be one: that shape, dtype and device,
+// contiguous, and sharing no memory with `inputs` (so that no kernel reads what it has written).
+at::Tensor output(const char* op, const OptTensor& out, at::IntArrayRef sizes, const at::Tensor& like,
+                  const char* like_name, std::initializer_list<Named> inputs,
+                  const char* name = "out") {
+  if (!out.has_value()) return at::empty(sizes, like.options());
+  const at::Tensor& o = *out;
+  TORCH_CHECK(o.sizes() == sizes, op, ": ", name, " must have shape ", shape_str(sizes),
+              " (the result's), got ", shape_str(o.sizes()));
+  check_dtype_device_as_x(op, name, o, like, like_name);
+  TORCH_CHECK(o.is_contiguous(), op, ": ", name, " must be contiguous, got strides ",
+              shape_str(o.strides()));
+  for (const auto& [in_name, t] : inputs)
+    TORCH_CHECK(!may_overlap(o, *t), op, ": ", name,
+                " shares memory with ", in_name, "; pass a separate buffer");
+  return o;
+}
+
 void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& x) {
   const int64_t hidden = x.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, op, ": weight must have shape [",
@@ -170,11 +210,12 @@ cudaStream_t cuda_prepare(const char* op, const at::Tensor& x, int64_t stream) {
 
 }  // namespace
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t stream) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t stream,
+                    const OptTensor& out_arg) {
   const char* op = "rms_norm";
   check_x(op, x);
   check_weight(op, weight, x);
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = output(op, out_arg, x.sizes(), x, "x", {{"x", &x}, {"weight", &weight}});
   if (out.numel() == 0) return out;
   const int64_t hidden = x.size(-1);
   const Rows in = as_rows(x);
@@ -200,13 +241,23 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, i
 std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
                                                       const at::Tensor& residual,
                                                       const at::Tensor& weight, double eps,
-                                                      int64_t stream) {
+                                                      int64_t stream, const OptTensor& out_arg,
+                                                      const OptTensor& residual_out_arg) {
   const char* op = "fused_add_rms_norm";
   check_x(op, x);
   check_same_as_x(op, "residual", residual, x);
   check_weight(op, weight, x);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor residual_out = at::empty(x.sizes(), x.options());
+  // residual_out may be residual itself (each element is read before it is written), nothing
+  // else that is read; out may not overlap anything.
+  const bool in_place = residual_out_arg.has_value() && residual_out_arg->is_same(residual) &&
+                        residual.is_contiguous();
+  at::Tensor residual_out =
+      in_place ? residual
+               : output(op, residual_out_arg, x.sizes(), x, "x",
+                        {{"x", &x}, {"residual", &residual}, {"weight", &weight}}, "residual_out");
+  at::Tensor out = output(op, out_arg, x.sizes(), x, "x",
+                          {{"x", &x}, {"residual", &residual}, {"weight", &weight},
+                           {"residual_out", &residual_out}});
   if (out.numel() == 0) return {out, residual_out};
   const int64_t hidden = x.size(-1);
   const Rows in = as_rows(x);
@@ -234,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& start, double scale) {
+                     const at::Tensor& start, double scale, const OptTensor& out_arg) {
   const char* op = "attention";
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape [batch, tokens, heads, head_dim], got ",
               shape_str(q.sizes()));
@@ -264,7 +315,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const at::Tensor st = start.contiguous();
   TORCH_CHECK(st.numel() == 0 || st.min().item<int64_t>() >= 0, op,
               ": start must be >= 0 (cached positions per sequence)");
-  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  at::Tensor out = output(op, out_arg, {B, T, H, D}, q, "q", {{"q", &q}, {"k", &k}, {"v", &v}});
   if (out.numel() == 0) return out;
   dispatch_float_storage(q.scalar_type(), [&](auto tag) {
     using T_ = decltype(tag);
@@ -365,12 +416,84 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
   return out;
 }
 
-at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream) {
+at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const std::vector<int64_t>& slots,
+                           const std::vector<int64_t>& start, const std::vector<int64_t>& n_new,
+                           const OptTensor& out_arg) {
+  const char* op = "rotary_kv_cache";
+  check_no_cuda_kernel(op, q);
+  TORCH_CHECK(q.dim() == 4, op, ": q must have shape [B, T, H, D], got ", shape_str(q.sizes()));
+  check_x(op, q, "q");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  for (const auto& [name, t] : {Named{"k", &k}, Named{"v", &v}}) {
+    TORCH_CHECK(t->sizes() == q.sizes(), op, ": ", name, " must have shape ", shape_str(q.sizes()),
+                " (the shape of q), got ", shape_str(t->sizes()));
+    check_dtype_device_as_x(op, name, *t, q, "q");
+    TORCH_CHECK(t->strides() == q.strides(), op, ": ", name, " must have the strides of q ",
+                shape_str(q.strides()), " (q, k, v are views of one qkv buffer), got ",
+                shape_str(t->strides()));
+  }
+  check_rope_table(op, "cos", cos, q);
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have shape ", shape_str(cos.sizes()),
+              " (the shape of cos), got ", shape_str(sin.sizes()));
+  check_rope_table(op, "sin", sin, q);
+  for (const auto& [name, t] : {Named{"k_cache", &k_cache}, Named{"v_cache", &v_cache}}) {
+    TORCH_CHECK(t->dim() == 4 && t->size(1) == H && t->size(3) == D, op, ": ", name,
+                " must have shape [slots, ", H, ", positions, ", D, "] (heads and head_dim of q), got ",
+                shape_str(t->sizes()));
+    check_dtype_device_as_x(op, name, *t, q, "q");
+    TORCH_CHECK(D <= 1 || t->stride(3) == 1, op, ": ", name,
+                " must have a contiguous head dim (stride 1), got stride ", t->stride(3));
+  }
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.strides() == k_cache.strides(), op,
+              ": v_cache must have the shape and strides of k_cache ", shape_str(k_cache.sizes()),
+              " ", shape_str(k_cache.strides()), ", got ", shape_str(v_cache.sizes()), " ",
+              shape_str(v_cache.strides()));
+  for (const auto& [name, list] : {std::pair<const char*, const std::vector<int64_t>*>{"slots", &slots},
+                                   {"start", &start}, {"n_new", &n_new}})
+    TORCH_CHECK(static_cast<int64_t>(list->size()) == B, op, ": ", name, " must give one value for each of the ",
+                B, " sequences, got ", list->size());
+  const int64_t num_slots = k_cache.size(0), S = k_cache.size(2);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= slots[b] && slots[b] < num_slots, op, ": slots[", b, "] = ", slots[b],
+                " is not a cache slot (the cache has ", num_slots, ")");
+    TORCH_CHECK(0 <= n_new[b] && n_new[b] <= T, op, ": n_new[", b, "] = ", n_new[b],
+                " must be in [0, ", T, "] (the tokens of q)");
+    TORCH_CHECK(0 <= start[b] && start[b] + n_new[b] <= S, op, ": sequence ", b, " writes positions ",
+                start[b], " .. ", start[b] + n_new[b] - 1, ", outside the cache's ", S, " positions");
+    for (int64_t c = 0; c < b; ++c)
+      TORCH_CHECK(slots[c] != slots[b], op, ": slots[", c, "] and slots[", b, "] are both ", slots[b],
+                  "; each sequence needs its own cache slot");
+  }
+  for (const auto& [name, t] : {Named{"q", &q}, Named{"k", &k}, Named{"v", &v}, Named{"k_cache", &k_cache}})
+    TORCH_CHECK(!may_overlap(v_cache, *t) && (t->is_same(k_cache) || !may_overlap(k_cache, *t)),
+                op, ": the caches share memory with ", name, " (or each other); they must be separate");
+  at::Tensor out = output(op, out_arg, q.sizes(), q, "q",
+                          {{"q", &q}, {"k", &k}, {"v", &v}, {"k_cache", &k_cache}, {"v_cache", &v_cache}});
+  if (out.numel() == 0) return out;
+  const at::Tensor c = cos.contiguous();
+  const at::Tensor s = sin.contiguous();
+  dispatch_float_storage(q.scalar_type(), [&](auto tag) {
+    using T_ = decltype(tag);
+    check_status(cpu::rotary_kv_cache<T_>(data<T_>(out), data<T_>(k_cache), data<T_>(v_cache),
+                                          data<T_>(q), data<T_>(k), data<T_>(v), data<float>(c),
+                                          data<float>(s), slots.data(), start.data(), n_new.data(),
+                                          B, T, H, D, cos.size(2), q.stride(0), q.stride(1),
+                                          q.stride(2), k_cache.stride(0), k_cache.stride(1),
+                                          k_cache.stride(2)),
+                 op);
+  });
+  return out;
+}
+
+at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,
+                  const OptTensor& out_arg) {
   const char* op = "swiglu";
   check_no_cuda_kernel(op, up);
   check_x(op, up, "up");
   check_same_as_x(op, "gate", gate, up, "up");
-  at::Tensor out = at::empty(up.sizes(), up.options());
+  at::Tensor out = output(op, out_arg, up.sizes(), up, "up", {{"up", &up}, {"gate", &gate}});
   if (out.numel() == 0) return out;
   const int64_t cols = up.size(-1);
   const Rows u = as_rows(up);
@@ -393,7 +516,8 @@ std::vector<std::string> linear_isas() {
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, int64_t stream, const std::string& isa) {
+                  const std::optional<at::Tensor>& bias, int64_t stream, const std::string& isa,
+                  const OptTensor& out_arg) {
   const char* op = "linear";
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
   TORCH_CHECK(!x.is_cuda(), op, ": no CUDA kernel yet (x is on ", x.device(),
@@ -414,11 +538,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK(N <= 1 || bias->stride(0) == 1, op,
                 ": bias must be contiguous (stride 1), got stride ", bias->stride(0));
   }
-  if (level == CpuIsa::kAuto && K > 0 && x.numel() / K > linear_kernel_max_rows(x.scalar_type(), K))
-    return at::linear(x, weight, bias).contiguous();
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());
+  const at::Tensor no_bias;
+  at::Tensor y = output(op, out_arg, sizes, x, "x",
+                        {{"x", &x}, {"weight", &weight}, {"bias", bias ? &*bias : &no_bias}});
+  if (level == CpuIsa::kAuto && K > 0 && x.numel() / K > linear_kernel_max_rows(x.scalar_type(), K))
+    return out_arg ? y.copy_(at::linear(x, weight, bias)) : at::linear(x, weight, bias).contiguous();
   if (y.numel() == 0) return y;
   if (K == 0) return bias.has_value() ? y.copy_(*bias) : y.zero_();  // an empty sum is 0
   const Rows in = as_rows(x);

@@ -13,30 +13,50 @@
 
 namespace qf {
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t stream);
+// Every op that takes `out` (and fused_add_rms_norm's `residual_out`) writes its result there
+// instead of allocating: a contiguous tensor of the result's shape, dtype and device that does not
+// overlap the inputs (residual_out may be `residual` itself: the residual stream updated in
+// place). The decode loop passes buffers allocated once per request.
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t stream,
+                    const OptTensor& out);
 
 std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
                                                       const at::Tensor& residual,
                                                       const at::Tensor& weight, double eps,
-                                                      int64_t stream);
+                                                      int64_t stream, const OptTensor& out,
+                                                      const OptTensor& residual_out);
 
 // Causal attention over a KV cache (CPU): q [B, T, H, D], k/v [B, S, H, D] (strided views
 // with a contiguous head dim), start [B] int64; returns [B, T, H, D] in q's dtype.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& start, double scale);
+                     const at::Tensor& start, double scale, const OptTensor& out);
 
 // CPU only for now: a CUDA tensor gets "<op>: no CUDA kernel yet"; stream is accepted for the
 // uniform signature and ignored.
 at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                             int64_t stream);
 
-at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream);
+// RoPE of q and k, with the rotated keys and the values written straight into a KV cache
+// [slots, H, S, D] (CPU): q, k, v [B, T, H, D] views sharing their strides (of the fused qkv
+// output); cos/sin [B, T, R] fp32; row b's first n_new[b] positions go to cache slot slots[b] at
+// positions start[b] ... Returns the rotated q ([B, T, H, D], contiguous; into `out` if given).
+at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const std::vector<int64_t>& slots,
+                           const std::vector<int64_t>& start, const std::vector<int64_t>& n_new,
+                           const OptTensor& out);
+
+at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,
+                  const OptTensor& out);
 
 // y = x . weight^T + bias. isa: "auto" (decode sizes run our kernel at the best level this CPU
 // has; prefill sizes go wherever is fastest, see ops.cpp) or one of linear_isas(), which forces
 // our kernel at that level for every size (the tests use it to reach each path).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, int64_t stream, const std::string& isa);
+                  const std::optional<at::Tensor>& bias, int64_t stream, const std::string& isa,
+                  const OptTensor& out);
 
 // The ISA levels of the linear kernel this CPU runs, best first ("avx512_bf16", "avx512",
 // "avx2", "scalar").

@@ -13,30 +13,37 @@ prefilled from an empty cache and kept for all its decode steps, as the release 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
 from .config import QwenConfig, ntk_alpha
 
-OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention", "linear")
+OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_kv_cache", "swiglu", "attention", "linear")
 BACKENDS = ("reference", "native", "auto")
+
+
+def _reference_linear(x, weight, bias=None, *, out=None):
+    # The release's projections are torch's own F.linear in the model dtype (fp32 sums, one
+    # rounding: what reference.linear specifies for the kernel, at torch's speed).
+    from .ops import _into
+    return _into(F.linear(x, weight, bias), out)
 
 
 def resolve_ops(backend: str) -> Dict[str, Callable]:
     """Op name -> implementation. 'reference' = PyTorch everywhere; 'native' (= 'auto') = our
-    C++/CUDA kernel where one exists for the op, the reference elsewhere."""
+    C++/CUDA kernel where one exists for the op, the reference elsewhere. Every op takes the
+    keyword out= (and fused_add_rms_norm residual_out=): the reference ones copy into it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    table = {name: getattr(reference, name) for name in OP_NAMES if name != "linear"}
-    # The release's projections are torch's own F.linear in the model dtype (fp32 sums, one
-    # rounding: what reference.linear specifies for the kernel, at torch's speed).
-    table["linear"] = F.linear
+    from . import ops
+    table = {name: functools.partial(getattr(ops, name), backend="reference")
+             for name in OP_NAMES if name != "linear"}
+    table["linear"] = _reference_linear
     if backend != "reference":
-        from . import ops
         if ops.HAVE_C:
             for name in OP_NAMES:
                 fn = getattr(ops, name, None)
@@ -73,6 +80,7 @@ class KVCache:
         self.lengths: List[int] = [0] * batch_size
         self.alpha: List[int] = [1] * batch_size
         self.peak_bytes = self.nbytes()
+        self.buffers: Optional[Dict[str, torch.Tensor]] = None   # QwenModel._decode_buffers
 
     @staticmethod
     def bytes_per_token(cfg: QwenConfig, dtype: torch.dtype) -> int:
@@ -217,33 +225,41 @@ class QwenModel:
             else:
                 runs.append([i, i + 1, r])
         H, D = cfg.num_attention_heads, cfg.head_dim
+        # Decode steps write every activation into buffers allocated once per cache (per
+        # request); a prefill allocates its own, freed when it ends.
+        ws = self._decode_buffers(cache, B) if T == 1 else {}
+        buf = ws.get
 
-        h = F.embedding(ids, self.wte)                                          # [B, T, hidden]
-        x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon)
+        if T == 1:
+            h = torch.index_select(self.wte, 0, ids.view(B), out=ws["h"].view(B, -1)).view(B, 1, -1)
+        else:
+            h = F.embedding(ids, self.wte)                                      # [B, T, hidden]
+        x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon, out=buf("x"))
+        linear = ops["linear"]
         for li, L in enumerate(self.layers):
-            linear = ops["linear"]
-            qkv = linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"])     # [B, T, 3*proj]
+            qkv = linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"], out=buf("qkv"))
             q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
-            q = ops["rotary_embedding"](q, cos, sin)
-            k = ops["rotary_embedding"](k, cos, sin)
-            if logn is not None:
-                q = q * logn
             kc, vc = cache.k[li], cache.v[li]
-            for b, r in enumerate(rows):
-                s0 = lengths[b]
-                kc[r, :, s0:s0 + n_new[b]] = k[b, :n_new[b]].transpose(0, 1)
-                vc[r, :, s0:s0 + n_new[b]] = v[b, :n_new[b]].transpose(0, 1)
+            # q rotated; k rotated and v copied into the cache, straight from qkv.
+            q = ops["rotary_kv_cache"](q, k, v, cos, sin, kc, vc, rows, lengths, n_new, out=buf("q"))
+            if logn is not None:
+                q.mul_(logn)
             # [B, S, H, D] views of the [B, H, S, D] cache: each head's keys are contiguous.
-            parts = [ops["attention"](q[i0:i1], kc[r0:r0 + i1 - i0, :, :S].transpose(1, 2),
-                                      vc[r0:r0 + i1 - i0, :, :S].transpose(1, 2), start[i0:i1])
-                     for i0, i1, r0 in runs]
-            a = parts[0] if len(parts) == 1 else torch.cat(parts)                # [B, T, H, D]
-            attn_out = linear(a.reshape(B, T, H * D), L["attn.c_proj.weight"])
-            x, h = ops["fused_add_rms_norm"](attn_out, h, L["ln_2.weight"], cfg.layer_norm_epsilon)
-            act = ops["swiglu"](linear(x, L["mlp.w1.weight"]), linear(x, L["mlp.w2.weight"]))
-            mlp_out = linear(act, L["mlp.c_proj.weight"])
+            a = ws["a"] if ws else q.new_empty(B, T, H, D)
+            for i0, i1, r0 in runs:
+                ops["attention"](q[i0:i1], kc[r0:r0 + i1 - i0, :, :S].transpose(1, 2),
+                                 vc[r0:r0 + i1 - i0, :, :S].transpose(1, 2), start[i0:i1],
+                                 out=a[i0:i1])
+            attn_out = linear(a.view(B, T, H * D), L["attn.c_proj.weight"], out=buf("o"))
+            x, h = ops["fused_add_rms_norm"](attn_out, h, L["ln_2.weight"], cfg.layer_norm_epsilon,
+                                             out=buf("x"), residual_out=h)
+            up = linear(x, L["mlp.w1.weight"], out=buf("up"))
+            gate = linear(x, L["mlp.w2.weight"], out=buf("gate"))
+            act = ops["swiglu"](up, gate, out=buf("act"))
+            mlp_out = linear(act, L["mlp.c_proj.weight"], out=buf("o"))
             nxt = self.layers[li + 1]["ln_1.weight"] if li + 1 < len(self.layers) else self.ln_f
-            x, h = ops["fused_add_rms_norm"](mlp_out, h, nxt, cfg.layer_norm_epsilon)
+            x, h = ops["fused_add_rms_norm"](mlp_out, h, nxt, cfg.layer_norm_epsilon,
+                                             out=buf("x"), residual_out=h)
         for b, r in enumerate(rows):
             cache.lengths[r] += n_new[b]
         if all_logits:
@@ -252,5 +268,23 @@ class QwenModel:
             for t0 in range(0, T, self.LOGITS_CHUNK):
                 out[:, t0:t0 + self.LOGITS_CHUNK] = ops["linear"](x[:, t0:t0 + self.LOGITS_CHUNK], self.lm_head)
             return out
+        if T == 1:
+            return ops["linear"](x[:, 0], self.lm_head)
         last = torch.tensor([n - 1 for n in n_new], device=self.device)
         return ops["linear"](x[torch.arange(B, device=self.device), last], self.lm_head)
+
+    def _decode_buffers(self, cache: KVCache, B: int) -> Dict[str, torch.Tensor]:
+        """The activations of a decode step for rows [:B], views of buffers made once per cache
+        for all its sequences (the logits are not among them: each step returns its own)."""
+        if cache.buffers is None:
+            cfg, n = self.cfg, cache.batch_size
+            L = self.layers[0]
+            sizes = {"h": cfg.hidden_size, "x": cfg.hidden_size, "o": cfg.hidden_size,
+                     "qkv": L["attn.c_attn.weight"].shape[0], "up": L["mlp.w1.weight"].shape[0],
+                     "gate": L["mlp.w2.weight"].shape[0], "act": L["mlp.w1.weight"].shape[0]}
+            cache.buffers = {k: torch.empty(n, 1, v, dtype=self.dtype, device=self.device)
+                             for k, v in sizes.items()}
+            for k in ("q", "a"):
+                cache.buffers[k] = torch.empty(n, 1, cfg.num_attention_heads, cfg.head_dim,
+                                               dtype=self.dtype, device=self.device)
+        return {k: t[:B] for k, t in cache.buffers.items()}

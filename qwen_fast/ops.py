@@ -26,7 +26,8 @@ HAVE_C = _C is not None
 BACKENDS = (None, "reference")
 
 __all__ = ["HAVE_C", "IMPORT_ERROR", "build_info", "cuda_device_count", "rms_norm",
-           "fused_add_rms_norm", "rotary_embedding", "swiglu", "attention", "linear"]
+           "fused_add_rms_norm", "rotary_embedding", "rotary_kv_cache", "swiglu", "attention",
+           "linear"]
 
 _warned_fallback = False
 
@@ -67,13 +68,23 @@ def _use_kernel(op: str, backend: str | None) -> bool:
     return True
 
 
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """result, or (the reference path given an output buffer) result copied into out."""
+    if out is None:
+        return result
+    if out.shape != result.shape or out.dtype != result.dtype or out.device != result.device:
+        raise ValueError(f"out must be a {result.dtype} tensor of shape {list(result.shape)} on "
+                         f"{result.device}, got {out.dtype} {list(out.shape)} on {out.device}")
+    return out.copy_(result)
+
+
 def _stream(x: torch.Tensor) -> int:
     """The current CUDA stream of x's device as an integer (0 for CPU tensors)."""
     return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
-             backend: str | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Qwen RMSNorm over the last dim: the spec is reference.rms_norm.
 
     x:      [..., hidden], bfloat16 / float16 / float32, last dim contiguous (rows may be a
@@ -82,15 +93,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     Returns a new contiguous tensor shaped like x, in x.dtype:
         round(round(x * rsqrt(mean(x^2) + eps)) * weight), fp32 maths; the normalised value is
         rounded to x.dtype before the weight multiply, as in the Qwen release.
+    out: write the result there instead (contiguous, x's shape, dtype and device, overlapping
+    no input); returned.
     backend: None runs the compiled kernel for x's device; "reference" the PyTorch reference.
     """
     if not _use_kernel("rms_norm", backend):
-        return reference.rms_norm(x, weight, eps)
-    return _C.rms_norm(x, weight, eps, _stream(x))
+        return _into(reference.rms_norm(x, weight, eps), out)
+    return _C.rms_norm(x, weight, eps, _stream(x), out=out)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float = 1e-6, *,
+                       eps: float = 1e-6, *, out: torch.Tensor | None = None,
+                       residual_out: torch.Tensor | None = None,
                        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add then RMSNorm in one pass: the spec is reference.fused_add_rms_norm.
 
@@ -100,11 +114,16 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     Returns (out, residual_out), new contiguous tensors shaped like x:
         residual_out = round(residual + x)      (the updated residual stream)
         out          = rms_norm(residual_out, weight, eps)
+    out, residual_out: buffers to write instead (contiguous, x's shape, dtype and device,
+    overlapping no input), except that residual_out may be residual itself: the residual
+    stream updated in place, as the decode loop does.
     backend: None runs the compiled kernel for x's device; "reference" the PyTorch reference.
     """
     if not _use_kernel("fused_add_rms_norm", backend):
-        return reference.fused_add_rms_norm(x, residual, weight, eps)
-    return _C.fused_add_rms_norm(x, residual, weight, eps, _stream(x))
+        normed, h = reference.fused_add_rms_norm(x, residual, weight, eps)
+        return _into(normed, out), _into(h, residual_out)
+    return _C.fused_add_rms_norm(x, residual, weight, eps, _stream(x), out=out,
+                                 residual_out=residual_out)
 
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
@@ -126,7 +145,32 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     return _C.rotary_embedding(x, cos, sin, _stream(x))
 
 
-def swiglu(up: torch.Tensor, gate: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots, start,
+                    n_new, *, out: torch.Tensor | None = None,
+                    backend: str | None = None) -> torch.Tensor:
+    """RoPE of q and k, the rotated keys and the values written straight into a KV cache: the
+    spec is reference.rotary_kv_cache (one pass instead of two rotations and two copies).
+
+    q, k, v:          [B, T, H, D] views with the same strides (of the fused qkv output:
+                      ``qkv.view(B, T, 3, H, D).unbind(2)``), head dim contiguous.
+    cos, sin:         [B, T, R] float32, as for rotary_embedding.
+    k_cache, v_cache: [slots, H, positions, D], same shape and strides, head dim contiguous.
+    slots, start, n_new: one int per row (lists): row b's first n_new[b] tokens go to cache
+                      slot slots[b] (distinct) at positions start[b] .. start[b] + n_new[b] - 1.
+    Returns rotary_embedding(q, cos, sin), bit-identical, new or written into out.
+    backend: None runs the compiled CPU kernel (CUDA tensors run the reference); "reference"
+    the PyTorch reference.
+    """
+    if not _use_kernel("rotary_kv_cache", backend) or q.is_cuda:
+        return _into(reference.rotary_kv_cache(q, k, v, cos, sin, k_cache, v_cache, slots, start,
+                                               n_new), out)
+    return _C.rotary_kv_cache(q, k, v, cos, sin, k_cache, v_cache, list(slots), list(start),
+                              list(n_new), out=out)
+
+
+def swiglu(up: torch.Tensor, gate: torch.Tensor, *, out: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
     """Qwen MLP activation up * silu(gate): the spec is reference.swiglu.
 
     up, gate: [..., F] (F = 5504 for Qwen-1.8B; up = w1(x), gate = w2(x)), same shape and dtype
@@ -137,16 +181,19 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor, *, backend: str | None = None) 
         and mul round in that dtype (no rounding for float32). exp is SLEEF's expf_u10, torch's
         vectorised CPU exp, so the result equals torch's vector path bit for bit; elements that
         torch computes in its scalar tail (libm expf) may differ by an fp32 ulp before rounding.
+    out: write the result there instead (contiguous, up's shape and dtype, overlapping neither
+    input).
     backend: None runs the compiled CPU kernel (CUDA tensors run the reference: no CUDA kernel
     yet); "reference" the PyTorch reference.
     """
     if not _use_kernel("swiglu", backend) or up.is_cuda:
-        return reference.swiglu(up, gate)
-    return _C.swiglu(up, gate, _stream(up))
+        return _into(reference.swiglu(up, gate), out)
+    return _C.swiglu(up, gate, _stream(up), out=out)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
-              scale: float | None = None, *, backend: str | None = None) -> torch.Tensor:
+              scale: float | None = None, *, out: torch.Tensor | None = None,
+              backend: str | None = None) -> torch.Tensor:
     """Causal multi-head attention over a KV cache: the spec is reference.attention.
 
     q:     [B, T, H, D] new queries, bfloat16 / float16 / float32, head dim contiguous; query t
@@ -161,13 +208,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Te
     CUDA kernel lands); "reference" the PyTorch reference.
     """
     if not _use_kernel("attention", backend) or q.is_cuda:
-        return reference.attention(q, k, v, start, scale)
+        return _into(reference.attention(q, k, v, start, scale), out)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _C.attention(q, k, v, start.to("cpu", torch.long), scale)
+    return _C.attention(q, k, v, start.to("cpu", torch.long), scale, out=out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           backend: str | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias: the spec is reference.linear.
 
     x:      [..., K], bfloat16 / float16 / float32, last dim contiguous (rows may be a strided
@@ -179,10 +226,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     small batches); above 48-128 rows of x (by dtype and K) torch's blocked GEMM is faster in
     bf16 and fp32 and runs instead; fp16 always runs ours (measurements in csrc/ops.cpp).
     CUDA tensors run torch.nn.functional.linear (no CUDA kernel yet).
+    out: write the result there instead (contiguous, [..., N], x's dtype, overlapping no input).
     backend: None runs the compiled kernel; "reference" the PyTorch reference.
     """
     if not _use_kernel("linear", backend):
-        return reference.linear(x, weight, bias)
+        return _into(reference.linear(x, weight, bias), out)
     if x.is_cuda:
-        return F.linear(x, weight, bias)
-    return _C.linear(x, weight, bias)
+        return _into(F.linear(x, weight, bias), out)
+    return _C.linear(x, weight, bias, out=out)

@@ -71,6 +71,24 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.to(x.dtype)
 
 
+def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slots, start, n_new) -> torch.Tensor:
+    """RoPE of q and k with the keys and values appended to a KV cache, as a model step does.
+
+    q, k, v: [B, T, H, D]; cos, sin: [B, T, R] fp32; k_cache, v_cache: [slots, H, S, D].
+    For each row b: k_cache[slots[b], :, start[b] : start[b] + n_new[b]] = rotary_embedding(k)
+    of its first n_new[b] tokens (head-major), v_cache likewise = v (copied, no rounding).
+    Returns rotary_embedding(q, cos, sin) for every token, padding rows included.
+    """
+    kr = rotary_embedding(k, cos, sin)
+    for b in range(q.shape[0]):
+        s, s0, n = int(slots[b]), int(start[b]), int(n_new[b])
+        k_cache[s, :, s0:s0 + n] = kr[b, :n].transpose(0, 1)
+        v_cache[s, :, s0:s0 + n] = v[b, :n].transpose(0, 1)
+    return rotary_embedding(q, cos, sin)
+
+
 def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Qwen MLP activation: up * silu(gate), with gate = w2(x) and up = w1(x) (spec §3.2).
 

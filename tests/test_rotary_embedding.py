@@ -191,3 +191,103 @@ def _t(*shape, dtype=torch.float32):
 def test_bad_arguments_are_named(call, error):
     with pytest.raises(RuntimeError, match=error):
         call()
+
+
+# ---- rotary_kv_cache: the model's step (q rotated, k rotated and v copied into the cache) -------
+
+KV_CASES = [
+    # (id, B, T, n_new per row, start per row, slots per row, cache slots, positions)
+    ("decode_1", 1, 1, [1], [140], [0], 1, 256),
+    ("decode_rows_of_a_bigger_cache", 3, 1, [1, 1, 1], [5, 0, 63], [3, 0, 2], 4, 64),
+    ("prefill_ragged", 3, 9, [9, 4, 1], [0, 0, 0], [0, 1, 2], 3, 16),
+    ("chunk_after_cached", 2, 7, [7, 3], [16, 40], [1, 0], 2, 47),
+    ("nothing_appended", 2, 3, [0, 3], [8, 0], [0, 1], 2, 8),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in KV_CASES])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_kv_cache_is_bit_exact(case, dtype, request):
+    """q out, the keys and values written, and every cache position not written are exactly
+    the reference's (which rotates with reference.rotary_embedding and copies)."""
+    _, B, T, n_new, start, slots, n_slots, S = case
+    gen = case_generator(request)
+    H, D = 16, 128
+    qkv = (2 * torch.randn(B, T, 3 * H * D, generator=gen)).to(dtype)
+    q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+    cos, sin = _tables(B, T, D, gen)
+    # Caches as the model holds them, [slots, H, capacity, D], viewed over S positions.
+    kc = torch.randn(n_slots, H, S + 5, D, generator=gen).to(dtype)[:, :, :S]
+    vc = torch.randn(n_slots, H, S + 5, D, generator=gen).to(dtype)[:, :, :S]
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    want = reference.rotary_kv_cache(q, k, v, cos, sin, kc_ref, vc_ref, slots, start, n_new)
+    out = torch.empty(B, T, H, D, dtype=dtype)
+    got = ops.rotary_kv_cache(q, k, v, cos, sin, kc, vc, slots, start, n_new, out=out)
+    assert got is out
+    assert torch.equal(got, want)
+    assert torch.equal(want, reference.rotary_embedding(q, cos, sin))
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    for b in range(B):       # and the reference really wrote what the model reads back
+        s0, n = start[b], n_new[b]
+        assert torch.equal(vc_ref[slots[b], :, s0:s0 + n], v[b, :n].transpose(0, 1))
+    fresh = ops.rotary_kv_cache(q, k, v, cos, sin, kc.clone(), vc.clone(), slots, start, n_new)
+    assert torch.equal(fresh, want) and fresh.is_contiguous()
+
+
+def _kv_args(B=2, T=1, S=8, dtype=torch.bfloat16):
+    H, D = 4, 16
+    qkv = torch.randn(B, T, 3 * H * D).to(dtype)
+    q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+    cos, sin = torch.randn(B, T, D), torch.randn(B, T, D)
+    kc, vc = torch.zeros(B, H, S, D, dtype=dtype), torch.zeros(B, H, S, D, dtype=dtype)
+    return dict(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=kc, v_cache=vc, slots=[0, 1],
+                start=[0, 3], n_new=[1, 1])
+
+
+def _kv_call(**change):
+    a = _kv_args()
+    a.update(change)
+    return ops.rotary_kv_cache(**a)
+
+
+@pytest.mark.parametrize("change,error", [
+    pytest.param(dict(slots=[0, 2]), r"rotary_kv_cache: slots\[1\] = 2 is not a cache slot "
+                 r"\(the cache has 2\)", id="slot_out_of_range"),
+    pytest.param(dict(slots=[1, 1]), r"slots\[0\] and slots\[1\] are both 1; each sequence needs "
+                 r"its own cache slot", id="slot_twice"),
+    pytest.param(dict(slots=[0]), r"slots must give one value for each of the 2 sequences, got 1",
+                 id="slots_short"),
+    pytest.param(dict(start=[0, 8]), r"sequence 1 writes positions 8 \.\. 8, outside the cache's "
+                 r"8 positions", id="past_the_cache"),
+    pytest.param(dict(start=[-1, 0]), r"sequence 0 writes positions -1", id="negative_start"),
+    pytest.param(dict(n_new=[2, 1]), r"n_new\[0\] = 2 must be in \[0, 1\]", id="n_new_past_T"),
+    pytest.param(dict(k=torch.randn(2, 1, 4, 16).to(torch.bfloat16)),
+                 r"k must have the strides of q \[192, 192, 16, 1\] \(q, k, v are views of one qkv "
+                 r"buffer\), got \[64, 64, 16, 1\]", id="k_strides"),
+    pytest.param(dict(v_cache=torch.zeros(2, 4, 9, 16, dtype=torch.bfloat16)),
+                 r"v_cache must have the shape and strides of k_cache \[2, 4, 8, 16\]",
+                 id="v_cache_shape"),
+    pytest.param(dict(k_cache=torch.zeros(2, 4, 8, 16)),
+                 r"k_cache must have dtype torch.bfloat16 \(the dtype of q\), got torch.float32",
+                 id="cache_dtype"),
+    pytest.param(dict(k_cache=torch.zeros(2, 5, 8, 16, dtype=torch.bfloat16)),
+                 r"k_cache must have shape \[slots, 4, positions, 16\]", id="cache_heads"),
+    pytest.param(dict(out=torch.empty(2, 1, 4, 16)),
+                 r"rotary_kv_cache: out must have dtype torch.bfloat16 \(the dtype of q\), got "
+                 r"torch.float32", id="out_dtype"),
+    pytest.param(dict(out=torch.empty(2, 1, 4, 17, dtype=torch.bfloat16)[..., :16]),
+                 r"rotary_kv_cache: out must be contiguous", id="out_strided"),
+])
+def test_rotary_kv_cache_bad_arguments_are_named(change, error):
+    with pytest.raises(RuntimeError, match=error):
+        _kv_call(**change)
+
+
+def test_rotary_kv_cache_refuses_overlapping_buffers():
+    a = _kv_args()
+    with pytest.raises(RuntimeError, match="the caches share memory with k_cache"):
+        _kv_call(v_cache=a["k_cache"], k_cache=a["k_cache"])
+    # out: a contiguous [2, 1, 4, 16] tensor over the first elements of the key cache.
+    aliasing = a["k_cache"].view(-1)[:2 * 4 * 16].view(2, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="out shares memory with k_cache; pass a separate buffer"):
+        _kv_call(k_cache=a["k_cache"], out=aliasing)

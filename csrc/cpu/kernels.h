@@ -55,6 +55,25 @@ Status rotary_embedding(T* out,            // [batch, seq, heads, head_dim], con
                         int64_t rot_dim, int64_t x_stride_b, int64_t x_stride_t,
                         int64_t x_stride_h);
 
+// rotary_embedding of q into q_out, and of k into a KV cache with v beside it: for b < batch,
+// t < n_new[b], h < heads: k_cache[slots[b], h, start[b] + t] = rope(k[b, t, h]) and
+// v_cache[...] = v[b, t, h] (copied); q_out[b, t, h] = rope(q[b, t, h]) for every t < seq (rows
+// past n_new[b] are padding, rotated all the same). The roundings of rotary_embedding. q, k, v
+// share their strides (views of one qkv buffer); k_cache and v_cache share theirs. The caller
+// guarantees 0 <= slots[b] < cache slots and start[b] + n_new[b] <= the cache's positions.
+template <typename T>
+Status rotary_kv_cache(T* q_out,             // [batch, seq, heads, head_dim], contiguous
+                       T* k_cache,           // [slots, heads, S, head_dim] at strides
+                       T* v_cache,           //   (c_stride_slot, c_stride_h, c_stride_s, 1)
+                       const T* q, const T* k, const T* v,  // [batch, seq, heads, head_dim] at
+                                                           //   strides (x_stride_b, _t, _h, 1)
+                       const float* cos,     // [batch, seq, rot_dim], contiguous
+                       const float* sin,     // [batch, seq, rot_dim], contiguous
+                       const int64_t* slots, const int64_t* start, const int64_t* n_new,  // [batch]
+                       int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                       int64_t rot_dim, int64_t x_stride_b, int64_t x_stride_t, int64_t x_stride_h,
+                       int64_t c_stride_slot, int64_t c_stride_h, int64_t c_stride_s);
+
 // out = up * silu(gate), silu(g) = g / (1 + exp(-g)) rounded to T, the product rounded to T
 // (reference.swiglu).
 template <typename T>

@@ -1,0 +1,132 @@
+"""The lean decode loop: a decode step writes its activations into buffers made once per request
+(KVCache.buffers), the ops' out= arguments that it uses, and the in-place residual stream."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from qwen_fast import Engine, ops
+from qwen_fast.model import KVCache
+
+pytestmark = pytest.mark.usefixtures("require_extension")
+
+
+def _allocations(fn) -> list:
+    """(op name, bytes) of every CPU allocation that fn makes, as torch's profiler records it
+    (torch's allocator: at::empty in our extension included)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [(ev.name, ev.cpu_memory_usage) for ev in prof.events() if ev.cpu_memory_usage > 0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_decode_step_allocates_only_its_logits(tiny_ckpt, dtype):
+    """After the first step made the buffers, a step over 2 of 3 sequences allocates the
+    logits it returns and bookkeeping smaller than one activation (positions, rotary angles:
+    batch x rotary dim fp32 values), nothing the size of an activation (batch x hidden). The prefill, which has
+    no buffers, is the control: it does allocate activations."""
+    m = Engine.from_pretrained(tiny_ckpt, dtype=dtype, backend="auto").model
+    act_bytes = 2 * m.cfg.hidden_size * m.lm_head.element_size()     # 2 rows decode
+    cache = KVCache(m.cfg, 3, 8, m.dtype, max_capacity=64)
+    prefill = _allocations(lambda: m.forward(torch.tensor([[1, 2, 3]] * 3), cache))
+    assert any(n >= act_bytes for _, n in prefill)
+    m.forward(torch.tensor([[4], [5]]), cache, rows=[0, 2])
+    made = {k: t.data_ptr() for k, t in cache.buffers.items()}
+    step = _allocations(lambda: m.forward(torch.tensor([[6], [7]]), cache, rows=[0, 2]))
+    logits_bytes = 2 * m.cfg.vocab_size * m.lm_head.element_size()
+    big = [(name, n) for name, n in step if n >= act_bytes]
+    assert [n for _, n in big] == [logits_bytes], big
+    assert {k: t.data_ptr() for k, t in cache.buffers.items()} == made
+
+
+def test_decode_with_buffers_equals_the_reference_step(tiny_ckpt):
+    """fp32: the buffered native step gives the reference backend's logits (which allocates
+    everything) within the fp32 reordering tolerance of test_model, over rows run in two runs."""
+    nat = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="auto").model
+    ref = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference").model
+    outs = []
+    for m in (nat, ref):
+        cache = KVCache(m.cfg, 4, 8, m.dtype, max_capacity=64)
+        m.forward(torch.tensor([[1, 2, 3, 4]] * 4), cache, num_new=[4, 2, 3, 1])
+        steps = [m.forward(torch.tensor([[5], [6], [7]]), cache, rows=[0, 2, 3])
+                 for _ in range(3)]
+        outs.append(torch.stack(steps))
+    got, want = outs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+# ---- out= of each op ---------------------------------------------------------------------------
+
+def _bf16(*shape):
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+def _op_cases():
+    x, w, b = _bf16(3, 64), _bf16(48, 64), _bf16(48)
+    res, nw = _bf16(3, 64), _bf16(64)
+    up, gate = _bf16(3, 40), _bf16(3, 40)
+    q, k, v = _bf16(2, 1, 4, 16), _bf16(2, 9, 4, 16), _bf16(2, 9, 4, 16)
+    start = torch.tensor([8, 3])
+    return [
+        ("linear", lambda **o: ops.linear(x, w, b, **o), (3, 48)),
+        ("rms_norm", lambda **o: ops.rms_norm(x, nw, 1e-6, **o), (3, 64)),
+        ("swiglu", lambda **o: ops.swiglu(up, gate, **o), (3, 40)),
+        ("attention", lambda **o: ops.attention(q, k, v, start, **o), (2, 1, 4, 16)),
+        ("fused_add_rms_norm", lambda **o: ops.fused_add_rms_norm(x, res, nw, 1e-6, **o)[0],
+         (3, 64)),
+    ]
+
+
+OP_CASES = [pytest.param(name, id=name) for name, _, _ in _op_cases()]
+
+
+def _case(name):
+    return next((fn, shape) for n, fn, shape in _op_cases() if n == name)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("name", OP_CASES)
+def test_out_receives_the_same_result(name, backend):
+    fn, shape = _case(name)
+    out = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    got = fn(out=out, backend=backend)
+    assert got is out or got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, fn(backend=backend))
+
+
+@pytest.mark.parametrize("name", OP_CASES)
+def test_bad_out_is_named(name):
+    fn, shape = _case(name)
+    with pytest.raises(RuntimeError, match=rf"{name}: out must have shape \[{', '.join(map(str, shape))}\]"):
+        fn(out=torch.empty(*shape[:-1], shape[-1] + 1, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=rf"{name}: out must have dtype torch.bfloat16 .*got torch.float32"):
+        fn(out=torch.empty(shape))
+    wide = torch.empty(*shape[:-1], shape[-1] * 2, dtype=torch.bfloat16)[..., :shape[-1]]
+    with pytest.raises(RuntimeError, match=rf"{name}: out must be contiguous"):
+        fn(out=wide)
+
+
+def test_out_may_not_overlap_an_input():
+    x, w = _bf16(2, 64), _bf16(64, 64)
+    with pytest.raises(RuntimeError, match="linear: out shares memory with x; pass a separate buffer"):
+        ops.linear(x, w, out=x)
+    up = _bf16(2, 40)
+    with pytest.raises(RuntimeError, match="swiglu: out shares memory with gate"):
+        ops.swiglu(_bf16(2, 40), up, out=up)
+
+
+def test_fused_add_rms_norm_updates_the_residual_in_place():
+    """residual_out=residual: the residual stream updated in place (what the model does every
+    layer); any other buffer that overlaps an input is refused."""
+    x, res, w = _bf16(3, 64), _bf16(3, 64), _bf16(64)
+    want_out, want_res = ops.fused_add_rms_norm(x, res, w, 1e-6)
+    out = torch.empty_like(x)
+    got_out, got_res = ops.fused_add_rms_norm(x, res, w, 1e-6, out=out, residual_out=res)
+    assert got_out.data_ptr() == out.data_ptr() and got_res.data_ptr() == res.data_ptr()
+    assert torch.equal(out, want_out) and torch.equal(res, want_res)
+    with pytest.raises(RuntimeError, match="fused_add_rms_norm: residual_out shares memory with x"):
+        ops.fused_add_rms_norm(x, res, w, 1e-6, residual_out=x)
+    with pytest.raises(RuntimeError, match="fused_add_rms_norm: out shares memory with residual_out"):
+        r2 = torch.empty_like(x)
+        ops.fused_add_rms_norm(x, res, w, 1e-6, out=r2, residual_out=r2)

@@ -73,6 +73,14 @@ def _elementwise(tokens: int, dtype, device):
     yield ("rotary_embedding", f"1x{tokens}x{HEADS}x{HEAD_DIM}",
            act + 2 * tokens * HEAD_DIM * 4 + act,
            lambda: ops.rotary_embedding(q, cos, sin), lambda: reference.rotary_embedding(q, cos, sin))
+    # The model's step: q out, k rotated and v copied into a [1, H, S, D] cache at the end.
+    qkv = randn(1, tokens, 3 * HIDDEN).view(1, tokens, 3, HEADS, HEAD_DIM).unbind(2)
+    kc, vc = (q.new_zeros(1, HEADS, tokens + 64, HEAD_DIM) for _ in range(2))
+    kv = (*qkv, cos, sin, kc, vc, [0], [64], [tokens])
+    # bytes: read q, k, v, cos and sin, write q out and the cache's k and v
+    yield ("rotary_kv_cache", f"1x{tokens}x{HEADS}x{HEAD_DIM}",
+           3 * act + 2 * tokens * HEAD_DIM * 4 + 3 * act,
+           lambda: ops.rotary_kv_cache(*kv), lambda: reference.rotary_kv_cache(*kv))
     up, gate = randn(tokens, FFN), randn(tokens, FFN)
     # bytes: read up and gate, write out
     yield ("swiglu", f"{tokens}x{FFN}", 3 * tokens * FFN * e,
@@ -105,7 +113,8 @@ def _randn(*shape, dtype, device, gen) -> torch.Tensor:
 
 
 def elementwise_cases(dtype, device) -> Iterator[Case]:
-    """rms_norm, fused_add_rms_norm, rotary_embedding and swiglu at every token count."""
+    """rms_norm, fused_add_rms_norm, rotary_embedding, rotary_kv_cache and swiglu at every token
+    count."""
     for tokens in TOKENS:
         for name, shape, nbytes, kernel, ref in _elementwise(tokens, dtype, device):
             yield Case(name, shape, nbytes, None, kernel, ref, "reference")

@@ -18,7 +18,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -66,28 +66,42 @@ def _progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def measure(engine, prompt_tokens: int, new_tokens: int, context: int, repeats: int) -> dict:
-    """Prefill and decode numbers of one engine (median over repeats)."""
+def measure(engine, prompt_tokens: int, new_tokens: int, context: int, repeats: int,
+            read_gbs: Callable[[], float] = read_bandwidth_gbs) -> dict:
+    """Prefill and decode numbers of one engine (medians over repeats).
+
+    Each decode run lies between two read passes, and its share of the read bandwidth is taken
+    against the larger of the two: a shared machine's bandwidth drifts within seconds, so only
+    a read measured next to the decode is its roofline. The share reported is the median of the
+    runs' shares, the read bandwidth the median of their rooflines."""
     g = torch.Generator().manual_seed(0)
     vocab = len(engine.tokenizer) - 208        # plain BPE ids: no special tokens in the prompt
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist()
     ctx = torch.randint(0, vocab, (max(context, 1),), generator=g).tolist()
     greedy = dict(temperature=0, ignore_eos=True)
     engine.generate(prompt[:8], max_new_tokens=2, **greedy)                       # warm-up
-    ttft, per_token = [], []
+    nbytes = weight_bytes_per_token(engine.model)
+    ttft, rounds = [], []
     for i in range(repeats):
         _progress(f"{engine.model.backend}: prefill {prompt_tokens} tokens ({i + 1}/{repeats})")
         ttft.append(engine.generate(prompt, max_new_tokens=1, **greedy).prefill_s)
         _progress(f"{engine.model.backend}: decode {new_tokens} tokens after "
                   f"{context or prompt_tokens} ({i + 1}/{repeats})")
+        before = read_gbs()
         r = engine.generate(ctx if context else prompt, max_new_tokens=new_tokens + 1, **greedy)
-        per_token.append(r.decode_s / (r.completion_tokens - 1))
-    t_pre, t_tok = statistics.median(ttft), statistics.median(per_token)
-    nbytes = weight_bytes_per_token(engine.model)
+        roof = max(before, read_gbs())
+        t_tok = r.decode_s / (r.completion_tokens - 1)
+        rounds.append({"ms_per_token": t_tok * 1e3, "read_gb_s": roof,
+                       "pct_of_read": 100 * nbytes / t_tok / 1e9 / roof})
+    t_pre = statistics.median(ttft)
+    t_tok = statistics.median(x["ms_per_token"] for x in rounds) / 1e3
     return {"backend": engine.model.backend, "ttft_ms": t_pre * 1e3,
             "prefill_tokens_per_s": prompt_tokens / t_pre, "decode_tokens_per_s": 1 / t_tok,
             "ms_per_token": t_tok * 1e3, "weight_bytes_per_token": nbytes,
-            "weights_gb_s": nbytes / t_tok / 1e9}
+            "weights_gb_s": nbytes / t_tok / 1e9,
+            "read_gb_s": statistics.median(x["read_gb_s"] for x in rounds),
+            "pct_of_read": statistics.median(x["pct_of_read"] for x in rounds),
+            "rounds": rounds}
 
 
 def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -103,7 +117,8 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--quant", default="none", choices=["none"],
                    help="weight quantization (int8/int4 come with the GPTQ backend)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="prefill and decode runs per backend, each decode between read passes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
     return p
@@ -137,18 +152,14 @@ def run(args) -> dict:
     rows = []
     for backend in backends:
         engine.model.ops, engine.model.backend = resolve_ops(backend), backend   # same weights
-        before = read_bandwidth_gbs()
         row = measure(engine, args.prompt_tokens, args.new_tokens, args.context, args.repeats)
-        # The roofline of this backend's decode: a read pass just before and just after it (a
-        # shared machine's bandwidth drifts over a run; the larger is the fairer bound).
-        row["read_gb_s"] = max(before, read_bandwidth_gbs())
-        row["pct_of_read"] = 100 * row["weights_gb_s"] / row["read_gb_s"]
         read_gbs = max(read_gbs, row["read_gb_s"])
         rows.append(row)
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch": torch.__version__, "threads": torch.get_num_threads()},
             "config": args.config, "dtype": args.dtype, "quant": args.quant,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
             "context": args.context or args.prompt_tokens, "read_gb_s": read_gbs,
             "copy_gb_s": copy_gbs, "peak_rss_mb": peak_rss_mb(), "results": rows}
 
@@ -157,7 +168,8 @@ def format_table(out: dict) -> str:
     lines = [f"# decode benchmark: {out['config']} {out['dtype']}, prompt {out['prompt_tokens']}, "
              f"decode after {out['context']} tokens, {out['machine']['threads']} threads",
              "", f"read up to {out['read_gb_s']:.1f} GB/s, copy {out['copy_gb_s']:.1f} GB/s (same run; "
-             "each backend against a read pass just before and after its decode); "
+             "each decode run against a read pass just before and after it; medians of "
+             f"{out['repeats']} runs); "
              f"peak RSS {out['peak_rss_mb']:.0f} MB", "",
              "| backend | TTFT ms | prefill tok/s | decode tok/s | ms/token | weight MB/token | "
              "GB/s | read GB/s | % of read |", "|" + "---|" * 9]

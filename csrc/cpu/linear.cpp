@@ -3,9 +3,9 @@
 // Layout: x [M, ld_x] (K contiguous elements a row), w [N, K] contiguous, y [M, ld_y], bias [N].
 // Parallelisation: the weights stream from memory once (up to 16 rows of x; more rows are taken
 // in panels that fit in L2, the weights once per panel). Each OpenMP thread owns a block of
-// output columns n; for each group of kRows weight rows it forms the dot products with all the
-// panel's rows of x (register tiles of kRows x MB fp32 accumulators) while those weight rows sit
-// in L1, and prefetches the next group into L2 meanwhile.
+// output columns n; for each group of kRows weight rows (at decode sizes one from each of kRows
+// sequential streams, see columns()) it forms the dot products with all the panel's rows of x
+// (register tiles of kRows x MB fp32 accumulators) while those weight rows sit in L1.
 // ISA: explicit kernels for AVX-512 BF16 (vdpbf16ps on bf16 pairs), AVX-512 and AVX2 (16-bit
 // values widened to fp32, then FMA) and plain C++, picked at run time or forced by the caller.
 // Constraints: M, N, K >= 0, any row strides; each output is one thread's fixed-order sum, so
@@ -38,6 +38,8 @@ constexpr int64_t kCacheLine = 64;
 // Activation rows per panel: at least the decode sizes, else as many as fit in kPanelBytes.
 constexpr int64_t kMinPanelRows = 16;
 constexpr int64_t kPanelBytes = 256 * 1024;
+// Decode tiles prefetch the next rows of their streams into L2 from this many activation rows.
+constexpr int64_t kPrefetchMinRows = 3;
 // Below this many multiply-adds the OpenMP fork/join costs more than it saves.
 constexpr int64_t kParallelMinMacs = int64_t{1} << 16;
 
@@ -116,45 +118,50 @@ QF_TARGET_AVX512 inline void hsum4(__m512 a, __m512 b, __m512 c, __m512 d, float
 // acc[r][m] += w[r, :kStep] . x[m, :kStep]; kPartial: only the first n elements (n < kStep).
 template <class Ops, int R, int MB, bool kPartial>
 inline void tile_step(typename Ops::Acc (&acc)[R][MB],
-                      const typename Ops::Elem* w,  // [R, K], at the step's first column
+                      const typename Ops::Elem* w,  // [R, ldw], at the step's first column
                       const typename Ops::Elem* x,  // [MB, ld_x], at the step's first column
-                      int64_t K, int64_t ld_x, int64_t n) {
+                      int64_t ldw, int64_t ld_x, int64_t n) {
   typename Ops::Vec xv[MB];
   for (int m = 0; m < MB; ++m)
     xv[m] = kPartial ? Ops::load_partial(x + m * ld_x, n) : Ops::load(x + m * ld_x);
   for (int r = 0; r < R; ++r) {
-    const typename Ops::Vec wv = kPartial ? Ops::load_partial(w + r * K, n) : Ops::load(w + r * K);
+    const typename Ops::Vec wv =
+        kPartial ? Ops::load_partial(w + r * ldw, n) : Ops::load(w + r * ldw);
     for (int m = 0; m < MB; ++m) acc[r][m] = Ops::fma(acc[r][m], wv, xv[m]);
   }
 }
 
-// What a tile prefetches: bytes [begin, end) of `next`, `step` bytes per k step from begin.
+// What a tile prefetches: bytes [begin, end) of each of `rows` regions, the first at `next` and
+// `stride` bytes apart, `step` bytes per k step from begin.
 struct Prefetch {
   const char* next;
-  int64_t begin, end, step;
+  int64_t begin, end, step, rows, stride;
 };
 
-// y[m0 : m0 + MB, n0 : n0 + R], rounded once after adding the bias in fp32.
+// y[m0 : m0 + MB, n0 + r * step] for r < R, rounded once after adding the bias in fp32.
 template <class Ops, int R, int MB>
-inline void tile(const Args<typename Ops::Elem>& a, int64_t n0, int64_t m0, Prefetch pf) {
+inline void tile(const Args<typename Ops::Elem>& a, int64_t n0, int64_t step, int64_t m0,
+                 Prefetch pf) {
   using T = typename Ops::Elem;
   typename Ops::Acc acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = Ops::zero();
   const T* w = a.w + n0 * a.K;
   const T* x = a.x + m0 * a.ld_x;
+  const int64_t ldw = step * a.K;  // between the tile's weight rows
   int64_t k = 0;
   for (; k + Ops::kStep <= a.K; k += Ops::kStep) {
     for (int64_t i = pf.begin; i < pf.begin + pf.step && i < pf.end; i += kCacheLine)
-      __builtin_prefetch(pf.next + i, 0, 2);  // into L2 (prefetcht1)
+      for (int64_t r = 0; r < pf.rows; ++r)
+        __builtin_prefetch(pf.next + r * pf.stride + i, 0, 2);  // into L2 (prefetcht1)
     pf.begin += pf.step;
-    tile_step<Ops, R, MB, false>(acc, w + k, x + k, a.K, a.ld_x, Ops::kStep);
+    tile_step<Ops, R, MB, false>(acc, w + k, x + k, ldw, a.ld_x, Ops::kStep);
   }
   if constexpr (Ops::kStep > 1) {
-    if (k < a.K) tile_step<Ops, R, MB, true>(acc, w + k, x + k, a.K, a.ld_x, a.K - k);
+    if (k < a.K) tile_step<Ops, R, MB, true>(acc, w + k, x + k, ldw, a.ld_x, a.K - k);
   }
   float b[R];
-  for (int r = 0; r < R; ++r) b[r] = a.bias != nullptr ? to_float(a.bias[n0 + r]) : 0.0f;
+  for (int r = 0; r < R; ++r) b[r] = a.bias != nullptr ? to_float(a.bias[n0 + r * step]) : 0.0f;
   for (int m = 0; m < MB; ++m) {
     float sum[R];
     if constexpr (R == 4) {
@@ -162,45 +169,60 @@ inline void tile(const Args<typename Ops::Elem>& a, int64_t n0, int64_t m0, Pref
     } else {
       for (int r = 0; r < R; ++r) sum[r] = hsum(acc[r][m]);
     }
-    for (int r = 0; r < R; ++r) a.y[(m0 + m) * a.ld_y + n0 + r] = from_float<T>(sum[r] + b[r]);
+    for (int r = 0; r < R; ++r)
+      a.y[(m0 + m) * a.ld_y + n0 + r * step] = from_float<T>(sum[r] + b[r]);
   }
 }
 
-// Columns n0 .. n0 + R - 1 for every activation row: the R weight rows stay in L1 meanwhile.
-// Meanwhile the next R rows are prefetched into L2, a share in each of the M / kMaxMB tiles, so
-// that memory streams while the tiles compute: without it a core alternates between waiting for
-// weights and computing (bf16, one thread, 6144x2048: M = 4 at 12 GB/s instead of 18, M = 16 at
-// 7.3 instead of 9.7). Prefetching into L1 instead gains little: its few miss buffers cap the
-// stream. (Prefetching the whole next group during the first tile was ~7% faster at K = 5504,
-// M = 8..16, ~15% slower at K = 2048, which four of Qwen's five projections have.)
+// Columns n0 + r * row_step (r < R) for every activation row: the R weight rows stay in L1
+// meanwhile. With use_pf the next R rows (n0 + R when the rows are consecutive, n0 + 1 + r *
+// row_step when they are streams) are prefetched into L2, a share in each of the M / kMaxMB
+// tiles, so that memory streams while the tiles compute: without it a core alternates between
+// waiting for weights and computing (bf16, one thread, 6144x2048: M = 4 at 12 GB/s instead of 18,
+// M = 16 at 7.3 instead of 9.7). Prefetching into L1 instead gains little: its few miss buffers
+// cap the stream. (Prefetching the whole next group during the first tile was ~7% faster at
+// K = 5504, M = 8..16, ~15% slower at K = 2048, which four of Qwen's five projections have.)
 template <class Ops, int R>
-inline void all_rows(const Args<typename Ops::Elem>& a, int64_t n0) {
+inline void all_rows(const Args<typename Ops::Elem>& a, int64_t n0, int64_t row_step, bool use_pf) {
   using T = typename Ops::Elem;
   const int64_t steps = a.K / Ops::kStep;
   const int64_t tiles = (a.M + Ops::kMaxMB - 1) / Ops::kMaxMB;
-  const int64_t group = R * a.K * static_cast<int64_t>(sizeof(T));
+  const int64_t row_bytes = a.K * static_cast<int64_t>(sizeof(T));
+  const bool streams = row_step > 1;
+  const int64_t group = streams ? row_bytes : R * row_bytes;
   const int64_t share = (group + tiles - 1) / tiles;
   // Only a whole next group, and not for the scalar path.
-  const bool prefetch = Ops::kStep > 1 && steps > 0 && n0 + 2 * R <= a.N;
-  const char* next = reinterpret_cast<const char*>(a.w + (prefetch ? n0 + R : 0) * a.K);
+  const bool prefetch = use_pf && Ops::kStep > 1 && steps > 0 && (streams || n0 + 2 * R <= a.N);
+  const char* next = reinterpret_cast<const char*>(a.w + (prefetch ? n0 + (streams ? 1 : R) : 0) * a.K);
   const int64_t step = steps > 0 ? (share + steps - 1) / steps : 0;
-  auto pf = [&](int64_t t) { return Prefetch{next, t * share, prefetch ? group : 0, step}; };
+  auto pf = [&](int64_t t) {
+    return Prefetch{next, t * share, prefetch ? group : 0, step, streams ? R : 1, row_step * row_bytes};
+  };
   int64_t m = 0, t = 0;
-  for (; m + Ops::kMaxMB <= a.M; m += Ops::kMaxMB, ++t) tile<Ops, R, Ops::kMaxMB>(a, n0, m, pf(t));
+  for (; m + Ops::kMaxMB <= a.M; m += Ops::kMaxMB, ++t)
+    tile<Ops, R, Ops::kMaxMB>(a, n0, row_step, m, pf(t));
   const int64_t rest = a.M - m;
   if constexpr (Ops::kMaxMB > 3) {
-    if (rest == 3) tile<Ops, R, 3>(a, n0, m, pf(t));
+    if (rest == 3) tile<Ops, R, 3>(a, n0, row_step, m, pf(t));
   }
   if constexpr (Ops::kMaxMB > 2) {
-    if (rest == 2) tile<Ops, R, 2>(a, n0, m, pf(t));
+    if (rest == 2) tile<Ops, R, 2>(a, n0, row_step, m, pf(t));
   }
-  if (rest == 1) tile<Ops, R, 1>(a, n0, m, pf(t));
+  if (rest == 1) tile<Ops, R, 1>(a, n0, row_step, m, pf(t));
 }
 
 // Output columns [n0, n1): one thread's share. Up to kMinPanelRows activation rows (decode) are
 // one panel, so the weights stream once; more rows are taken a panel at a time, a panel being as
 // many rows as fit in kPanelBytes, so that they stay in L2 while the weights stream past them
 // (once per panel) instead of being fetched from L3 again for every group of weight rows.
+// Decode reads the thread's weight rows as kRows sequential streams far apart (a quarter of its
+// rows each), a tile taking the next row of each: a core keeps more memory requests in flight
+// with several long sequential streams than with one, or with kRows neighbouring rows, whose
+// 4-8 KiB each end at a page boundary where the hardware prefetcher stops. bf16, 2 threads, Zen
+// 4, M = 1 (GB/s; a plain one-stream read 44): neighbouring rows + software prefetch 46-47, four
+// streams 53 (a read of four streams 58); lm_head at a quiet moment 45.5 -> 58.6. Software
+// prefetch on top only pays from M = 3 (M = 4: 30 -> 32 GB/s, M = 8: 24 -> 29; M = 1: 34 -> 32).
+// Panels keep neighbouring rows (bf16 M = 48: 8.1 against 7.3 GB/s as streams).
 template <class Ops>
 inline void columns(const Args<typename Ops::Elem>& a, int64_t n0, int64_t n1) {
   using T = typename Ops::Elem;
@@ -211,9 +233,16 @@ inline void columns(const Args<typename Ops::Elem>& a, int64_t n0, int64_t n1) {
     p.x += m0 * a.ld_x;
     p.y += m0 * a.ld_y;
     p.M = a.M - m0 < panel ? a.M - m0 : panel;
-    int64_t n = n0;
-    for (; n + kRows <= n1; n += kRows) all_rows<Ops, kRows>(p, n);
-    for (; n < n1; ++n) all_rows<Ops, 1>(p, n);
+    if (p.M > kMinPanelRows) {  // prefill panels: kRows consecutive rows a tile
+      int64_t n = n0;
+      for (; n + kRows <= n1; n += kRows) all_rows<Ops, kRows>(p, n, 1, true);
+      for (; n < n1; ++n) all_rows<Ops, 1>(p, n, 1, true);
+    } else {  // decode: kRows streams, a tile taking the next row of each
+      const int64_t per = (n1 - n0) / kRows;
+      const bool prefetch = p.M >= kPrefetchMinRows;
+      for (int64_t i = 0; i < per; ++i) all_rows<Ops, kRows>(p, n0 + i, per, prefetch && i + 1 < per);
+      for (int64_t n = n0 + kRows * per; n < n1; ++n) all_rows<Ops, 1>(p, n, 1, false);
+    }
   }
 }
 

@@ -18,7 +18,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -66,9 +66,11 @@ def _progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def measure(engine, prompt_tokens: int, new_tokens: int, context: int, repeats: int,
-            read_gbs: Callable[[], float] = read_bandwidth_gbs) -> dict:
-    """Prefill and decode numbers of one engine (medians over repeats).
+def measure(engine, prompt_tokens: int, new_tokens: int, contexts: Sequence[int], repeats: int,
+            read_gbs: Callable[[], float] = read_bandwidth_gbs) -> List[dict]:
+    """Prefill and decode numbers of one engine, one row per context (0: after the prompt),
+    medians over repeats; each repeat runs every context in turn, so their ratios come from
+    neighbouring runs.
 
     Each decode run lies between two read passes, and its share of the read bandwidth is taken
     against the larger of the two: a shared machine's bandwidth drifts within seconds, so only
@@ -77,31 +79,42 @@ def measure(engine, prompt_tokens: int, new_tokens: int, context: int, repeats: 
     g = torch.Generator().manual_seed(0)
     vocab = len(engine.tokenizer) - 208        # plain BPE ids: no special tokens in the prompt
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist()
-    ctx = torch.randint(0, vocab, (max(context, 1),), generator=g).tolist()
+    longest = torch.randint(0, vocab, (max(max(contexts), 1),), generator=g).tolist()
     greedy = dict(temperature=0, ignore_eos=True)
     engine.generate(prompt[:8], max_new_tokens=2, **greedy)                       # warm-up
     nbytes = weight_bytes_per_token(engine.model)
-    ttft, rounds = [], []
+    ttft = []
+    rounds: List[List[dict]] = [[] for _ in contexts]
     for i in range(repeats):
         _progress(f"{engine.model.backend}: prefill {prompt_tokens} tokens ({i + 1}/{repeats})")
         ttft.append(engine.generate(prompt, max_new_tokens=1, **greedy).prefill_s)
-        _progress(f"{engine.model.backend}: decode {new_tokens} tokens after "
-                  f"{context or prompt_tokens} ({i + 1}/{repeats})")
-        before = read_gbs()
-        r = engine.generate(ctx if context else prompt, max_new_tokens=new_tokens + 1, **greedy)
-        roof = max(before, read_gbs())
-        t_tok = r.decode_s / (r.completion_tokens - 1)
-        rounds.append({"ms_per_token": t_tok * 1e3, "read_gb_s": roof,
-                       "pct_of_read": 100 * nbytes / t_tok / 1e9 / roof})
+        for c, context in enumerate(contexts):
+            _progress(f"{engine.model.backend}: decode {new_tokens} tokens after "
+                      f"{context or prompt_tokens} ({i + 1}/{repeats})")
+            before = read_gbs()
+            r = engine.generate(longest[:context] if context else prompt,
+                                max_new_tokens=new_tokens + 1, **greedy)
+            roof = max(before, read_gbs())
+            t_tok = r.decode_s / (r.completion_tokens - 1)
+            rounds[c].append({"ms_per_token": t_tok * 1e3, "read_gb_s": roof,
+                              "pct_of_read": 100 * nbytes / t_tok / 1e9 / roof})
     t_pre = statistics.median(ttft)
-    t_tok = statistics.median(x["ms_per_token"] for x in rounds) / 1e3
-    return {"backend": engine.model.backend, "ttft_ms": t_pre * 1e3,
-            "prefill_tokens_per_s": prompt_tokens / t_pre, "decode_tokens_per_s": 1 / t_tok,
-            "ms_per_token": t_tok * 1e3, "weight_bytes_per_token": nbytes,
+    rows = []
+    for context, runs in zip(contexts, rounds):
+        t_tok = statistics.median(x["ms_per_token"] for x in runs) / 1e3
+        rows.append({
+            "backend": engine.model.backend, "context": context or prompt_tokens,
+            "ttft_ms": t_pre * 1e3, "prefill_tokens_per_s": prompt_tokens / t_pre,
+            "decode_tokens_per_s": 1 / t_tok, "ms_per_token": t_tok * 1e3,
+            "weight_bytes_per_token": nbytes,
+            "kv_bytes_per_token": kv_bytes_per_token(engine.model, context or prompt_tokens),
             "weights_gb_s": nbytes / t_tok / 1e9,
-            "read_gb_s": statistics.median(x["read_gb_s"] for x in rounds),
-            "pct_of_read": statistics.median(x["pct_of_read"] for x in rounds),
-            "rounds": rounds}
+            "read_gb_s": statistics.median(x["read_gb_s"] for x in runs),
+            "pct_of_read": statistics.median(x["pct_of_read"] for x in runs),
+            "rounds": runs})
+    for row in rows[1:]:
+        row["rate_vs_first_context"] = row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"]
+    return rows
 
 
 def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -112,8 +125,9 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p.add_argument("--backend", default="auto", help="comma-separated: auto, native, reference")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--context", type=int, default=0,
-                   help="decode with this many tokens already cached (default: after the prompt)")
+    p.add_argument("--context", type=_contexts, default=[0],
+                   help="decode with this many tokens already cached (default: after the prompt); "
+                        "a comma-separated list measures each in one run, e.g. 128,2048")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--quant", default="none", choices=["none"],
                    help="weight quantization (int8/int4 come with the GPTQ backend)")
@@ -124,6 +138,24 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     return p
 
 
+def _contexts(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--context takes token counts such as 2048 or 128,2048, got {text!r}")
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--context counts must be >= 0, got {text!r}")
+    return values
+
+
+def kv_bytes_per_token(model, context: int) -> int:
+    """KV-cache bytes one decode step reads with `context` tokens cached: every layer's keys and
+    values of every position."""
+    cfg = model.cfg
+    return (2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
+            * model.lm_head.element_size())
+
+
 def run(args) -> dict:
     from .engine import Engine
     from .model import resolve_ops
@@ -131,7 +163,8 @@ def run(args) -> dict:
     for name in ("prompt_tokens", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.context < 0:
+    contexts = args.context if isinstance(args.context, list) else [int(args.context)]
+    if any(c < 0 for c in contexts):
         raise ValueError(f"--context must be >= 0, got {args.context}")
     if args.threads is not None:
         if args.threads < 1:
@@ -152,32 +185,35 @@ def run(args) -> dict:
     rows = []
     for backend in backends:
         engine.model.ops, engine.model.backend = resolve_ops(backend), backend   # same weights
-        row = measure(engine, args.prompt_tokens, args.new_tokens, args.context, args.repeats)
-        read_gbs = max(read_gbs, row["read_gb_s"])
-        rows.append(row)
+        for row in measure(engine, args.prompt_tokens, args.new_tokens, contexts, args.repeats):
+            read_gbs = max(read_gbs, row["read_gb_s"])
+            rows.append(row)
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch": torch.__version__, "threads": torch.get_num_threads()},
             "config": args.config, "dtype": args.dtype, "quant": args.quant,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats,
-            "context": args.context or args.prompt_tokens, "read_gb_s": read_gbs,
+            "context": [c or args.prompt_tokens for c in contexts], "read_gb_s": read_gbs,
             "copy_gb_s": copy_gbs, "peak_rss_mb": peak_rss_mb(), "results": rows}
 
 
 def format_table(out: dict) -> str:
     lines = [f"# decode benchmark: {out['config']} {out['dtype']}, prompt {out['prompt_tokens']}, "
-             f"decode after {out['context']} tokens, {out['machine']['threads']} threads",
+             f"decode after {', '.join(map(str, out['context']))} tokens, {out['machine']['threads']} threads",
              "", f"read up to {out['read_gb_s']:.1f} GB/s, copy {out['copy_gb_s']:.1f} GB/s (same run; "
              "each decode run against a read pass just before and after it; medians of "
              f"{out['repeats']} runs); "
              f"peak RSS {out['peak_rss_mb']:.0f} MB", "",
-             "| backend | TTFT ms | prefill tok/s | decode tok/s | ms/token | weight MB/token | "
-             "GB/s | read GB/s | % of read |", "|" + "---|" * 9]
+             "| backend | context | TTFT ms | prefill tok/s | decode tok/s | ms/token | "
+             "weight MB/token | KV MB/token | GB/s (weights) | read GB/s | % of read | "
+             "rate vs first context |", "|" + "---|" * 12]
     for r in out["results"]:
-        lines.append(f"| {r['backend']} | {r['ttft_ms']:.1f} | {r['prefill_tokens_per_s']:.1f} | "
-                     f"{r['decode_tokens_per_s']:.2f} | {r['ms_per_token']:.1f} | "
-                     f"{r['weight_bytes_per_token'] / 1e6:.0f} | {r['weights_gb_s']:.1f} | "
-                     f"{r['read_gb_s']:.1f} | {r['pct_of_read']:.0f}% |")
+        vs = f"{r['rate_vs_first_context']:.2f}" if "rate_vs_first_context" in r else ""
+        lines.append(f"| {r['backend']} | {r['context']} | {r['ttft_ms']:.1f} | "
+                     f"{r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | "
+                     f"{r['ms_per_token']:.1f} | {r['weight_bytes_per_token'] / 1e6:.0f} | "
+                     f"{r['kv_bytes_per_token'] / 1e6:.0f} | {r['weights_gb_s']:.1f} | "
+                     f"{r['read_gb_s']:.1f} | {r['pct_of_read']:.0f}% | {vs} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,8 +8,9 @@
 // Layout: q [B, T, H, D], k and v [B, S, H, D], each with its own b/t/h strides in elements and a
 // contiguous head dim (views of the KV cache and of the fused qkv projection work as they are);
 // out [B, T, H, D] contiguous. Parallelisation: OpenMP over (b, h, t) rows, t innermost so that
-// a thread's consecutive rows reuse the same head's keys from its cache; dynamic schedule, since
-// causal rows grow longer with t. Constraints: 1 <= D <= kMaxHeadDim; start[b] >= 0.
+// a thread's consecutive rows reuse the same head's keys from its cache; a dynamic schedule for
+// prefill, since causal rows grow longer with t, a static one for decode.
+// Constraints: 1 <= D <= kMaxHeadDim; start[b] >= 0.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -249,12 +250,20 @@ Status attention(T* out, const T* q, const T* k, const T* v, const int64_t* star
   for (int64_t b = 0; b < B; ++b)
     if (start[b] < 0) return Status::kInvalidArgument;
   const RowFn<T> row = row_fn<T>(D);
-#pragma omp parallel for schedule(dynamic, 4) if (rows > 1)
-  for (int64_t r = 0; r < rows; ++r) {
+  auto attend = [&](int64_t r) {
     const int64_t t = r % T_, h = (r / T_) % H, b = r / (T_ * H);
     const int64_t n_keys = std::min(start[b] + t + 1, S);
     row(out + ((b * T_ + t) * H + h) * D, q + b * sq_b + t * sq_t + h * sq_h,
         k + b * sk_b + h * sk_h, v + b * sv_b + h * sv_h, n_keys, D, sk_s, sv_s, scale);
+  };
+  if (T_ == 1) {
+    // Decode: rows of equal work per sequence, split in contiguous runs. (dynamic, 4 here took
+    // 64 against 33-40 us a layer at 150 cached tokens, 24 layers' caches, 2 threads.)
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) attend(r);
+  } else {
+#pragma omp parallel for schedule(dynamic, 4) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) attend(r);
   }
   return Status::kOk;
 }

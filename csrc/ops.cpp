@@ -559,6 +559,99 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+namespace {
+
+// Scratch memory of quant_linear: grown when a call needs more, kept for the next (one per
+// calling thread), so that a decode step allocates nothing.
+void* quant_workspace(int64_t bytes) {
+  thread_local std::vector<uint8_t> buf;
+  if (static_cast<int64_t>(buf.size()) < bytes + 64) buf.resize(static_cast<size_t>(bytes + 64));
+  const auto p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
+}
+
+CpuIsa parse_quant_isa(const std::string& name) {
+  for (CpuIsa isa : {CpuIsa::kAuto, CpuIsa::kAvx512Vnni, CpuIsa::kScalar}) {
+    if (name != cpu_isa_name(isa)) continue;
+    TORCH_CHECK(cpu_isa_supported(isa), "quant_linear: isa \"", name,
+                "\" is not supported by this CPU; it runs ", quoted_list(quant_linear_isas()));
+    return isa;
+  }
+  TORCH_CHECK(false, "quant_linear: isa must be \"auto\", \"avx512_vnni\" or \"scalar\", got \"",
+              name, "\"");
+}
+
+}  // namespace
+
+std::vector<std::string> quant_linear_isas() {
+  std::vector<std::string> out;
+  for (CpuIsa isa : {CpuIsa::kAvx512Vnni, CpuIsa::kScalar})
+    if (cpu_isa_supported(isa)) out.push_back(cpu_isa_name(isa));
+  return out;
+}
+
+int64_t quant_row_bytes(int64_t bits, int64_t in_features) {
+  TORCH_CHECK(bits == 4 || bits == 8, "quant_row_bytes: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(in_features >= 1, "quant_row_bytes: in_features must be >= 1, got ", in_features);
+  return cpu::quant_row_bytes(static_cast<int>(bits), in_features);
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t bits,
+                        int64_t in_features, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& perm, const std::string& isa,
+                        const OptTensor& out_arg) {
+  const char* op = "quant_linear";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
+  check_no_cuda_kernel(op, x);
+  check_x(op, x);
+  const CpuIsa level = parse_quant_isa(isa);
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(in_features == K, op, ": the weight has in_features = ", in_features,
+              ", x has ", K, " features (its last dim)");
+  const int64_t row = cpu::quant_row_bytes(static_cast<int>(bits), K);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row && weight.scalar_type() == at::kByte &&
+                  weight.is_contiguous() && weight.is_cpu(),
+              op, ": weight must be a contiguous CPU torch.uint8 tensor [N, ", row,
+              "] (the kernel layout of ", bits, "-bit rows of ", K, " inputs), got ",
+              dtype_str(weight.scalar_type()), " ", shape_str(weight.sizes()));
+  const int64_t N = weight.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
+                "] (out_features), got ", shape_str(bias->sizes()));
+    check_dtype_device_as_x(op, "bias", *bias, x);
+    TORCH_CHECK(N <= 1 || bias->stride(0) == 1, op, ": bias must be contiguous (stride 1)");
+  }
+  at::Tensor p;
+  if (perm.has_value()) {
+    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->scalar_type() == at::kLong &&
+                    perm->is_cpu(),
+                op, ": perm must be a CPU torch.int64 tensor [", K, "], got ",
+                dtype_str(perm->scalar_type()), " ", shape_str(perm->sizes()));
+    p = perm->contiguous();
+    TORCH_CHECK(K == 0 || (p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < K), op,
+                ": perm values must lie in [0, ", K, ")");
+  }
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  const at::Tensor no_bias;
+  at::Tensor y = output(op, out_arg, sizes, x, "x",
+                        {{"x", &x}, {"bias", bias ? &*bias : &no_bias}});
+  if (y.numel() == 0) return y;
+  const Rows in = as_rows(x);
+  void* ws = quant_workspace(cpu::quant_workspace_bytes(in.rows, N, K));
+  dispatch_float_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* b = bias.has_value() ? data<T>(*bias) : nullptr;
+    check_status(cpu::quant_linear<T>(data<T>(y), data<T>(in.t), weight.data_ptr<uint8_t>(), b,
+                                      p.defined() ? p.data_ptr<int64_t>() : nullptr, in.rows, N,
+                                      K, static_cast<int>(bits), N, in.ld, ws,
+                                      at::get_num_threads(), level),
+                 op);
+  });
+  return y;
+}
+
 int64_t cuda_device_count() {
 #ifdef QF_WITH_CUDA
   int n = 0;

@@ -22,6 +22,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .qweight import QuantWeight
+
 PEAK_BUFFER_BYTES = 1 << 28     # 256 MiB: far larger than any CPU cache, small beside the model (peak RSS)
 
 
@@ -49,11 +51,15 @@ def copy_bandwidth_gbs(nbytes: int = PEAK_BUFFER_BYTES // 2) -> float:
     return 2 * nbytes / _best_seconds(lambda: dst.copy_(src)) / 1e9
 
 
+def _nbytes(t) -> int:
+    return t.nbytes if isinstance(t, QuantWeight) else t.numel() * t.element_size()
+
+
 def weight_bytes_per_token(model) -> int:
-    """Weight bytes one decode step reads: every matrix and norm once, one embedding row."""
-    total = sum(t.numel() * t.element_size() for L in model.layers for t in L.values())
-    total += model.lm_head.numel() * model.lm_head.element_size()
-    total += model.ln_f.numel() * model.ln_f.element_size()
+    """Weight bytes one decode step reads: every matrix and norm once (int4/int8 ones in their
+    packed layout, scales included), one embedding row."""
+    total = sum(_nbytes(t) for L in model.layers for t in L.values())
+    total += _nbytes(model.lm_head) + _nbytes(model.ln_f)
     return total + model.wte.shape[1] * model.wte.element_size()
 
 
@@ -153,7 +159,7 @@ def kv_bytes_per_token(model, context: int) -> int:
     values of every position."""
     cfg = model.cfg
     return (2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
-            * model.lm_head.element_size())
+            * torch.empty((), dtype=model.dtype).element_size())
 
 
 def run(args) -> dict:

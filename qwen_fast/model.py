@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import QwenConfig, ntk_alpha
+from .qweight import QuantWeight
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_kv_cache", "swiglu", "attention", "linear")
 BACKENDS = ("reference", "native", "auto")
@@ -28,8 +29,11 @@ BACKENDS = ("reference", "native", "auto")
 
 def _reference_linear(x, weight, bias=None, *, out=None):
     # The release's projections are torch's own F.linear in the model dtype (fp32 sums, one
-    # rounding: what reference.linear specifies for the kernel, at torch's speed).
+    # rounding: what reference.linear specifies for the kernel, at torch's speed); an int4/int8
+    # weight is dequantized for the call (the dense reference on the dequantized weights).
     from .ops import _into
+    if isinstance(weight, QuantWeight):
+        weight = weight.dequantize(x.dtype).to(x.device)
     return _into(F.linear(x, weight, bias), out)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .qweight import QuantWeight
 
 try:
     from . import _C
@@ -27,7 +28,7 @@ BACKENDS = (None, "reference")
 
 __all__ = ["HAVE_C", "IMPORT_ERROR", "build_info", "cuda_device_count", "rms_norm",
            "fused_add_rms_norm", "rotary_embedding", "rotary_kv_cache", "swiglu", "attention",
-           "linear"]
+           "linear", "quant_linear"]
 
 _warned_fallback = False
 
@@ -227,10 +228,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     bf16 and fp32 and runs instead; fp16 always runs ours (measurements in csrc/ops.cpp).
     CUDA tensors run torch.nn.functional.linear (no CUDA kernel yet).
     out: write the result there instead (contiguous, [..., N], x's dtype, overlapping no input).
+    weight may also be a qwen_fast.qweight.QuantWeight (int4/int8): then this is quant_linear.
     backend: None runs the compiled kernel; "reference" the PyTorch reference.
     """
+    if isinstance(weight, QuantWeight):
+        return quant_linear(x, weight, bias, out=out, backend=backend)
     if not _use_kernel("linear", backend):
         return _into(reference.linear(x, weight, bias), out)
     if x.is_cuda:
         return _into(F.linear(x, weight, bias), out)
     return _C.linear(x, weight, bias, out=out)
+
+
+def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None, *,
+                 out: torch.Tensor | None = None, isa: str = "auto",
+                 backend: str | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias for an int4/int8 weight (int4_gemm / int8_gemm): the spec is
+    reference.linear on weight.dequantize() (the dense weight).
+
+    x:      [..., K] bfloat16 / float16 / float32 on the CPU, last dim contiguous.
+    weight: a QuantWeight [N, K] (qwen_fast/qweight.py: the kernel layout).
+    bias:   [N] in x's dtype, or None.
+    Returns a new contiguous [..., N] tensor in x.dtype (or writes out). The kernel quantizes
+    x to int8 per row and 128-input chunk (sx = max|x| / 127; |x - sx * x8| <= sx / 2), sums
+    the products exactly in int32 and scales them in fp32: each output differs from the
+    reference on the dequantized weight by at most sum_k |W[n, k]| * sx(k) / 2, plus fp32
+    rounding (tests/test_quant_linear.py checks that bound). isa: "auto", "avx512_vnni" or
+    "scalar" (the portable loop), to test each path.
+    backend: None runs the compiled CPU kernel; "reference" the dense reference (it builds the
+    dequantized weight for the call).
+    """
+    if not _use_kernel("quant_linear", backend):
+        return _into(reference.linear(x, weight.dequantize(x.dtype).to(x.device), bias), out)
+    if x.is_cuda:
+        raise ValueError("int4/int8 weights run on the CPU only until the CUDA kernels land; "
+                         f"x is on {x.device}")
+    return _C.quant_linear(x, weight.data, weight.bits, weight.in_features, bias, weight.perm,
+                           isa, out=out)

@@ -27,14 +27,14 @@ def test_a_decode_step_allocates_only_its_logits(tiny_ckpt, dtype):
     batch x rotary dim fp32 values), nothing the size of an activation (batch x hidden). The prefill, which has
     no buffers, is the control: it does allocate activations."""
     m = Engine.from_pretrained(tiny_ckpt, dtype=dtype, backend="auto").model
-    act_bytes = 2 * m.cfg.hidden_size * m.lm_head.element_size()     # 2 rows decode
+    act_bytes = 2 * m.cfg.hidden_size * torch.empty((), dtype=m.dtype).element_size()     # 2 rows decode
     cache = KVCache(m.cfg, 3, 8, m.dtype, max_capacity=64)
     prefill = _allocations(lambda: m.forward(torch.tensor([[1, 2, 3]] * 3), cache))
     assert any(n >= act_bytes for _, n in prefill)
     m.forward(torch.tensor([[4], [5]]), cache, rows=[0, 2])
     made = {k: t.data_ptr() for k, t in cache.buffers.items()}
     step = _allocations(lambda: m.forward(torch.tensor([[6], [7]]), cache, rows=[0, 2]))
-    logits_bytes = 2 * m.cfg.vocab_size * m.lm_head.element_size()
+    logits_bytes = 2 * m.cfg.vocab_size * torch.empty((), dtype=m.dtype).element_size()
     big = [(name, n) for name, n in step if n >= act_bytes]
     assert [n for _, n in big] == [logits_bytes], big
     assert {k: t.data_ptr() for k, t in cache.buffers.items()} == made

@@ -38,6 +38,7 @@ enum class CpuIsa : int {
   kAvx2 = 2,        // AVX2 + FMA + F16C
   kAvx512 = 3,      // AVX-512 F/BW/VL/DQ
   kAvx512Bf16 = 4,  // kAvx512 + AVX512_BF16 (vdpbf16ps)
+  kAvx512Vnni = 5,  // kAvx512 + AVX512_VNNI (vpdpbusd): the int4/int8 kernels' level
 };
 
 inline const char* cpu_isa_name(CpuIsa isa) {
@@ -47,6 +48,7 @@ inline const char* cpu_isa_name(CpuIsa isa) {
     case CpuIsa::kAvx2: return "avx2";
     case CpuIsa::kAvx512: return "avx512";
     case CpuIsa::kAvx512Bf16: return "avx512_bf16";
+    case CpuIsa::kAvx512Vnni: return "avx512_vnni";
   }
   return "unknown";
 }
@@ -69,12 +71,15 @@ inline bool cpu_isa_supported(CpuIsa isa) {
     case CpuIsa::kAvx512Bf16:
       __builtin_cpu_init();
       return cpu_isa_supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
+    case CpuIsa::kAvx512Vnni:
+      __builtin_cpu_init();
+      return cpu_isa_supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512vnni");
 #endif
     default: return false;
   }
 }
 
-// The best level this CPU runs (what kAuto means).
+// The best level of the floating-point kernels this CPU runs (what kAuto means for linear).
 inline CpuIsa best_cpu_isa() {
   if (cpu_isa_supported(CpuIsa::kAvx512Bf16)) return CpuIsa::kAvx512Bf16;
   if (cpu_isa_supported(CpuIsa::kAvx512)) return CpuIsa::kAvx512;

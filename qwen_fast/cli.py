@@ -1,8 +1,10 @@
 """The ``qwen-fast`` command line: ``chat`` (a REPL with the release demo's commands),
-``generate`` (one completion, streamed or as JSON) and ``bench`` (qwen_fast/bench.py).
+``generate`` (one completion, streamed or as JSON), ``bench`` (qwen_fast/bench.py) and
+``quantize`` (a GPTQ-format checkpoint by round-to-nearest, qwen_fast/quant.py).
 
     qwen-fast chat --model Qwen-1_8B-Chat
     qwen-fast generate --model Qwen-1_8B-Chat "Once upon a time" --max-new-tokens 64
+    qwen-fast quantize Qwen-1_8B-Chat Qwen-1_8B-Chat-RTN-Int4 --bits 4
 """
 from __future__ import annotations
 
@@ -194,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="decode benchmark on full-size random weights")
     from .bench import build_parser as bench_parser
     bench_parser(b)
+    q = sub.add_parser("quantize", help="write a GPTQ (v1) checkpoint by round-to-nearest")
+    q.add_argument("in_dir", metavar="IN_DIR", help="bf16/fp16/fp32 checkpoint directory")
+    q.add_argument("out_dir", metavar="OUT_DIR", help="new or empty output directory")
+    q.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    q.add_argument("--group-size", type=int, default=128,
+                   help="inputs per scale and zero; -1 = one group of all inputs (default: 128)")
+    q.add_argument("--asym", action="store_true",
+                   help="asymmetric: a zero point per group (default: symmetric, as the release)")
     return parser
 
 
@@ -204,6 +214,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "bench":
             from .bench import main as bench_main
             bench_main(args=args)
+            return 0
+        if args.command == "quantize":
+            from .quant import quantize_checkpoint
+            out = quantize_checkpoint(args.in_dir, args.out_dir, args.bits, args.group_size,
+                                      sym=not args.asym)
+            print(f"wrote {out}")
             return 0
         engine = _load(args)
         if args.command == "chat":

@@ -238,7 +238,9 @@ class Engine:
                         load_format: str = "safetensors", config: Union[str, QwenConfig, None] = None,
                         progress: Optional[bool] = None, seed: int = 0,
                         kv_cache_budget: Union[int, str, None] = "auto",
-                        check_finite: bool = True, verify_vocab: bool = True) -> "Engine":
+                        check_finite: bool = True, verify_vocab: bool = True,
+                        quant: Optional[str] = None,
+                        lm_head_quant: Optional[str] = None) -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
@@ -249,12 +251,17 @@ class Engine:
         check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
+        quant: "int4" or "int8" quantizes the dummy weights as they are drawn (round-to-nearest,
+        group 128, symmetric: what ``qwen-fast quantize`` writes), for benchmarks; a GPTQ
+        checkpoint (quantize_config.json) is loaded quantized without it.
+        lm_head_quant: "int8" or "int4" quantizes lm_head at load the same way (in bf16 it is
+        about half of an int4 model's bytes per token); None keeps it in ``dtype``.
 
         Every problem with the files or the config is a ConfigError or CheckpointError naming
         the file and field; the small files are checked before any weight is read, and the
         weights' size is checked against the free memory before anything is allocated.
         """
-        from .loader import check_memory, quantization_error
+        from .loader import check_memory
 
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -281,10 +288,15 @@ class Engine:
             else:
                 cfg = builtin_config("qwen-1.8b-chat")
             cfg.validate()          # a QwenConfig built in code is checked like config.json
-            msg = quantization_error(cfg, "the config")
-            if msg:
-                raise ConfigError(msg + " (load_format='dummy' builds unquantized weights)")
+            if cfg.quantization_config is not None:
+                raise ConfigError(f"the config has a quantization_config ({cfg.quantization_summary()}): "
+                                  "load_format='dummy' draws dense weights; pass quant='int4' or "
+                                  "'int8' to quantize them")
         elif load_format == "safetensors":
+            if quant is not None:
+                raise ConfigError("quant= is only used with load_format='dummy'; a GPTQ "
+                                  "checkpoint is loaded quantized as it is (quantize a bf16 one "
+                                  "with `qwen-fast quantize`)")
             if model_dir is None:
                 raise ConfigError("from_pretrained needs a checkpoint directory (or load_format='dummy')")
             cfg = load_config(model_dir)
@@ -301,12 +313,28 @@ class Engine:
             tok_dir = model_dir
         tokenizer = (QwenTokenizer.from_dir(tok_dir, verify=verify_vocab) if tok_dir is not None
                      else QwenTokenizer.default())
+        bits = {None: None, "int4": 4, "int8": 8}
+        for name, value in (("quant", quant), ("lm_head_quant", lm_head_quant)):
+            if value not in bits:
+                raise ConfigError(f"{name} must be None, 'int4' or 'int8', got {value!r}")
         check_memory(cfg, dt, dev, f"load_format={load_format!r}")
         if load_format == "dummy":
-            weights = dummy_state_dict(cfg, dt, dev, seed=seed)
+            convert = None
+            if quant is not None:
+                from .quant import QUANTIZED_LINEARS
+                from .qweight import QuantWeight
+                linears = tuple(f".{lin}.weight" for lin in QUANTIZED_LINEARS)
+
+                def convert(name, t):
+                    return QuantWeight.quantize(t, bits[quant]) if name.endswith(linears) else t
+            weights = dummy_state_dict(cfg, dt, dev, seed=seed, convert=convert)
         else:
             weights = load_state_dict(model_dir, cfg, dt, dev, progress=progress,
                                       check_finite=check_finite)
+        if lm_head_quant is not None:
+            from .qweight import QuantWeight
+            weights["lm_head.weight"] = QuantWeight.quantize(weights["lm_head.weight"],
+                                                             bits[lm_head_quant])
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
         return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget)
 

@@ -309,14 +309,46 @@ def _find_weight_files(model_dir: Path, headers: Dict[Path, dict]) -> Dict[str, 
 
 
 def quantization_error(cfg: QwenConfig, source: str) -> Optional[str]:
-    """The message refusing a quantized config (None when it is not quantized)."""
+    """The message refusing a quantized config that is not GPTQ (None when it is not quantized
+    or is GPTQ, which the loader reads: qwen_fast/quant.py)."""
     if cfg.quantization_config is None:
         return None
-    q = cfg.quantization_config
-    method = q.get("quant_method", "gptq")
-    what = "GPTQ checkpoints are" if method == "gptq" else f"quantized ({_short(method, 20)}) checkpoints are"
-    return (f"{source} has a quantization_config ({cfg.quantization_summary()}): {what} not "
-            "supported by this version yet; use the bf16 release")
+    method = cfg.quantization_config.get("quant_method", "gptq")
+    if method == "gptq":
+        return None
+    return (f"{source} has a quantization_config ({cfg.quantization_summary()}): quantized "
+            f"({_short(method, 20)}) checkpoints are not supported; GPTQ (the release's Int4 / "
+            "Int8) and bf16 / fp16 / fp32 checkpoints are")
+
+
+def _gptq_expected(model_dir: Path, cfg: QwenConfig, expected: Dict[str, Tuple[int, ...]]):
+    """For a GPTQ checkpoint: (its GptqConfig, {name: (shape, dtype name)} of the quantized
+    tensors, {name: shape} of the optional zero biases); expected loses the dense weights
+    they replace. (None, {}, {}) for a dense checkpoint."""
+    from .quant import QUANTIZED_LINEARS, gptq_shapes, read_gptq_config
+
+    gcfg = read_gptq_config(model_dir)
+    if gcfg is None:
+        if cfg.quantization_config is not None:
+            raise CheckpointError(f"{model_dir.name}/config.json has a quantization_config but "
+                                  "no GPTQ settings could be read (quantize_config.json)")
+        return None, {}, {}
+    quantized, optional = {}, {}
+    st_name = {torch.int32: "I32", torch.float16: "F16"}
+    for i in range(cfg.num_hidden_layers):
+        for lin in QUANTIZED_LINEARS:
+            base = f"transformer.h.{i}.{lin}"
+            n, k = expected.pop(base + ".weight")
+            try:
+                shapes = gptq_shapes(n, k, gcfg.bits, gcfg.group_size, base)
+            except ValueError as e:
+                raise CheckpointError(f"{model_dir.name}: {e} (quantize_config.json: bits "
+                                      f"{gcfg.bits}, group_size {gcfg.group_size})") from None
+            for part, (shape, dt) in shapes.items():
+                quantized[f"{base}.{part}"] = (shape, st_name[dt])
+            if lin != "attn.c_attn":        # AutoGPTQ <= 0.7 wrote a zero bias everywhere
+                optional[base + ".bias"] = (n,)
+    return gcfg, quantized, optional
 
 
 def check_checkpoint(model_dir: Path, cfg: QwenConfig) -> Dict[str, Tuple[Path, dict]]:
@@ -331,6 +363,7 @@ def check_checkpoint(model_dir: Path, cfg: QwenConfig) -> Dict[str, Tuple[Path, 
     for p in sorted(set(files.values()) - set(headers)):
         headers[p] = read_safetensors_header(p)
     expected = expected_shapes(cfg)
+    gcfg, quantized, optional = _gptq_expected(model_dir, cfg, expected)
     found: Dict[str, Tuple[Path, dict]] = {}
     for name, p in files.items():
         if name not in headers[p]:
@@ -342,17 +375,20 @@ def check_checkpoint(model_dir: Path, cfg: QwenConfig) -> Dict[str, Tuple[Path, 
         for name in hdr:
             found.setdefault(name, (p, hdr[name]))
 
-    missing = [n for n in expected if n not in found]
+    wanted = {**expected, **{n: shape for n, (shape, _) in quantized.items()}}
+    missing = [n for n in wanted if n not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}; expected shape "
-                              f"{list(expected[missing[0]])} for this config")
-    extra = [n for n in found if n not in expected and not _is_ignorable(n)]
+                              f"{list(wanted[missing[0]])} for this config"
+                              + (f" (GPTQ, {gcfg.bits} bits, group {gcfg.group_size})" if gcfg else ""))
+    extra = [n for n in found if n not in wanted and n not in optional and not _is_ignorable(n)]
     if extra:
         raise CheckpointError(f"checkpoint has unexpected tensor {_short(extra[0])} (shape "
                               f"{_short(found[extra[0]][1]['shape'])}, in {found[extra[0]][0].name});"
                               " it is not part of a Qwen v1 model with this config.json")
-    for name, shape in expected.items():
+    present_optional = {n: shape for n, shape in optional.items() if n in found}
+    for name, shape in {**expected, **present_optional}.items():
         p, info = found[name]
         if tuple(info["shape"]) != shape:
             raise CheckpointError(f"tensor {name!r} in {p.name} has shape {info['shape']}, expected "
@@ -360,7 +396,16 @@ def check_checkpoint(model_dir: Path, cfg: QwenConfig) -> Dict[str, Tuple[Path, 
         if info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"tensor {name!r} in {p.name} has dtype {info['dtype']}, expected "
                                   "BF16, F16 or F32")
-    return {n: found[n] for n in expected}
+    for name, (shape, dt) in quantized.items():
+        p, info = found[name]
+        if tuple(info["shape"]) != shape:
+            raise CheckpointError(f"GPTQ tensor {name!r} in {p.name} has shape {info['shape']}, "
+                                  f"expected {list(shape)} ({gcfg.bits} bits, group_size "
+                                  f"{gcfg.group_size}, from the layer's shape in config.json)")
+        if info["dtype"] != dt:
+            raise CheckpointError(f"GPTQ tensor {name!r} in {p.name} has dtype {info['dtype']}, "
+                                  f"expected {dt}")
+    return {n: found[n] for n in [*expected, *present_optional, *quantized]}
 
 
 def _progress(iterable: Iterable, total: int, enabled: Optional[bool], desc: str):
@@ -431,9 +476,12 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: QwenConfig, dtype: torch.
     """
     model_dir = Path(model_dir)
     plan = check_checkpoint(model_dir, cfg)
+    gcfg = _gptq_expected(model_dir, cfg, expected_shapes(cfg))[0]
+    gptq_parts = (".qweight", ".qzeros", ".scales", ".g_idx")
     by_file: Dict[Path, list] = {}
     for name, (p, _) in plan.items():
-        by_file.setdefault(p, []).append(name)
+        if not name.endswith(gptq_parts):
+            by_file.setdefault(p, []).append(name)
     out: Dict[str, torch.Tensor] = {}
     items = [(p, n) for p, names in by_file.items() for n in names]
     with tensor_reader(plan) as read:
@@ -443,20 +491,52 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: QwenConfig, dtype: torch.
             if check_finite:
                 _check_finite(name, p, t, x)
             out[name] = x
+        if gcfg is not None:
+            _load_gptq(model_dir, cfg, gcfg, plan, read, out, progress, check_finite)
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 
+def _load_gptq(model_dir: Path, cfg: QwenConfig, gcfg, plan, read, out: dict,
+               progress: Optional[bool], check_finite: bool) -> None:
+    """Replace each quantized Linear's parts in ``out`` by one QuantWeight (kernel layout, made
+    one layer at a time: no dense copy of the model), named like the dense weight."""
+    from .qweight import QuantWeight
+    from .quant import QUANTIZED_LINEARS, unpack_gptq
+
+    bases = [f"transformer.h.{i}.{lin}" for i in range(cfg.num_hidden_layers)
+             for lin in QUANTIZED_LINEARS]
+    for base in _progress(bases, len(bases), progress, f"repacking {model_dir.name} (GPTQ)"):
+        parts = {k: read(f"{base}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+        if check_finite:
+            _check_finite(base + ".scales", plan[base + ".scales"][0], parts["scales"], parts["scales"])
+        try:
+            q, zeros, scales, g_idx = unpack_gptq(parts["qweight"], parts["qzeros"], parts["scales"],
+                                                  parts["g_idx"], gcfg.bits)
+            out[base + ".weight"] = QuantWeight.from_components(q, zeros, scales, g_idx, gcfg.bits)
+        except ValueError as e:
+            raise CheckpointError(f"{model_dir.name}: {base}: {e}") from None
+        bias = base + ".bias"
+        if not base.endswith("attn.c_attn") and bias in out:
+            if bool(out.pop(bias).any()):
+                raise CheckpointError(f"{model_dir.name}: {bias} is not zero; Qwen's {base.split('.', 3)[3]} "
+                                      "has no bias (AutoGPTQ writes zeros there)")
+
+
 def dummy_state_dict(cfg: QwenConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-                     seed: int = 0, chunk_elements: int = 1 << 23) -> Dict[str, torch.Tensor]:
+                     seed: int = 0, chunk_elements: int = 1 << 23,
+                     convert: Optional[Callable[[str, torch.Tensor], object]] = None
+                     ) -> Dict[str, torch.Tensor]:
     """Random weights with the exact release names and shapes (normal(0, initializer_range),
     norms = 1, c_attn bias small): for benchmarks and smoke runs with no download.
 
     Values are drawn in fp32 and rounded to dtype, a block of rows (about chunk_elements, a
     multiple of 16 elements) at a time: torch's CPU normal_ fills 16 values per step from one
     stream, so the blocks give the same values as one draw over the whole tensor (tested) while
-    the fp32 temporary stays small (the 151936 x 2048 embedding would need 1.2 GB)."""
+    the fp32 temporary stays small (the 151936 x 2048 embedding would need 1.2 GB).
+    convert(name, tensor), when given, replaces each tensor as soon as it is drawn (the
+    quantized dummy weights: no dense copy of the whole model at any time)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = {}
     for name, shape in expected_shapes(cfg).items():
@@ -470,7 +550,7 @@ def dummy_state_dict(cfg: QwenConfig, dtype: torch.dtype, device: str | torch.de
                 block = rows[r:r + step]
                 block.copy_(torch.empty(block.shape, dtype=torch.float32).normal_(
                     0.0, cfg.initializer_range, generator=g))
-        out[name] = t.to(device)
+        out[name] = t.to(device) if convert is None else convert(name, t.to(device))
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight"]
     return out

@@ -105,6 +105,20 @@ class QuantWeight:
         data = torch.cat([packed, s.view(torch.uint8), sz.view(torch.uint8)], dim=1)
         return cls(data, bits, K, perm)
 
+    @classmethod
+    def quantize(cls, w: torch.Tensor, bits: int, group_size: Optional[int] = None,
+                 sym: bool = True) -> "QuantWeight":
+        """Round-to-nearest quantization of a dense [N, K] weight (quant.quantize_rtn: what
+        ``qwen-fast quantize`` writes), in the kernel layout. group_size None: 128 where it
+        divides K (Qwen's every matrix), else one group of all K."""
+        from .quant import quantize_rtn, unpack_gptq
+
+        if group_size is None:
+            group_size = CHUNK if w.shape[1] % CHUNK == 0 else -1
+        g = quantize_rtn(w, bits, group_size, sym)
+        return cls.from_components(*unpack_gptq(g["qweight"], g["qzeros"], g["scales"],
+                                                g["g_idx"], bits), bits)
+
     # ---- reading back ---------------------------------------------------------------------
     def components(self):
         """(q [N, K] uint8 in the layout's input order, s [N, C] fp32, s*z [N, C] fp32)."""

@@ -143,12 +143,19 @@ def test_config_errors(tmp_path, cfg):
         Engine.from_pretrained(tmp_path / "nope")
 
 
-def test_gptq_checkpoint_is_refused_clearly(tmp_path, cfg):
+def test_quantized_configs_without_their_tensors_are_refused_clearly(tmp_path, cfg):
+    """A GPTQ config over dense tensors names the first missing GPTQ tensor (tests/test_gptq.py
+    loads real GPTQ checkpoints); another quantization method is refused by name."""
     path = _write(tmp_path, cfg)
     conf = json.loads((path / "config.json").read_text())
-    conf["quantization_config"] = {"bits": 4, "group_size": 128, "quant_method": "gptq"}
+    conf["quantization_config"] = {"bits": 4, "group_size": 32, "quant_method": "gptq",
+                                   "desc_act": False, "sym": True}
     (path / "config.json").write_text(json.dumps(conf))
-    with pytest.raises(CheckpointError, match="GPTQ checkpoints are not supported"):
+    with pytest.raises(CheckpointError, match=r"missing tensor 'transformer.h.0.attn.c_attn.qweight'"):
+        Engine.from_pretrained(path)
+    conf["quantization_config"] = {"bits": 4, "quant_method": "awq"}
+    (path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match=r"quantized \('awq'\) checkpoints are not supported"):
         Engine.from_pretrained(path)
 
 
@@ -536,7 +543,7 @@ def test_dummy_config_is_validated(monkeypatch):
         Engine.from_pretrained(load_format="dummy", config=tiny_config(rotary_emb_base=float("nan")))
     with pytest.raises(ConfigError, match=r"config must be a QwenConfig or a built-in config name, got dict"):
         Engine.from_pretrained(load_format="dummy", config={"hidden_size": 64})
-    with pytest.raises(ConfigError, match=r"GPTQ checkpoints are not supported.*load_format='dummy'"):
+    with pytest.raises(ConfigError, match=r"quantization_config .*load_format='dummy' draws dense weights; pass quant="):
         Engine.from_pretrained(load_format="dummy", config=tiny_config(
             quantization_config={"quant_method": "gptq", "bits": 4}))
 

@@ -472,38 +472,73 @@ def llama_rates(records: List[dict], prompt: int, new: int) -> Dict[str, float]:
             "tg": tg[0]["avg_ts"] if tg else nan, "tg_std": tg[0]["stddev_ts"] if tg else nan}
 
 
-def run_ours(args) -> dict:
+# Our weights that a GGUF type is compared with: the layers' quantization.
+LAYER_QUANT = {"f16": "none", "bf16": "none", "f32": "none", "q8_0": "int8", "q4_0": "int4"}
+# Our configuration for each GGUF type when --ours is not given ("layers:lm_head").
+DEFAULT_OURS = {"none": "none:none", "int8": "int8:int8", "int4": "int4:int4"}
+
+
+def our_configs(args, types: Sequence[str]) -> List[str]:
+    """Our configurations as "layers:lm_head" quantizations (none / int8 / int4)."""
+    if args.ours:
+        configs = []
+        for c in args.ours.split(","):
+            layers, _, head = c.strip().partition(":")
+            if layers not in DEFAULT_OURS or (head or "none") not in DEFAULT_OURS:
+                raise SystemExit(f"--ours: {c!r} is not LAYERS[:LM_HEAD] with each of none, int8, int4")
+            configs.append(f"{layers}:{head or 'none'}")
+        return configs
+    return list(dict.fromkeys(DEFAULT_OURS[LAYER_QUANT[t]] for t in types))
+
+
+def run_ours(args, config: str = "none:none") -> dict:
     from qwen_fast import bench as qbench
 
+    layers, head = config.split(":")
     ns = qbench.build_parser().parse_args([
         "--config", args.config, "--dtype", args.dtype, "--backend", args.backend,
         "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-        "--threads", str(args.threads), "--repeats", str(args.repeats)])
+        "--threads", str(args.threads), "--repeats", str(args.repeats),
+        "--quant", layers, "--lm-head-quant", head])
     return qbench.run(ns)
 
 
 def best_rows(rounds: List[dict], types: Sequence[str], args) -> List[dict]:
-    """Table rows: for each engine and metric the best round (the least disturbed on a shared
-    machine; with one round, that round)."""
-    ours = [r["ours"]["results"][0] for r in rounds]
-    rows = [{"engine": f"qwen_fast ({ours[0]['backend']})", "type": args.dtype,
-             "pp_tokens_per_s": max(o["prefill_tokens_per_s"] for o in ours),
-             "decode_tokens_per_s": max(o["decode_tokens_per_s"] for o in ours),
-             "per_round": [{"pp": o["prefill_tokens_per_s"], "decode": o["decode_tokens_per_s"]}
-                           for o in ours]}]
+    """Table rows: for each engine, configuration and metric the best round (the least
+    disturbed on a shared machine; with one round, that round). Each of our rows is compared
+    with the llama.cpp type whose layers are quantized alike (int4 with Q4_0, ...)."""
+    llama = {}
     for t in types:
         rates = [llama_rates(r["llama_cpp"][t], args.prompt_tokens, args.new_tokens)
                  for r in rounds]
         bp = max(rates, key=lambda x: x["pp"] if x["pp"] == x["pp"] else -1)
         bt = max(rates, key=lambda x: x["tg"] if x["tg"] == x["tg"] else -1)
-        pp, tg = bp["pp"], bt["tg"]
-        rows.append({"engine": "llama.cpp", "type": t.upper(), "pp_tokens_per_s": pp,
-                     "decode_tokens_per_s": tg, "pp_stddev": bp["pp_std"],
-                     "decode_stddev": bt["tg_std"],
-                     "ours_over_pp": rows[0]["pp_tokens_per_s"] / pp if pp else None,
-                     "ours_over_tg": rows[0]["decode_tokens_per_s"] / tg if tg else None,
-                     "per_round": [{"pp": x["pp"], "decode": x["tg"]} for x in rates]})
-    return rows
+        llama[t] = {"engine": "llama.cpp", "type": t.upper(), "pp_tokens_per_s": bp["pp"],
+                    "decode_tokens_per_s": bt["tg"], "pp_stddev": bp["pp_std"],
+                    "decode_stddev": bt["tg_std"],
+                    "per_round": [{"pp": x["pp"], "decode": x["tg"]} for x in rates]}
+    rows = []
+    for config in rounds[0]["ours"]:
+        ours = [r["ours"][config]["results"][0] for r in rounds]
+        layers, head = config.split(":")
+        name = args.dtype if layers == "none" else f"{layers}, lm_head {args.dtype if head == 'none' else head}"
+        row = {"engine": f"qwen_fast ({ours[0]['backend']})", "type": name, "config": config,
+               "pp_tokens_per_s": max(o["prefill_tokens_per_s"] for o in ours),
+               "decode_tokens_per_s": max(o["decode_tokens_per_s"] for o in ours),
+               "weight_bytes_per_token": ours[0]["weight_bytes_per_token"],
+               "per_round": [{"pp": o["prefill_tokens_per_s"], "decode": o["decode_tokens_per_s"],
+                              "pct_of_read": o["pct_of_read"], "read_gb_s": o["read_gb_s"]}
+                             for o in ours]}
+        match = [t for t in types if LAYER_QUANT[t] == layers]
+        if match:
+            ref = llama[match[0]]
+            row["vs"] = ref["type"]
+            if ref["pp_tokens_per_s"]:
+                row["ours_over_pp"] = row["pp_tokens_per_s"] / ref["pp_tokens_per_s"]
+            if ref["decode_tokens_per_s"]:
+                row["ours_over_tg"] = row["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        rows.append(row)
+    return rows + [llama[t] for t in types]
 
 
 def format_table(out: dict) -> str:
@@ -523,8 +558,9 @@ def format_table(out: dict) -> str:
              f"ours/llama.cpp pp | ours/llama.cpp decode |",
              "|" + "---|" * 6]
     for r in out["rows"]:
-        rp = f"{r['ours_over_pp']:.2f}x" if r.get("ours_over_pp") else ""
-        rt = f"{r['ours_over_tg']:.2f}x" if r.get("ours_over_tg") else ""
+        vs = f" (vs {r['vs']})" if r.get("vs") else ""
+        rp = f"{r['ours_over_pp']:.2f}x{vs}" if r.get("ours_over_pp") else ""
+        rt = f"{r['ours_over_tg']:.2f}x{vs}" if r.get("ours_over_tg") else ""
         pp_sd = f" ± {r['pp_stddev']:.1f}" if r.get("pp_stddev") is not None else ""
         tg_sd = f" ± {r['decode_stddev']:.2f}" if r.get("decode_stddev") is not None else ""
         lines.append(f"| {r['engine']} | {r['type']} | {r['pp_tokens_per_s']:.1f}{pp_sd} | "
@@ -550,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="f16",
                    help="comma-separated GGUF types for llama.cpp: f16 (default), bf16, f32, "
                         "q8_0, q4_0")
+    p.add_argument("--ours", default=None,
+                   help="comma-separated LAYERS[:LM_HEAD] quantizations of our model to run "
+                        "(none, int8, int4), e.g. int4:int4,int4:int8,int4:none; default: the "
+                        "match of each --quant type (f16: none, q8_0: int8:int8, q4_0: int4:int4)")
     p.add_argument("--config", default="qwen-1.8b-chat",
                    help="built-in config (default qwen-1.8b-chat; 'tiny' for a smoke run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dummy weights (ours uses 0)")
@@ -596,6 +636,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     bench = find_tool("llama-bench", build_dir)
+    configs = our_configs(args, types)
     rounds = []
     for k in range(args.rounds):
         load_before = os.getloadavg()
@@ -605,7 +646,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        args.new_tokens, args.llama_reps)
         progress(f"round {k + 1}/{args.rounds}: qwen_fast.bench: {args.dtype}, backend "
                  f"{args.backend}, {args.threads} threads")
-        ours = run_ours(args)
+        ours = {c: run_ours(args, c) for c in configs}
         rounds.append({"llama_cpp": llama, "ours": ours,
                        "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()}})
     rows = best_rows(rounds, types, args)
@@ -614,15 +655,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     info_file = build_dir / "qwen_fast-build.json"
     if info_file.is_file():
         info = json.loads(info_file.read_text())
-    best_ours = max((r["ours"] for r in rounds),
-                    key=lambda o: o["results"][0]["decode_tokens_per_s"])
+    first = [r["ours"][configs[0]] for r in rounds]
+    best_ours = max(first, key=lambda o: o["results"][0]["decode_tokens_per_s"])
     out = {"config": args.config, "seed": args.seed, "dtype": args.dtype,
            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
            "threads": args.threads, "ours_repeats": args.repeats, "llama_reps": args.llama_reps,
            "rounds_run": args.rounds,
            "machine": f"{platform.machine()} {rec.get('cpu_info', platform.processor())}",
-           "read_gb_s": [r["ours"]["read_gb_s"] for r in rounds],
-           "copy_gb_s": [r["ours"]["copy_gb_s"] for r in rounds],
+           "read_gb_s": [o["read_gb_s"] for o in first],
+           "copy_gb_s": [o["copy_gb_s"] for o in first],
            "loadavg_1min": [[round(r["loadavg_1_5_15"]["before"][0], 1),
                              round(r["loadavg_1_5_15"]["after"][0], 1)] for r in rounds],
            "llama_cpp": {"build": f"{rec.get('build_commit', '?')} "

@@ -7,7 +7,8 @@ reads, and bytes x tokens/s as GB/s against a read and a copy of memory measured
 run: decode is bound by reading the weights, so the read bandwidth is its roofline.
 
     qwen-fast bench [--dtype bfloat16] [--backend auto,reference] [--prompt-tokens 128]
-                    [--new-tokens 16] [--context N] [--threads N] [--quant none] [--json FILE]
+                    [--new-tokens 16] [--context N] [--threads N] [--quant none|int4|int8]
+                    [--lm-head-quant none|int4|int8] [--json FILE]
 """
 from __future__ import annotations
 
@@ -135,8 +136,10 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
                    help="decode with this many tokens already cached (default: after the prompt); "
                         "a comma-separated list measures each in one run, e.g. 128,2048")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--quant", default="none", choices=["none"],
-                   help="weight quantization (int8/int4 come with the GPTQ backend)")
+    p.add_argument("--quant", default="none", choices=["none", "int4", "int8"],
+                   help="quantize the layers' weights at load (round-to-nearest, group 128)")
+    p.add_argument("--lm-head-quant", default="none", choices=["none", "int4", "int8"],
+                   help="quantize lm_head at load too (default: keep it in --dtype)")
     p.add_argument("--repeats", type=int, default=3,
                    help="prefill and decode runs per backend, each decode between read passes")
     p.add_argument("--device", default="cpu")
@@ -186,8 +189,11 @@ def run(args) -> dict:
         config = tiny_config()
     else:
         config = args.config
+    none = lambda v: None if v in (None, "none") else v      # noqa: E731
     engine = Engine.from_pretrained(load_format="dummy", config=config, dtype=args.dtype,
-                                    device=args.device, backend=backends[0])
+                                    device=args.device, backend=backends[0],
+                                    quant=none(args.quant),
+                                    lm_head_quant=none(getattr(args, "lm_head_quant", None)))
     rows = []
     for backend in backends:
         engine.model.ops, engine.model.backend = resolve_ops(backend), backend   # same weights
@@ -197,6 +203,7 @@ def run(args) -> dict:
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch": torch.__version__, "threads": torch.get_num_threads()},
             "config": args.config, "dtype": args.dtype, "quant": args.quant,
+            "lm_head_quant": getattr(args, "lm_head_quant", "none"),
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "context": [c or args.prompt_tokens for c in contexts], "read_gb_s": read_gbs,
@@ -204,7 +211,9 @@ def run(args) -> dict:
 
 
 def format_table(out: dict) -> str:
-    lines = [f"# decode benchmark: {out['config']} {out['dtype']}, prompt {out['prompt_tokens']}, "
+    quant = "" if out.get("quant", "none") == "none" else (
+        f", {out['quant']} weights (lm_head {out.get('lm_head_quant', 'none')})")
+    lines = [f"# decode benchmark: {out['config']} {out['dtype']}{quant}, prompt {out['prompt_tokens']}, "
              f"decode after {', '.join(map(str, out['context']))} tokens, {out['machine']['threads']} threads",
              "", f"read up to {out['read_gb_s']:.1f} GB/s, copy {out['copy_gb_s']:.1f} GB/s (same run; "
              "each decode run against a read pass just before and after it; medians of "

@@ -48,11 +48,20 @@ struct QArgs {
   int bits;
 };
 
-// sum_c s[c] * sx[c] * isum[c] is accumulated by the tile; this is the second sum, per output.
-inline float zero_term(const float* sz, const float* xsum, int64_t C) {
-  float t = 0.0f;
-  for (int64_t c = 0; c < C; ++c) t += sz[c] * xsum[c];
-  return t;
+// y[n] = partial[n] - sum_c sz[n, c] * xsum[c] + bias[n] for n in [n0, n1) of one activation
+// row: the tiles accumulate the first sum; this adds the zero points' sum (vectorised over c).
+template <typename T>
+QF_CPU_CLONES void finish_row(T* y, const float* partial, const uint8_t* w, int64_t row_bytes,
+                              int64_t q_bytes, const float* xsum, const T* bias, int64_t C,
+                              int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* sz = reinterpret_cast<const float*>(w + n * row_bytes + q_bytes) + C;
+    float t = 0.0f;
+#pragma omp simd reduction(+ : t)
+    for (int64_t c = 0; c < C; ++c) t += sz[c] * xsum[c];
+    const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
+    y[n] = from_float<T>(partial[n] - t + b);
+  }
 }
 
 // ---- portable tile: one output at a time (the compiler vectorises the chunk's integer dot) ------
@@ -256,11 +265,8 @@ Status quant_linear(T* y, const T* x, const uint8_t* w, const T* bias, const int
       const int64_t m1 = std::min(M, m0 + panel);
       rows(a, m0, m1, n0, n1, partial + m0 * N);
       for (int64_t m = m0; m < m1; ++m)
-        for (int64_t n = n0; n < n1; ++n) {
-          const float* sz = reinterpret_cast<const float*>(w + n * a.row_bytes + q_bytes) + C;
-          const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
-          y[m * ld_y + n] = from_float<T>(partial[m * N + n] - zero_term(sz, xsum + m * C, C) + b);
-        }
+        finish_row(y + m * ld_y, partial + m * N, w, a.row_bytes, q_bytes, xsum + m * C, bias, C,
+                   n0, n1);
     }
   }
   return Status::kOk;

@@ -533,6 +533,10 @@ def best_rows(rounds: List[dict], types: Sequence[str], args) -> List[dict]:
         if match:
             ref = llama[match[0]]
             row["vs"] = ref["type"]
+            # Each round's pair was measured back to back: its ratio compares the engines at
+            # one moment of the machine, which the best-of-rounds ratio may not.
+            row["decode_ratio_per_round"] = [o["decode"] / x["decode"] if x["decode"] else None
+                                             for o, x in zip(row["per_round"], ref["per_round"])]
             if ref["pp_tokens_per_s"]:
                 row["ours_over_pp"] = row["pp_tokens_per_s"] / ref["pp_tokens_per_s"]
             if ref["decode_tokens_per_s"]:
@@ -555,23 +559,26 @@ def format_table(out: dict) -> str:
              f"{out['llama_cpp']['build']}; {out['machine']}",
              "",
              f"| engine | dtype / quant | pp{out['prompt_tokens']} tok/s | decode tok/s | "
-             f"ours/llama.cpp pp | ours/llama.cpp decode |",
-             "|" + "---|" * 6]
+             f"ours/llama.cpp pp | ours/llama.cpp decode | decode ratio per round |",
+             "|" + "---|" * 7]
     for r in out["rows"]:
         vs = f" (vs {r['vs']})" if r.get("vs") else ""
         rp = f"{r['ours_over_pp']:.2f}x{vs}" if r.get("ours_over_pp") else ""
         rt = f"{r['ours_over_tg']:.2f}x{vs}" if r.get("ours_over_tg") else ""
         pp_sd = f" ± {r['pp_stddev']:.1f}" if r.get("pp_stddev") is not None else ""
         tg_sd = f" ± {r['decode_stddev']:.2f}" if r.get("decode_stddev") is not None else ""
+        per = ", ".join(f"{x:.2f}" for x in r.get("decode_ratio_per_round", []) if x)
         lines.append(f"| {r['engine']} | {r['type']} | {r['pp_tokens_per_s']:.1f}{pp_sd} | "
-                     f"{r['decode_tokens_per_s']:.2f}{tg_sd} | {rp} | {rt} |")
+                     f"{r['decode_tokens_per_s']:.2f}{tg_sd} | {rp} | {rt} | {per} |")
     lines += ["", f"pp: qwen_fast = prompt tokens / time to first token (prefill + 1 sampled "
               f"token; median of {out['ours_repeats']}), llama.cpp = llama-bench pp (prompt "
               f"only; mean ± sd of {out['llama_reps']}). decode: qwen_fast = per-token decode "
               f"after the prompt (median), llama.cpp = llama-bench tg{out['new_tokens']} (mean ± "
               f"sd, from an empty cache). Ratios > 1: qwen_fast is faster."
-              + (f" Best of {n} rounds (llama.cpp then qwen_fast in each) per engine and "
-                 f"metric; every round is in the JSON." if n > 1 else "")]
+              + (f" Best of {n} rounds per engine and metric; each llama.cpp type runs right "
+                 f"before our configurations quantized alike, and the last column gives each "
+                 f"round's ratio of that back-to-back pair; every round is in the JSON."
+                 if n > 1 else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -638,15 +645,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench = find_tool("llama-bench", build_dir)
     configs = our_configs(args, types)
     rounds = []
+    # Each llama.cpp type is run right before our configurations quantized alike (the machine's
+    # memory bandwidth drifts over minutes: a pair measured minutes apart compares moments, not
+    # engines); llama.cpp first, so that our model is not in memory meanwhile.
+    order = []
+    for t in types:
+        order.append(("llama", t))
+        order += [("ours", c) for c in configs if c.split(":")[0] == LAYER_QUANT[t]
+                  and ("ours", c) not in order]
+    order += [("ours", c) for c in configs if ("ours", c) not in order]
     for k in range(args.rounds):
         load_before = os.getloadavg()
         llama: Dict[str, List[dict]] = {}
-        for t, p in paths.items():     # llama.cpp first, so our model is not in memory meanwhile
-            llama[t] = run_llama_bench(bench, p, args.threads, args.prompt_tokens,
-                                       args.new_tokens, args.llama_reps)
-        progress(f"round {k + 1}/{args.rounds}: qwen_fast.bench: {args.dtype}, backend "
-                 f"{args.backend}, {args.threads} threads")
-        ours = {c: run_ours(args, c) for c in configs}
+        ours = {}
+        for kind, what in order:
+            if kind == "llama":
+                llama[what] = run_llama_bench(bench, paths[what], args.threads, args.prompt_tokens,
+                                              args.new_tokens, args.llama_reps)
+            else:
+                progress(f"round {k + 1}/{args.rounds}: qwen_fast.bench: {args.dtype} {what}, "
+                         f"backend {args.backend}, {args.threads} threads")
+                ours[what] = run_ours(args, what)
+        ours = {c: ours[c] for c in configs}
         rounds.append({"llama_cpp": llama, "ours": ours,
                        "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()}})
     rows = best_rows(rounds, types, args)

@@ -318,21 +318,23 @@ class Engine:
             if value not in bits:
                 raise ConfigError(f"{name} must be None, 'int4' or 'int8', got {value!r}")
         check_memory(cfg, dt, dev, f"load_format={load_format!r}")
+        from .qweight import QuantWeight
         if load_format == "dummy":
-            convert = None
-            if quant is not None:
-                from .quant import QUANTIZED_LINEARS
-                from .qweight import QuantWeight
-                linears = tuple(f".{lin}.weight" for lin in QUANTIZED_LINEARS)
+            # Quantized as drawn, one tensor at a time: no dense copy of the whole model.
+            from .quant import QUANTIZED_LINEARS
+            linears = tuple(f".{lin}.weight" for lin in QUANTIZED_LINEARS)
 
-                def convert(name, t):
-                    return QuantWeight.quantize(t, bits[quant]) if name.endswith(linears) else t
+            def convert(name, t):
+                if quant is not None and name.endswith(linears):
+                    return QuantWeight.quantize(t, bits[quant])
+                if lm_head_quant is not None and name == "lm_head.weight":
+                    return QuantWeight.quantize(t, bits[lm_head_quant])
+                return t
             weights = dummy_state_dict(cfg, dt, dev, seed=seed, convert=convert)
         else:
             weights = load_state_dict(model_dir, cfg, dt, dev, progress=progress,
                                       check_finite=check_finite)
-        if lm_head_quant is not None:
-            from .qweight import QuantWeight
+        if lm_head_quant is not None and not isinstance(weights["lm_head.weight"], QuantWeight):
             weights["lm_head.weight"] = QuantWeight.quantize(weights["lm_head.weight"],
                                                              bits[lm_head_quant])
         model = QwenModel(cfg, weights, dt, dev, backend=backend)

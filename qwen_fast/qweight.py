@@ -107,17 +107,25 @@ class QuantWeight:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, bits: int, group_size: Optional[int] = None,
-                 sym: bool = True) -> "QuantWeight":
+                 sym: bool = True, block_rows: int = 8192) -> "QuantWeight":
         """Round-to-nearest quantization of a dense [N, K] weight (quant.quantize_rtn: what
-        ``qwen-fast quantize`` writes), in the kernel layout. group_size None: 128 where it
-        divides K (Qwen's every matrix), else one group of all K."""
+        ``qwen-fast quantize`` writes), in the kernel layout, block_rows outputs at a time (the
+        temporaries stay small: lm_head is 151936 rows). group_size None: 128 where it divides
+        K (Qwen's every matrix), else one group of all K."""
         from .quant import quantize_rtn, unpack_gptq
 
+        N, K = w.shape
         if group_size is None:
-            group_size = CHUNK if w.shape[1] % CHUNK == 0 else -1
-        g = quantize_rtn(w, bits, group_size, sym)
-        return cls.from_components(*unpack_gptq(g["qweight"], g["qzeros"], g["scales"],
-                                                g["g_idx"], bits), bits)
+            group_size = CHUNK if K % CHUNK == 0 else -1
+        data = None
+        for r0 in range(0, N, block_rows):
+            g = quantize_rtn(w[r0:r0 + block_rows], bits, group_size, sym)
+            part = cls.from_components(*unpack_gptq(g["qweight"], g["qzeros"], g["scales"],
+                                                    g["g_idx"], bits), bits)
+            if data is None:
+                data = torch.empty(N, part.data.shape[1], dtype=torch.uint8)
+            data[r0:r0 + block_rows] = part.data
+        return cls(data, bits, K)
 
     # ---- reading back ---------------------------------------------------------------------
     def components(self):

@@ -184,6 +184,36 @@ def _drawable(scores: torch.Tensor) -> bool:
     return not bool(torch.isnan(scores).any() or torch.isposinf(scores).any())
 
 
+def _check_finite_logits(logits: torch.Tensor) -> None:
+    lo, hi = torch.aminmax(logits.float())      # one pass; NaN and +-Inf propagate
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise NumericalError(f"the model produced {bad} non-finite logits (NaN or Inf); the weights "
+                             "or the dtype overflow (fp16?) are the cause, not the request")
+
+
+def _greedy(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
+            valid_vocab: Optional[int]) -> int:
+    """argmax of the release's greedy scores, without its full-vocabulary passes: the tokens past
+    valid_vocab are sliced off instead of set to -inf, the repetition penalty is computed in the
+    logits' dtype on the history's entries only (the release's values) and written into an fp32
+    copy, whose argmax is the same token (the copy holds the same values exactly; ties go to
+    the first index in both). Falls back to the float64 maths when the penalty overflows."""
+    valid = logits[:valid_vocab]
+    scores = valid.to(torch.float32, copy=True)       # ours to write into
+    lo, hi = torch.aminmax(scores)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        _check_finite_logits(valid)
+    if p.repetition_penalty != 1.0 and history.numel():
+        h = history[history < valid.shape[0]]
+        s = torch.gather(valid, 0, h)
+        s = torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty)
+        scores.scatter_(0, h, s.float())
+        if not bool(torch.isfinite(s).all()):      # the penalty overflowed the dtype
+            return int(torch.argmax(process_scores(logits, history, p, valid_vocab, stable=True)))
+    return int(torch.argmax(scores))
+
+
 def sample_next(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
                 generator: Optional[torch.Generator], valid_vocab: Optional[int] = None) -> int:
     """Next token id for one sequence. logits [V] in the model dtype; history [n] int64.
@@ -191,15 +221,10 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
     The release's maths in the logits dtype first (bit-exact seeded sampling); only when that
     overflows does the float64 fallback of process_scores run. Non-finite logits (a broken
     model, not a parameter) raise NumericalError."""
-    if not bool(torch.isfinite(logits[:valid_vocab]).all()):
-        bad = int((~torch.isfinite(logits[:valid_vocab])).sum())
-        raise NumericalError(f"the model produced {bad} non-finite logits (NaN or Inf); the weights "
-                             "or the dtype overflow (fp16?) are the cause, not the request")
-    scores = process_scores(logits, history, p, valid_vocab)
     if p.greedy:
-        if not _drawable(scores):
-            scores = process_scores(logits, history, p, valid_vocab, stable=True)
-        return int(torch.argmax(scores))
+        return _greedy(logits, history, p, valid_vocab)
+    _check_finite_logits(logits[:valid_vocab])
+    scores = process_scores(logits, history, p, valid_vocab)
     probs = torch.softmax(scores, dim=-1)
     if not _drawable(scores) or not bool(torch.isfinite(probs).all()):
         probs = torch.softmax(process_scores(logits, history, p, valid_vocab, stable=True), dim=-1)

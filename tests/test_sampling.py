@@ -104,3 +104,21 @@ def test_unknown_parameter():
 def test_stop_token_ids_checked_against_vocab():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         P(stop_token_ids=[200000]).validate(vocab_size=151936)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("penalty", [1.0, 1.1, 0.7, 3.0])
+def test_greedy_fast_path_is_the_release_argmax(dtype, penalty):
+    """sample_next's greedy path (fp32 copy, penalty on the history only) picks the token the
+    release's maths picks (process_scores then argmax), over many random rows with ties and
+    with history ids past the valid vocabulary; the logits passed in are left unchanged."""
+    from qwen_fast.sampling import process_scores
+    g = torch.Generator().manual_seed(7)
+    p = SamplingParams(temperature=0, repetition_penalty=penalty)
+    for trial in range(40):
+        logits = (torch.randn(1000, generator=g) * 3).round().to(dtype)   # many exact ties
+        history = torch.randint(0, 1000, (30,), generator=g)
+        before = logits.clone()
+        want = int(torch.argmax(process_scores(logits, history, p, 990)))
+        assert sample_next(logits, history, p, None, 990) == want
+        assert torch.equal(logits, before)

@@ -142,7 +142,32 @@ def linear_cases(dtype, device) -> Iterator[Case]:
                        cold_cache=True, variants=forced)
 
 
-CASES = {"elementwise": elementwise_cases, "attention": attention_cases, "linear": linear_cases}
+def quant_linear_cases(dtype, device) -> Iterator[Case]:
+    """int4_gemm / int8_gemm (ops.quant_linear) on Qwen's projections, against F.linear on the
+    dense bf16 weight (what the same layer costs unquantized) and the kernel's portable path.
+    bytes: the packed weights (scales included), x and y."""
+    from qwen_fast.qweight import QuantWeight
+    if device.type != "cpu":
+        return
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for name, n, k, _ in LINEAR_SHAPES:
+        dense = _randn(n, k, dtype=dtype, device=device, gen=g) * 0.02
+        for bits in (4, 8):
+            w = QuantWeight.quantize(dense, bits)
+            for m in DECODE_ROWS + ((PREFILL_ROWS,) if name != "lm_head" else ()):
+                x = _randn(m, k, dtype=dtype, device=device, gen=g)
+                e = x.element_size()
+                nbytes = w.nbytes + m * k * e + m * n * e
+                yield Case(f"int{bits} linear {name}", f"{m}x{k} @ {n}x{k}^T", nbytes, 2 * m * n * k,
+                           lambda x=x, w=w: ops.quant_linear(x, w),
+                           lambda x=x, d=dense: F.linear(x, d), f"torch F.linear ({dtype})",
+                           cold_cache=True,
+                           variants=(("kernel, portable path",
+                                      lambda x=x, w=w: ops.quant_linear(x, w, isa="scalar")),))
+
+
+CASES = {"elementwise": elementwise_cases, "attention": attention_cases, "linear": linear_cases,
+         "quant_linear": quant_linear_cases}
 
 
 def main():

@@ -153,6 +153,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="dummy = random weights from the built-in qwen-1.8b-chat config")
+    p.add_argument("--lm-head-quant", choices=["int8", "int4"],
+                   help="quantize lm_head at load (a GPTQ checkpoint's layers are quantized anyway)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -177,7 +179,8 @@ def _load(args):
     if args.model is None and args.load_format != "dummy":
         raise SystemExit("error: --model DIR is required (or --load-format dummy)")
     return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                  backend=args.backend, load_format=args.load_format)
+                                  backend=args.backend, load_format=args.load_format,
+                                  lm_head_quant=getattr(args, "lm_head_quant", None))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,6 +137,17 @@ def test_generate_json_and_chat_over_pipes(tiny_ckpt):
     assert "[0] User: hi" in p.stdout
 
 
+def test_generate_with_a_quantized_lm_head(tiny_ckpt, capsys):
+    """--lm-head-quant reaches Engine.from_pretrained: same greedy call, int8 lm_head."""
+    assert main(["generate", "--model", str(tiny_ckpt), "--lm-head-quant", "int8", "--json",
+                 "--temperature", "0", "--max-new-tokens", "3", "--ignore-eos", "Hello"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["usage"]["completion_tokens"] == 3
+    with pytest.raises(SystemExit) as exc:         # argparse refuses the choice
+        main(["generate", "--model", str(tiny_ckpt), "--lm-head-quant", "int2", "hi"])
+    assert exc.value.code == 2
+
+
 def test_cli_errors(tiny_ckpt, tmp_path):
     p = _run_cli("generate", "--model", str(tmp_path), "hi")
     assert p.returncode == 2 and "has no config.json" in p.stderr

@@ -440,17 +440,19 @@ def _check_finite(name: str, p: Path, src: torch.Tensor, out: torch.Tensor) -> N
 @contextlib.contextmanager
 def tensor_reader(plan: Dict[str, Tuple[Path, dict]]) -> Iterator[Callable[[str], torch.Tensor]]:
     """A function reading one tensor of ``plan`` (check_checkpoint's result) by name, as
-    stored (CPU, file dtype), one at a time; each file is opened once, on first use, and
-    closed on exit. Whatever safetensors raises becomes a CheckpointError naming the file."""
+    stored (CPU, file dtype), one at a time (``rows=(r0, r1)``: only those rows); each file is
+    opened once, on first use, and closed on exit. Whatever safetensors raises becomes a CheckpointError naming the file."""
     from safetensors import safe_open
 
     handles = {}
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         p = plan[name][0]
         try:
             if p not in handles:
                 handles[p] = safe_open(str(p), framework="pt", device="cpu")
+            if rows is not None:        # rows r0:r1 of the first dim only
+                return handles[p].get_slice(name)[rows[0]:rows[1]]
             return handles[p].get_tensor(name)
         except Exception as e:  # noqa: BLE001 - whatever safetensors raises, name the file
             raise CheckpointError(f"{p.name}: safetensors could not read tensor {name!r} "
@@ -464,7 +466,8 @@ def tensor_reader(plan: Dict[str, Tuple[Path, dict]]) -> Iterator[Callable[[str]
 
 def load_state_dict(model_dir: str | os.PathLike, cfg: QwenConfig, dtype: torch.dtype,
                     device: str | torch.device = "cpu", progress: Optional[bool] = None,
-                    check_finite: bool = True) -> Dict[str, torch.Tensor]:
+                    check_finite: bool = True,
+                    lm_head_bits: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Read, check and convert every tensor of a checkpoint directory (memory-mapped).
 
     check_finite: refuse a tensor holding NaN/Inf, in the file or after conversion to
@@ -473,7 +476,11 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: QwenConfig, dtype: torch.
     measured on the 2-core dev CPU, 18 ms for the 151936 x 2048 bf16 embedding (311M values;
     23 ms in fp32) and 0.2 s for all 1.84B values of Qwen-1.8B in bf16, against seconds for
     reading the 3.7 GB; ``check_finite=False`` skips it.
+    lm_head_bits (4 or 8): lm_head is read a block of rows at a time and quantized as it comes
+    (QuantWeight.quantize_rows), so that its dense copy never exists.
     """
+    from .qweight import QuantWeight
+
     model_dir = Path(model_dir)
     plan = check_checkpoint(model_dir, cfg)
     gcfg = _gptq_expected(model_dir, cfg, expected_shapes(cfg))[0]
@@ -484,31 +491,53 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: QwenConfig, dtype: torch.
             by_file.setdefault(p, []).append(name)
     out: Dict[str, torch.Tensor] = {}
     items = [(p, n) for p, names in by_file.items() for n in names]
-    with tensor_reader(plan) as read:
+    with contextlib.ExitStack() as stack:
+        shared = stack.enter_context(tensor_reader(plan))
         for p, name in _progress(items, len(items), progress, f"loading {model_dir.name}"):
-            t = read(name)
-            x = t.to(device=device, dtype=dtype)
+            if name == "lm_head.weight" and lm_head_bits is not None:
+                def rows(r0, r1, p=p):
+                    t = shared(name, (r0, r1))
+                    x = t.to(device=device, dtype=dtype)
+                    if check_finite:
+                        _check_finite(name, p, t, x)
+                    return x
+                out[name] = QuantWeight.quantize_rows(rows, *plan[name][1]["shape"], lm_head_bits)
+                continue
+            if gcfg is None:
+                t = shared(name)
+                x = t.to(device=device, dtype=dtype)
+            else:
+                # A GPTQ checkpoint: each tensor through its own handle, copied out (fp16 ones
+                # are not converted), so that the mapped file is not left resident: what stays
+                # is the model, not the file (1.8 GB for Int4, 0.9 GB of it repacked).
+                with tensor_reader(plan) as read:
+                    t = read(name)
+                    x = t.to(device=device, dtype=dtype, copy=True)
             if check_finite:
                 _check_finite(name, p, t, x)
             out[name] = x
-        if gcfg is not None:
-            _load_gptq(model_dir, cfg, gcfg, plan, read, out, progress, check_finite)
+    if gcfg is not None:
+        _load_gptq(model_dir, cfg, gcfg, plan, out, progress, check_finite)
     if cfg.tie_word_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 
-def _load_gptq(model_dir: Path, cfg: QwenConfig, gcfg, plan, read, out: dict,
+def _load_gptq(model_dir: Path, cfg: QwenConfig, gcfg, plan, out: dict,
                progress: Optional[bool], check_finite: bool) -> None:
     """Replace each quantized Linear's parts in ``out`` by one QuantWeight (kernel layout, made
-    one layer at a time: no dense copy of the model), named like the dense weight."""
+    one layer at a time: no dense copy of the model), named like the dense weight. Each layer
+    is read through its own file handles, closed before the next, so that the mapped file's
+    pages do not all stay resident while the model is built."""
     from .qweight import QuantWeight
     from .quant import QUANTIZED_LINEARS, unpack_gptq
 
     bases = [f"transformer.h.{i}.{lin}" for i in range(cfg.num_hidden_layers)
              for lin in QUANTIZED_LINEARS]
     for base in _progress(bases, len(bases), progress, f"repacking {model_dir.name} (GPTQ)"):
-        parts = {k: read(f"{base}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+        with tensor_reader(plan) as read:
+            parts = {k: read(f"{base}.{k}").clone()
+                     for k in ("qweight", "qzeros", "scales", "g_idx")}
         if check_finite:
             _check_finite(base + ".scales", plan[base + ".scales"][0], parts["scales"], parts["scales"])
         try:

@@ -19,7 +19,7 @@ dequantized copy: ``dequantize`` builds one on demand (the reference backend, te
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -107,24 +107,32 @@ class QuantWeight:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, bits: int, group_size: Optional[int] = None,
-                 sym: bool = True, block_rows: int = 8192) -> "QuantWeight":
+                 sym: bool = True) -> "QuantWeight":
         """Round-to-nearest quantization of a dense [N, K] weight (quant.quantize_rtn: what
-        ``qwen-fast quantize`` writes), in the kernel layout, block_rows outputs at a time (the
-        temporaries stay small: lm_head is 151936 rows). group_size None: 128 where it divides
-        K (Qwen's every matrix), else one group of all K."""
+        ``qwen-fast quantize`` writes), in the kernel layout. group_size None: 128 where it
+        divides K (Qwen's every matrix), else one group of all K."""
+        return cls.quantize_rows(lambda r0, r1: w[r0:r1], w.shape[0], w.shape[1], bits,
+                                 group_size, sym)
+
+    @classmethod
+    def quantize_rows(cls, rows: Callable[[int, int], torch.Tensor], N: int, K: int, bits: int,
+                      group_size: Optional[int] = None, sym: bool = True,
+                      block_rows: int = 8192) -> "QuantWeight":
+        """As quantize, for a weight given a block of rows at a time (rows(r0, r1) -> the dense
+        [r1 - r0, K] rows), block_rows at a time: the temporaries stay small (lm_head is 151936
+        rows) and the whole dense weight need never exist."""
         from .quant import quantize_rtn, unpack_gptq
 
-        N, K = w.shape
         if group_size is None:
             group_size = CHUNK if K % CHUNK == 0 else -1
         data = None
         for r0 in range(0, N, block_rows):
-            g = quantize_rtn(w[r0:r0 + block_rows], bits, group_size, sym)
+            g = quantize_rtn(rows(r0, min(N, r0 + block_rows)), bits, group_size, sym)
             part = cls.from_components(*unpack_gptq(g["qweight"], g["qzeros"], g["scales"],
                                                     g["g_idx"], bits), bits)
             if data is None:
                 data = torch.empty(N, part.data.shape[1], dtype=torch.uint8)
-            data[r0:r0 + block_rows] = part.data
+            data[r0:r0 + part.data.shape[0]] = part.data
         return cls(data, bits, K)
 
     # ---- reading back ---------------------------------------------------------------------

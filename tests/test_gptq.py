@@ -118,6 +118,12 @@ def test_lm_head_quantized_at_load(tiny_ckpt):
         e = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference", lm_head_quant=kind)
         assert isinstance(e.model.lm_head, QuantWeight) and e.model.lm_head.bits == bits
         assert isinstance(e.model.wte, torch.Tensor)            # the embedding stays dense
+        # read and quantized a block of rows at a time: the same bytes as at once
+        whole = QuantWeight.quantize(dense.model.lm_head, bits)
+        assert torch.equal(e.model.lm_head.data, whole.data)
+        blocks = QuantWeight.quantize_rows(lambda r0, r1: dense.model.lm_head[r0:r1],
+                                           *dense.model.lm_head.shape, bits, block_rows=1000)
+        assert torch.equal(blocks.data, whole.data)
         a, b = dense.logits(IDS), e.logits(IDS)
         assert float((a - b).abs().mean()) < (0.02 if bits == 8 else 0.3) * float(a.std())
 

@@ -506,6 +506,19 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: QwenConfig, dtype: torch.
             if gcfg is None:
                 t = shared(name)
                 x = t.to(device=device, dtype=dtype)
+            elif (name == "transformer.wte.weight" and torch.device(device).type == "cpu"
+                  and _ST_DTYPES.get(plan[name][1]["dtype"]) == dtype):
+                # The embedding in the file's dtype (the release's Int4 in fp16) stays mapped
+                # from the file: only the rows that prompts look up become resident. The check
+                # reads it through another handle, whose pages go when it is closed.
+                if check_finite:
+                    with tensor_reader(plan) as read:
+                        t = read(name)
+                        _check_finite(name, p, t, t)
+                        del t
+                with tensor_reader(plan) as read:
+                    out[name] = read(name)
+                continue
             else:
                 # A GPTQ checkpoint: each tensor through its own handle, copied out (fp16 ones
                 # are not converted), so that the mapped file is not left resident: what stays

@@ -209,3 +209,18 @@ def test_quant_is_only_for_dummy_weights(tiny_ckpt):
     with pytest.raises(ConfigError, match=r"quant= is only used with load_format='dummy'"):
         Engine.from_pretrained(tiny_ckpt, quant="int4")
     assert set(expected_shapes(tiny_config(**CFG))) >= {L0 + "mlp.w1.weight"}
+
+
+def test_gptq_embedding_mapped_from_the_file_is_still_checked(tmp_path):
+    """In the file's dtype (fp16) the embedding stays memory-mapped (only looked-up rows become
+    resident); it is still checked for NaN/Inf, and still right."""
+    cfg = tiny_config(**CFG)
+    sd, dense = _gptq_state(cfg, 4, True, False, 0)
+    path = _write(tmp_path / "ok", 4, state=dict(sd))[0]
+    e = Engine.from_pretrained(path, dtype="float16")
+    assert torch.equal(e.model.wte, sd["transformer.wte.weight"])
+    sd["transformer.wte.weight"] = sd["transformer.wte.weight"].clone()
+    sd["transformer.wte.weight"][5, 3] = float("nan")
+    bad = _write(tmp_path / "bad", 4, state=sd)[0]
+    with pytest.raises(CheckpointError, match=r"'transformer.wte.weight' .* 1 non-finite values"):
+        Engine.from_pretrained(bad, dtype="float16")

@@ -317,6 +317,11 @@ class Engine:
         for name, value in (("quant", quant), ("lm_head_quant", lm_head_quant)):
             if value not in bits:
                 raise ConfigError(f"{name} must be None, 'int4' or 'int8', got {value!r}")
+        quantized = quant or lm_head_quant or cfg.quantization_config is not None or (
+            model_dir is not None and os.path.lexists(model_dir / "quantize_config.json"))
+        if quantized and dev.type != "cpu":
+            raise ConfigError(f"int4/int8 weights run on the CPU only until the CUDA kernels land; "
+                              f"load this model with device='cpu', not {str(dev)!r}")
         check_memory(cfg, dt, dev, f"load_format={load_format!r}")
         from .qweight import QuantWeight
         if load_format == "dummy":

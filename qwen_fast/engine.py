@@ -339,7 +339,7 @@ class Engine:
         else:
             weights = load_state_dict(model_dir, cfg, dt, dev, progress=progress,
                                       check_finite=check_finite,
-                                      lm_head_bits=bits[lm_head_quant] if dev.type == "cpu" else None)
+                                      lm_head_bits=bits[lm_head_quant])
         if lm_head_quant is not None and not isinstance(weights["lm_head.weight"], QuantWeight):
             weights["lm_head.weight"] = QuantWeight.quantize(weights["lm_head.weight"],
                                                              bits[lm_head_quant])

@@ -479,11 +479,12 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: QwenConfig, dtype: torch.
     lm_head_bits (4 or 8): lm_head is read a block of rows at a time and quantized as it comes
     (QuantWeight.quantize_rows), so that its dense copy never exists.
     """
+    from .quant import read_gptq_config
     from .qweight import QuantWeight
 
     model_dir = Path(model_dir)
     plan = check_checkpoint(model_dir, cfg)
-    gcfg = _gptq_expected(model_dir, cfg, expected_shapes(cfg))[0]
+    gcfg = read_gptq_config(model_dir)    # check_checkpoint has validated it against the files
     gptq_parts = (".qweight", ".qzeros", ".scales", ".g_idx")
     by_file: Dict[Path, list] = {}
     for name, (p, _) in plan.items():

@@ -45,7 +45,6 @@ struct QArgs {
   const float* xsum;    // [M, C] sx * sum(x8 of the chunk)
   const uint8_t* w;     // [N, row_bytes]
   int64_t M, N, C, row_bytes, q_bytes;  // q_bytes: bytes of q per row (C * 64 or C * 128)
-  int bits;
 };
 
 // y[n] = partial[n] - sum_c sz[n, c] * xsum[c] + bias[n] for n in [n0, n1) of one activation
@@ -243,7 +242,7 @@ Status quant_linear(T* y, const T* x, const uint8_t* w, const T* bias, const int
   for (int64_t m = 0; m < M; ++m)
     quantize_row(x8 + m * C * kChunk, xs + m * C, xsum + m * C, x + m * ld_x, perm, K, C);
 
-  const QArgs a{x8, xs, xsum, w, M, N, C, quant_row_bytes(bits, K), q_bytes, bits};
+  const QArgs a{x8, xs, xsum, w, M, N, C, quant_row_bytes(bits, K), q_bytes};
   const RowsFn rows = rows_fn(bits, isa);
   // Activation rows per pass over the weights: all of a decode batch, else as many as keep
   // their x8 in L2 (kPanelBytes).

@@ -160,23 +160,24 @@ level of our weight-streaming kernel for every size (for tests). out: a buffer t
 (contiguous, [..., N], x's dtype, overlapping no input).)");
 
   m.def("quant_linear", &qf::quant_linear, py::arg("x"), py::arg("weight"), py::arg("bits"),
-        py::arg("in_features"), py::arg("bias") = py::none(), py::arg("perm") = py::none(),
+        py::arg("in_features"), py::arg("out_features"), py::arg("bias") = py::none(), py::arg("perm") = py::none(),
         py::arg("isa") = "auto", py::kw_only(), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         R"(y = x @ W.T + bias with int4/int8 weights in our kernel layout, CPU (int4_gemm / int8_gemm).
 
-x: [..., K] bfloat16/float16/float32, last dim contiguous. weight: [N, quant_row_bytes(bits, K)]
-torch.uint8 (qwen_fast.quant packs it). bits: 4 or 8; in_features: K. bias: [N] in x's dtype or
+x: [..., K] bfloat16/float16/float32, last dim contiguous. weight: [ceil(N / 16),
+quant_tile_bytes(bits, K)] torch.uint8 (qwen_fast.qweight packs it). bits: 4 or 8; in_features: K;
+out_features: N. bias: [N] in x's dtype or
 None. perm: [K] int64 act-order permutation (x[..., perm] is what the weights multiply) or None.
 Activations are quantized to int8 per row and chunk of 128 (|error| <= scale / 2 per element),
 products summed exactly in int32, scaled in fp32, rounded once to x.dtype. isa: "auto",
-"avx512_vnni" or "scalar" (forces that path, for tests). out: a buffer to write instead.)");
+"avx512_vnni", "avx2" or "scalar" (forces that path, for tests). out: a buffer to write instead.)");
 
-  m.def("quant_row_bytes", &qf::quant_row_bytes, py::arg("bits"), py::arg("in_features"),
-        "Bytes of one output row of quant_linear's weight layout.");
+  m.def("quant_tile_bytes", &qf::quant_tile_bytes, py::arg("bits"), py::arg("in_features"),
+        "Bytes of one tile of 16 outputs in quant_linear's weight layout.");
 
   m.def("quant_linear_isas", &qf::quant_linear_isas,
-        "ISA levels of quant_linear this CPU runs, best first ([\"avx512_vnni\", \"scalar\"]).");
+        "ISA levels of quant_linear this CPU runs, best first ([\"avx512_vnni\", \"avx2\", \"scalar\"]).");
 
   m.def("linear_isas", &qf::linear_isas,
         "ISA levels of the linear kernel that this CPU runs, best first (e.g. [\"avx512_bf16\", "

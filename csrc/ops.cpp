@@ -571,13 +571,13 @@ void* quant_workspace(int64_t bytes) {
 }
 
 CpuIsa parse_quant_isa(const std::string& name) {
-  for (CpuIsa isa : {CpuIsa::kAuto, CpuIsa::kAvx512Vnni, CpuIsa::kScalar}) {
+  for (CpuIsa isa : {CpuIsa::kAuto, CpuIsa::kAvx512Vnni, CpuIsa::kAvx2, CpuIsa::kScalar}) {
     if (name != cpu_isa_name(isa)) continue;
     TORCH_CHECK(cpu_isa_supported(isa), "quant_linear: isa \"", name,
                 "\" is not supported by this CPU; it runs ", quoted_list(quant_linear_isas()));
     return isa;
   }
-  TORCH_CHECK(false, "quant_linear: isa must be \"auto\", \"avx512_vnni\" or \"scalar\", got \"",
+  TORCH_CHECK(false, "quant_linear: isa must be \"auto\", \"avx512_vnni\", \"avx2\" or \"scalar\", got \"",
               name, "\"");
 }
 
@@ -585,19 +585,20 @@ CpuIsa parse_quant_isa(const std::string& name) {
 
 std::vector<std::string> quant_linear_isas() {
   std::vector<std::string> out;
-  for (CpuIsa isa : {CpuIsa::kAvx512Vnni, CpuIsa::kScalar})
+  for (CpuIsa isa : {CpuIsa::kAvx512Vnni, CpuIsa::kAvx2, CpuIsa::kScalar})
     if (cpu_isa_supported(isa)) out.push_back(cpu_isa_name(isa));
   return out;
 }
 
-int64_t quant_row_bytes(int64_t bits, int64_t in_features) {
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_row_bytes: bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(in_features >= 1, "quant_row_bytes: in_features must be >= 1, got ", in_features);
-  return cpu::quant_row_bytes(static_cast<int>(bits), in_features);
+int64_t quant_tile_bytes(int64_t bits, int64_t in_features) {
+  TORCH_CHECK(bits == 4 || bits == 8, "quant_tile_bytes: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(in_features >= 1, "quant_tile_bytes: in_features must be >= 1, got ", in_features);
+  return cpu::quant_tile_bytes(static_cast<int>(bits), in_features);
 }
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t bits,
-                        int64_t in_features, const std::optional<at::Tensor>& bias,
+                        int64_t in_features, int64_t out_features,
+                        const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& perm, const std::string& isa,
                         const OptTensor& out_arg) {
   const char* op = "quant_linear";
@@ -609,13 +610,15 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t b
   const int64_t K = x.size(-1);
   TORCH_CHECK(in_features == K, op, ": the weight has in_features = ", in_features,
               ", x has ", K, " features (its last dim)");
-  const int64_t row = cpu::quant_row_bytes(static_cast<int>(bits), K);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row && weight.scalar_type() == at::kByte &&
-                  weight.is_contiguous() && weight.is_cpu(),
-              op, ": weight must be a contiguous CPU torch.uint8 tensor [N, ", row,
-              "] (the kernel layout of ", bits, "-bit rows of ", K, " inputs), got ",
-              dtype_str(weight.scalar_type()), " ", shape_str(weight.sizes()));
-  const int64_t N = weight.size(0);
+  const int64_t N = out_features;
+  TORCH_CHECK(N >= 1, op, ": out_features must be >= 1, got ", N);
+  const int64_t tiles = (N + 15) / 16;
+  const int64_t tile = cpu::quant_tile_bytes(static_cast<int>(bits), K);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == tiles && weight.size(1) == tile &&
+                  weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.is_cpu(),
+              op, ": weight must be a contiguous CPU torch.uint8 tensor [", tiles, ", ", tile,
+              "] (the kernel layout of ", N, " ", bits, "-bit outputs in tiles of 16, ", K,
+              " inputs), got ", dtype_str(weight.scalar_type()), " ", shape_str(weight.sizes()));
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
                 "] (out_features), got ", shape_str(bias->sizes()));

@@ -62,14 +62,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 // "avx2", "scalar").
 std::vector<std::string> linear_isas();
 
-// y = x . W^T + bias with int4/int8 weights in our kernel layout ([N, quant_row_bytes] uint8;
-// qwen_fast/quant.py), CPU. perm: [K] int64, the act-order permutation of the inputs, or none.
-// isa: "auto", "avx512_vnni" or "scalar" (the portable loop).
+// y = x . W^T + bias with int4/int8 weights in our kernel layout ([ceil(N / 16),
+// quant_tile_bytes] uint8; qwen_fast/qweight.py), CPU. perm: [K] int64, the act-order permutation
+// of the inputs, or none. isa: "auto", "avx512_vnni", "avx2" or "scalar" (the portable loop).
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t bits,
-                        int64_t in_features, const std::optional<at::Tensor>& bias,
+                        int64_t in_features, int64_t out_features,
+                        const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& perm, const std::string& isa,
                         const OptTensor& out);
-int64_t quant_row_bytes(int64_t bits, int64_t in_features);
+int64_t quant_tile_bytes(int64_t bits, int64_t in_features);
 std::vector<std::string> quant_linear_isas();
 
 // Number of CUDA devices our (static) CUDA runtime sees; 0 without a CUDA build or a device.

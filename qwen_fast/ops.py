@@ -253,8 +253,8 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
     x to int8 per row and 128-input chunk (sx = max|x| / 127; |x - sx * x8| <= sx / 2), sums
     the products exactly in int32 and scales them in fp32: each output differs from the
     reference on the dequantized weight by at most sum_k |W[n, k]| * sx(k) / 2, plus fp32
-    rounding (tests/test_quant_linear.py checks that bound). isa: "auto", "avx512_vnni" or
-    "scalar" (the portable loop), to test each path.
+    rounding (tests/test_quant_linear.py checks that bound). isa: "auto", "avx512_vnni",
+    "avx2" or "scalar" (the portable loop), to test each path.
     backend: None runs the compiled CPU kernel; "reference" the dense reference (it builds the
     dequantized weight for the call).
     """
@@ -263,5 +263,5 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
     if x.is_cuda:
         raise ValueError("int4/int8 weights run on the CPU only until the CUDA kernels land; "
                          f"x is on {x.device}")
-    return _C.quant_linear(x, weight.data, weight.bits, weight.in_features, bias, weight.perm,
-                           isa, out=out)
+    return _C.quant_linear(x, weight.data, weight.bits, weight.in_features,
+                           weight.out_features, bias, weight.perm, isa, out=out)

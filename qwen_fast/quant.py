@@ -55,23 +55,27 @@ another layout, so both are refused rather than misread.
 ## Our kernel layout
 
 At load time every quantized Linear is repacked, one layer at a time, into what the int4/int8
-kernel (csrc/cpu/quant_linear.cpp) streams: ``qwen_fast.qweight.QuantWeight``, one uint8 row of
-bytes per OUTPUT (the GPTQ tensors are input-major), each row holding, for its
-C = ceil(K / 128) chunks of 128 inputs,
+kernel (csrc/cpu/quant_linear.cpp) streams: ``qwen_fast.qweight.QuantWeight`` (its docstring has
+the byte order). The outputs go in tiles of 16; a tile is one uint8 row, and for each of its
+C = ceil(K / 128) chunks of 128 inputs it holds
 
-    q    int4: 64 bytes a chunk, byte i = q[128c + i] | q[128c + 64 + i] << 4
-         int8: 128 bytes a chunk, q as uint8
-    s    C fp32 scales (the chunk's group's)
-    s*z  C fp32 products of scale and real zero
+    q    the 16 x 128 values as 64-byte vectors whose 32-bit lane r holds four consecutive
+         inputs of output r (int4: 1024 bytes, the low nibbles inputs 0..63 of the chunk, the
+         high nibbles 64..127; int8: 2048 bytes)
+    s    16 fp32 scales (the chunk's group's, one per output)
+    s*z  16 fp32 products of scale and real zero
 
-so one output's weights are one sequential read. Per weight that is 4.5 bits (0.5625 bytes) for
+so a tile's weights are one sequential read, and one vpdpbusd adds four products to each of
+16 outputs with no horizontal sums. Per weight that is 4.5 bits (0.5625 bytes) for
 int4 and 8.5 bits (1.0625 bytes) for int8: fp32 scale and offset per 128 inputs instead of
 GPTQ's fp16 scale and packed zero per group (4.16 / 8.19 bits), in exchange for no zero to
 unpack and no fp16 conversion in the inner loop. For Qwen-1.8B's 24 blocks that is 683 MB (int4)
 and 1.29 GB (int8); lm_head adds 175 MB (int4), 331 MB (int8) or 622 MB (bf16).
 
 Worked example (int4, the same W[1, 9] as above, K = 16 so C = 1 chunk, padded to 128 inputs
-with q = 0): row n = 1 is 64 bytes of q, then s = scales[g, 1] and s*z for its chunk. Because
+with q = 0, N = 8 padded to one tile of 16 with zero rows): the tile's chunk record is 1024
+bytes of q, in which lane r = 1 of vector j holds q[1, 4j .. 4j + 3] (| q[1, 64 + 4j ..] << 4),
+then s with s[1] = scales[g, 1], then s*z. Because
 a chunk has one scale, a group must cover whole chunks: group_size a multiple of 128 (or -1);
 the example's group_size 8 is refused by the kernel layout (QuantWeight.from_components says
 so), though this module reads and writes it. Act-order checkpoints (desc_act, g_idx not

@@ -1,21 +1,27 @@
 """int4 / int8 weights in our kernel layout (what csrc/cpu/quant_linear.cpp reads).
 
 A ``QuantWeight`` holds one Linear's weight W [N, K] as W[n, k] = s[n, c] * (q[n, k] - z[n, c])
-for the chunk c = k // 128 of its (permuted) input k: one uint8 tensor ``data`` [N, row_bytes],
-each row being
+for the chunk c = k // 128 of its (permuted) input k. The outputs go in tiles of 16 (N padded
+to a multiple of 16 with zero rows); ``data`` is uint8 [ceil(N / 16), C * record] for the
+C = ceil(K / 128) chunks, one row per tile, each chunk's record being
 
-    q of the C = ceil(K / 128) chunks      int4: 64 bytes a chunk, byte i = q[128c + i] | q[128c + 64 + i] << 4
-                                           int8: 128 bytes a chunk, q as uint8
-    C fp32 scales s[n, c]
-    C fp32 products s[n, c] * z[n, c]
+    q of the tile's 16 outputs x 128 inputs, as 64-byte vectors of 16 lanes of 4 bytes:
+        int8: 32 vectors, vector j, lane r = q[r, 4j .. 4j+3]                  (2048 bytes)
+        int4: 16 vectors, vector j, lane r = q[r, 4j .. 4j+3] | q[r, 64+4j .. 64+4j+3] << 4
+                                                                              (1024 bytes)
+    16 fp32 scales s[r, c]                                                   (64 bytes)
+    16 fp32 products s[r, c] * z[r, c]                                       (64 bytes)
 
-(K is padded to whole chunks with q = 0, which the kernel multiplies by zeros.) Bytes per weight:
-int4 0.5625 (4.5 bits: 4 + 64 bits of scale and offset per 128), int8 1.0625. A GPTQ group
-(128, or -1 = all of K) covers whole chunks, so a chunk has one scale and one zero; a group size
-that is not a multiple of 128 is refused. Act-order checkpoints (desc_act, g_idx not k // group)
-are permuted at load: the inputs are sorted by group, ``perm`` [K] records the order, and the
-kernel reads x[..., perm] (gathered while it quantizes the activations). Nothing here keeps a
-dequantized copy: ``dequantize`` builds one on demand (the reference backend, tests).
+(r is the output within the tile; K is padded to whole chunks with q = 0, which the kernel
+multiplies by zeros.) One instruction (vpdpbusd) multiplies a vector by four activation bytes
+broadcast to every lane, adding four products to each of 16 outputs, and the scales load as a
+vector: the kernel needs no horizontal sums. Bytes per weight: int4 0.5625 (4.5 bits: 4 + 64 bits
+of scale and offset per 128), int8 1.0625. A GPTQ group (128, or -1 = all of K) covers whole
+chunks, so a chunk has one scale and one zero; a group size that is not a multiple of 128 is
+refused. Act-order checkpoints (desc_act, g_idx not k // group) are permuted at load: the inputs
+are sorted by group, ``perm`` [K] records the order, and the kernel reads x[..., perm] (gathered
+while it quantizes the activations). Nothing here keeps a dequantized copy: ``dequantize`` builds
+one on demand (the reference backend, tests).
 """
 from __future__ import annotations
 
@@ -24,29 +30,36 @@ from typing import Callable, Optional
 import torch
 
 CHUNK = 128
+TILE = 16
+
+
+def tile_bytes(bits: int, in_features: int) -> int:
+    """Bytes of one tile of 16 outputs (one row of ``QuantWeight.data``)."""
+    return -(-in_features // CHUNK) * (TILE * CHUNK * bits // 8 + 2 * 4 * TILE)
 
 
 class QuantWeight:
     """An int4/int8 Linear weight in the kernel layout (see the module docstring)."""
 
-    def __init__(self, data: torch.Tensor, bits: int, in_features: int,
+    def __init__(self, data: torch.Tensor, bits: int, in_features: int, out_features: int,
                  perm: Optional[torch.Tensor] = None):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
-        chunks = -(-in_features // CHUNK)
-        row = chunks * (CHUNK * bits // 8) + 8 * chunks
-        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row:
-            raise ValueError(f"data must be a uint8 tensor [N, {row}] for {bits}-bit rows of "
-                             f"{in_features} inputs, got {data.dtype} {list(data.shape)}")
+        tiles, row = -(-out_features // TILE), tile_bytes(bits, in_features)
+        if data.dtype != torch.uint8 or data.dim() != 2 or tuple(data.shape) != (tiles, row):
+            raise ValueError(f"data must be a uint8 tensor [{tiles}, {row}] for {out_features} "
+                             f"{bits}-bit outputs (tiles of {TILE}) of {in_features} inputs, got "
+                             f"{data.dtype} {list(data.shape)}")
         if perm is not None and (perm.dtype != torch.int64 or perm.shape != (in_features,)):
             raise ValueError(f"perm must be an int64 tensor [{in_features}], got {perm.dtype} "
                              f"{list(perm.shape)}")
-        self.data, self.bits, self.in_features, self.perm = data.contiguous(), bits, in_features, perm
+        self.data, self.bits, self.perm = data.contiguous(), bits, perm
+        self.in_features, self.out_features = in_features, out_features
 
     # ---- shape-like attributes, so that code written for a dense [N, K] weight reads it -----
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.data.shape[0], self.in_features))
+        return torch.Size((self.out_features, self.in_features))
 
     @property
     def device(self) -> torch.device:
@@ -93,17 +106,25 @@ class QuantWeight:
             raise ValueError(f"the kernel needs groups of whole 128-input chunks (group size a "
                              f"multiple of 128, or -1); this weight's groups hold {sorted(set(sizes))} "
                              f"inputs")
-        s = torch.empty(N, chunks).copy_(scales.float()[first].t())            # [N, C]
-        sz = torch.empty(N, chunks).copy_(s * zeros.float()[first].t())       # exact: see dequantize
-        qp = torch.zeros(N, chunks * CHUNK, dtype=torch.uint8)
-        qp[:, :K] = q.to(torch.uint8)
+        T = -(-N // TILE)
+        s = torch.zeros(T * TILE, chunks)
+        s[:N] = scales.float()[first].t()                                      # [N, C]
+        sz = s.clone()
+        sz[:N] *= zeros.float()[first].t()                   # exact: see dequantize
+        qp = torch.zeros(T * TILE, chunks * CHUNK, dtype=torch.uint8)
+        qp[:N, :K] = q.to(torch.uint8)
+        # [tile, r, chunk, j, b] -> [tile, chunk, j, r, b]: vector j, lane r, byte b
         if bits == 4:
-            qc = qp.view(N, chunks, 2, CHUNK // 2)
-            packed = (qc[:, :, 0] | (qc[:, :, 1] << 4)).reshape(N, chunks * CHUNK // 2)
+            qc = qp.view(T, TILE, chunks, 2, 16, 4)
+            qv = (qc[:, :, :, 0] | (qc[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
         else:
-            packed = qp
-        data = torch.cat([packed, s.view(torch.uint8), sz.view(torch.uint8)], dim=1)
-        return cls(data, bits, K, perm)
+            qv = qp.view(T, TILE, chunks, 32, 4).permute(0, 2, 3, 1, 4)
+
+        def lanes(v):  # [T * 16, C] fp32 -> [T, C, 64] bytes
+            return v.view(T, TILE, chunks).transpose(1, 2).contiguous().view(torch.uint8)
+
+        data = torch.cat([qv.reshape(T, chunks, -1), lanes(s), lanes(sz)], dim=2)
+        return cls(data.reshape(T, -1), bits, K, N, perm)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, bits: int, group_size: Optional[int] = None,
@@ -119,36 +140,41 @@ class QuantWeight:
                       group_size: Optional[int] = None, sym: bool = True,
                       block_rows: int = 8192) -> "QuantWeight":
         """As quantize, for a weight given a block of rows at a time (rows(r0, r1) -> the dense
-        [r1 - r0, K] rows), block_rows at a time: the temporaries stay small (lm_head is 151936
+        [r1 - r0, K] rows), block_rows (rounded down to whole tiles of 16) at a time: the temporaries stay small (lm_head is 151936
         rows) and the whole dense weight need never exist."""
         from .quant import quantize_rtn, unpack_gptq
 
         if group_size is None:
             group_size = CHUNK if K % CHUNK == 0 else -1
-        data = None
+        block_rows = max(TILE, block_rows - block_rows % TILE)  # whole tiles
+        data = torch.empty(-(-N // TILE), tile_bytes(bits, K), dtype=torch.uint8)
         for r0 in range(0, N, block_rows):
             g = quantize_rtn(rows(r0, min(N, r0 + block_rows)), bits, group_size, sym)
             part = cls.from_components(*unpack_gptq(g["qweight"], g["qzeros"], g["scales"],
                                                     g["g_idx"], bits), bits)
-            if data is None:
-                data = torch.empty(N, part.data.shape[1], dtype=torch.uint8)
-            data[r0:r0 + part.data.shape[0]] = part.data
-        return cls(data, bits, K)
+            data[r0 // TILE:r0 // TILE + part.data.shape[0]] = part.data
+        return cls(data, bits, K, N)
 
     # ---- reading back ---------------------------------------------------------------------
     def components(self):
         """(q [N, K] uint8 in the layout's input order, s [N, C] fp32, s*z [N, C] fp32)."""
-        N, K, C = self.shape[0], self.in_features, -(-self.in_features // CHUNK)
-        qbytes = C * CHUNK * self.bits // 8
-        packed = self.data[:, :qbytes]
+        N, K, C = self.out_features, self.in_features, -(-self.in_features // CHUNK)
+        T = self.data.shape[0]
+        qb = TILE * CHUNK * self.bits // 8
+        rec = self.data.view(T, C, qb + 8 * TILE)
         if self.bits == 4:
-            pc = packed.view(N, C, CHUNK // 2)
-            q = torch.stack([pc & 15, pc >> 4], dim=2).reshape(N, C * CHUNK)
+            qv = rec[:, :, :qb].reshape(T, C, 16, TILE, 4).permute(0, 3, 1, 2, 4)  # [T, r, C, j, b]
+            q = torch.stack([qv & 15, qv >> 4], dim=3)                         # [T, r, C, 2, j, b]
         else:
-            q = packed
-        s = self.data[:, qbytes:qbytes + 4 * C].contiguous().view(torch.float32)
-        sz = self.data[:, qbytes + 4 * C:].contiguous().view(torch.float32)
-        return q[:, :K], s, sz
+            q = rec[:, :, :qb].reshape(T, C, 32, TILE, 4).permute(0, 3, 1, 2, 4)
+        q = q.reshape(T * TILE, C * CHUNK)
+
+        def rows(v):  # [T, C, 64] bytes -> [T * 16, C] fp32
+            return v.contiguous().view(torch.float32).transpose(1, 2).reshape(T * TILE, C)
+
+        s = rows(rec[:, :, qb:qb + 4 * TILE])
+        sz = rows(rec[:, :, qb + 4 * TILE:])
+        return q[:N, :K], s[:N], sz[:N]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense W [N, K] (inputs in their original order): s * q - s * z in fp32, which is

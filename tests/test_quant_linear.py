@@ -19,10 +19,10 @@ from kernel_cases import case_generator
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
-ISAS = ["avx512_vnni", "scalar"]
+ISAS = ["avx512_vnni", "avx2", "scalar"]
 
 # (id, N, K, M): Qwen-1.8B's projections at decode (1, 4) and a prefill chunk, then awkward
-# sizes (K not a multiple of 128: a padded last chunk; N not a multiple of the 4-row tiles).
+# sizes (K not a multiple of 128: a padded last chunk; N not a multiple of the 16-output tiles).
 SHAPES = [
     ("c_attn_1", 6144, 2048, 1), ("w1_4", 5504, 2048, 4), ("c_proj_1", 2048, 5504, 1),
     ("c_proj_16", 2048, 5504, 16), ("c_attn_prefill_37", 6144, 2048, 37),
@@ -81,7 +81,7 @@ def test_both_paths_agree_and_bias_and_batch_dims():
     w = QuantWeight.from_components(q, zeros, scales, g_idx, 4)
     x = torch.randn(2, 3, 384, generator=g).to(torch.bfloat16)
     b = torch.randn(96, generator=g).to(torch.bfloat16)
-    ys = [ops.quant_linear(x, w, b, isa=isa) for isa in ISAS]
+    ys = [ops.quant_linear(x, w, b, isa=isa) for isa in ISAS if isa in ops._C.quant_linear_isas()]
     assert ys[0].shape == (2, 3, 96)
     # the same integer sums, scaled in another order: equal to fp32 rounding, then bf16
     torch.testing.assert_close(ys[0], ys[1], rtol=1e-2, atol=1e-2)
@@ -126,21 +126,25 @@ def test_groups_that_split_a_chunk_are_refused():
 
 
 def test_bad_arguments_are_named():
-    from qwen_fast import _C
     g = torch.Generator().manual_seed(4)
     w = QuantWeight.from_components(*_components(8, 256, 4, g), 4)
     x = torch.randn(2, 256)
     with pytest.raises(RuntimeError, match=r"the weight has in_features = 256, x has 255"):
-        _C.quant_linear(torch.randn(2, 255), w.data, 4, 256)
-    with pytest.raises(RuntimeError, match=r"weight must be a contiguous CPU torch.uint8 tensor \[N, 144\]"):
-        _C.quant_linear(x, w.data[:, :100], 4, 256)
+        ops._C.quant_linear(torch.randn(2, 255), w.data, 4, 256, 8)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous CPU torch.uint8 tensor "
+                                           r"\[1, 2304\] \(the kernel layout of 8 4-bit outputs"):
+        ops._C.quant_linear(x, w.data[:, :100], 4, 256, 8)
+    with pytest.raises(RuntimeError, match=r"weight must be .* \[2, 2304\]"):
+        ops._C.quant_linear(x, w.data, 4, 256, 17)
     with pytest.raises(RuntimeError, match=r"bits must be 4 or 8, got 3"):
-        _C.quant_linear(x, w.data, 3, 256)
+        ops._C.quant_linear(x, w.data, 3, 256, 8)
+    with pytest.raises(RuntimeError, match=r"out_features must be >= 1, got 0"):
+        ops._C.quant_linear(x, w.data, 4, 256, 0)
     with pytest.raises(RuntimeError, match=r"bias must have shape \[8\]"):
-        _C.quant_linear(x, w.data, 4, 256, torch.zeros(9))
+        ops._C.quant_linear(x, w.data, 4, 256, 8, torch.zeros(9))
     with pytest.raises(RuntimeError, match=r"perm values must lie in \[0, 256\)"):
-        _C.quant_linear(x, w.data, 4, 256, None, torch.full((256,), 300))
-    with pytest.raises(RuntimeError, match=r'isa must be "auto", "avx512_vnni" or "scalar", got "avx2"'):
-        _C.quant_linear(x, w.data, 4, 256, isa="avx2")
-    with pytest.raises(ValueError, match=r"data must be a uint8 tensor \[N, 144\]"):
-        QuantWeight(w.data[:, :10], 4, 256)
+        ops._C.quant_linear(x, w.data, 4, 256, 8, None, torch.full((256,), 300))
+    with pytest.raises(RuntimeError, match=r'isa must be "auto", "avx512_vnni", "avx2" or "scalar", got "avx"'):
+        ops._C.quant_linear(x, w.data, 4, 256, 8, isa="avx")
+    with pytest.raises(ValueError, match=r"data must be a uint8 tensor \[1, 2304\] for 8 4-bit outputs"):
+        QuantWeight(w.data[:, :10], 4, 256, 8)

@@ -95,16 +95,15 @@ Status linear(T* y,           // [M, ld_y], the first N columns are written
               CpuIsa isa);
 
 // y = x . W^T + bias for int4 / int8 weights in our kernel layout (quant_linear.cpp; documented
-// in qwen_fast/quant.py): x quantized to int8 per row and 128-chunk (through perm, the act-order
+// in qwen_fast/qweight.py): x quantized to int8 per row and 128-chunk (through perm, the act-order
 // permutation of K, when given), integer chunk dots, fp32 scaling, rounded once to T. isa: kAuto
-// (AVX-512 VNNI where the CPU has it, else the portable loop), kAvx512Vnni or kScalar (the
-// portable loop, itself built for AVX2 and baseline x86).
-int64_t quant_row_bytes(int bits, int64_t K);                   // bytes of one weight row
+// (the best this CPU has), kAvx512Vnni, kAvx2 or kScalar (the portable loop).
+int64_t quant_tile_bytes(int bits, int64_t K);                   // bytes of one tile of 16 outputs
 int64_t quant_workspace_bytes(int64_t M, int64_t N, int64_t K);  // what `workspace` must hold
 template <typename T>
 Status quant_linear(T* y,               // [M, ld_y], the first N columns are written
                     const T* x,         // [M, ld_x], the first K columns are read
-                    const uint8_t* w,   // [N, quant_row_bytes(bits, K)]
+                    const uint8_t* w,   // [ceil(N / 16), quant_tile_bytes(bits, K)]
                     const T* bias,      // [N] or nullptr
                     const int64_t* perm,  // [K] or nullptr: the kernel reads x[m, perm[k]]
                     int64_t M, int64_t N, int64_t K, int bits, int64_t ld_y, int64_t ld_x,

@@ -1,24 +1,32 @@
-// Linear layer with int4 / int8 weights on the CPU (int4_gemm and int8_gemm; qwen_fast/quant.py
+// Linear layer with int4 / int8 weights on the CPU (int4_gemm and int8_gemm; qwen_fast/qweight.py
 // documents the layout): y[m, n] = sum_k x[m, k] * W[n, k] + bias[n], W[n, k] = s[n, c] * (q[n, k]
-// - z[n, c]) for the 128-element chunk c = k / 128 of row n.
+// - z[n, c]) for the 128-input chunk c = k / 128 of output n.
 //
 // Activations are quantized to int8 first, per row and chunk of 128 (as llama.cpp's Q8 blocks):
-// sx = max|x| / 127, x8 = round(x / sx), so that the chunk's products are exact integer sums
-// (vpdpbusd: unsigned q times signed x8, four products per 32-bit lane). Then, per output,
+// sx = max|x| / 127, x8 = round(x / sx), so that a chunk's products are exact integer sums. Then,
+// per output,
 //   y = sum_c s[c] * sx[c] * (q_c . x8_c)  -  sum_c (s[c] * z[c]) * (sx[c] * sum(x8_c))  + bias,
 // in fp32, rounded once to T. The error against fp32 maths on the dequantized weights is the
 // activation rounding, |x - sx * x8| <= sx / 2 per element (tests/test_quant_linear.py bounds
 // each output by it).
 //
-// Weight layout, one row of `row_bytes` per output n: the q bytes of the C = Kp / 128 chunks
-// (int4: 64 bytes a chunk, byte i = q[128c + i] | q[128c + 64 + i] << 4; int8: 128 bytes, q as
-// uint8), then C fp32 scales s, then C fp32 products s * z. Kp is K rounded up to a chunk (the
-// padding has q = 0 and x8 = 0, so it adds nothing). One row is read front to back, so a row is
-// one sequential stream, and decode takes four rows far apart at a time, as linear.cpp does.
-// Parallelisation: OpenMP over blocks of output columns (the weights stream once for up to 16
-// activation rows, in panels of rows beyond); activation quantization over rows.
-// ISA: AVX-512 VNNI explicitly; elsewhere the portable loop, built for AVX2 and baseline x86
-// (QF_CPU_CLONES, compiler-vectorised), picked at run time or forced by the caller.
+// Weight layout: outputs in tiles of 16 (N padded with zero rows), one tile a contiguous record
+// of C chunks, each chunk the q of its 16 outputs x 128 inputs then 16 fp32 scales s and 16 fp32
+// s * z. The q are stored as 64-byte vectors whose 32-bit lane r holds four consecutive inputs
+// of output r:
+//   int8: vector j < 32, lane r = q[r, 4j .. 4j + 3]
+//   int4: vector j < 16, lane r = q[r, 4j .. 4j + 3] in the low nibbles, q[r, 64 + 4j ..] in
+//         the high nibbles
+// so that one vpdpbusd (unsigned q times signed x8, four products per lane) against the four
+// activation bytes broadcast to every lane adds four products to each of 16 outputs, and the
+// scales load as a vector: no horizontal sums, and only a few instructions per chunk besides the
+// multiply-adds. (The first layout, one row per output, needed a reduction and a broadcast
+// scale per 128 weights and ran at about half the speed, hot in cache.)
+// Decode reads several tiles far apart at a time (one sequential stream each, as linear.cpp);
+// OpenMP over blocks of tiles; activation rows beyond 16 go in panels that keep their x8 in L2.
+// ISA: AVX-512 VNNI; AVX2 (vpmaddubsw + vpmaddwd: for int8 the weights are offset to signed
+// and the sign moved onto x8, as the unsigned x signed product of vpmaddubsw needs); a portable
+// loop over the same layout (QF_CPU_CLONES); picked at run time or forced by the caller.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -34,60 +42,56 @@ namespace qf::cpu {
 namespace {
 
 constexpr int64_t kChunk = 128;
-constexpr int kRows = 4;              // weight rows (streams) per tile
+constexpr int64_t kTile = 16;          // outputs per tile (the 32-bit lanes of a 512-bit vector)
 constexpr int64_t kMinPanelRows = 16;  // activation rows that share one pass over the weights
 constexpr int64_t kPanelBytes = 256 * 1024;
 constexpr int64_t kParallelMinMacs = int64_t{1} << 16;
 
+constexpr int64_t q_bytes(int bits) { return kTile * kChunk * bits / 8; }  // per chunk record
+constexpr int64_t record_bytes(int bits) { return q_bytes(bits) + 2 * kTile * 4; }
+
 struct QArgs {
-  const int8_t* x8;     // [M, Kp]
+  const int8_t* x8;     // [M, C * 128]
   const float* xs;      // [M, C] activation scales sx
   const float* xsum;    // [M, C] sx * sum(x8 of the chunk)
-  const uint8_t* w;     // [N, row_bytes]
-  int64_t M, N, C, row_bytes, q_bytes;  // q_bytes: bytes of q per row (C * 64 or C * 128)
+  const int32_t* xtot;  // [M, C] sum(x8 of the chunk)
+  const uint8_t* w;     // [tiles, C * record]
+  float* acc;           // [M, tiles * 16]: the outputs before the bias
+  int64_t M, tiles, C, tile_bytes;
 };
 
-// y[n] = partial[n] - sum_c sz[n, c] * xsum[c] + bias[n] for n in [n0, n1) of one activation
-// row: the tiles accumulate the first sum; this adds the zero points' sum (vectorised over c).
-template <typename T>
-QF_CPU_CLONES void finish_row(T* y, const float* partial, const uint8_t* w, int64_t row_bytes,
-                              int64_t q_bytes, const float* xsum, const T* bias, int64_t C,
-                              int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* sz = reinterpret_cast<const float*>(w + n * row_bytes + q_bytes) + C;
-    float t = 0.0f;
-#pragma omp simd reduction(+ : t)
-    for (int64_t c = 0; c < C; ++c) t += sz[c] * xsum[c];
-    const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
-    y[n] = from_float<T>(partial[n] - t + b);
-  }
-}
-
-// ---- portable tile: one output at a time (the compiler vectorises the chunk's integer dot) ------
+// ---- portable tile: the same sums, one output at a time -----------------------------------------
 template <int BITS>
-QF_CPU_CLONES void rows_portable(const QArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                                 float* acc) {  // acc[(m - m0) * N + n]: the first sum
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = a.w + n * a.row_bytes;
-    const float* s = reinterpret_cast<const float*>(wr + a.q_bytes);
+QF_CPU_CLONES void tiles_portable(const QArgs& a, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  constexpr int64_t rec = record_bytes(BITS), qb = q_bytes(BITS);
+  const int64_t ld = a.tiles * kTile;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wt = a.w + t * a.tile_bytes;
     for (int64_t m = m0; m < m1; ++m) {
-      const int8_t* xr = a.x8 + m * a.C * kChunk;
-      const float* sx = a.xs + m * a.C;
-      float y = 0.0f;
+      float y[kTile] = {};
       for (int64_t c = 0; c < a.C; ++c) {
-        int32_t isum = 0;
-        const int8_t* xc = xr + c * kChunk;
+        const uint8_t* q = wt + c * rec;
+        const float* s = reinterpret_cast<const float*>(q + qb);
+        const int8_t* xc = a.x8 + (m * a.C + c) * kChunk;
+        int32_t isum[kTile] = {};
         if constexpr (BITS == 4) {
-          const uint8_t* q = wr + c * 64;
-          for (int i = 0; i < 64; ++i)
-            isum += int32_t(q[i] & 15) * xc[i] + int32_t(q[i] >> 4) * xc[64 + i];
+          for (int j = 0; j < 16; ++j)
+            for (int r = 0; r < kTile; ++r)
+              for (int b = 0; b < 4; ++b) {
+                const uint8_t v = q[64 * j + 4 * r + b];
+                isum[r] += int32_t(v & 15) * xc[4 * j + b] + int32_t(v >> 4) * xc[64 + 4 * j + b];
+              }
         } else {
-          const uint8_t* q = wr + c * kChunk;
-          for (int i = 0; i < kChunk; ++i) isum += int32_t(q[i]) * xc[i];
+          for (int j = 0; j < 32; ++j)
+            for (int r = 0; r < kTile; ++r)
+              for (int b = 0; b < 4; ++b)
+                isum[r] += int32_t(q[64 * j + 4 * r + b]) * xc[4 * j + b];
         }
-        y += s[c] * sx[c] * static_cast<float>(isum);
+        const float sx = a.xs[m * a.C + c], xsum = a.xsum[m * a.C + c];
+        for (int r = 0; r < kTile; ++r)
+          y[r] = y[r] + static_cast<float>(isum[r]) * s[r] * sx - s[kTile + r] * xsum;
       }
-      acc[(m - m0) * a.N + n] = y;
+      std::memcpy(a.acc + m * ld + t * kTile, y, sizeof(y));
     }
   }
 }
@@ -96,91 +100,195 @@ QF_CPU_CLONES void rows_portable(const QArgs& a, int64_t m0, int64_t m1, int64_t
 #define QF_TARGET_AVX512_VNNI \
   __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
-// Rows n0 + r * step (r < R) against activation rows m0 .. m0 + MB - 1: R x MB fp32 accumulators,
-// per chunk two vpdpbusd per (r, m) (the low and the high 64 of the chunk), converted and scaled.
-template <int BITS, int R, int MB>
-QF_TARGET_AVX512_VNNI inline void tile_vnni(const QArgs& a, int64_t n0, int64_t step, int64_t m0,
-                                            float* acc) {
-  __m512 sum[R][MB];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) sum[r][m] = _mm512_setzero_ps();
-  const uint8_t* wr[R];
-  const float* s[R];
-  for (int r = 0; r < R; ++r) {
-    wr[r] = a.w + (n0 + r * step) * a.row_bytes;
-    s[r] = reinterpret_cast<const float*>(wr[r] + a.q_bytes);
+// Tiles t0 + g * step (g < G) against activation rows m0 .. m0 + MB - 1. Per chunk, two int32
+// accumulators per (g, m) (int4: the low and the high nibbles; int8: even and odd vectors, two
+// dependency chains), then y += (s * acc) * sx - sz * xsum in fp32.
+template <int BITS, int G, int MB>
+QF_TARGET_AVX512_VNNI inline void tile_vnni(const QArgs& a, int64_t t0, int64_t step, int64_t m0) {
+  constexpr int64_t rec = record_bytes(BITS), qb = q_bytes(BITS);
+  __m512 y[G][MB];
+  const uint8_t* wt[G];
+  for (int g = 0; g < G; ++g) {
+    wt[g] = a.w + (t0 + g * step) * a.tile_bytes;
+    for (int m = 0; m < MB; ++m) y[g][m] = _mm512_setzero_ps();
   }
   const __m512i low4 = _mm512_set1_epi8(15);
   for (int64_t c = 0; c < a.C; ++c) {
-    __m512i xlo[MB], xhi[MB];
-    float sx[MB];
-    for (int m = 0; m < MB; ++m) {
-      const int8_t* xc = a.x8 + ((m0 + m) * a.C + c) * kChunk;
-      xlo[m] = _mm512_loadu_si512(xc);
-      xhi[m] = _mm512_loadu_si512(xc + 64);
-      sx[m] = a.xs[(m0 + m) * a.C + c];
+    __m512i acc0[G][MB], acc1[G][MB];
+    const int32_t* xc[MB];
+    for (int m = 0; m < MB; ++m)
+      xc[m] = reinterpret_cast<const int32_t*>(a.x8 + ((m0 + m) * a.C + c) * kChunk);
+    for (int g = 0; g < G; ++g)
+      for (int m = 0; m < MB; ++m) acc0[g][m] = acc1[g][m] = _mm512_setzero_si512();
+    if constexpr (BITS == 4) {
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j)
+        for (int g = 0; g < G; ++g) {
+          const __m512i v = _mm512_loadu_si512(wt[g] + c * rec + 64 * j);
+          const __m512i lo = _mm512_and_si512(v, low4);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          for (int m = 0; m < MB; ++m) {
+            acc0[g][m] = _mm512_dpbusd_epi32(acc0[g][m], lo, _mm512_set1_epi32(xc[m][j]));
+            acc1[g][m] = _mm512_dpbusd_epi32(acc1[g][m], hi, _mm512_set1_epi32(xc[m][16 + j]));
+          }
+        }
+    } else {
+#pragma GCC unroll 16
+      for (int j = 0; j < 32; j += 2)
+        for (int g = 0; g < G; ++g) {
+          const __m512i v0 = _mm512_loadu_si512(wt[g] + c * rec + 64 * j);
+          const __m512i v1 = _mm512_loadu_si512(wt[g] + c * rec + 64 * j + 64);
+          for (int m = 0; m < MB; ++m) {
+            acc0[g][m] = _mm512_dpbusd_epi32(acc0[g][m], v0, _mm512_set1_epi32(xc[m][j]));
+            acc1[g][m] = _mm512_dpbusd_epi32(acc1[g][m], v1, _mm512_set1_epi32(xc[m][j + 1]));
+          }
+        }
     }
-    for (int r = 0; r < R; ++r) {
-      __m512i lo, hi;
-      if constexpr (BITS == 4) {
-        const __m512i v = _mm512_loadu_si512(wr[r] + c * 64);
-        lo = _mm512_and_si512(v, low4);
-        hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      } else {
-        lo = _mm512_loadu_si512(wr[r] + c * kChunk);
-        hi = _mm512_loadu_si512(wr[r] + c * kChunk + 64);
-      }
+    for (int g = 0; g < G; ++g) {
+      const float* s = reinterpret_cast<const float*>(wt[g] + c * rec + qb);
+      const __m512 sv = _mm512_loadu_ps(s), szv = _mm512_loadu_ps(s + kTile);
       for (int m = 0; m < MB; ++m) {
-        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[m]);
-        t = _mm512_dpbusd_epi32(t, hi, xhi[m]);
-        sum[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(s[r][c] * sx[m]),
-                                    sum[r][m]);
+        const int64_t i = (m0 + m) * a.C + c;
+        const __m512 t =
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[g][m], acc1[g][m])), sv);
+        y[g][m] = _mm512_fmadd_ps(t, _mm512_set1_ps(a.xs[i]), y[g][m]);
+        y[g][m] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(a.xsum[i]), y[g][m]);
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) acc[m * a.N + n0 + r * step] = hsum(sum[r][m]);
+  const int64_t ld = a.tiles * kTile;
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < MB; ++m)
+      _mm512_storeu_ps(a.acc + (m0 + m) * ld + (t0 + g * step) * kTile, y[g][m]);
 }
 
-template <int BITS, int R>
-QF_TARGET_AVX512_VNNI inline void all_rows_vnni(const QArgs& a, int64_t m0, int64_t m1, int64_t n0,
-                                                int64_t step, float* acc) {
+// Rows [m0, m1) of tiles t0 + g * step: blocks of MB rows, the last block smaller.
+template <int BITS, int G, int MB>
+QF_TARGET_AVX512_VNNI inline void rows_vnni(const QArgs& a, int64_t t0, int64_t step, int64_t m0,
+                                            int64_t m1) {
   int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) tile_vnni<BITS, R, 4>(a, n0, step, m, acc + (m - m0) * a.N);
-  switch (m1 - m) {
-    case 3: tile_vnni<BITS, R, 3>(a, n0, step, m, acc + (m - m0) * a.N); break;
-    case 2: tile_vnni<BITS, R, 2>(a, n0, step, m, acc + (m - m0) * a.N); break;
-    case 1: tile_vnni<BITS, R, 1>(a, n0, step, m, acc + (m - m0) * a.N); break;
-    default: break;
+  for (; m + MB <= m1; m += MB) tile_vnni<BITS, G, MB>(a, t0, step, m);
+  if constexpr (MB > 1) {
+    switch (m1 - m) {
+      case 3: tile_vnni<BITS, G, 3>(a, t0, step, m); break;
+      case 2: tile_vnni<BITS, G, 2>(a, t0, step, m); break;
+      case 1: tile_vnni<BITS, G, 1>(a, t0, step, m); break;
+      default: break;
+    }
   }
 }
 
-// Output columns [n0, n1) for activation rows [m0, m1): four sequential streams of weight rows
-// (a quarter of the block each; see linear.cpp's columns()), the remainder one row at a time.
+// Tiles [t0, t1) for activation rows [m0, m1): G sequential streams (a G-th of the block each),
+// the remainder one tile at a time. G and the row block by the register budget (3 G MB
+// accumulators of 32): one or two rows take four streams, more rows two streams and blocks of 4.
+template <int BITS, int G, int MB>
+QF_TARGET_AVX512_VNNI void streams_vnni(const QArgs& a, int64_t m0, int64_t m1, int64_t t0,
+                                        int64_t t1) {
+  const int64_t per = (t1 - t0) / G;
+  for (int64_t i = 0; i < per; ++i) rows_vnni<BITS, G, MB>(a, t0 + i, per, m0, m1);
+  for (int64_t t = t0 + G * per; t < t1; ++t) rows_vnni<BITS, 1, MB>(a, t, 1, m0, m1);
+}
+
 template <int BITS>
-QF_TARGET_AVX512_VNNI __attribute__((flatten)) void rows_vnni(const QArgs& a, int64_t m0,
-                                                              int64_t m1, int64_t n0, int64_t n1,
-                                                              float* acc) {
-  const int64_t per = (n1 - n0) / kRows;
-  for (int64_t i = 0; i < per; ++i) all_rows_vnni<BITS, kRows>(a, m0, m1, n0 + i, per, acc);
-  for (int64_t n = n0 + kRows * per; n < n1; ++n) all_rows_vnni<BITS, 1>(a, m0, m1, n, 1, acc);
+QF_TARGET_AVX512_VNNI __attribute__((flatten)) void tiles_vnni(const QArgs& a, int64_t m0,
+                                                               int64_t m1, int64_t t0,
+                                                               int64_t t1) {
+  switch (m1 - m0) {
+    case 1: streams_vnni<BITS, 4, 1>(a, m0, m1, t0, t1); break;
+    case 2: streams_vnni<BITS, 4, 2>(a, m0, m1, t0, t1); break;
+    default: streams_vnni<BITS, 2, 4>(a, m0, m1, t0, t1); break;
+  }
+}
+
+// ---- AVX2: a tile as two halves of 8 outputs (the two 256-bit halves of each 64-byte vector) ----
+// int4: vpmaddubsw(q, x8) sums pairs of products (|.| <= 2 * 15 * 127), the low and high nibbles'
+// pairs added in int16 (<= 7620), then vpmaddwd by ones to int32. int8: q (unsigned, up to 255)
+// times x8 could overflow vpmaddubsw's int16 pairs, so w = q - 128 (signed) is multiplied as
+// |w| times x8 carrying w's sign (|pairs| <= 2 * 128 * 127 < 2^15), and the 128 * sum(x8) that
+// the offset removed is added back per chunk.
+template <int BITS, int MB>
+QF_TARGET_AVX2 inline void tile_avx2(const QArgs& a, int64_t t, int64_t m0) {
+  constexpr int64_t rec = record_bytes(BITS), qb = q_bytes(BITS);
+  const uint8_t* wt = a.w + t * a.tile_bytes;
+  __m256 y[2][MB];
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < MB; ++m) y[h][m] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i bias8 = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t c = 0; c < a.C; ++c) {
+    const int32_t* xc[MB];
+    __m256i acc[2][MB];
+    for (int m = 0; m < MB; ++m) {
+      xc[m] = reinterpret_cast<const int32_t*>(a.x8 + ((m0 + m) * a.C + c) * kChunk);
+      acc[0][m] = acc[1][m] = _mm256_setzero_si256();
+    }
+    const uint8_t* q = wt + c * rec;
+    for (int j = 0; j < (BITS == 4 ? 16 : 32); ++j)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * j + 32 * h));
+        if constexpr (BITS == 4) {
+          const __m256i lo = _mm256_and_si256(v, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          for (int m = 0; m < MB; ++m) {
+            const __m256i p = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xc[m][j])),
+                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xc[m][16 + j])));
+            acc[h][m] = _mm256_add_epi32(acc[h][m], _mm256_madd_epi16(p, ones));
+          }
+        } else {
+          const __m256i w = _mm256_xor_si256(v, bias8);  // q - 128 as int8
+          const __m256i aw = _mm256_abs_epi8(w);          // |w|, 128 read as unsigned
+          for (int m = 0; m < MB; ++m) {
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(xc[m][j]), w);
+            acc[h][m] = _mm256_add_epi32(acc[h][m],
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones));
+          }
+        }
+      }
+    const float* s = reinterpret_cast<const float*>(q + qb);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sv = _mm256_loadu_ps(s + 8 * h), szv = _mm256_loadu_ps(s + kTile + 8 * h);
+      for (int m = 0; m < MB; ++m) {
+        const int64_t i = (m0 + m) * a.C + c;
+        __m256i total = acc[h][m];
+        if constexpr (BITS == 8) total = _mm256_add_epi32(total, _mm256_set1_epi32(128 * a.xtot[i]));
+        const __m256 tf = _mm256_mul_ps(_mm256_cvtepi32_ps(total), sv);
+        y[h][m] = _mm256_fmadd_ps(tf, _mm256_set1_ps(a.xs[i]), y[h][m]);
+        y[h][m] = _mm256_fnmadd_ps(szv, _mm256_set1_ps(a.xsum[i]), y[h][m]);
+      }
+    }
+  }
+  const int64_t ld = a.tiles * kTile;
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < MB; ++m) _mm256_storeu_ps(a.acc + (m0 + m) * ld + t * kTile + 8 * h, y[h][m]);
+}
+
+template <int BITS>
+QF_TARGET_AVX2 __attribute__((flatten)) void tiles_avx2(const QArgs& a, int64_t m0, int64_t m1,
+                                                        int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) tile_avx2<BITS, 2>(a, t, m);
+    if (m < m1) tile_avx2<BITS, 1>(a, t, m);
+  }
 }
 #endif  // QF_X86_INTRINSICS
 
-using RowsFn = void (*)(const QArgs&, int64_t, int64_t, int64_t, int64_t, float*);
+using TilesFn = void (*)(const QArgs&, int64_t, int64_t, int64_t, int64_t);
 
-RowsFn rows_fn(int bits, CpuIsa isa) {
+TilesFn tiles_fn(int bits, CpuIsa isa) {
 #if QF_X86_INTRINSICS
-  if (isa == CpuIsa::kAvx512Vnni) return bits == 4 ? rows_vnni<4> : rows_vnni<8>;
+  if (isa == CpuIsa::kAvx512Vnni) return bits == 4 ? tiles_vnni<4> : tiles_vnni<8>;
+  if (isa == CpuIsa::kAvx2) return bits == 4 ? tiles_avx2<4> : tiles_avx2<8>;
 #endif
   (void)isa;
-  return bits == 4 ? rows_portable<4> : rows_portable<8>;
+  return bits == 4 ? tiles_portable<4> : tiles_portable<8>;
 }
 
-// x8 / xs / xsum of one activation row: K values, gathered through perm when given.
+// x8 / xs / xsum / xtot of one activation row: K values, gathered through perm when given.
 template <typename T>
-QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, float* xsum, const T* x, const int64_t* perm,
-                                int64_t K, int64_t C) {
+QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, float* xsum, int32_t* xtot, const T* x,
+                                const int64_t* perm, int64_t K, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     const int64_t k0 = c * kChunk, n = std::min(kChunk, K - k0);
     float v[kChunk];
@@ -199,20 +307,28 @@ QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, float* xsum, const T* x, 
     for (int64_t i = n; i < kChunk; ++i) q[i] = 0;
     xs[c] = sx;
     xsum[c] = sx * static_cast<float>(total);
+    xtot[c] = total;
   }
 }
 
-}  // namespace
-
-int64_t quant_row_bytes(int bits, int64_t K) {
-  const int64_t C = (K + kChunk - 1) / kChunk;
-  return C * (kChunk * bits / 8) + C * 2 * static_cast<int64_t>(sizeof(float));
+// y[n] = acc[n] + bias[n] for n in [n0, n1) of one activation row, rounded to T.
+template <typename T>
+QF_CPU_CLONES void finish_row(T* y, const float* acc, const T* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    y[n] = from_float<T>(bias != nullptr ? acc[n] + to_float(bias[n]) : acc[n]);
 }
 
+int64_t chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
+int64_t tiles(int64_t N) { return (N + kTile - 1) / kTile; }
+
+}  // namespace
+
+int64_t quant_tile_bytes(int bits, int64_t K) { return chunks(K) * record_bytes(bits); }
+
 int64_t quant_workspace_bytes(int64_t M, int64_t N, int64_t K) {
-  const int64_t C = (K + kChunk - 1) / kChunk;
-  // x8 [M, C * 128], xs and xsum [M, C], the fp32 partial sums [M, N]
-  return M * C * kChunk + (2 * M * C + M * N) * static_cast<int64_t>(sizeof(float));
+  const int64_t C = chunks(K);
+  // x8 [M, C * 128], xs, xsum and xtot [M, C], the fp32 outputs [M, tiles * 16]
+  return M * C * kChunk + (3 * M * C + M * tiles(N) * kTile) * 4;
 }
 
 template <typename T>
@@ -226,30 +342,32 @@ Status quant_linear(T* y, const T* x, const uint8_t* w, const T* bias, const int
     return Status::kInvalidArgument;
   if (isa == CpuIsa::kAuto) {
     static const CpuIsa best = cpu_isa_supported(CpuIsa::kAvx512Vnni) ? CpuIsa::kAvx512Vnni
-                                                                      : CpuIsa::kScalar;
+                               : cpu_isa_supported(CpuIsa::kAvx2)      ? CpuIsa::kAvx2
+                                                                       : CpuIsa::kScalar;
     isa = best;
   }
-  if (isa != CpuIsa::kScalar && isa != CpuIsa::kAvx512Vnni) return Status::kUnsupported;
+  if (isa != CpuIsa::kScalar && isa != CpuIsa::kAvx2 && isa != CpuIsa::kAvx512Vnni)
+    return Status::kUnsupported;
   if (!cpu_isa_supported(isa)) return Status::kUnsupported;
-  const int64_t C = (K + kChunk - 1) / kChunk;
-  const int64_t q_bytes = C * (kChunk * bits / 8);
+  const int64_t C = chunks(K), T_ = tiles(N), ld = T_ * kTile;
   int8_t* x8 = static_cast<int8_t*>(workspace);
   float* xs = reinterpret_cast<float*>(x8 + M * C * kChunk);
   float* xsum = xs + M * C;
-  float* partial = xsum + M * C;
+  int32_t* xtot = reinterpret_cast<int32_t*>(xsum + M * C);
+  float* acc = reinterpret_cast<float*>(xtot + M * C);
   const int threads = num_threads < 1 ? 1 : num_threads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 1 && M * K >= 4096)
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(x8 + m * C * kChunk, xs + m * C, xsum + m * C, x + m * ld_x, perm, K, C);
+    quantize_row(x8 + m * C * kChunk, xs + m * C, xsum + m * C, xtot + m * C, x + m * ld_x, perm,
+                 K, C);
 
-  const QArgs a{x8, xs, xsum, w, M, N, C, quant_row_bytes(bits, K), q_bytes};
-  const RowsFn rows = rows_fn(bits, isa);
+  const QArgs a{x8, xs, xsum, xtot, w, acc, M, T_, C, quant_tile_bytes(bits, K)};
+  const TilesFn run = tiles_fn(bits, isa);
   // Activation rows per pass over the weights: all of a decode batch, else as many as keep
   // their x8 in L2 (kPanelBytes).
   const int64_t fit = kPanelBytes / (C * kChunk);
   const int64_t panel = std::max(kMinPanelRows, fit / 4 * 4);
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  int64_t nt = std::min<int64_t>(threads, blocks);
+  int64_t nt = std::min<int64_t>(threads, T_);
   if (M * N * K < kParallelMinMacs) nt = 1;
 #pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
   {
@@ -258,14 +376,12 @@ Status quant_linear(T* y, const T* x, const uint8_t* w, const T* bias, const int
 #else
     const int64_t t = 0, tn = 1;
 #endif
-    const int64_t n0 = std::min(N, blocks * t / tn * kRows);
-    const int64_t n1 = std::min(N, blocks * (t + 1) / tn * kRows);
+    const int64_t t0 = T_ * t / tn, t1 = T_ * (t + 1) / tn;
+    const int64_t n0 = std::min(N, t0 * kTile), n1 = std::min(N, t1 * kTile);
     for (int64_t m0 = 0; m0 < M; m0 += panel) {
       const int64_t m1 = std::min(M, m0 + panel);
-      rows(a, m0, m1, n0, n1, partial + m0 * N);
-      for (int64_t m = m0; m < m1; ++m)
-        finish_row(y + m * ld_y, partial + m * N, w, a.row_bytes, q_bytes, xsum + m * C, bias, C,
-                   n0, n1);
+      run(a, m0, m1, t0, t1);
+      for (int64_t m = m0; m < m1; ++m) finish_row(y + m * ld_y, acc + m * ld, bias, n0, n1);
     }
   }
   return Status::kOk;

@@ -147,7 +147,7 @@ class BuildExt(BuildExtension):
         ]))
         for ext in self.extensions:
             ext.include_dirs.append(str(generated))
-            if cuda:
+            if cuda and ext.name == "qwen_fast._C":
                 objects = self._compile_cuda(cuda, build_temp / "cuda")
                 ext.extra_objects.extend(str(o) for o in objects)
                 ext.depends.extend(str(o) for o in objects)
@@ -237,7 +237,18 @@ setup(
             extra_compile_args={"cxx": ["-O3", "-fno-trapping-math", "-g0", *OPENMP]},
             # The rpath lets `import qwen_fast._C` find libc10/libtorch before torch is imported.
             extra_link_args=[*OPENMP, *(f"-Wl,-rpath,{d}" for d in library_paths())],
-        )
+        ),
+        # The SIMT emulator: the CUDA kernels' own sources compiled by the host compiler
+        # (csrc/simt/README.md), always built, so that CI runs them without a GPU.
+        CppExtension(
+            name="qwen_fast._simt",
+            sources=[rel(CSRC / "simt" / "module.cpp"), rel(CSRC / "simt" / "simt.cpp")],
+            include_dirs=[str(CSRC)],
+            depends=[rel(p) for p in sorted(CSRC.glob("**/*.h")) + sorted(CSRC.glob("**/*.cuh"))
+                     + sorted(CSRC.glob("**/*.cu"))],
+            extra_compile_args={"cxx": ["-O2", "-g0", "-DQF_SIMT", "-Wno-unknown-pragmas"]},
+            extra_link_args=[*(f"-Wl,-rpath,{d}" for d in library_paths())],
+        ),
     ],
     cmdclass={"build_ext": BuildExt},
 )

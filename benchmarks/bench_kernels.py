@@ -144,7 +144,8 @@ def linear_cases(dtype, device) -> Iterator[Case]:
 
 def quant_linear_cases(dtype, device) -> Iterator[Case]:
     """int4_gemm / int8_gemm (ops.quant_linear) on Qwen's projections, against F.linear on the
-    dense bf16 weight (what the same layer costs unquantized) and the kernel's portable path.
+    dense bf16 weight (what the same layer costs unquantized), with the kernel's AVX2 and
+    portable paths as variants (where this CPU has them).
     bytes: the packed weights (scales included), x and y."""
     from qwen_fast.qweight import QuantWeight
     if device.type != "cpu":
@@ -162,8 +163,11 @@ def quant_linear_cases(dtype, device) -> Iterator[Case]:
                            lambda x=x, w=w: ops.quant_linear(x, w),
                            lambda x=x, d=dense: F.linear(x, d), f"torch F.linear ({dtype})",
                            cold_cache=True,
-                           variants=(("kernel, portable path",
-                                      lambda x=x, w=w: ops.quant_linear(x, w, isa="scalar")),))
+                           variants=tuple((f"kernel, {label}",
+                                           lambda x=x, w=w, isa=isa: ops.quant_linear(x, w, isa=isa))
+                                          for isa, label in (("avx2", "AVX2 path"),
+                                                             ("scalar", "portable path"))
+                                          if isa in ops._C.quant_linear_isas()))
 
 
 CASES = {"elementwise": elementwise_cases, "attention": attention_cases, "linear": linear_cases,

@@ -3,13 +3,33 @@
 // named function here, so that the SIMT emulator can supply a host twin for each.
 #pragma once
 
+#ifdef QF_SIMT
+#include "../simt/simt.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
 #include "../common/float16.h"
+
+// Kernel launch, written so that the SIMT emulator can run it too:
+//   QF_LAUNCH(grid, block, dynamic_smem_bytes, stream, kernel<T, ...>)(args...);
+#ifdef QF_SIMT
+#define QF_LAUNCH(grid, block, smem, stream, ...) \
+  ::qf::simt::make_launcher(__VA_ARGS__, dim3(grid), dim3(block), (smem))
+#else
+#define QF_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
+#endif
+
+// The block's dynamic shared memory (the launch's smem bytes) as `type name[]`.
+#ifdef QF_SIMT
+#define QF_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::qf::simt::dynamic_smem())
+#else
+#define QF_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
 
 namespace qf::cuda {
 

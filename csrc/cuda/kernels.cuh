@@ -5,7 +5,11 @@
 // T is the storage type: float, qf::bf16 or qf::fp16 (explicitly instantiated for those).
 #pragma once
 
+#ifdef QF_SIMT
+#include "../simt/simt.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 

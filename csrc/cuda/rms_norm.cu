@@ -108,14 +108,14 @@ Status launch(T* out, T* residual_out, const T* x, const T* residual, const T* w
   const int h = static_cast<int>(hidden);
   if (num_vecs <= kWarpPerRowMaxVecs) {
     const int64_t blocks = (rows + kWarpPerRowRowsPerBlock - 1) / kWarpPerRowRowsPerBlock;
-    rms_norm_kernel<T, VEC, kFused, true>
-        <<<grid_size(blocks), kWarpPerRowRowsPerBlock * kWarpSize, 0, stream>>>(
+    QF_LAUNCH(grid_size(blocks), kWarpPerRowRowsPerBlock * kWarpSize, 0, stream,
+              rms_norm_kernel<T, VEC, kFused, true>)(
             out, residual_out, x, residual, weight, rows, h, ld_out, ld_residual_out, ld_x,
             ld_residual, eps);
   } else {
     const int64_t warps = (num_vecs + kWarpSize - 1) / kWarpSize;
     const int threads = static_cast<int>(std::min<int64_t>(warps * kWarpSize, kMaxBlockThreads));
-    rms_norm_kernel<T, VEC, kFused, false><<<grid_size(rows), threads, 0, stream>>>(
+    QF_LAUNCH(grid_size(rows), threads, 0, stream, rms_norm_kernel<T, VEC, kFused, false>)(
         out, residual_out, x, residual, weight, rows, h, ld_out, ld_residual_out, ld_x,
         ld_residual, eps);
   }

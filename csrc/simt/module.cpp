@@ -1,0 +1,101 @@
+// qwen_fast._simt: our CUDA kernels' own .cu sources, compiled by the host compiler against the
+// SIMT emulator (simt.h), behind a small binding that takes CPU tensors as "device" memory.
+// Test infrastructure (tests/test_simt*.py): it checks the kernels' logic, not their speed.
+#include <torch/extension.h>
+
+#include <string>
+
+#include "simt.h"
+// The kernels, as nvcc compiles them for the GPU (QF_SIMT swaps the CUDA headers for simt.h).
+#include "../cuda/rms_norm.cu"
+#include "selftest.cu"
+
+namespace {
+
+void check(qf::Status s, const char* op) {
+  if (s == qf::Status::kOk) return;
+  const std::string why = qf::is_cuda_error(s) ? cudaGetErrorString(cudaErrorLaunchFailure)
+                                               : qf::status_name(s);
+  throw std::runtime_error(std::string(op) + ": " + why);
+}
+
+void check_launch(const char* op) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string(op) + ": " + cudaGetErrorString(e));
+}
+
+template <typename F>
+void dispatch(const at::Tensor& t, F&& f) {
+  switch (t.scalar_type()) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(qf::bf16{}); break;
+    case at::kHalf: f(qf::fp16{}); break;
+    default: throw std::invalid_argument("simt: float32, bfloat16 or float16 tensors only");
+  }
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_simt, m) {
+  m.doc() = "Our CUDA kernels run by the SIMT emulator on the CPU (test infrastructure).";
+  m.def("set_seed", &qf::simt::set_seed, "Seed of the emulator's scheduling order.");
+
+  // ---- the project's kernels: the launchers of csrc/cuda/kernels.cuh on CPU tensors --------
+  m.def("rms_norm", [](at::Tensor out, const at::Tensor& x, const at::Tensor& w, double eps) {
+    const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
+    dispatch(x, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::rms_norm<T>(ptr<T>(out), ptr<T>(x), ptr<T>(w), rows, hidden, out.stride(-2),
+                                  x.stride(-2), static_cast<float>(eps), nullptr),
+            "rms_norm");
+    });
+  });
+  m.def("fused_add_rms_norm", [](at::Tensor out, at::Tensor residual_out, const at::Tensor& x,
+                                 const at::Tensor& residual, const at::Tensor& w, double eps) {
+    const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
+    dispatch(x, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::fused_add_rms_norm<T>(ptr<T>(out), ptr<T>(residual_out), ptr<T>(x),
+                                            ptr<T>(residual), ptr<T>(w), rows, hidden,
+                                            out.stride(-2), residual_out.stride(-2), x.stride(-2),
+                                            residual.stride(-2), static_cast<float>(eps), nullptr),
+            "fused_add_rms_norm");
+    });
+  });
+
+  // ---- the emulator's own tests ------------------------------------------------------------
+  m.def("selftest_reverse", [](at::Tensor out, int blocks, int threads, bool barrier) {
+    auto k = barrier ? qf::simt_selftest::reverse_kernel<true>
+                     : qf::simt_selftest::reverse_kernel<false>;
+    QF_LAUNCH(blocks, threads, 0, nullptr, k)(ptr<int>(out));
+    check_launch("reverse");
+  });
+  m.def("selftest_block_sum", [](at::Tensor out, const at::Tensor& x, int blocks, int threads) {
+    QF_LAUNCH(blocks, threads, 0, nullptr, qf::simt_selftest::block_sum_kernel)(ptr<float>(out),
+                                                                               ptr<float>(x));
+    check_launch("block_sum");
+  });
+  m.def("selftest_shuffle", [](at::Tensor out, const at::Tensor& x, int blocks, int threads) {
+    QF_LAUNCH(blocks, threads, 0, nullptr, qf::simt_selftest::shuffle_kernel)(ptr<float>(out),
+                                                                             ptr<float>(x));
+    check_launch("shuffle");
+  });
+  m.def("selftest_fault", [](at::Tensor out, int threads, int which) {
+    QF_LAUNCH(1, threads, 0, nullptr, qf::simt_selftest::fault_kernel)(ptr<int>(out), which);
+    check_launch("fault");
+  });
+  m.def("selftest_dynamic_smem", [](at::Tensor out, int blocks, int threads, int n) {
+    QF_LAUNCH(blocks, threads, n, nullptr, qf::simt_selftest::dynamic_smem_kernel)(
+        ptr<unsigned char>(out), n);
+    check_launch("dynamic_smem");
+  });
+  m.def("selftest_launch", [](int threads) {
+    QF_LAUNCH(1, threads, 0, nullptr, qf::simt_selftest::fault_kernel)(nullptr, 0);
+    check_launch("launch");
+  });
+}

@@ -1,0 +1,41 @@
+"""The ops' CUDA kernels run by the SIMT emulator (qwen_fast._simt, csrc/simt) on CPU tensors,
+with the signatures of qwen_fast.ops: the per-op tests call them for their "simt" device
+(kernel_cases.kernel_op). Each allocates its outputs, lays its inputs out as the CUDA binding
+would pass them, and calls the kernel's launcher through the emulator."""
+from __future__ import annotations
+
+import torch
+
+try:
+    from qwen_fast import _simt
+    HAVE_SIMT, SKIP = True, ""
+except ImportError as e:  # the package was built before the emulator existed, or without it
+    _simt, HAVE_SIMT, SKIP = None, False, f"qwen_fast._simt is not built: {e}"
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as a 2-D [rows, hidden] view with unit last stride and one row stride, as ops.cpp
+    passes it: a strided view of a wider buffer is kept as it is; leading dims that do not
+    collapse are copied."""
+    if x.dim() == 1:
+        return x[None]
+    if x.dim() == 2:
+        return x
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return x.contiguous().view(-1, x.shape[-1])
+
+
+def rms_norm(x, weight, eps=1e-6):
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _simt.rms_norm(as_rows(out), as_rows(x), weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x, residual, weight, eps=1e-6):
+    out = torch.empty(x.shape, dtype=x.dtype)
+    residual_out = torch.empty(x.shape, dtype=x.dtype)
+    _simt.fused_add_rms_norm(as_rows(out), as_rows(residual_out), as_rows(x), as_rows(residual),
+                             weight, eps)
+    return out, residual_out

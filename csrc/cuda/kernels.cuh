@@ -37,4 +37,14 @@ Status fused_add_rms_norm(T* out,             // [rows, ld_out]
                           int64_t rows, int64_t hidden, int64_t ld_out, int64_t ld_residual_out,
                           int64_t ld_x, int64_t ld_residual, float eps, cudaStream_t stream);
 
+// ---- rotary_embedding, rotary_kv_cache (rotary_embedding.cu) ----------------------------------
+
+// ---- swiglu (swiglu.cu) -----------------------------------------------------------------------
+
+// ---- linear (linear.cu) -----------------------------------------------------------------------
+
+// ---- quant_linear: int4_gemm / int8_gemm (quant_linear.cu) -----------------------------------
+
+// ---- attention (attention.cu) -----------------------------------------------------------------
+
 }  // namespace qf::cuda

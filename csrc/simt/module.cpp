@@ -8,6 +8,16 @@
 #include "simt.h"
 // The kernels, as nvcc compiles them for the GPU (QF_SIMT swaps the CUDA headers for simt.h).
 #include "../cuda/rms_norm.cu"
+// (one #include per kernel source: rotary_embedding.cu)
+
+// (swiglu.cu)
+
+// (linear.cu)
+
+// (quant_linear.cu)
+
+// (attention.cu)
+
 #include "selftest.cu"
 
 namespace {
@@ -67,6 +77,16 @@ PYBIND11_MODULE(_simt, m) {
             "fused_add_rms_norm");
     });
   });
+
+  // ---- rotary_embedding, rotary_kv_cache ---------------------------------------------------
+
+  // ---- swiglu -------------------------------------------------------------------------------
+
+  // ---- linear -------------------------------------------------------------------------------
+
+  // ---- quant_linear -------------------------------------------------------------------------
+
+  // ---- attention ----------------------------------------------------------------------------
 
   // ---- the emulator's own tests ------------------------------------------------------------
   m.def("selftest_reverse", [](at::Tensor out, int blocks, int threads, bool barrier) {

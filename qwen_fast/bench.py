@@ -28,28 +28,40 @@ from .qweight import QuantWeight
 PEAK_BUFFER_BYTES = 1 << 28     # 256 MiB: far larger than any CPU cache, small beside the model (peak RSS)
 
 
-def _best_seconds(fn, runs: int = 5) -> float:
+def _best_seconds(fn, runs: int = 5, device: str = "cpu") -> float:
+    cuda = torch.device(device).type == "cuda"
     fn()                                    # warm-up (page faults, first touch)
     times = []
     for _ in range(runs):
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
-def read_bandwidth_gbs(nbytes: int = PEAK_BUFFER_BYTES) -> float:
+def _buffer_bytes(nbytes: int, device: str) -> int:
+    # A GPU's L2 is tens of MB: 1 GiB there, as far beyond it as 256 MiB is beyond a CPU's caches.
+    return nbytes * 4 if torch.device(device).type == "cuda" else nbytes
+
+
+def read_bandwidth_gbs(nbytes: int = PEAK_BUFFER_BYTES, device: str = "cpu") -> float:
     """GB/s of a read-only pass (a sum) over a buffer far larger than the caches: the roofline
     of a decode step, which reads every weight once and writes almost nothing."""
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / _best_seconds(lambda: buf.sum()) / 1e9
+    nbytes = _buffer_bytes(nbytes, device)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    return nbytes / _best_seconds(lambda: buf.sum(), device=device) / 1e9
 
 
-def copy_bandwidth_gbs(nbytes: int = PEAK_BUFFER_BYTES // 2) -> float:
+def copy_bandwidth_gbs(nbytes: int = PEAK_BUFFER_BYTES // 2, device: str = "cpu") -> float:
     """GB/s of a large copy, counting the bytes read and written."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    nbytes = _buffer_bytes(nbytes, device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _best_seconds(lambda: dst.copy_(src)) / 1e9
+    return 2 * nbytes / _best_seconds(lambda: dst.copy_(src), device=device) / 1e9
 
 
 def _nbytes(t) -> int:
@@ -181,7 +193,8 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)     # torch and our OpenMP kernels share one runtime
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     _progress("measuring memory bandwidth")
-    read_gbs, copy_gbs = read_bandwidth_gbs(), copy_bandwidth_gbs()
+    read_gbs = read_bandwidth_gbs(device=args.device)
+    copy_gbs = copy_bandwidth_gbs(device=args.device)
     _progress(f"read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s; building random "
               f"{args.config} weights in {args.dtype}")
     if args.config == "tiny":           # the test suite's 2-layer model: a smoke run in seconds
@@ -197,11 +210,15 @@ def run(args) -> dict:
     rows = []
     for backend in backends:
         engine.model.ops, engine.model.backend = resolve_ops(backend), backend   # same weights
-        for row in measure(engine, args.prompt_tokens, args.new_tokens, contexts, args.repeats):
+        for row in measure(engine, args.prompt_tokens, args.new_tokens, contexts, args.repeats,
+                           read_gbs=lambda: read_bandwidth_gbs(device=args.device)):
             read_gbs = max(read_gbs, row["read_gb_s"])
             rows.append(row)
-    return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "torch": torch.__version__, "threads": torch.get_num_threads()},
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.device(args.device).type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(args.device)
+    return {"machine": machine, "device": args.device,
             "config": args.config, "dtype": args.dtype, "quant": args.quant,
             "lm_head_quant": getattr(args, "lm_head_quant", "none"),
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,

@@ -11,6 +11,7 @@
 #endif
 
 #include "common/simd.h"
+#include "decode_layer.h"
 #include "ops.h"
 #include "qf_build_config.h"
 
@@ -193,4 +194,35 @@ torch_version (str): the torch the extension was compiled against.)");
   m.def("cuda_device_count", &qf::cuda_device_count,
         "Number of CUDA devices visible to the extension's CUDA runtime; 0 without a CUDA build, "
         "a driver or a device.");
+
+  // One decoder layer of a decode step (QwenModel.forward's loop, T = 1) in one call.
+  py::class_<qf::DecodeLayer>(m, "DecodeLayer", R"(One decoder layer of a decode step in C++: the
+ops of QwenModel.forward's layer loop for one new token per row, in the same order and on the same
+buffers (bit-identical to the Python loop, one call per layer instead of about ten). Each linear is
+a tuple (weight, bits, in_features, out_features, perm): bits 0 for a dense [N, K] weight, 4 / 8
+for a QuantWeight's data (perm its act-order permutation or None).)")
+      .def(py::init([](at::Tensor ln_1, py::tuple c_attn, std::optional<at::Tensor> c_attn_bias,
+                       py::tuple c_proj, at::Tensor ln_2, py::tuple w1, py::tuple w2,
+                       py::tuple mlp_c_proj, int64_t heads, int64_t head_dim, double eps) {
+             auto lw = [](const py::tuple& t) {
+               TORCH_CHECK(t.size() == 5, "DecodeLayer: a linear is (weight, bits, in_features, "
+                           "out_features, perm), got a tuple of ", t.size());
+               return qf::LinearWeight{t[0].cast<at::Tensor>(), t[1].cast<int64_t>(),
+                                       t[2].cast<int64_t>(), t[3].cast<int64_t>(),
+                                       t[4].cast<std::optional<at::Tensor>>()};
+             };
+             return qf::DecodeLayer(std::move(ln_1), lw(c_attn), std::move(c_attn_bias),
+                                    lw(c_proj), std::move(ln_2), lw(w1), lw(w2), lw(mlp_c_proj),
+                                    heads, head_dim, eps);
+           }),
+           py::arg("ln_1"), py::arg("c_attn"), py::arg("c_attn_bias"), py::arg("c_proj"),
+           py::arg("ln_2"), py::arg("w1"), py::arg("w2"), py::arg("mlp_c_proj"),
+           py::arg("heads"), py::arg("head_dim"), py::arg("eps"))
+      .def("step", &qf::DecodeLayer::step, py::arg("h"), py::arg("x"), py::arg("bufs"),
+           py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin"),
+           py::arg("slots"), py::arg("lengths"), py::arg("start"), py::arg("runs"), py::arg("S"),
+           py::arg("logn"), py::arg("next_norm"), py::arg("stream"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Run the layer: h (residual) and x (normalised input -> the next layer's) updated in "
+           "place; bufs = [qkv, q, a, o, up, gate, act] (see decode_layer.h).");
 }

@@ -147,6 +147,10 @@ class QwenModel:
             [math.log(i, cfg.seq_length) if i > cfg.seq_length else 1.0 for i in range(1, n + 1)],
             dtype=torch.float32, device=self.device)
         self._rope_tables: Dict[int, tuple] = {}
+        # Decode steps run each layer as one C++ call (_C.DecodeLayer, the same ops in the same
+        # order) whenever every op of the table is the compiled one; False forces the Python loop.
+        self.fused_decode = True
+        self._decode_layers = None
 
     # ---- rotary tables -------------------------------------------------------------------
     def _rope_table(self, alpha: int, needed: int):
@@ -240,7 +244,17 @@ class QwenModel:
             h = F.embedding(ids, self.wte)                                      # [B, T, hidden]
         x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon, out=buf("x"))
         linear = ops["linear"]
-        for li, L in enumerate(self.layers):
+        fused = self._fused_layers() if T == 1 else None
+        if fused is not None:
+            from .ops import _stream
+            bufs = [ws[k] for k in ("qkv", "q", "a", "o", "up", "gate", "act")]
+            flat_runs = [v for run in runs for v in run]
+            stream = _stream(h)
+            for li, layer in enumerate(fused):
+                nxt = self.layers[li + 1]["ln_1.weight"] if li + 1 < len(self.layers) else self.ln_f
+                layer.step(h, x, bufs, cache.k[li], cache.v[li], cos, sin, rows, lengths, start,
+                           flat_runs, S, logn, nxt, stream)
+        for li, L in enumerate(self.layers if fused is None else ()):
             qkv = linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"], out=buf("qkv"))
             q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
             kc, vc = cache.k[li], cache.v[li]
@@ -276,6 +290,27 @@ class QwenModel:
             return ops["linear"](x[:, 0], self.lm_head)
         last = torch.tensor([n - 1 for n in n_new], device=self.device)
         return ops["linear"](x[torch.arange(B, device=self.device), last], self.lm_head)
+
+    def _fused_layers(self):
+        """The layers as _C.DecodeLayer objects (made once), or None when a decode step must run
+        the Python loop: fused_decode off, or an op of the table that is not the compiled one
+        (the reference backend, or a table a caller changed)."""
+        from . import ops as ops_mod
+        if not self.fused_decode or not ops_mod.HAVE_C or any(
+                self.ops[name] is not getattr(ops_mod, name) for name in OP_NAMES):
+            return None
+        if self._decode_layers is None:
+            def lin(w):
+                if isinstance(w, QuantWeight):
+                    return (w.data, w.bits, w.in_features, w.out_features, w.perm)
+                return (w, 0, w.shape[1], w.shape[0], None)
+            cfg = self.cfg
+            self._decode_layers = [ops_mod._C.DecodeLayer(
+                L["ln_1.weight"], lin(L["attn.c_attn.weight"]), L["attn.c_attn.bias"],
+                lin(L["attn.c_proj.weight"]), L["ln_2.weight"], lin(L["mlp.w1.weight"]),
+                lin(L["mlp.w2.weight"]), lin(L["mlp.c_proj.weight"]), cfg.num_attention_heads,
+                cfg.head_dim, cfg.layer_norm_epsilon) for L in self.layers]
+        return self._decode_layers
 
     def _decode_buffers(self, cache: KVCache, B: int) -> Dict[str, torch.Tensor]:
         """The activations of a decode step for rows [:B], views of buffers made once per cache

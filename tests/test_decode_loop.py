@@ -56,6 +56,34 @@ def test_decode_with_buffers_equals_the_reference_step(tiny_ckpt):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "float32", "int4"])
+def test_the_fused_decode_layers_equal_the_python_loop(tiny_ckpt, kind):
+    """_C.DecodeLayer runs a layer's ops in one call: bit-identical to the Python loop, over
+    rows in two runs of the cache, past seq_length (logn scaling on), with int4 weights."""
+    from qwen_fast.testing import tiny_config
+    if kind == "int4":
+        m = Engine.from_pretrained(load_format="dummy", config=tiny_config(), dtype="bfloat16",
+                                   quant="int4", lm_head_quant="int8", backend="auto").model
+    else:
+        m = Engine.from_pretrained(tiny_ckpt, dtype=kind, backend="auto").model
+    outs = []
+    for fused in (True, False):
+        m.fused_decode = fused
+        cache = KVCache(m.cfg, 4, 8, m.dtype, max_capacity=128)
+        prompt = torch.arange(1, 41).repeat(4, 1)        # 40 tokens: past seq_length 32
+        m.forward(prompt, cache, num_new=[40, 20, 33, 5])
+        steps = [m.forward(torch.tensor([[5 + i], [6 + i], [7 + i]]), cache, rows=[0, 2, 3])
+                 for i in range(3)]
+        outs.append(torch.stack(steps))
+    assert m._decode_layers is not None
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_the_reference_backend_never_takes_the_fused_path(tiny_ckpt):
+    m = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference").model
+    assert m._fused_layers() is None
+
+
 # ---- out= of each op ---------------------------------------------------------------------------
 
 def _bf16(*shape):

@@ -1,0 +1,54 @@
+// One decoder layer of a decode step in C++: the ops of QwenModel.forward's layer loop (T = 1),
+// in the same order, on the same buffers, through the same ops.cpp entry points, so that the
+// result is bit-identical to the Python loop while a layer costs one call from Python instead
+// of about ten (each with its wrapper, dispatch and argument conversion: ~10 us apiece, 8-12%
+// of an int4 decode step on the 2-core CPU).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace qf {
+
+// A projection: a dense weight [N, K] (bits 0) or an int4/int8 one in the kernel layout.
+struct LinearWeight {
+  at::Tensor weight;
+  int64_t bits = 0;
+  int64_t in_features = 0, out_features = 0;
+  std::optional<at::Tensor> perm;
+};
+
+class DecodeLayer {
+ public:
+  DecodeLayer(at::Tensor ln_1, LinearWeight c_attn, std::optional<at::Tensor> c_attn_bias,
+              LinearWeight c_proj, at::Tensor ln_2, LinearWeight w1, LinearWeight w2,
+              LinearWeight mlp_c_proj, int64_t heads, int64_t head_dim, double eps);
+
+  // h [B, 1, hidden]: the residual stream, updated in place; x [B, 1, hidden]: this layer's
+  // normalised input, overwritten with the next layer's (normalised by next_norm).
+  // bufs: qkv [B, 1, 3 * hidden], q and a [B, 1, H, D], o [B, 1, hidden], up, gate and act
+  // [B, 1, ffn]. k_cache / v_cache [slots, H, positions, D]; slots, lengths: the cache row and
+  // cached length of each input row; start [B] int64 = lengths; runs: (i0, i1, r0) triples,
+  // input rows i0..i1 being cache rows r0.. in order; S the positions attention reads; logn
+  // [B, 1, 1, 1] or none.
+  void step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tensor>& bufs,
+            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
+            const at::Tensor& sin, const std::vector<int64_t>& slots,
+            const std::vector<int64_t>& lengths, const at::Tensor& start,
+            const std::vector<int64_t>& runs, int64_t S, const std::optional<at::Tensor>& logn,
+            const at::Tensor& next_norm, int64_t stream) const;
+
+ private:
+  void project(const LinearWeight& w, const std::optional<at::Tensor>& bias, const at::Tensor& x,
+               const at::Tensor& out, int64_t stream) const;
+
+  at::Tensor ln_1_, ln_2_;
+  LinearWeight c_attn_, c_proj_, w1_, w2_, mlp_c_proj_;
+  std::optional<at::Tensor> c_attn_bias_;
+  int64_t heads_, head_dim_;
+  double eps_;
+};
+
+}  // namespace qf

@@ -110,16 +110,19 @@ contiguous, that shape, q's dtype, overlapping no input).)");
 
   m.def("rotary_kv_cache", &qf::rotary_kv_cache, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
-        py::arg("start"), py::arg("n_new"), py::kw_only(), py::arg("out") = py::none(),
-        py::call_guard<py::gil_scoped_release>(),
-        R"(rotary_embedding of q and k, with k and v written straight into a KV cache, CPU
-(reference.rotary_kv_cache).
+        py::arg("start"), py::arg("n_new"), py::arg("stream") = 0, py::kw_only(),
+        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        R"(rotary_embedding of q and k, with k and v written straight into a KV cache, CPU or
+CUDA (reference.rotary_kv_cache).
 
 q, k, v: [B, T, H, D] bfloat16/float16/float32 views with the same strides (of the fused qkv
 output), head dim contiguous. cos, sin: [B, T, R] float32 as for rotary_embedding.
 k_cache, v_cache: [slots, H, positions, D] with the same shape and strides, head dim contiguous.
 slots, start, n_new: one int per sequence: row b's first n_new[b] tokens go to cache slot
 slots[b] at positions start[b] .. start[b] + n_new[b] - 1 (keys rotated, values copied).
+stream: cudaStream_t as an int, which must be torch's current stream of q's device
+(torch.cuda.current_stream().cuda_stream): the three lists reach the device by a copy on it.
+Ignored on CPU.
 Returns the rotated q, a new contiguous [B, T, H, D] tensor (or out, if given), bit-identical
 to rotary_embedding(q, cos, sin).)");
 
@@ -127,10 +130,11 @@ to rotary_embedding(q, cos, sin).)");
         py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
         R"(GPT-NeoX ("rotate half") rotary embedding of q or k (reference.rotary_embedding).
 
-x: [B, T, H, D] bfloat16/float16/float32 on the CPU, last dim contiguous; B, T, H may have any
-strides (the q/k views of qkv.view(B, T, 3, H, D).unbind(2) are read in place).
-cos, sin: [B, T, R] float32, R even and <= D (the rotary dim); dims R..D-1 of x pass through.
-stream: accepted for a uniform signature; there is no CUDA kernel yet (a CUDA x is an error).
+x: [B, T, H, D] bfloat16/float16/float32, last dim contiguous; B, T, H may have any strides
+(the q/k views of qkv.view(B, T, 3, H, D).unbind(2) are read in place).
+cos, sin: [B, T, R] float32 on x's device, R even and <= D (the rotary dim); dims R..D-1 of x
+pass through.
+stream: cudaStream_t as an int (torch.cuda.current_stream().cuda_stream); ignored on CPU.
 Returns a new contiguous [B, T, H, D] tensor in x.dtype, bit-identical to the reference:
     round(x * cos + rotate_half(x) * sin), fp32 maths, each product rounded before the add,
     rotate_half(x) = cat(-x[..., R/2:R], x[..., :R/2]).)");
@@ -139,13 +143,14 @@ Returns a new contiguous [B, T, H, D] tensor in x.dtype, bit-identical to the re
         py::kw_only(), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
         R"(Qwen MLP activation up * silu(gate) (reference.swiglu), up = w1(x), gate = w2(x).
 
-up, gate: [..., F], same shape and dtype (bfloat16/float16/float32), on the CPU, last dim
+up, gate: [..., F], same shape, dtype (bfloat16/float16/float32) and device, last dim
 contiguous (rows may be strided, e.g. a column slice of a wider tensor).
-stream: accepted for a uniform signature; there is no CUDA kernel yet (a CUDA tensor is an error).
+stream: cudaStream_t as an int (torch.cuda.current_stream().cuda_stream); ignored on CPU.
 Returns a new contiguous tensor shaped like up (or out, if given: contiguous, up's shape and
 dtype, overlapping neither input):
     round(up * round(gate / (1 + exp(-gate)))), fp32 maths, the roundings of torch's CPU silu
-    and mul in up.dtype; exp is SLEEF's expf_u10, as in torch's vectorised CPU silu.)");
+    and mul in up.dtype; exp is SLEEF's expf_u10 on the CPU, as in torch's vectorised CPU
+    silu, and CUDA's expf (within 2 fp32 ulp) on the GPU.)");
 
   m.def("linear", &qf::linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::arg("stream") = 0, py::arg("isa") = "auto", py::kw_only(), py::arg("out") = py::none(),

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <limits>
 #include <utility>
@@ -392,7 +393,6 @@ CpuIsa parse_linear_isa(const std::string& name) {
 at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                             int64_t stream) {
   const char* op = "rotary_embedding";
-  check_no_cuda_kernel(op, x);
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape [B, T, H, D], got ", shape_str(x.sizes()));
   check_x(op, x);
   check_rope_table(op, "cos", cos, x);
@@ -406,13 +406,23 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
   const at::Tensor s = sin.contiguous();
   dispatch_float_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    check_status(cpu::rotary_embedding<T>(data<T>(out), data<T>(x), data<float>(c),
-                                          data<float>(s), x.size(0), x.size(1), x.size(2),
-                                          x.size(3), cos.size(2), x.stride(0), x.stride(1),
-                                          x.stride(2)),
-                 op);
+    Status st;
+#ifdef QF_WITH_CUDA
+    if (x.is_cuda()) {
+      st = cuda::rotary_embedding<T>(data<T>(out), data<T>(x), data<float>(c), data<float>(s),
+                                     x.size(0), x.size(1), x.size(2), x.size(3), cos.size(2),
+                                     x.stride(0), x.stride(1), x.stride(2),
+                                     cuda_prepare(op, x, stream));
+    } else
+#endif
+    {
+      st = cpu::rotary_embedding<T>(data<T>(out), data<T>(x), data<float>(c), data<float>(s),
+                                    x.size(0), x.size(1), x.size(2), x.size(3), cos.size(2),
+                                    x.stride(0), x.stride(1), x.stride(2));
+    }
+    check_status(st, op);
   });
-  (void)stream;  // no CUDA kernel yet
+  (void)stream;
   return out;
 }
 
@@ -420,9 +430,8 @@ at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const std::vector<int64_t>& slots,
                            const std::vector<int64_t>& start, const std::vector<int64_t>& n_new,
-                           const OptTensor& out_arg) {
+                           int64_t stream, const OptTensor& out_arg) {
   const char* op = "rotary_kv_cache";
-  check_no_cuda_kernel(op, q);
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape [B, T, H, D], got ", shape_str(q.sizes()));
   check_x(op, q, "q");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
@@ -476,21 +485,43 @@ at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::T
   const at::Tensor s = sin.contiguous();
   dispatch_float_storage(q.scalar_type(), [&](auto tag) {
     using T_ = decltype(tag);
-    check_status(cpu::rotary_kv_cache<T_>(data<T_>(out), data<T_>(k_cache), data<T_>(v_cache),
-                                          data<T_>(q), data<T_>(k), data<T_>(v), data<float>(c),
-                                          data<float>(s), slots.data(), start.data(), n_new.data(),
-                                          B, T, H, D, cos.size(2), q.stride(0), q.stride(1),
-                                          q.stride(2), k_cache.stride(0), k_cache.stride(1),
-                                          k_cache.stride(2)),
-                 op);
+    Status st;
+#ifdef QF_WITH_CUDA
+    if (q.is_cuda()) {
+      // The kernel reads slots, start and n_new on the device: one [3, B] int64 array, staged in
+      // pinned memory and copied without a host sync on torch's current stream (the stream the
+      // wrapper passes; torch keeps the pinned block until the copy is done).
+      at::Tensor host = at::empty({3, B}, at::TensorOptions(at::kLong).pinned_memory(true));
+      int64_t* h = host.data_ptr<int64_t>();
+      std::copy(slots.begin(), slots.end(), h);
+      std::copy(start.begin(), start.end(), h + B);
+      std::copy(n_new.begin(), n_new.end(), h + 2 * B);
+      const at::Tensor index = host.to(q.device(), /*non_blocking=*/true);
+      const int64_t* d = index.data_ptr<int64_t>();
+      st = cuda::rotary_kv_cache<T_>(data<T_>(out), data<T_>(k_cache), data<T_>(v_cache),
+                                     data<T_>(q), data<T_>(k), data<T_>(v), data<float>(c),
+                                     data<float>(s), d, d + B, d + 2 * B, B, T, H, D, cos.size(2),
+                                     q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0),
+                                     k_cache.stride(1), k_cache.stride(2),
+                                     cuda_prepare(op, q, stream));
+    } else
+#endif
+    {
+      st = cpu::rotary_kv_cache<T_>(data<T_>(out), data<T_>(k_cache), data<T_>(v_cache),
+                                    data<T_>(q), data<T_>(k), data<T_>(v), data<float>(c),
+                                    data<float>(s), slots.data(), start.data(), n_new.data(), B, T,
+                                    H, D, cos.size(2), q.stride(0), q.stride(1), q.stride(2),
+                                    k_cache.stride(0), k_cache.stride(1), k_cache.stride(2));
+    }
+    check_status(st, op);
   });
+  (void)stream;
   return out;
 }
 
 at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,
                   const OptTensor& out_arg) {
   const char* op = "swiglu";
-  check_no_cuda_kernel(op, up);
   check_x(op, up, "up");
   check_same_as_x(op, "gate", gate, up, "up");
   at::Tensor out = output(op, out_arg, up.sizes(), up, "up", {{"up", &up}, {"gate", &gate}});
@@ -500,11 +531,20 @@ at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,
   const Rows g = as_rows(gate);
   dispatch_float_storage(up.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    check_status(cpu::swiglu<T>(data<T>(out), data<T>(u.t), data<T>(g.t), u.rows, cols, cols,
-                                u.ld, g.ld),
-                 op);
+    Status st;
+#ifdef QF_WITH_CUDA
+    if (up.is_cuda()) {
+      st = cuda::swiglu<T>(data<T>(out), data<T>(u.t), data<T>(g.t), u.rows, cols, cols, u.ld,
+                           g.ld, cuda_prepare(op, up, stream));
+    } else
+#endif
+    {
+      st = cpu::swiglu<T>(data<T>(out), data<T>(u.t), data<T>(g.t), u.rows, cols, cols, u.ld,
+                          g.ld);
+    }
+    check_status(st, op);
   });
-  (void)stream;  // no CUDA kernel yet
+  (void)stream;
   return out;
 }
 

@@ -33,20 +33,22 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& start, double scale, const OptTensor& out);
 
-// CPU only for now: a CUDA tensor gets "<op>: no CUDA kernel yet"; stream is accepted for the
-// uniform signature and ignored.
+// GPT-NeoX RoPE of x [B, T, H, D] (any B, T, H strides) with cos/sin [B, T, R] fp32, CPU or
+// CUDA; stream: the CUDA stream to launch on (ignored for CPU tensors).
 at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                             int64_t stream);
 
 // RoPE of q and k, with the rotated keys and the values written straight into a KV cache
-// [slots, H, S, D] (CPU): q, k, v [B, T, H, D] views sharing their strides (of the fused qkv
-// output); cos/sin [B, T, R] fp32; row b's first n_new[b] positions go to cache slot slots[b] at
-// positions start[b] ... Returns the rotated q ([B, T, H, D], contiguous; into `out` if given).
+// [slots, H, S, D] (CPU or CUDA): q, k, v [B, T, H, D] views sharing their strides (of the fused
+// qkv output); cos/sin [B, T, R] fp32; row b's first n_new[b] positions go to cache slot slots[b]
+// at positions start[b] ... Returns the rotated q ([B, T, H, D], contiguous; into `out` if given).
+// On CUDA, stream must be torch's current stream of q's device (the per-row lists are copied
+// to the device on it).
 at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const std::vector<int64_t>& slots,
                            const std::vector<int64_t>& start, const std::vector<int64_t>& n_new,
-                           const OptTensor& out);
+                           int64_t stream, const OptTensor& out);
 
 at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,
                   const OptTensor& out);

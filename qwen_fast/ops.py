@@ -135,13 +135,13 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
               any strides (the q/k views of ``qkv.view(B, T, 3, H, D).unbind(2)`` are read in
               place, not copied).
     cos, sin: [B, T, R] float32 on x's device, R even and <= D; dims R..D-1 pass through.
-    Returns a new contiguous [B, T, H, D] tensor in x.dtype, bit-identical to the reference:
+    Returns a new contiguous [B, T, H, D] tensor in x.dtype, bit-identical to the reference (on
+    the GPU too: no FMA contraction there):
         round(x * cos + rotate_half(x) * sin), rotate_half(x) = cat(-x[..., R/2:R], x[..., :R/2]),
         fp32 maths with each product rounded before the add, one rounding to x.dtype.
-    backend: None runs the compiled CPU kernel (CUDA tensors run the reference: no CUDA kernel
-    yet); "reference" the PyTorch reference.
+    backend: None runs the compiled kernel for x's device; "reference" the PyTorch reference.
     """
-    if not _use_kernel("rotary_embedding", backend) or x.is_cuda:
+    if not _use_kernel("rotary_embedding", backend):
         return reference.rotary_embedding(x, cos, sin)
     return _C.rotary_embedding(x, cos, sin, _stream(x))
 
@@ -160,14 +160,15 @@ def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     slots, start, n_new: one int per row (lists): row b's first n_new[b] tokens go to cache
                       slot slots[b] (distinct) at positions start[b] .. start[b] + n_new[b] - 1.
     Returns rotary_embedding(q, cos, sin), bit-identical, new or written into out.
-    backend: None runs the compiled CPU kernel (CUDA tensors run the reference); "reference"
-    the PyTorch reference.
+    On CUDA the three lists are staged in pinned host memory and copied to the device on the
+    current stream (no host sync) at each call: eager use only, not for CUDA graph capture.
+    backend: None runs the compiled kernel for q's device; "reference" the PyTorch reference.
     """
-    if not _use_kernel("rotary_kv_cache", backend) or q.is_cuda:
+    if not _use_kernel("rotary_kv_cache", backend):
         return _into(reference.rotary_kv_cache(q, k, v, cos, sin, k_cache, v_cache, slots, start,
                                                n_new), out)
     return _C.rotary_kv_cache(q, k, v, cos, sin, k_cache, v_cache, list(slots), list(start),
-                              list(n_new), out=out)
+                              list(n_new), _stream(q), out=out)
 
 
 def swiglu(up: torch.Tensor, gate: torch.Tensor, *, out: torch.Tensor | None = None,
@@ -179,15 +180,16 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor, *, out: torch.Tensor | None = N
               column slice of a wider tensor).
     Returns a new contiguous tensor shaped like up, in up.dtype:
         round(up * round(gate / (1 + exp(-gate)))), fp32 maths rounded where torch's CPU silu
-        and mul round in that dtype (no rounding for float32). exp is SLEEF's expf_u10, torch's
-        vectorised CPU exp, so the result equals torch's vector path bit for bit; elements that
-        torch computes in its scalar tail (libm expf) may differ by an fp32 ulp before rounding.
-    out: write the result there instead (contiguous, up's shape and dtype, overlapping neither
-    input).
-    backend: None runs the compiled CPU kernel (CUDA tensors run the reference: no CUDA kernel
-    yet); "reference" the PyTorch reference.
+        and mul round in that dtype (no rounding for float32). On the CPU exp is SLEEF's
+        expf_u10, torch's vectorised CPU exp, so the result equals torch's vector path bit for
+        bit; elements that torch computes in its scalar tail (libm expf) may differ by an fp32
+        ulp before rounding. On the GPU exp is CUDA's expf (within 2 fp32 ulp): an fp32 result
+        may differ from the reference by a few ulp, a 16-bit one by one ulp in rare elements.
+    out: write the result there instead (contiguous, up's shape, dtype and device, overlapping
+    neither input).
+    backend: None runs the compiled kernel for up's device; "reference" the PyTorch reference.
     """
-    if not _use_kernel("swiglu", backend) or up.is_cuda:
+    if not _use_kernel("swiglu", backend):
         return _into(reference.swiglu(up, gate), out)
     return _C.swiglu(up, gate, _stream(up), out=out)
 

@@ -42,9 +42,30 @@ def fused_add_rms_norm(x, residual, weight, eps=1e-6):
 
 
 # ---- rotary_embedding, rotary_kv_cache -------------------------------------------------------
+def rotary_embedding(x, cos, sin):
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _simt.rotary_embedding(out, x, cos.contiguous(), sin.contiguous())
+    return out
+
+
+def rotary_kv_cache(q, k, v, cos, sin, k_cache, v_cache, slots, start, n_new, *, out=None):
+    # The binding checks nothing: the ops.cpp checks (shapes, strides, slots in range) are the
+    # CPU path's, tested there.
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype)
+    index = torch.tensor([list(slots), list(start), list(n_new)], dtype=torch.int64)
+    _simt.rotary_kv_cache(out, k_cache, v_cache, q, k, v, cos.contiguous(), sin.contiguous(),
+                          index)
+    return out
 
 
 # ---- swiglu ----------------------------------------------------------------------------------
+def swiglu(up, gate, *, out=None):
+    if out is None:
+        out = torch.empty(up.shape, dtype=up.dtype)
+    _simt.swiglu(as_rows(out), as_rows(up), as_rows(gate))
+    return out
+
 
 
 # ---- linear ----------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""rotary_embedding: the compiled kernel against reference.py, over dtypes, shapes and layouts.
+"""rotary_embedding and rotary_kv_cache: every backend against reference.py, over dtypes, shapes
+and layouts.
 
-The kernel does the reference's fp32 operations in the reference's order (each product rounded,
-then the add, then one rounding to the dtype), so every case must be bit-identical, not only
-within the tolerance table. The q/k views that the model passes (qkv.view(B, T, 3, H, D).unbind(2))
-are strided in B, T and H; the kernel reads them in place.
+The kernels (CPU, CUDA, and the CUDA kernel run by the SIMT emulator: device "simt") do the
+reference's fp32 operations in the reference's order (each product rounded, then the add, then
+one rounding to the dtype; no FMA contraction on either side), so every case must be
+bit-identical, not only within the tolerance table. The q/k views that the model passes
+(qkv.view(B, T, 3, H, D).unbind(2)) are strided in B, T and H; the kernels read them in place.
+The CUDA kernel moves 16-byte vectors when D, R/2, the strides and the pointers allow, else
+single elements: the layouts below reach both (see their comments).
 """
 from __future__ import annotations
 
@@ -11,11 +15,18 @@ import pytest
 import torch
 
 from qwen_fast import ops, reference
-from kernel_cases import DTYPES, case_generator
+from kernel_cases import DTYPES, case_generator, devices, kernel_op, tensor_device
 
-CUDA_READY = torch.cuda.is_available()
+CUDA_READY = ops.HAVE_C and ops.build_info()["cuda"] and torch.cuda.is_available()
+CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C built with nvcc "
+                    f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
+                    f"_C cuda={ops.build_info()['cuda']})")
+DEVICES = devices(CUDA_READY, CUDA_SKIP_REASON, simt=True)
 
-# (id, (B, T, H, D), R, layout of x). Qwen-1.8B: H = 16 heads of D = 128, R = 128.
+# (id, (B, T, H, D), R, layout of x). Qwen-1.8B: H = 16 heads of D = 128, R = 128. On the GPU,
+# D = 128 with R = 128 or 64 takes the vector path in every dtype (even with R = 0: D = 8);
+# D = 83, 7 or 16 with R = 4 (R/2 not a multiple of 4 or 8 elements) and the unaligned view take
+# the scalar one.
 LAYOUTS = [
     ("decode_1x1x16x128", (1, 1, 16, 128), 128, "qkv"),
     ("decode_4x1x16x128", (4, 1, 16, 128), 128, "qkv"),
@@ -28,16 +39,20 @@ LAYOUTS = [
     ("R0_2x5x3x8", (2, 5, 3, 8), 0, "contiguous"),               # nothing rotated: a copy
     ("transposed_3x5x4x128", (3, 5, 4, 128), 128, "transposed"),  # [T, B, ...] memory order
     ("head_slice_2x3x5x128", (2, 3, 5, 128), 128, "head_slice"),  # heads 1..5 of 8, offset start
+    ("D7_R6_2x3x5x7", (2, 3, 5, 7), 6, "qkv"),
+    ("R4_of_D16_2x3x4x16", (2, 3, 4, 16), 4, "contiguous"),
+    ("unaligned_2x3x4x128", (2, 3, 4, 128), 128, "unaligned"),   # odd start and B/T strides
 ]
 SHAPES = [pytest.param(shape, r, layout, id=name) for name, shape, r, layout in LAYOUTS]
 
 
-def _make_x(shape, layout, dtype, gen) -> torch.Tensor:
-    """x of `shape` [B, T, H, D] (values ~ N(0, 2^2)) in the requested memory layout."""
+def _make_x(shape, layout, dtype, gen, device="cpu") -> torch.Tensor:
+    """x of `shape` [B, T, H, D] (values ~ N(0, 2^2)) in the requested memory layout, a view of
+    a buffer on `device` (a kernel test device: "simt" tensors live on the CPU)."""
     B, T, H, D = shape
 
     def randn(*size):
-        return (2 * torch.randn(*size, generator=gen)).to(dtype)
+        return (2 * torch.randn(*size, generator=gen)).to(dtype).to(tensor_device(device))
 
     if layout == "contiguous":
         x = randn(B, T, H, D)
@@ -47,6 +62,8 @@ def _make_x(shape, layout, dtype, gen) -> torch.Tensor:
         x = randn(T, B, H, D).transpose(0, 1)
     elif layout == "head_slice":
         x = randn(B, T, H + 3, D)[:, :, 1:H + 1]
+    elif layout == "unaligned":
+        x = randn(B, T, H * D + 1)[..., 1:].view(B, T, H, D)
     else:
         raise ValueError(layout)
     assert tuple(x.shape) == tuple(shape)
@@ -70,39 +87,49 @@ def _require_extension():
 
 @pytest.mark.parametrize("shape,r,layout", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_embedding_is_bit_exact(dtype, shape, r, layout, request):
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_embedding_is_bit_exact(device, dtype, shape, r, layout, request):
     gen = case_generator(request)
-    x = _make_x(shape, layout, dtype, gen)
-    cos, sin = _tables(shape[0], shape[1], r, gen)
+    x = _make_x(shape, layout, dtype, gen, device)
+    cos, sin = (t.to(tensor_device(device)) for t in _tables(shape[0], shape[1], r, gen))
 
-    out = ops.rotary_embedding(x, cos, sin)
+    out = kernel_op(device, "rotary_embedding")(x, cos, sin)
 
-    expected = reference.rotary_embedding(x, cos, sin)
+    expected = reference.rotary_embedding(x.cpu(), cos.cpu(), sin.cpu())
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
-    mismatch = (out != expected).sum().item()
-    assert torch.equal(out, expected), f"{request.node.name}: {mismatch} elements differ"
+    assert out.device == x.device
+    mismatch = (out.cpu() != expected).sum().item()
+    assert torch.equal(out.cpu(), expected), f"{request.node.name}: {mismatch} elements differ"
 
 
-def test_strided_tables_and_k_view():
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_tables_and_k_view(device):
     """k (the second unbind view) and cos/sin that are slices of wider tables."""
     gen = torch.Generator().manual_seed(1)
     B, T, H, D = 2, 9, 16, 128
-    k = torch.randn(B, T, 3 * H * D, generator=gen).view(B, T, 3, H, D).unbind(2)[1]
-    wide_cos, wide_sin = (torch.randn(B, T, 2 * D, generator=gen) for _ in range(2))
+    dev = tensor_device(device)
+    k = torch.randn(B, T, 3 * H * D, generator=gen).to(dev).view(B, T, 3, H, D).unbind(2)[1]
+    wide_cos, wide_sin = (torch.randn(B, T, 2 * D, generator=gen).to(dev) for _ in range(2))
     cos, sin = wide_cos[..., :D], wide_sin[..., D:]
     assert not cos.is_contiguous() and not sin.is_contiguous()
-    assert torch.equal(ops.rotary_embedding(k, cos, sin), reference.rotary_embedding(k, cos, sin))
+    out = kernel_op(device, "rotary_embedding")(k, cos, sin)
+    assert torch.equal(out.cpu(), reference.rotary_embedding(k.cpu(), cos.cpu(), sin.cpu()))
 
 
-def test_special_values_follow_the_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_special_values_follow_the_reference(device):
     """inf and large values give the same inf / nan pattern as the reference."""
     x = torch.tensor([float("inf"), -3e38, 1.0, 0.0, 3e38, -0.0, float("-inf"), 2.0])
     x = x.view(1, 1, 1, 8)
     cos = torch.tensor([[[0.5, -1.0, 0.0, 1.0, 0.5, -1.0, 0.0, 1.0]]])
     sin = torch.tensor([[[0.5, 0.0, 1.0, -1.0, 0.5, 0.0, 1.0, -1.0]]])
-    out, expected = ops.rotary_embedding(x, cos, sin), reference.rotary_embedding(x, cos, sin)
+    dev = tensor_device(device)
+    out = kernel_op(device, "rotary_embedding")(x.to(dev), cos.to(dev), sin.to(dev)).cpu()
+    expected = reference.rotary_embedding(x, cos, sin)
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.nan_to_num(0.0), expected.nan_to_num(0.0))
+    finite = ~expected.isnan()  # (a NaN's sign is the hardware's: x86 and CUDA differ)
+    assert torch.equal(out.signbit()[finite], expected.signbit()[finite])  # -0.0 included
 
 
 @pytest.mark.parametrize("backend", ["reference", None])
@@ -123,16 +150,29 @@ def test_empty_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of torch")
-def test_cuda_tensors_run_the_reference():
+@pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)
+def test_cuda_kernels_run_on_the_current_stream():
+    """Both kernels launch on torch's current stream (here a side stream), and rotary_kv_cache's
+    per-row lists reach the device on it before the kernel reads them."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, 4, 128, generator=gen).to(torch.bfloat16)
-    cos, sin = _tables(2, 3, 128, gen)
-    out = ops.rotary_embedding(x.cuda(), cos.cuda(), sin.cuda())
-    assert out.is_cuda and torch.equal(out.cpu(), reference.rotary_embedding(x, cos, sin))
-    from qwen_fast import _C
-    with pytest.raises(RuntimeError, match="rotary_embedding: no CUDA kernel yet"):
-        _C.rotary_embedding(x.cuda(), cos.cuda(), sin.cuda())
+    B, T, H, D, S = 3, 5, 16, 128, 12
+    qkv = torch.randn(B, T, 3 * H * D, generator=gen).to(torch.bfloat16)
+    q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+    cos, sin = _tables(B, T, D, gen)
+    kc, vc = (torch.randn(B, H, S, D, generator=gen).to(torch.bfloat16) for _ in range(2))
+    slots, start, n_new = [2, 0, 1], [0, 7, 3], [5, 2, 0]
+    gq, gk, gv = qkv.cuda().view(B, T, 3, H, D).unbind(2)
+    gcos, gsin, gkc, gvc = cos.cuda(), sin.cuda(), kc.cuda(), vc.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = ops.rotary_embedding(gk, gcos, gsin)
+        q_out = ops.rotary_kv_cache(gq, gk, gv, gcos, gsin, gkc, gvc, slots, start, n_new)
+    stream.synchronize()
+    assert torch.equal(out.cpu(), reference.rotary_embedding(k, cos, sin))
+    want_q = reference.rotary_kv_cache(q, k, v, cos, sin, kc, vc, slots, start, n_new)
+    assert torch.equal(q_out.cpu(), want_q)
+    assert torch.equal(gkc.cpu(), kc) and torch.equal(gvc.cpu(), vc)
 
 
 def _x(*shape, dtype=torch.bfloat16):
@@ -196,42 +236,51 @@ def test_bad_arguments_are_named(call, error):
 # ---- rotary_kv_cache: the model's step (q rotated, k rotated and v copied into the cache) -------
 
 KV_CASES = [
-    # (id, B, T, n_new per row, start per row, slots per row, cache slots, positions)
+    # (id, B, T, n_new per row, start per row, slots per row, cache slots, positions); Qwen's
+    # H = 16, D = R = 128 unless the case gives (H, D, R, padding of each cache position).
     ("decode_1", 1, 1, [1], [140], [0], 1, 256),
     ("decode_rows_of_a_bigger_cache", 3, 1, [1, 1, 1], [5, 0, 63], [3, 0, 2], 4, 64),
     ("prefill_ragged", 3, 9, [9, 4, 1], [0, 0, 0], [0, 1, 2], 3, 16),
     ("chunk_after_cached", 2, 7, [7, 3], [16, 40], [1, 0], 2, 47),
     ("nothing_appended", 2, 3, [0, 3], [8, 0], [0, 1], 2, 8),
+    ("partial_R64", 2, 3, [3, 1], [2, 0], [1, 0], 2, 6, (4, 128, 64, 0)),
+    # The GPU's scalar path: D = 7, then an odd cache stride (positions D + 1 apart).
+    ("awkward_D7_R6", 2, 3, [3, 2], [0, 4], [1, 0], 2, 9, (3, 7, 6, 0)),
+    ("odd_cache_stride", 2, 2, [2, 1], [1, 0], [0, 1], 2, 4, (4, 128, 128, 1)),
 ]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in KV_CASES])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_kv_cache_is_bit_exact(case, dtype, request):
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_kv_cache_is_bit_exact(device, case, dtype, request):
     """q out, the keys and values written, and every cache position not written are exactly
     the reference's (which rotates with reference.rotary_embedding and copies)."""
-    _, B, T, n_new, start, slots, n_slots, S = case
+    _, B, T, n_new, start, slots, n_slots, S = case[:8]
+    H, D, R, pad = case[8] if len(case) > 8 else (16, 128, 128, 0)
     gen = case_generator(request)
-    H, D = 16, 128
+    dev = tensor_device(device)
     qkv = (2 * torch.randn(B, T, 3 * H * D, generator=gen)).to(dtype)
-    q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
-    cos, sin = _tables(B, T, D, gen)
+    q, k, v = qkv.to(dev).view(B, T, 3, H, D).unbind(2)
+    cos, sin = (t.to(dev) for t in _tables(B, T, R, gen))
     # Caches as the model holds them, [slots, H, capacity, D], viewed over S positions.
-    kc = torch.randn(n_slots, H, S + 5, D, generator=gen).to(dtype)[:, :, :S]
-    vc = torch.randn(n_slots, H, S + 5, D, generator=gen).to(dtype)[:, :, :S]
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    want = reference.rotary_kv_cache(q, k, v, cos, sin, kc_ref, vc_ref, slots, start, n_new)
-    out = torch.empty(B, T, H, D, dtype=dtype)
-    got = ops.rotary_kv_cache(q, k, v, cos, sin, kc, vc, slots, start, n_new, out=out)
+    kc, vc = ((torch.randn(n_slots, H, S + 5, D + pad, generator=gen).to(dtype).to(dev)
+               [:, :, :S, :D]) for _ in range(2))
+    kc_ref, vc_ref = kc.cpu().clone(), vc.cpu().clone()
+    want = reference.rotary_kv_cache(q.cpu(), k.cpu(), v.cpu(), cos.cpu(), sin.cpu(), kc_ref,
+                                     vc_ref, slots, start, n_new)
+    op = kernel_op(device, "rotary_kv_cache")
+    out = torch.empty(B, T, H, D, dtype=dtype, device=dev)
+    got = op(q, k, v, cos, sin, kc, vc, slots, start, n_new, out=out)
     assert got is out
-    assert torch.equal(got, want)
-    assert torch.equal(want, reference.rotary_embedding(q, cos, sin))
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(want, reference.rotary_embedding(q.cpu(), cos.cpu(), sin.cpu()))
+    assert torch.equal(kc.cpu(), kc_ref) and torch.equal(vc.cpu(), vc_ref)
     for b in range(B):       # and the reference really wrote what the model reads back
         s0, n = start[b], n_new[b]
-        assert torch.equal(vc_ref[slots[b], :, s0:s0 + n], v[b, :n].transpose(0, 1))
-    fresh = ops.rotary_kv_cache(q, k, v, cos, sin, kc.clone(), vc.clone(), slots, start, n_new)
-    assert torch.equal(fresh, want) and fresh.is_contiguous()
+        assert torch.equal(vc_ref[slots[b], :, s0:s0 + n], v[b, :n].cpu().transpose(0, 1))
+    fresh = op(q, k, v, cos, sin, kc.clone(), vc.clone(), slots, start, n_new)
+    assert torch.equal(fresh.cpu(), want) and fresh.is_contiguous() and fresh.device == q.device
 
 
 def _kv_args(B=2, T=1, S=8, dtype=torch.bfloat16):

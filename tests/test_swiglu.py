@@ -1,13 +1,26 @@
-"""swiglu: the compiled kernel against reference.py, over dtypes, shapes and layouts.
+"""swiglu: the compiled kernels against reference.py, over dtypes, shapes and layouts.
 
 reference.swiglu is torch's up * silu(gate). Torch's CPU silu computes g / (1 + exp(-g)) in fp32
 with its vectorised exp (SLEEF's expf_u10 on AVX2 / AVX-512) but handles the last few elements
 of each contiguous run (n mod 2 x vector width, per thread chunk) with libm's scalar expf, which
-differs from SLEEF by up to an fp32 ulp in a few per cent of inputs. The kernel uses SLEEF's
-algorithm everywhere, so:
+differs from SLEEF by up to an fp32 ulp in a few per cent of inputs. The CPU kernel uses
+SLEEF's algorithm everywhere, so:
   * against the reference it is within the default tolerance table (fp32 silu off by a few ulp
     where torch used libm, 16-bit outputs rarely off by one ulp), and
   * against torch's vector path applied to every element (_silu_vector_path) it is bit-exact.
+
+The CUDA kernel (device "cuda", and run by the SIMT emulator: device "simt") rounds at the same
+points but takes exp from CUDA's expf, within 2 fp32 ulp of exp (CUDA's documented bound; the
+emulator uses the host's libm expf). It is compared with the default tolerance of
+tests/tolerances.py, which that difference fits: the fp32 silu g / (1 + e) then differs by at
+most ~3 fp32 ulp and an fp32 output, up * silu, by ~4 ulp (4 * 2^-23 relative, under the
+4e-6 rtol); a 16-bit silu at worst rounds to the neighbouring value (1 ulp of the dtype), which
+moves the rounded product by at most 2 ulp = 2 * eps relative, the rtol. So no override.
+(Checked by moving exp(-g) 2 ulp either way over 4M random inputs per dtype: the worst element
+used 29% of the fp16 tolerance, 9% of fp32's, 1% of bf16's.)
+The CUDA kernel moves 16-byte vectors when the row length, the row strides and the pointers
+allow, else single elements: the 5504-wide layouts take the vector path, the 3x1, 7x7, 5x83,
+3x769, 2x5125, strided-at-offset and transposed (83) ones the scalar path.
 """
 from __future__ import annotations
 
@@ -15,10 +28,15 @@ import pytest
 import torch
 
 from qwen_fast import ops, reference
-from kernel_cases import DTYPES, case_generator
+from kernel_cases import DTYPES, case_generator, devices, kernel_op, tensor_device
 from tolerances import assert_close
 
-CUDA_READY = torch.cuda.is_available()
+CUDA_READY = ops.HAVE_C and ops.build_info()["cuda"] and torch.cuda.is_available()
+CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C built with nvcc "
+                    f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
+                    f"_C cuda={ops.build_info()['cuda']})")
+DEVICES = devices(CUDA_READY, CUDA_SKIP_REASON, simt=True)
+GPU_DEVICES = [d for d in DEVICES if d.values[0] != "cpu"]   # the CUDA kernel: cuda, simt
 # Where torch's Vectorized<float>::exp is SLEEF's expf_u10 (elsewhere it may be libm's expf).
 CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 SLEEF_EXP = CPU_CAPABILITY.startswith(("AVX2", "AVX512"))
@@ -43,10 +61,11 @@ LAYOUTS = [
 SHAPES = [pytest.param(shape, layout, id=name) for name, shape, layout in LAYOUTS]
 
 
-def _make(shape, layout, dtype, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, gate) of `shape` in the requested layout; gate ~ N(0, 4^2) spans silu's bend and tails."""
+def _make(shape, layout, dtype, gen, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, gate) of `shape` in the requested layout, views of buffers on `device` (a kernel
+    test device: "simt" tensors live on the CPU); gate ~ N(0, 4^2) spans silu's bend and tails."""
     def randn(*size, scale):
-        return (scale * torch.randn(*size, generator=gen)).to(dtype)
+        return (scale * torch.randn(*size, generator=gen)).to(dtype).to(tensor_device(device))
 
     F = shape[-1]
     if layout == "contiguous":
@@ -96,14 +115,15 @@ def _require_extension():
 
 @pytest.mark.parametrize("shape,layout", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_matches_reference(dtype, shape, layout, request):
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_matches_reference(device, dtype, shape, layout, request):
     gen = case_generator(request)
-    up, gate = _make(shape, layout, dtype, gen)
+    up, gate = _make(shape, layout, dtype, gen, device)
 
-    out = ops.swiglu(up, gate)
+    out = kernel_op(device, "swiglu")(up, gate)
 
-    assert out.is_contiguous()
-    assert_close(out, reference.swiglu(up, gate), "swiglu", msg=request.node.name)
+    assert out.is_contiguous() and out.device == up.device and out.shape == up.shape
+    assert_close(out, reference.swiglu(up.cpu(), gate.cpu()), "swiglu", msg=request.node.name)
 
 
 @pytest.mark.skipif(not SLEEF_EXP, reason=NO_SLEEF_REASON)
@@ -138,6 +158,24 @@ def test_special_values(dtype):
     assert same.all(), f"differ at gate = {gate[~same].tolist()}: {out[~same]} vs {expected[~same]}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_special_values_on_the_gpu(device, dtype):
+    """The CUDA kernel at exp's overflow / underflow edges, signed zeros, subnormals, infinities
+    and NaN: the reference's NaN pattern, and its values within the tolerance (expf may put
+    an edge such as exp(88.72) on the other side of the overflow: -0.0 against -3e-37)."""
+    edges = [-200.0, -104.5, -104.0, -103.9, -100.0, -88.8, -88.7, -87.3, -20.0, -1e-40, -0.0,
+             0.0, 1e-40, 20.0, 87.3, 88.7, 88.8, 100.0, 100.1, 104.0, 200.0, float("inf"),
+             float("-inf"), float("nan")]
+    gate = torch.tensor(edges).to(dtype)
+    up = torch.full_like(gate, 1.5)
+    dev = tensor_device(device)
+    out = kernel_op(device, "swiglu")(up.to(dev), gate.to(dev)).cpu()
+    expected = reference.swiglu(up, gate)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert_close(out.nan_to_num(0.0), expected.nan_to_num(0.0), "swiglu", msg=str(dtype))
+
+
 @pytest.mark.parametrize("backend", ["reference", None])
 def test_backend_argument_routes(backend):
     gen = torch.Generator().manual_seed(2)
@@ -156,15 +194,21 @@ def test_empty_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of torch")
-def test_cuda_tensors_run_the_reference():
+@pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)
+def test_cuda_kernel_runs_on_the_current_stream_and_writes_out():
     gen = torch.Generator().manual_seed(3)
-    up, gate = (torch.randn(4, 5504, generator=gen).to(torch.bfloat16).cuda() for _ in range(2))
-    out = ops.swiglu(up, gate)
-    assert out.is_cuda and torch.equal(out, reference.swiglu(up, gate))
-    from qwen_fast import _C
-    with pytest.raises(RuntimeError, match="swiglu: no CUDA kernel yet"):
-        _C.swiglu(up, gate)
+    up, gate = (torch.randn(4, 5504, generator=gen).to(torch.bfloat16) for _ in range(2))
+    gup, ggate = up.cuda(), gate.cuda()
+    buf = torch.empty_like(gup)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = ops.swiglu(gup, ggate)
+        got = ops.swiglu(gup, ggate, out=buf)
+    stream.synchronize()
+    assert out.is_cuda and got is buf
+    assert_close(out, reference.swiglu(up, gate), "swiglu", msg="side stream")
+    assert torch.equal(out, buf)
 
 
 def _x(*shape, dtype=torch.bfloat16):

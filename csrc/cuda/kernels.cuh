@@ -39,7 +39,49 @@ Status fused_add_rms_norm(T* out,             // [rows, ld_out]
 
 // ---- rotary_embedding, rotary_kv_cache (rotary_embedding.cu) ----------------------------------
 
+// GPT-NeoX ("rotate half") RoPE over the first rot_dim dims of each head; dims past rot_dim are
+// copied (reference.rotary_embedding). fp32 maths, x*cos and rotate_half(x)*sin each rounded
+// before the add (no FMA), one rounding to T: bit-identical to the reference.
+template <typename T>
+Status rotary_embedding(T* out,            // [batch, seq, heads, head_dim], contiguous
+                        const T* x,        // [batch, seq, heads, head_dim], strides
+                                           // (x_stride_b, x_stride_t, x_stride_h, 1)
+                        const float* cos,  // [batch, seq, rot_dim], contiguous
+                        const float* sin,  // [batch, seq, rot_dim], contiguous
+                        int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                        int64_t rot_dim, int64_t x_stride_b, int64_t x_stride_t,
+                        int64_t x_stride_h, cudaStream_t stream);
+
+// rotary_embedding of q into q_out, and of k into a KV cache with v beside it: for b < batch,
+// t < n_new[b], h < heads: k_cache[slots[b], h, start[b] + t] = rope(k[b, t, h]) and
+// v_cache[...] = v[b, t, h] (copied); q_out[b, t, h] = rope(q[b, t, h]) for every t < seq.
+// q, k, v share their strides; k_cache and v_cache share theirs. slots, start and n_new are
+// device arrays that the kernel reads unchecked: the caller guarantees 0 <= slots[b] < cache
+// slots (distinct), 0 <= n_new[b] <= seq, 0 <= start[b], start[b] + n_new[b] <= positions.
+template <typename T>
+Status rotary_kv_cache(T* q_out,             // [batch, seq, heads, head_dim], contiguous
+                       T* k_cache,           // [slots, heads, S, head_dim] at strides
+                       T* v_cache,           //   (c_stride_slot, c_stride_h, c_stride_s, 1)
+                       const T* q, const T* k, const T* v,  // [batch, seq, heads, head_dim] at
+                                                           //   strides (x_stride_b, _t, _h, 1)
+                       const float* cos,     // [batch, seq, rot_dim], contiguous
+                       const float* sin,     // [batch, seq, rot_dim], contiguous
+                       const int64_t* slots, const int64_t* start, const int64_t* n_new,  // [batch]
+                       int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                       int64_t rot_dim, int64_t x_stride_b, int64_t x_stride_t, int64_t x_stride_h,
+                       int64_t c_stride_slot, int64_t c_stride_h, int64_t c_stride_s,
+                       cudaStream_t stream);
+
 // ---- swiglu (swiglu.cu) -----------------------------------------------------------------------
+
+// out = up * silu(gate), silu(g) = g / (1 + expf(-g)) rounded to T, the product rounded to T
+// (reference.swiglu; CUDA's expf may differ from torch's CPU exp in the last fp32 bit).
+template <typename T>
+Status swiglu(T* out,         // [rows, ld_out], the first `cols` columns are written
+              const T* up,    // [rows, ld_up]
+              const T* gate,  // [rows, ld_gate]
+              int64_t rows, int64_t cols, int64_t ld_out, int64_t ld_up, int64_t ld_gate,
+              cudaStream_t stream);
 
 // ---- linear (linear.cu) -----------------------------------------------------------------------
 

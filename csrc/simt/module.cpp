@@ -8,9 +8,9 @@
 #include "simt.h"
 // The kernels, as nvcc compiles them for the GPU (QF_SIMT swaps the CUDA headers for simt.h).
 #include "../cuda/rms_norm.cu"
-// (one #include per kernel source: rotary_embedding.cu)
+#include "../cuda/rotary_embedding.cu"
 
-// (swiglu.cu)
+#include "../cuda/swiglu.cu"
 
 // (linear.cu)
 
@@ -79,8 +79,45 @@ PYBIND11_MODULE(_simt, m) {
   });
 
   // ---- rotary_embedding, rotary_kv_cache ---------------------------------------------------
+  // x / q, k, v: [B, T, H, D] at any B, T, H strides; cos, sin: contiguous [B, T, R] fp32.
+  m.def("rotary_embedding", [](at::Tensor out, const at::Tensor& x, const at::Tensor& cos,
+                               const at::Tensor& sin) {
+    dispatch(x, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::rotary_embedding<T>(ptr<T>(out), ptr<T>(x), ptr<float>(cos), ptr<float>(sin),
+                                          x.size(0), x.size(1), x.size(2), x.size(3), cos.size(2),
+                                          x.stride(0), x.stride(1), x.stride(2), nullptr),
+            "rotary_embedding");
+    });
+  });
+  // index: [3, B] int64 (slots, start, n_new), as ops.cpp copies it to the device.
+  m.def("rotary_kv_cache", [](at::Tensor q_out, at::Tensor k_cache, at::Tensor v_cache,
+                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& cos, const at::Tensor& sin,
+                              const at::Tensor& index) {
+    const int64_t B = q.size(0);
+    const int64_t* idx = index.data_ptr<int64_t>();
+    dispatch(q, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::rotary_kv_cache<T>(
+                ptr<T>(q_out), ptr<T>(k_cache), ptr<T>(v_cache), ptr<T>(q), ptr<T>(k), ptr<T>(v),
+                ptr<float>(cos), ptr<float>(sin), idx, idx + B, idx + 2 * B, B, q.size(1),
+                q.size(2), q.size(3), cos.size(2), q.stride(0), q.stride(1), q.stride(2),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), nullptr),
+            "rotary_kv_cache");
+    });
+  });
 
   // ---- swiglu -------------------------------------------------------------------------------
+  m.def("swiglu", [](at::Tensor out, const at::Tensor& up, const at::Tensor& gate) {
+    const int64_t cols = up.size(-1), rows = up.numel() / cols;
+    dispatch(up, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::swiglu<T>(ptr<T>(out), ptr<T>(up), ptr<T>(gate), rows, cols, out.stride(-2),
+                                up.stride(-2), gate.stride(-2), nullptr),
+            "swiglu");
+    });
+  });
 
   // ---- linear -------------------------------------------------------------------------------
 

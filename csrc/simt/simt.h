@@ -75,6 +75,13 @@ inline qf::fp16 __float2half_rn(float v) { return qf::from_float<qf::fp16>(v); }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 inline float __expf(float v) { return std::exp(v); }
 inline float __fdividef(float a, float b) { return a / b; }
+// Correctly rounded fp32 product and sum that are never fused into an FMA, as nvcc treats these
+// intrinsics (bit-exact kernels use them). Kept out of line so that the host compiler cannot
+// contract the caller's __fadd_rn(__fmul_rn(a, b), c) into an FMA either: GCC does so at -O2,
+// across statements, wherever the target has FMA, and the emulator's module sets no
+// -ffp-contract=off (fp_contract_off.h would switch it off for every kernel included after).
+__attribute__((noinline)) inline float __fmul_rn(float a, float b) { return a * b; }
+__attribute__((noinline)) inline float __fadd_rn(float a, float b) { return a + b; }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 // Fibers switch only at synchronisation points, so a read-modify-write is already atomic.

@@ -48,7 +48,7 @@ void DecodeLayer::step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tenso
   const at::Tensor parts = qkv.view({B, 1, 3, H, D});
   const std::vector<int64_t> n_new(static_cast<size_t>(B), 1);
   rotary_kv_cache(parts.select(2, 0), parts.select(2, 1), parts.select(2, 2), cos, sin, k_cache,
-                  v_cache, slots, lengths, n_new, q);
+                  v_cache, slots, lengths, n_new, stream, q);
   if (logn.has_value()) q.mul_(*logn);
   const double scale = std::pow(static_cast<double>(D), -0.5);  // Python's D ** -0.5 (ops.attention)
   for (size_t r = 0; r < runs.size(); r += 3) {

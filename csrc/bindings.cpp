@@ -97,16 +97,18 @@ out, residual_out: optional buffers to write instead (contiguous, x's shape, dty
 overlapping no input); residual_out may be residual itself, updated in place.)");
 
   m.def("attention", &qf::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"),
-        py::arg("scale"), py::kw_only(), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
-        R"(Causal multi-head attention over a KV cache, CPU (reference.attention).
+        py::arg("scale"), py::arg("stream") = 0, py::kw_only(), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        R"(Causal multi-head attention over a KV cache, CPU or CUDA (reference.attention).
 
 q: [B, T, H, D] new queries (bfloat16/float16/float32, head dim contiguous, other dims may be
 strided); query t of row b sits at position start[b] + t. k, v: [B, S, H, D] the cache, already
-holding this step's keys/values (strided views are fine). start: [B] torch.int64 on the CPU.
+holding this step's keys/values (strided views are fine). start: [B] torch.int64 on the CPU
+(for CUDA tensors it is copied to q's device on torch's current stream, which must be `stream`).
 Row b's query t attends to keys 0 .. min(start[b] + t, S - 1) (bottom-right causal mask).
 scale: multiplies q . k (1/sqrt(D) for Qwen). Scores, softmax and the weighted sum in fp32;
 returns a new contiguous [B, T, H, D] tensor in q's dtype (or writes out, if given:
-contiguous, that shape, q's dtype, overlapping no input).)");
+contiguous, that shape, q's dtype, overlapping no input). stream: as for rms_norm.)");
 
   m.def("rotary_kv_cache", &qf::rotary_kv_cache, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),

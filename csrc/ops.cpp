@@ -286,13 +286,12 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& start, double scale, const OptTensor& out_arg) {
+                     const at::Tensor& start, double scale, int64_t stream,
+                     const OptTensor& out_arg) {
   const char* op = "attention";
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape [batch, tokens, heads, head_dim], got ",
               shape_str(q.sizes()));
   check_x(op, q);
-  TORCH_CHECK(q.is_cpu(), op, ": no CUDA kernel yet; q is on ", q.device(),
-              " (qwen_fast.ops.attention runs the reference there)");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
     TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(2) == H && t.size(3) == D && t.size(1) >= 1,
@@ -318,15 +317,36 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               ": start must be >= 0 (cached positions per sequence)");
   at::Tensor out = output(op, out_arg, {B, T, H, D}, q, "q", {{"q", &q}, {"k", &k}, {"v", &v}});
   if (out.numel() == 0) return out;
+  const int64_t S = k.size(1);
   dispatch_float_storage(q.scalar_type(), [&](auto tag) {
     using T_ = decltype(tag);
-    check_status(cpu::attention<T_>(data<T_>(out), data<T_>(q), data<T_>(k), data<T_>(v),
-                                    st.data_ptr<int64_t>(), B, T, H, D, k.size(1), q.stride(0),
-                                    q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                                    k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                                    static_cast<float>(scale)),
-                 op);
+    Status s;
+#ifdef QF_WITH_CUDA
+    if (q.is_cuda()) {
+      // start comes from the CPU (checked there): copied to q's device on torch's current
+      // stream, which is `stream` (qwen_fast.ops passes it), so the kernel reads it in order; a
+      // pageable host -> device copy is staged before it returns, so non_blocking is safe. The
+      // split partials' workspace comes from torch's caching allocator, the launcher allocating
+      // nothing.
+      const at::Tensor st_dev = st.to(q.device(), /*non_blocking=*/true);
+      const int64_t ws_bytes = cuda::attention_workspace_bytes(B, T, H, D, S);
+      const at::Tensor ws = at::empty({ws_bytes}, q.options().dtype(at::kByte));
+      s = cuda::attention<T_>(data<T_>(out), data<T_>(q), data<T_>(k), data<T_>(v),
+                              st_dev.data_ptr<int64_t>(), B, T, H, D, S, q.stride(0),
+                              q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                              v.stride(0), v.stride(1), v.stride(2), static_cast<float>(scale),
+                              ws.data_ptr(), ws_bytes, cuda_prepare(op, q, stream));
+    } else
+#endif
+    {
+      s = cpu::attention<T_>(data<T_>(out), data<T_>(q), data<T_>(k), data<T_>(v),
+                             st.data_ptr<int64_t>(), B, T, H, D, S, q.stride(0), q.stride(1),
+                             q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+                             v.stride(1), v.stride(2), static_cast<float>(scale));
+    }
+    check_status(s, op);
   });
+  (void)stream;
   return out;
 }
 

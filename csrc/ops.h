@@ -28,10 +28,11 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
                                                       int64_t stream, const OptTensor& out,
                                                       const OptTensor& residual_out);
 
-// Causal attention over a KV cache (CPU): q [B, T, H, D], k/v [B, S, H, D] (strided views
-// with a contiguous head dim), start [B] int64; returns [B, T, H, D] in q's dtype.
+// Causal attention over a KV cache (CPU or CUDA): q [B, T, H, D], k/v [B, S, H, D] (strided
+// views with a contiguous head dim), start [B] int64 on the CPU (copied to q's device for CUDA);
+// returns [B, T, H, D] in q's dtype. stream: the CUDA stream (an integer) for CUDA tensors.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& start, double scale, const OptTensor& out);
+                     const at::Tensor& start, double scale, int64_t stream, const OptTensor& out);
 
 // GPT-NeoX RoPE of x [B, T, H, D] (any B, T, H strides) with cos/sin [B, T, R] fp32, CPU or
 // CUDA; stream: the CUDA stream to launch on (ignored for CPU tensors).

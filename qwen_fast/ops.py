@@ -206,14 +206,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Te
     start: [B] int64, positions cached before this call (so T = 1 is a decode step over each
            sequence's own length, T > 1 a prefill or a chunk of one).
     Row b's query t sees keys 0 .. start[b] + t (bottom-right causal). Scores, softmax and the
-    weighted sum in fp32; returns a new [B, T, H, D] tensor in q.dtype.
-    backend: None runs the CPU kernel for CPU tensors (CUDA tensors use the reference until the
-    CUDA kernel lands); "reference" the PyTorch reference.
+    weighted sum in fp32; returns a new [B, T, H, D] tensor in q.dtype. On CUDA the keys of a
+    long row are split over several blocks (flash-decoding) whose fp32 partials are combined
+    before the one rounding; start is read on the CPU and copied to q's device per call.
+    backend: None runs the compiled kernel for q's device (CPU or CUDA); "reference" the
+    PyTorch reference.
     """
-    if not _use_kernel("attention", backend) or q.is_cuda:
+    if not _use_kernel("attention", backend):
         return _into(reference.attention(q, k, v, start, scale), out)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _C.attention(q, k, v, start.to("cpu", torch.long), scale, out=out)
+    return _C.attention(q, k, v, start.to("cpu", torch.long), scale, _stream(q), out=out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

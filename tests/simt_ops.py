@@ -75,3 +75,13 @@ def swiglu(up, gate, *, out=None):
 
 
 # ---- attention -------------------------------------------------------------------------------
+
+
+def attention(q, k, v, start, scale=None):
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.empty(B, T, H, D, dtype=q.dtype)
+    # NaN-filled, so that a partial the combine reads before a split block wrote it shows.
+    ws = torch.full((_simt.attention_workspace_bytes(B, T, H, D, k.shape[1]) // 4,), float("nan"))
+    _simt.attention(out, q, k, v, start.to(torch.long).contiguous(), scale, ws.view(torch.uint8))
+    return out

@@ -89,4 +89,24 @@ Status swiglu(T* out,         // [rows, ld_out], the first `cols` columns are wr
 
 // ---- attention (attention.cu) -----------------------------------------------------------------
 
+// Bytes of device workspace attention needs for these sizes (0 when no row's keys are split);
+// the caller allocates it (the launcher never does).
+int64_t attention_workspace_bytes(int64_t B, int64_t T, int64_t H, int64_t D, int64_t S);
+
+// Causal attention over a KV cache (reference.attention): query t of sequence b sits at position
+// start[b] + t and sees keys 0 .. min(start[b] + t, S - 1); fp32 scores, softmax and weighted sum
+// (flash-decoding: the keys split into chunks, partials combined), the output rounded once to T.
+// Strides in elements; head dims contiguous; 1 <= D <= 256; start (device memory) >= 0.
+template <typename T>
+Status attention(T* out,                // [B, T, H, D] contiguous
+                 const T* q,            // [B, T, H, D] at strides (sq_b, sq_t, sq_h, 1)
+                 const T* k,            // [B, S, H, D] at strides (sk_b, sk_s, sk_h, 1)
+                 const T* v,            // [B, S, H, D] at strides (sv_b, sv_s, sv_h, 1)
+                 const int64_t* start,  // [B] on the device: cached positions before the queries
+                 int64_t B, int64_t T_, int64_t H, int64_t D, int64_t S, int64_t sq_b,
+                 int64_t sq_t, int64_t sq_h, int64_t sk_b, int64_t sk_s, int64_t sk_h,
+                 int64_t sv_b, int64_t sv_s, int64_t sv_h, float scale,
+                 void* workspace,       // [workspace_bytes], >= attention_workspace_bytes(...)
+                 int64_t workspace_bytes, cudaStream_t stream);
+
 }  // namespace qf::cuda

@@ -16,7 +16,7 @@
 
 // (quant_linear.cu)
 
-// (attention.cu)
+#include "../cuda/attention.cu"
 
 #include "selftest.cu"
 
@@ -124,6 +124,23 @@ PYBIND11_MODULE(_simt, m) {
   // ---- quant_linear -------------------------------------------------------------------------
 
   // ---- attention ----------------------------------------------------------------------------
+  m.def("attention_workspace_bytes", &qf::cuda::attention_workspace_bytes);
+  // out [B, T, H, D] contiguous; q, k, v strided [B, ., H, D] views; start [B] int64; workspace
+  // a uint8 tensor of at least attention_workspace_bytes(B, T, H, D, S) bytes.
+  m.def("attention", [](at::Tensor out, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& start, double scale,
+                        at::Tensor workspace) {
+    dispatch(q, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::attention<T>(ptr<T>(out), ptr<T>(q), ptr<T>(k), ptr<T>(v),
+                                   start.data_ptr<int64_t>(), q.size(0), q.size(1), q.size(2),
+                                   q.size(3), k.size(1), q.stride(0), q.stride(1), q.stride(2),
+                                   k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+                                   v.stride(1), v.stride(2), static_cast<float>(scale),
+                                   workspace.data_ptr(), workspace.numel(), nullptr),
+            "attention");
+    });
+  });
 
   // ---- the emulator's own tests ------------------------------------------------------------
   m.def("selftest_reverse", [](at::Tensor out, int blocks, int threads, bool barrier) {

@@ -55,7 +55,7 @@ void DecodeLayer::step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tenso
     const int64_t i0 = runs[r], i1 = runs[r + 1], r0 = runs[r + 2];
     attention(q.slice(0, i0, i1), k_cache.slice(0, r0, r0 + i1 - i0).slice(2, 0, S).transpose(1, 2),
               v_cache.slice(0, r0, r0 + i1 - i0).slice(2, 0, S).transpose(1, 2),
-              start.slice(0, i0, i1), scale, a.slice(0, i0, i1));
+              start.slice(0, i0, i1), scale, stream, a.slice(0, i0, i1));
   }
   project(c_proj_, std::nullopt, a.view({B, 1, H * D}), o, stream);
   fused_add_rms_norm(o, h, ln_2_, eps_, stream, x, h);

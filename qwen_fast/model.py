@@ -216,8 +216,9 @@ class QwenModel:
         alphas = [cache.alpha[r] for r in rows]
         cache.ensure(max(lengths[b] + n_new[b] for b in range(B)))
         ids = input_ids.to(self.device)
-        start = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        positions = start[:, None] + torch.arange(T, device=self.device)[None, :]   # [B, T]
+        # start stays on the CPU, where attention reads it (the CUDA kernel gets a copy).
+        start = torch.tensor(lengths, dtype=torch.long)
+        positions = start.to(self.device)[:, None] + torch.arange(T, device=self.device)[None, :]   # [B, T]
         positions = positions.clamp_(max=cache.capacity - 1)   # padding rows only
         cos, sin = self._rope(positions, alphas)
         logn = None

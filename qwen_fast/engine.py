@@ -8,20 +8,21 @@
 The decoding loop is plain Python over the model's batched forward. Every request in a batch has
 its own sampling parameters, seed, stop conditions and KV-cache length.
 
-Threads: one Engine may be shared. Calls take turns (one decodes at a time; continuous batching
-comes with the scheduler), and every call's state (KV cache, generators, results) is its own, so
-results always belong to their call. A stream holds the engine from its first item until it is
-exhausted or closed (a dropped stream is closed by the garbage collector).
+Threads: one Engine may be shared. Every call's sequences go through the engine's scheduler
+(qwen_fast/scheduler.py): they decode together in one batch (continuous batching), each with
+its own parameters, generator and stops, so results always belong to their call and equal what
+the call would get alone. A stream's sequence decodes whether or not it is being read; closing
+the stream (or dropping it: the garbage collector closes it) cancels it.
 
-Memory: the KV cache of a call grows with the tokens it really holds (KVCache.ensure), and a
-call whose worst case (every sequence reaching max_new_tokens) would exceed the engine's
-kv_cache_budget is refused up front with a CapacityError, before any work is done.
+Memory: the shared KV cache grows with the tokens it really holds (KVCache.ensure) and with the
+sequences in the batch; a sequence joins the batch only while every member's worst case
+(prompt + max_new_tokens) fits the engine's kv_cache_budget, and one that could not fit even
+alone is refused up front with a CapacityError, before any work is done.
 """
 from __future__ import annotations
 
 import numbers
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ from .config import GenerationConfig, QwenConfig, builtin_config, parse_dtype
 from .errors import CapacityError, ConfigError, RequestError
 from .loader import available_memory, dummy_state_dict, load_config, load_state_dict
 from .model import BACKENDS, KVCache, QwenModel
-from .sampling import SamplingParams, make_generator, sample_next
+from .sampling import SamplingParams, make_generator
+from .scheduler import Scheduler, Seq
 from .tokenizer import IncrementalDecoder, QwenTokenizer
 
 Prompt = Union[str, Sequence[int], torch.Tensor, np.ndarray]
@@ -99,34 +101,6 @@ def parse_device(device) -> torch.device:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
-
-
-class _Turns:
-    """A lock by which calls take turns on one Engine.
-
-    Re-entrant for the thread that holds it (a loop over a stream may call generate: each
-    call's state is its own, so nesting is safe), and releasable from any thread, because a
-    stream dropped unfinished is closed by the garbage collector wherever that runs."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._owner: Optional[int] = None
-        self._depth = 0
-
-    def acquire(self) -> None:
-        me = threading.get_ident()
-        with self._cond:
-            while self._owner not in (None, me):
-                self._cond.wait()
-            self._owner = me
-            self._depth += 1
-
-    def release(self) -> None:
-        with self._cond:
-            self._depth -= 1
-            if self._depth == 0:
-                self._owner = None
-                self._cond.notify_all()
 
 
 class _Request:
@@ -200,16 +174,20 @@ def _finish(run) -> list:
 
 
 class Engine:
-    PREFILL_TOKENS = 4096   # most prompt positions (batch x chunk) one prefill forward takes
+    PREFILL_TOKENS = 4096   # most prompt positions one prefill forward takes (Scheduler.prefill_tokens)
 
     def __init__(self, model: QwenModel, tokenizer: QwenTokenizer,
                  generation_config: Optional[GenerationConfig] = None,
-                 kv_cache_budget: Union[int, str, None] = "auto"):
-        """kv_cache_budget: the most bytes of KV cache one call may need in the worst case
-        (every sequence of a batch reaching max_new_tokens; logits() counts its output too).
-        "auto" = half the memory available on the device when the engine is built (after the
-        weights; no limit if that is unknown); an int = that many bytes; None = no limit but
-        the model's context."""
+                 kv_cache_budget: Union[int, str, None] = "auto", max_batch_size: int = 8):
+        """Every call's sequences decode in one shared batch (qwen_fast/scheduler.py: continuous
+        batching), at most max_batch_size at a time; the others wait for a slot.
+
+        kv_cache_budget: the most bytes the shared KV cache may hold, counting each sequence in
+        the batch at its worst case (prompt + max_new_tokens); a sequence waits until it fits,
+        and one that cannot fit even alone is refused when submitted. logits() counts its
+        output too. "auto" = half the memory available on the device when the engine is built
+        (after the weights; no limit if that is unknown); an int = that many bytes; None = no
+        limit but the model's context."""
         self.model = model
         self.cfg: QwenConfig = model.cfg
         self.tokenizer = tokenizer
@@ -229,7 +207,11 @@ class Engine:
             raise ConfigError(f"kv_cache_budget must be 'auto', a positive number of bytes or None, "
                               f"got {kv_cache_budget!r}")
         self.kv_cache_budget: Optional[int] = None if kv_cache_budget is None else int(kv_cache_budget)
-        self._turns = _Turns()
+        if (not isinstance(max_batch_size, numbers.Integral) or isinstance(max_batch_size, bool)
+                or max_batch_size < 1):
+            raise ConfigError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        self.scheduler = Scheduler(model, len(tokenizer), int(max_batch_size),
+                                   self.kv_cache_budget, prefill_tokens=self.PREFILL_TOKENS)
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -240,14 +222,16 @@ class Engine:
                         kv_cache_budget: Union[int, str, None] = "auto",
                         check_finite: bool = True, verify_vocab: bool = True,
                         quant: Optional[str] = None,
-                        lm_head_quant: Optional[str] = None) -> "Engine":
+                        lm_head_quant: Optional[str] = None,
+                        max_batch_size: int = 8) -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
         QwenConfig, a built-in name such as "qwen-1.8b-chat", or the path's config.json).
         dtype: "auto" (the release's: bf16 unless config.json says fp16/fp32), or a float dtype.
         backend: "reference" (PyTorch), "native" or "auto" (our kernels where they exist).
-        kv_cache_budget: bytes of KV cache one call may use (see Engine).
+        kv_cache_budget: bytes the shared KV cache may hold (see Engine).
+        max_batch_size: sequences decoded together at most (see Engine).
         check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
@@ -344,7 +328,8 @@ class Engine:
             weights["lm_head.weight"] = QuantWeight.quantize(weights["lm_head.weight"],
                                                              bits[lm_head_quant])
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
-        return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget)
+        return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget,
+                   max_batch_size=max_batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -420,12 +405,10 @@ class Engine:
         return [self._token_ids(x, f"prompt[{i}]") for i, x in enumerate(items)], True
 
     def _limits(self, prompts: List[List[int]], params: List[SamplingParams]) -> List[int]:
-        """New tokens each sequence may produce; refuses (CapacityError) a call whose worst-case
-        KV cache exceeds the budget. The cache is one block of batch x longest sequence."""
+        """New tokens each sequence may produce; refuses (CapacityError) a call with a sequence
+        whose worst-case KV cache could not fit the budget even alone."""
         limits = [min(p.max_new_tokens, self.cfg.max_context - len(ids)) for ids, p in zip(prompts, params)]
-        longest = max(len(ids) + n for ids, n in zip(prompts, limits))
-        self._check_budget(len(prompts) * longest * KVCache.bytes_per_token(self.cfg, self.dtype),
-                           f"{len(prompts)} sequence(s) x up to {longest} tokens of KV cache")
+        self.scheduler.check_fits(len(prompts), max(len(ids) + n for ids, n in zip(prompts, limits)))
         return limits
 
     def _check_budget(self, nbytes: int, what: str) -> None:
@@ -435,70 +418,34 @@ class Engine:
                 f"kv_cache_budget of {_gib(self.kv_cache_budget)}; lower max_new_tokens, send "
                 "fewer prompts at once, or raise kv_cache_budget in Engine.from_pretrained")
 
-    # ---- the decoding loop ---------------------------------------------------------------
+    # ---- the decoding loop: the scheduler's -------------------------------------------------
     def _run(self, prompts: List[List[int]], params: List[SamplingParams], limits: List[int],
              extra_stop_ids: Sequence[int] = ()):
-        """Generate for a checked batch: yields (row, text delta), returns the results.
-        Holds the engine's turn from its first step to its end (or close)."""
-        self._turns.acquire()
+        """Generate for a checked batch through the scheduler: yields (row, text delta) of a
+        single prompt as they come (a batch's rows all finish first), returns the results.
+        Closing the generator early cancels its sequences."""
+        seqs = [Seq(_Request(self, ids, p, extra_stop_ids, n))
+                for ids, p, n in zip(prompts, params, limits)]
+        sched = self.scheduler
+        sched.submit(seqs)
         try:
-            reqs = [_Request(self, ids, p, extra_stop_ids, n) for ids, p, n in zip(prompts, params, limits)]
-            longest = max(len(ids) + n for ids, n in zip(prompts, limits))
-            T = max(len(ids) for ids in prompts)
-            cache = KVCache(self.cfg, len(reqs), T, self.dtype, self.device, max_capacity=longest)
-            t0 = time.perf_counter()
-            logits = self._prefill(prompts, cache)
-            rows = list(range(len(reqs)))
-            valid_vocab = len(self.tokenizer)
-            first = True
-            while rows:
-                nxt = []
-                for i, b in enumerate(rows):
-                    r = reqs[b]
-                    tok = sample_next(logits[i], r.history, r.params, r.generator, valid_vocab)
-                    delta = r.add_token(tok)
-                    if first:
-                        r.t_first = time.perf_counter() - t0
-                    if delta:
-                        yield b, delta
-                    if r.finish_reason is None:
-                        nxt.append((b, tok))
-                first = False
-                if not nxt:
-                    break
-                rows = [b for b, _ in nxt]
-                ids = torch.tensor([[tok] for _, tok in nxt], dtype=torch.long)
-                logits = self.model.forward(ids, cache, rows=rows)
-            total = time.perf_counter() - t0
+            if len(seqs) == 1:
+                while (delta := sched.next_delta(seqs[0])) is not None:
+                    yield 0, delta
+            else:
+                sched.wait(seqs)
+                for b, s in enumerate(seqs):
+                    while s.deltas:
+                        yield b, s.deltas.popleft()
             return [GenerationResult(
-                text=r.text, token_ids=r.out_ids, finish_reason=r.finish_reason,
-                stop_reason=r.stop_reason, prompt_tokens=len(r.prompt_ids), prefill_s=r.t_first,
-                decode_s=total - r.t_first, kv_cache_bytes=cache.peak_bytes) for r in reqs]
+                text=s.state.text, token_ids=s.state.out_ids, finish_reason=s.state.finish_reason,
+                stop_reason=s.state.stop_reason, prompt_tokens=len(s.state.prompt_ids),
+                prefill_s=s.t_first - s.t_submit, decode_s=s.t_done - s.t_first,
+                kv_cache_bytes=s.kv_peak) for s in seqs]
         finally:
-            self._turns.release()
-
-    def _prefill(self, prompts: List[List[int]], cache: KVCache) -> torch.Tensor:
-        """Prefill every prompt; returns the logits of each one's last token [B, vocab].
-
-        At most PREFILL_TOKENS positions go through one forward (a batch of long prompts is
-        prefilled chunk by chunk, with each sequence's NTK alpha taken from its whole prompt), so
-        activation memory is bounded whatever the batch; one prompt up to PREFILL_TOKENS long is
-        one forward, as in the release."""
-        B, T = len(prompts), max(len(ids) for ids in prompts)
-        batch = torch.zeros(B, T, dtype=torch.long)
-        for b, ids in enumerate(prompts):
-            batch[b, :len(ids)] = torch.tensor(ids)
-        step = max(1, self.PREFILL_TOKENS // B)
-        last: List[Optional[torch.Tensor]] = [None] * B
-        for s0 in range(0, T, step):
-            rows = [b for b in range(B) if len(prompts[b]) > s0]
-            n_new = [min(step, len(prompts[b]) - s0) for b in rows]
-            out = self.model.forward(batch[rows, s0:s0 + max(n_new)], cache, num_new=n_new, rows=rows,
-                                     prompt_lengths=[len(prompts[b]) for b in rows])
-            for i, b in enumerate(rows):
-                if len(prompts[b]) <= s0 + step:
-                    last[b] = out[i]
-        return torch.stack(last)
+            for s in seqs:
+                if not s.done:
+                    sched.cancel(s)
 
     def _start(self, ids: List[int], p: SamplingParams, extra_stop_ids: Sequence[int]):
         """A checked one-prompt run (not started yet: no turn is taken until it is iterated)."""
@@ -544,13 +491,11 @@ class Engine:
         n = len(ids)
         self._check_budget(n * (KVCache.bytes_per_token(self.cfg, self.dtype) + 4 * self.cfg.vocab_size),
                            f"{n} tokens of KV cache and a {n} x {self.cfg.vocab_size} fp32 logits tensor")
-        self._turns.acquire()
-        try:
+        def run():
             cache = KVCache(self.cfg, 1, n, self.dtype, self.device)
             return self.model.forward(torch.tensor([ids]), cache, all_logits=True,
                                       logits_dtype=torch.float32)[0]
-        finally:
-            self._turns.release()
+        return self.scheduler.exclusive(run)
 
     def _chat_prompt(self, query, history, system, max_window_size) -> Tuple[List[int], list, str]:
         if isinstance(query, (list, tuple)):

@@ -103,6 +103,20 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def grow_slots(self, n: int) -> None:
+        """Room for n sequences (n >= batch_size): the cached ones keep their slots."""
+        old = self.batch_size
+        if n <= old:
+            return
+        for kv in (self.k, self.v):
+            for li, t in enumerate(kv):
+                grown = torch.zeros((n,) + t.shape[1:], dtype=t.dtype, device=t.device)
+                grown[:old] = t
+                kv[li] = grown
+        self.lengths += [0] * (n - old)
+        self.alpha += [1] * (n - old)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+
     def ensure(self, needed: int) -> None:
         """Make room for `needed` positions per sequence: at least double the capacity (so
         growth costs O(1) per token), never past max_capacity. New positions are zero."""

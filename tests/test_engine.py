@@ -369,7 +369,7 @@ def test_chunked_prefill_of_a_batch_matches_whole_prefill(tiny_engine_fp32, monk
     e = tiny_engine_fp32
     prompts = [list(range(1000, 1040)), list(range(2000, 2011)), list(range(3000, 3033))]
     whole = e.generate(prompts, max_new_tokens=5, ignore_eos=True, **GREEDY)
-    monkeypatch.setattr(type(e), "PREFILL_TOKENS", 12)        # 4 positions per sequence a step
+    monkeypatch.setattr(e.scheduler, "prefill_tokens", 12)    # 4 positions per sequence a step
     chunked = e.generate(prompts, max_new_tokens=5, ignore_eos=True, **GREEDY)
     assert [r.token_ids for r in chunked] == [r.token_ids for r in whole]
     for ids, r in zip(prompts, chunked):                       # first token = full forward's

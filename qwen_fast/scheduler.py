@@ -1,0 +1,291 @@
+"""Continuous batching: the sequences of every caller decode together in one batch, new ones
+join it between steps and finished ones leave it.
+
+One Scheduler per Engine owns the model's KV cache: one slot per sequence in the batch, at
+most ``max_batch_size`` slots. Each step
+
+1. retires cancelled sequences and admits waiting ones (first come, first served) while a slot
+   is free and the KV budget holds;
+2. prefills newcomers by at most ``prefill_chunk`` prompt positions in all while other
+   sequences are decoding (all of a prompt up to ``prefill_tokens`` when none is): a long
+   prompt delays the batch's next token by one chunk's time, not by the whole prompt;
+3. runs one decode forward over every sequence that has a token to feed, samples each
+   sequence's next token with its own parameters, seed and stops, and retires the finished.
+
+There is no scheduler thread: a caller waiting for its sequence's next text runs steps itself
+(one step at a time, for the whole batch) while no other caller is running one, so a
+sequence advances as long as anyone is waiting for anything, an open stream that nobody reads
+holds no one up, and a call made inside a loop over a stream simply joins the batch.
+
+KV memory: the cache holds ``slots x capacity`` positions, where the slots grow (doubling) with
+the number of sequences in the batch and the capacity with the longest of them, up to the
+longest worst case (prompt + max_new_tokens) among the sequences admitted. A sequence is
+admitted only while ``slots x longest worst case`` fits ``kv_cache_budget``; one that could
+not fit even alone is refused when it is submitted (CapacityError). The cache is freed when the
+batch empties.
+
+Numerics: every row of a forward is computed independently, so a sequence decodes exactly as it
+would alone, except that a prompt prefilled in chunks (while others decode) may differ from a
+one-shot prefill in the last bits of low-precision dtypes.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence
+
+import torch
+
+from .errors import CapacityError
+from .model import KVCache
+from .sampling import sample_next
+
+if TYPE_CHECKING:
+    from .engine import _Request
+
+
+class Seq:
+    """One submitted sequence: its decoding state (engine._Request), its place in the batch and
+    what its caller has not read yet."""
+
+    def __init__(self, state: "_Request"):
+        self.state = state
+        self.slot: Optional[int] = None
+        self.prefilled = 0               # prompt positions in the cache
+        self.pending: Optional[int] = None   # sampled token not yet fed to the model
+        self.deltas: Deque[str] = deque()
+        self.done = False
+        self.cancelled = False
+        self.error: Optional[BaseException] = None
+        self.t_submit = time.perf_counter()
+        self.t_first: Optional[float] = None
+        self.t_done: Optional[float] = None
+        self.kv_peak = 0
+
+    @property
+    def worst_case(self) -> int:
+        """Positions this sequence may occupy: prompt + its token limit."""
+        return len(self.state.prompt_ids) + self.state.limit
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer_len: int, max_batch_size: int = 8,
+                 kv_cache_budget: Optional[int] = None, prefill_chunk: int = 256,
+                 prefill_tokens: int = 4096):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.valid_vocab = tokenizer_len
+        self.max_batch_size = max_batch_size
+        self.kv_cache_budget = kv_cache_budget
+        self.prefill_chunk = prefill_chunk
+        self.prefill_tokens = prefill_tokens
+        self._model_lock = threading.RLock()      # one forward at a time (steps, logits)
+        self._cond = threading.Condition()        # guards the queues below; signals progress
+        self._waiting: Deque[Seq] = deque()
+        self._active: Dict[int, Seq] = {}    # slot -> sequence
+        self._cache: Optional[KVCache] = None
+        self.steps = 0
+
+    # ---- budget ----------------------------------------------------------------------------
+    def bytes_for(self, slots: int, positions: int) -> int:
+        return slots * positions * KVCache.bytes_per_token(self.model.cfg, self.model.dtype)
+
+    def check_fits(self, count: int, worst: int) -> None:
+        """Refuse (CapacityError) sequences that could never be admitted: `count` sequences of
+        which the longest may occupy `worst` positions need that much room for one of them."""
+        if self.kv_cache_budget is None:
+            return
+        need = self.bytes_for(1, worst)
+        if need > self.kv_cache_budget:
+            raise CapacityError(
+                f"this request needs up to {need / 2**30:.2f} GiB of KV cache for one sequence "
+                f"({count} sequence(s) x up to {worst} tokens, decoded as room allows), more than "
+                f"the engine's kv_cache_budget of {self.kv_cache_budget / 2**30:.2f} GiB; lower "
+                "max_new_tokens or the prompt, or raise kv_cache_budget in Engine.from_pretrained")
+
+    # ---- the callers' side -------------------------------------------------------------------
+    def submit(self, seqs: Sequence[Seq]) -> None:
+        self.check_fits(len(seqs), max(s.worst_case for s in seqs))
+        with self._cond:
+            self._waiting.extend(seqs)
+            self._cond.notify_all()
+
+    def cancel(self, seq: Seq) -> None:
+        """Stop a sequence: it leaves the batch at the next step (its slot is freed)."""
+        with self._cond:
+            if not seq.done:
+                seq.cancelled = True
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+                    self._finish(seq)
+            self._cond.notify_all()
+
+    def next_delta(self, seq: Seq) -> Optional[str]:
+        """The sequence's next text delta, running steps as needed; None once it is done (its
+        error, if it failed, is raised)."""
+        while True:
+            with self._cond:
+                if seq.deltas:
+                    return seq.deltas.popleft()
+                if seq.done:
+                    if seq.error is not None:
+                        raise seq.error
+                    return None
+            self._drive()
+
+    def wait(self, seqs: Sequence[Seq]) -> None:
+        """Run steps until every sequence is done (their deltas stay queued)."""
+        while True:
+            with self._cond:
+                failed = next((s.error for s in seqs if s.done and s.error is not None), None)
+                if failed is not None:
+                    raise failed
+                if all(s.done for s in seqs):
+                    return
+            self._drive()
+
+    def exclusive(self, fn: Callable):
+        """Run fn (e.g. a full-sequence forward) with the model to itself, between steps."""
+        with self._model_lock:
+            return fn()
+
+    def _drive(self) -> None:
+        """Run one step if no one else is running one; else wait until a step ends."""
+        if self._model_lock.acquire(blocking=False):
+            try:
+                self._step()
+            finally:
+                self._model_lock.release()
+                with self._cond:
+                    self._cond.notify_all()
+        else:
+            with self._cond:
+                self._cond.wait(timeout=0.05)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def _finish(self, seq: Seq, error: Optional[BaseException] = None) -> None:
+        """Mark done and free its slot (caller holds _cond)."""
+        seq.done = True
+        seq.error = error
+        seq.t_done = time.perf_counter()
+        if seq.slot is not None:
+            self._active.pop(seq.slot, None)
+            if self._cache is not None:
+                self._cache.lengths[seq.slot] = 0
+            seq.slot = None
+        if not self._active:
+            self._cache = None           # the batch is empty: free the KV memory
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free slots while the budget holds (caller holds _cond)."""
+        while self._waiting and len(self._active) < self.max_batch_size:
+            seq = self._waiting[0]
+            worst = max([s.worst_case for s in self._active.values()] + [seq.worst_case])
+            slots = self._slots_for(len(self._active) + 1)
+            if (self.kv_cache_budget is not None and self._active
+                    and self.bytes_for(slots, worst) > self.kv_cache_budget):
+                break       # waits for room: sequences ahead of it must finish first
+            self._waiting.popleft()
+            free = next(i for i in range(self.max_batch_size) if i not in self._active)
+            seq.slot = free
+            self._active[free] = seq
+
+    def _slots_for(self, n: int) -> int:
+        s = 1
+        while s < n:
+            s *= 2
+        return min(s, self.max_batch_size)
+
+    def _ensure_cache(self) -> KVCache:
+        """The KV cache, with a slot for every active sequence and room for the longest worst
+        case among them (positions grow with use: KVCache.ensure)."""
+        m = self.model
+        need_slots = self._slots_for(max(self._active) + 1)
+        worst = max(s.worst_case for s in self._active.values())
+        c = self._cache
+        if c is None:
+            c = self._cache = KVCache(m.cfg, need_slots, min(64, worst), m.dtype, m.device,
+                                      max_capacity=worst)
+        else:
+            if worst > c.max_capacity:
+                c.max_capacity = worst
+            if need_slots > c.batch_size:
+                c.grow_slots(need_slots)
+                c.buffers = None        # the decode buffers are sized by the slots
+        return c
+
+    def _step(self) -> None:
+        with self._cond:
+            for slot, seq in list(self._active.items()):
+                if seq.cancelled:
+                    self._finish(seq)
+            self._admit()
+            if not self._active:
+                self._cache = None       # the batch is empty: free the KV memory
+                return
+            active = sorted(self._active.values(), key=lambda s: s.slot)
+        cache = self._ensure_cache()
+        involved = list(active)
+        try:
+            self._prefill(cache, active)
+            self._decode(cache, active)
+        except BaseException as e:      # the callers of every sequence of this step get it
+            with self._cond:
+                for seq in involved:
+                    if not seq.done:
+                        self._finish(seq, e)
+                if not self._active:
+                    self._cache = None
+            if not isinstance(e, Exception):
+                raise                   # Ctrl-C and the like also stop the caller running the step
+        finally:
+            peak = cache.peak_bytes
+            for seq in involved:
+                seq.kv_peak = max(seq.kv_peak, peak)
+            self.steps += 1
+
+    def _prefill(self, cache: KVCache, active: List[Seq]) -> None:
+        todo = [s for s in active if s.prefilled < len(s.state.prompt_ids)]
+        if not todo:
+            return
+        decoding = any(s.pending is not None for s in active)
+        budget = self.prefill_chunk if decoding else self.prefill_tokens
+        per = max(1, budget // len(todo))
+        n_new = [min(per, len(s.state.prompt_ids) - s.prefilled) for s in todo]
+        T = max(n_new)
+        ids = torch.zeros(len(todo), T, dtype=torch.long)
+        for i, (s, n) in enumerate(zip(todo, n_new)):
+            ids[i, :n] = torch.tensor(s.state.prompt_ids[s.prefilled:s.prefilled + n])
+        logits = self.model.forward(ids, cache, num_new=n_new, rows=[s.slot for s in todo],
+                                    prompt_lengths=[len(s.state.prompt_ids) for s in todo])
+        for i, (s, n) in enumerate(zip(todo, n_new)):
+            s.prefilled += n
+            if s.prefilled == len(s.state.prompt_ids):
+                self._sample(s, logits[i])
+
+    def _decode(self, cache: KVCache, active: List[Seq]) -> None:
+        rows = [s for s in active if s.pending is not None and not s.done]
+        if not rows:
+            return
+        ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long)
+        for s in rows:
+            s.pending = None
+        logits = self.model.forward(ids, cache, rows=[s.slot for s in rows])
+        for i, s in enumerate(rows):
+            self._sample(s, logits[i])
+
+    def _sample(self, seq: Seq, logits: torch.Tensor) -> None:
+        r = seq.state
+        tok = sample_next(logits, r.history, r.params, r.generator, self.valid_vocab)
+        delta = r.add_token(tok)
+        with self._cond:
+            if seq.t_first is None:
+                seq.t_first = time.perf_counter()
+            if delta:
+                seq.deltas.append(delta)
+            if r.finish_reason is not None:
+                self._finish(seq)
+            elif not seq.cancelled:
+                seq.pending = tok

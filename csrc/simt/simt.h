@@ -75,6 +75,11 @@ inline qf::fp16 __float2half_rn(float v) { return qf::from_float<qf::fp16>(v); }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 inline float __expf(float v) { return std::exp(v); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __uint_as_float(unsigned v) {
+  float f;
+  std::memcpy(&f, &v, sizeof f);
+  return f;
+}
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 // Fibers switch only at synchronisation points, so a read-modify-write is already atomic.

@@ -157,29 +157,34 @@ dtype, overlapping neither input):
   m.def("linear", &qf::linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::arg("stream") = 0, py::arg("isa") = "auto", py::kw_only(), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
-        R"(y = x @ weight.T + bias on the CPU (reference.linear).
+        R"(y = x @ weight.T + bias on the CPU or a CUDA device (reference.linear).
 
 x: [..., K] bfloat16/float16/float32, last dim contiguous (rows may be strided).
 weight: [N, K] contiguous; bias: [N] or None; both with x's dtype and device.
 Returns a new contiguous [..., N] tensor in x.dtype: fp32 products and sums, the bias added in
-fp32, rounded once. CUDA tensors are refused (no CUDA kernel yet; ops.linear uses F.linear).
-stream: reserved for the CUDA kernel. isa: "auto", or one of linear_isas() to force that
-level of our weight-streaming kernel for every size (for tests). out: a buffer to write instead
-(contiguous, [..., N], x's dtype, overlapping no input).)");
+fp32, rounded once. CUDA: our weight-streaming GEMV up to 16 rows of x, torch's at::linear
+(cuBLAS) beyond. stream: the CUDA stream to launch on, as an integer (0 for CPU tensors).
+isa: "auto", or (CPU only) one of linear_isas() to force that level of our weight-streaming
+kernel for every size (for tests). out: a buffer to write instead (contiguous, [..., N], x's
+dtype, overlapping no input).)");
 
   m.def("quant_linear", &qf::quant_linear, py::arg("x"), py::arg("weight"), py::arg("bits"),
         py::arg("in_features"), py::arg("out_features"), py::arg("bias") = py::none(), py::arg("perm") = py::none(),
-        py::arg("isa") = "auto", py::kw_only(), py::arg("out") = py::none(),
+        py::arg("stream") = 0, py::arg("isa") = "auto", py::kw_only(), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
-        R"(y = x @ W.T + bias with int4/int8 weights in our kernel layout, CPU (int4_gemm / int8_gemm).
+        R"(y = x @ W.T + bias with int4/int8 weights in our kernel layout, CPU or CUDA (int4_gemm / int8_gemm).
 
 x: [..., K] bfloat16/float16/float32, last dim contiguous. weight: [ceil(N / 16),
 quant_tile_bytes(bits, K)] torch.uint8 (qwen_fast.qweight packs it). bits: 4 or 8; in_features: K;
 out_features: N. bias: [N] in x's dtype or
 None. perm: [K] int64 act-order permutation (x[..., perm] is what the weights multiply) or None.
-Activations are quantized to int8 per row and chunk of 128 (|error| <= scale / 2 per element),
-products summed exactly in int32, scaled in fp32, rounded once to x.dtype. isa: "auto",
-"avx512_vnni", "avx2" or "scalar" (forces that path, for tests). out: a buffer to write instead.)");
+weight, bias and perm on x's device.
+CPU: activations are quantized to int8 per row and chunk of 128 (|error| <= scale / 2 per
+element), products summed exactly in int32, scaled in fp32, rounded once to x.dtype.
+CUDA: up to 16 rows of x, fp32 maths on the exactly dequantized weights, rounded once; beyond,
+the weights dequantized to x.dtype in a scratch tensor, then at::linear (cuBLAS). stream: the
+CUDA stream to launch on, as an integer (0 for CPU tensors). isa: "auto", "avx512_vnni", "avx2"
+or "scalar" (forces that CPU path, for tests). out: a buffer to write instead.)");
 
   m.def("quant_tile_bytes", &qf::quant_tile_bytes, py::arg("bits"), py::arg("in_features"),
         "Bytes of one tile of 16 outputs in quant_linear's weight layout.");

@@ -385,6 +385,11 @@ int64_t linear_kernel_max_rows(at::ScalarType t, int64_t K) {
   return t == at::kBFloat16 ? 96 : 128;
 }
 
+// Rows of x up to which linear and quant_linear run our GEMV on CUDA tensors: it reads the weights
+// once per 16 rows with CUDA-core fp32 FMAs; beyond, a tensor-core GEMM (cuBLAS through at::linear)
+// is the faster.
+constexpr int64_t kCudaGemvMaxRows = 16;
+
 constexpr CpuIsa kLinearIsas[] = {CpuIsa::kAvx512Bf16, CpuIsa::kAvx512, CpuIsa::kAvx2,
                                   CpuIsa::kScalar};
 
@@ -580,10 +585,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const OptTensor& out_arg) {
   const char* op = "linear";
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
-  TORCH_CHECK(!x.is_cuda(), op, ": no CUDA kernel yet (x is on ", x.device(),
-              "); qwen_fast.ops.linear runs torch.nn.functional.linear for CUDA tensors");
   check_x(op, x);
-  const CpuIsa level = parse_linear_isa(isa);
+  TORCH_CHECK(!x.is_cuda() || isa == "auto", op, ": isa chooses a level of the CPU kernel; x is on ",
+              x.device(), ", pass isa=\"auto\"");
+  const CpuIsa level = x.is_cuda() ? CpuIsa::kAuto : parse_linear_isa(isa);
   const int64_t K = x.size(-1);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, op, ": weight must have shape [N, ", K,
               "] (out_features, in_features = last dim of x), got ", shape_str(weight.sizes()));
@@ -603,7 +608,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor no_bias;
   at::Tensor y = output(op, out_arg, sizes, x, "x",
                         {{"x", &x}, {"weight", &weight}, {"bias", bias ? &*bias : &no_bias}});
-  if (level == CpuIsa::kAuto && K > 0 && x.numel() / K > linear_kernel_max_rows(x.scalar_type(), K))
+  const int64_t max_rows =
+      x.is_cuda() ? kCudaGemvMaxRows : linear_kernel_max_rows(x.scalar_type(), K);
+  if (level == CpuIsa::kAuto && K > 0 && x.numel() / K > max_rows)
     return out_arg ? y.copy_(at::linear(x, weight, bias)) : at::linear(x, weight, bias).contiguous();
   if (y.numel() == 0) return y;
   if (K == 0) return bias.has_value() ? y.copy_(*bias) : y.zero_();  // an empty sum is 0
@@ -611,9 +618,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   dispatch_float_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* b = bias.has_value() ? data<T>(*bias) : nullptr;
-    check_status(cpu::linear<T>(data<T>(y), data<T>(in.t), data<T>(weight), b, in.rows, N, K, N,
-                                in.ld, at::get_num_threads(), level),
-                 op);
+    Status s;
+#ifdef QF_WITH_CUDA
+    if (x.is_cuda()) {
+      s = cuda::linear<T>(data<T>(y), data<T>(in.t), data<T>(weight), b, in.rows, N, K, N, in.ld,
+                          cuda_prepare(op, x, stream));
+    } else
+#endif
+    {
+      s = cpu::linear<T>(data<T>(y), data<T>(in.t), data<T>(weight), b, in.rows, N, K, N, in.ld,
+                         at::get_num_threads(), level);
+    }
+    check_status(s, op);
   });
   (void)stream;
   return y;
@@ -659,13 +675,14 @@ int64_t quant_tile_bytes(int64_t bits, int64_t in_features) {
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t bits,
                         int64_t in_features, int64_t out_features,
                         const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& perm, const std::string& isa,
-                        const OptTensor& out_arg) {
+                        const std::optional<at::Tensor>& perm, int64_t stream,
+                        const std::string& isa, const OptTensor& out_arg) {
   const char* op = "quant_linear";
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
-  check_no_cuda_kernel(op, x);
   check_x(op, x);
-  const CpuIsa level = parse_quant_isa(isa);
+  TORCH_CHECK(!x.is_cuda() || isa == "auto", op, ": isa chooses a path of the CPU kernel; x is on ",
+              x.device(), ", pass isa=\"auto\"");
+  const CpuIsa level = x.is_cuda() ? CpuIsa::kAuto : parse_quant_isa(isa);
   TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
   const int64_t K = x.size(-1);
   TORCH_CHECK(in_features == K, op, ": the weight has in_features = ", in_features,
@@ -675,10 +692,15 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t b
   const int64_t tiles = (N + 15) / 16;
   const int64_t tile = cpu::quant_tile_bytes(static_cast<int>(bits), K);
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == tiles && weight.size(1) == tile &&
-                  weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.is_cpu(),
-              op, ": weight must be a contiguous CPU torch.uint8 tensor [", tiles, ", ", tile,
+                  weight.scalar_type() == at::kByte && weight.is_contiguous(),
+              op, ": weight must be a contiguous torch.uint8 tensor [", tiles, ", ", tile,
               "] (the kernel layout of ", N, " ", bits, "-bit outputs in tiles of 16, ", K,
               " inputs), got ", dtype_str(weight.scalar_type()), " ", shape_str(weight.sizes()));
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(),
+              " (the device of x), got ", weight.device());
+  // The GPU kernel reads the layout in 16-byte pieces (its records are multiples of 16 bytes).
+  TORCH_CHECK(!x.is_cuda() || reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0, op,
+              ": weight must start at a 16-byte aligned address on the GPU");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
                 "] (out_features), got ", shape_str(bias->sizes()));
@@ -687,13 +709,17 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t b
   }
   at::Tensor p;
   if (perm.has_value()) {
-    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->scalar_type() == at::kLong &&
-                    perm->is_cpu(),
-                op, ": perm must be a CPU torch.int64 tensor [", K, "], got ",
+    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->scalar_type() == at::kLong, op,
+                ": perm must be a torch.int64 tensor [", K, "], got ",
                 dtype_str(perm->scalar_type()), " ", shape_str(perm->sizes()));
+    TORCH_CHECK(perm->device() == x.device(), op, ": perm must be on ", x.device(),
+                " (the device of x), got ", perm->device());
     p = perm->contiguous();
-    TORCH_CHECK(K == 0 || (p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < K), op,
-                ": perm values must lie in [0, ", K, ")");
+    // On the GPU this check would wait for the stream on every call (and break CUDA graph
+    // capture); the CUDA kernel reads x as 0 at an out-of-range value instead of faulting.
+    TORCH_CHECK(p.is_cuda() || K == 0 ||
+                    (p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < K),
+                op, ": perm values must lie in [0, ", K, ")");
   }
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
@@ -702,12 +728,42 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t b
                         {{"x", &x}, {"bias", bias ? &*bias : &no_bias}});
   if (y.numel() == 0) return y;
   const Rows in = as_rows(x);
+  const int64_t* perm_ptr = p.defined() ? p.data_ptr<int64_t>() : nullptr;
+#ifdef QF_WITH_CUDA
+  if (x.is_cuda()) {
+    dispatch_float_storage(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* b = bias.has_value() ? data<T>(*bias) : nullptr;
+      const cudaStream_t s = cuda_prepare(op, x, stream);
+      if (in.rows <= kCudaGemvMaxRows) {
+        check_status(cuda::quant_linear<T>(data<T>(y), data<T>(in.t), weight.data_ptr<uint8_t>(),
+                                           b, perm_ptr, in.rows, N, K, static_cast<int>(bits), N,
+                                           in.ld, s),
+                     op);
+        return;
+      }
+      // Prefill: the dense weight in x's dtype (a scratch tensor, in the original input order),
+      // then torch's GEMM on it (the spec of this path is reference.linear on
+      // QuantWeight.dequantize(x.dtype)). A tensor-core GEMM (mma.sync) dequantizing tiles of
+      // the packed weights in shared memory would skip the scratch and is the faster
+      // alternative; it is not written yet.
+      at::Tensor dense = at::empty({N, K}, x.options());
+      check_status(cuda::quant_linear_dequantize<T>(data<T>(dense), weight.data_ptr<uint8_t>(),
+                                                    perm_ptr, N, K, static_cast<int>(bits), K, s),
+                   op);
+      at::Tensor r = at::linear(x, dense, bias);
+      y = out_arg ? y.copy_(r) : r.contiguous();
+    });
+    return y;
+  }
+#endif
+  (void)stream;
   void* ws = quant_workspace(cpu::quant_workspace_bytes(in.rows, N, K));
   dispatch_float_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* b = bias.has_value() ? data<T>(*bias) : nullptr;
     check_status(cpu::quant_linear<T>(data<T>(y), data<T>(in.t), weight.data_ptr<uint8_t>(), b,
-                                      p.defined() ? p.data_ptr<int64_t>() : nullptr, in.rows, N,
+                                      perm_ptr, in.rows, N,
                                       K, static_cast<int>(bits), N, in.ld, ws,
                                       at::get_num_threads(), level),
                  op);

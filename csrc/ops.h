@@ -56,7 +56,8 @@ at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,
 
 // y = x . weight^T + bias. isa: "auto" (decode sizes run our kernel at the best level this CPU
 // has; prefill sizes go wherever is fastest, see ops.cpp) or one of linear_isas(), which forces
-// our kernel at that level for every size (the tests use it to reach each path).
+// our kernel at that level for every size (the tests use it to reach each path). CUDA: our GEMV
+// up to 16 rows of x, torch's at::linear (cuBLAS) beyond; isa must be "auto".
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, int64_t stream, const std::string& isa,
                   const OptTensor& out);
@@ -66,13 +67,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 std::vector<std::string> linear_isas();
 
 // y = x . W^T + bias with int4/int8 weights in our kernel layout ([ceil(N / 16),
-// quant_tile_bytes] uint8; qwen_fast/qweight.py), CPU. perm: [K] int64, the act-order permutation
-// of the inputs, or none. isa: "auto", "avx512_vnni", "avx2" or "scalar" (the portable loop).
+// quant_tile_bytes] uint8; qwen_fast/qweight.py), CPU or CUDA (weight, bias, perm on x's
+// device). perm: [K] int64, the act-order permutation of the inputs, or none. isa: "auto",
+// "avx512_vnni", "avx2" or "scalar" (the portable loop; CPU only). CUDA: our GEMV up to 16 rows
+// of x; beyond, the weight dequantized into a dense scratch tensor, then at::linear.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t bits,
                         int64_t in_features, int64_t out_features,
                         const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& perm, const std::string& isa,
-                        const OptTensor& out);
+                        const std::optional<at::Tensor>& perm, int64_t stream,
+                        const std::string& isa, const OptTensor& out);
 int64_t quant_tile_bytes(int64_t bits, int64_t in_features);
 std::vector<std::string> quant_linear_isas();
 

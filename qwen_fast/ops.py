@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from .qweight import QuantWeight
@@ -230,7 +229,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     added in fp32, rounded once. On the CPU our kernel streams the weights once (decode,
     small batches); above 48-128 rows of x (by dtype and K) torch's blocked GEMM is faster in
     bf16 and fp32 and runs instead; fp16 always runs ours (measurements in csrc/ops.cpp).
-    CUDA tensors run torch.nn.functional.linear (no CUDA kernel yet).
+    CUDA tensors run our weight-streaming GEMV (csrc/cuda/linear.cu) up to 16 rows of x, torch's
+    GEMM (cuBLAS) beyond, on the current stream.
     out: write the result there instead (contiguous, [..., N], x's dtype, overlapping no input).
     weight may also be a qwen_fast.qweight.QuantWeight (int4/int8): then this is quant_linear.
     backend: None runs the compiled kernel; "reference" the PyTorch reference.
@@ -239,9 +239,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return quant_linear(x, weight, bias, out=out, backend=backend)
     if not _use_kernel("linear", backend):
         return _into(reference.linear(x, weight, bias), out)
-    if x.is_cuda:
-        return _into(F.linear(x, weight, bias), out)
-    return _C.linear(x, weight, bias, out=out)
+    return _C.linear(x, weight, bias, _stream(x), out=out)
 
 
 def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None, *,
@@ -250,22 +248,24 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
     """y = x @ W.T + bias for an int4/int8 weight (int4_gemm / int8_gemm): the spec is
     reference.linear on weight.dequantize() (the dense weight).
 
-    x:      [..., K] bfloat16 / float16 / float32 on the CPU, last dim contiguous.
-    weight: a QuantWeight [N, K] (qwen_fast/qweight.py: the kernel layout).
+    x:      [..., K] bfloat16 / float16 / float32 on the CPU or a CUDA device, last dim
+            contiguous.
+    weight: a QuantWeight [N, K] (qwen_fast/qweight.py: the kernel layout) on x's device
+            (move it with weight.to(device)).
     bias:   [N] in x's dtype, or None.
-    Returns a new contiguous [..., N] tensor in x.dtype (or writes out). The kernel quantizes
+    Returns a new contiguous [..., N] tensor in x.dtype (or writes out). The CPU kernel quantizes
     x to int8 per row and 128-input chunk (sx = max|x| / 127; |x - sx * x8| <= sx / 2), sums
     the products exactly in int32 and scales them in fp32: each output differs from the
     reference on the dequantized weight by at most sum_k |W[n, k]| * sx(k) / 2, plus fp32
-    rounding (tests/test_quant_linear.py checks that bound). isa: "auto", "avx512_vnni",
-    "avx2" or "scalar" (the portable loop), to test each path.
+    rounding (tests/test_quant_linear.py checks that bound). The CUDA kernel (up to 16 rows of
+    x) does fp32 maths on the exactly dequantized weights, as reference.linear on
+    weight.dequantize() (fp32) does, rounded once; beyond 16 rows it dequantizes the weight to
+    x.dtype and runs torch's GEMM (as the reference backend does). isa: "auto", "avx512_vnni",
+    "avx2" or "scalar" (the CPU's portable loop), to test each CPU path.
     backend: None runs the compiled CPU kernel; "reference" the dense reference (it builds the
     dequantized weight for the call).
     """
     if not _use_kernel("quant_linear", backend):
         return _into(reference.linear(x, weight.dequantize(x.dtype).to(x.device), bias), out)
-    if x.is_cuda:
-        raise ValueError("int4/int8 weights run on the CPU only until the CUDA kernels land; "
-                         f"x is on {x.device}")
     return _C.quant_linear(x, weight.data, weight.bits, weight.in_features,
-                           weight.out_features, bias, weight.perm, isa, out=out)
+                           weight.out_features, bias, weight.perm, _stream(x), isa, out=out)

@@ -76,6 +76,11 @@ class QuantWeight:
         """Bytes one pass over the weight reads (the layout's, scales included)."""
         return self.data.numel() + (0 if self.perm is None else self.perm.numel() * 8)
 
+    def to(self, device) -> "QuantWeight":
+        """The same weight with data and perm on `device` (a new QuantWeight)."""
+        return QuantWeight(self.data.to(device), self.bits, self.in_features, self.out_features,
+                           None if self.perm is None else self.perm.to(device))
+
     def __repr__(self) -> str:
         return (f"QuantWeight(int{self.bits}, out_features={self.shape[0]}, "
                 f"in_features={self.in_features}{', act-order' if self.perm is not None else ''})")

@@ -69,9 +69,26 @@ def swiglu(up, gate, *, out=None):
 
 
 # ---- linear ----------------------------------------------------------------------------------
+def linear(x, weight, bias=None):
+    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    _simt.linear(as_rows(y), as_rows(x), weight, bias)
+    return y
 
 
 # ---- quant_linear ----------------------------------------------------------------------------
+def quant_linear(x, weight, bias=None):
+    """weight: a qwen_fast.qweight.QuantWeight (its data and perm passed as they are)."""
+    y = torch.empty(*x.shape[:-1], weight.out_features, dtype=x.dtype)
+    _simt.quant_linear(as_rows(y), as_rows(x), weight.data, weight.bits, weight.out_features,
+                       bias, weight.perm)
+    return y
+
+
+def quant_linear_dequantize(weight, dtype):
+    """The dense [N, K] weight in dtype, as QuantWeight.dequantize(dtype)."""
+    out = torch.empty(weight.out_features, weight.in_features, dtype=dtype)
+    _simt.quant_linear_dequantize(out, weight.data, weight.bits, weight.perm)
+    return out
 
 
 # ---- attention -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """linear: every backend and every ISA level of the CPU kernel against reference.linear, over
-dtypes, numbers of rows and the real Qwen-1.8B shapes plus awkward ones.
+dtypes, numbers of rows and the real Qwen-1.8B shapes plus awkward ones; the CUDA kernel on a GPU
+(marked gpu) and, on small shapes, in the SIMT emulator (marked simt).
 
 The reference is the spec and always runs on the CPU. Each case checks:
 1. tolerances.dot_product_bound: a rigorous per-element bound for fp32 sums taken in another
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen_fast import ops, reference
-from kernel_cases import DTYPES, devices
+from kernel_cases import DTYPES, devices, kernel_op, tensor_device
 from tolerances import (FP32_UNIT_ROUNDOFF, assert_within, dot_product_bound,
                         dot_product_magnitude)
 
@@ -37,8 +38,12 @@ FP32_TYPICAL_ERROR = 16 * FP32_UNIT_ROUNDOFF
 # Rows of x up to which ops.linear runs our kernel with isa "auto" in every dtype (csrc/ops.cpp).
 KERNEL_MAX_ROWS = 48
 
-CUDA_READY = torch.cuda.is_available()
-CUDA_SKIP_REASON = "needs a CUDA GPU and a CUDA build of torch"
+CUDA_READY = ops.HAVE_C and ops.build_info()["cuda"] and torch.cuda.is_available()
+CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C built with nvcc "
+                    f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
+                    f"_C cuda={ops.build_info()['cuda']})")
+# Rows of x up to which ops.linear runs our GEMV on CUDA tensors (csrc/ops.cpp); cuBLAS beyond.
+CUDA_GEMV_MAX_ROWS = 16
 ISAS = ops._C.linear_isas() if ops.HAVE_C else []
 
 pytestmark = pytest.mark.usefixtures("require_extension")
@@ -46,7 +51,8 @@ pytestmark = pytest.mark.usefixtures("require_extension")
 DEVICES = devices(CUDA_READY, CUDA_SKIP_REASON)
 # Decode (1), small batches (2, 7, 16, 17: every remainder of the 4-row tiles) and prefill
 # blocks (128, 200), where ops.linear runs our kernel or torch by dtype and K (csrc/ops.cpp):
-# both paths are covered, and fp16 at 200 rows runs ours over several activation panels.
+# both paths are covered, and fp16 at 200 rows runs ours over several activation panels. On CUDA
+# 1..16 rows run our GEMV (panels of 1, 2, 4, 8, 16 rows), 17 and more cuBLAS.
 ROWS = [1, 2, 7, 16, 17, 128, 200]
 
 # (id, N = out_features, K = in_features, with bias)
@@ -164,11 +170,45 @@ def _laid_out(request, shape, layout, dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape,layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_layouts(dtype, shape, layout, request):
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_layouts(device, dtype, shape, layout, request):
     w, b = _weights(769, 2048, True, dtype)
     x = _laid_out(request, shape, layout, dtype)
-    y = ops.linear(x, w, b)
-    assert y.shape == (*shape[:-1], 769)
+    # .to(device) of a view copies it contiguous: make the strided view on the device instead.
+    base = x if x._base is None else x._base
+    xd = base.to(device).as_strided(x.shape, x.stride(), x.storage_offset())
+    y = ops.linear(xd, w.to(device), b.to(device))
+    assert y.shape == (*shape[:-1], 769) and y.device.type == device
+    check_linear(y, x, w, b, request.node.name)
+
+
+# The CUDA kernel on small shapes, also run by the SIMT emulator ("simt"): (id, N, K, with bias,
+# layout of x). bf16/fp16 vectors hold 8 elements, fp32 vectors 4.
+SMALL_SHAPES = [
+    pytest.param(48, 256, True, "contiguous", id="48x256_bias"),          # 16-byte vectors
+    pytest.param(48, 256, False, "strided", id="48x256_strided"),         # vectors, ld_x = 768
+    pytest.param(48, 256, True, "strided_offset", id="48x256_bias_at_3"),  # unaligned x: scalars
+    pytest.param(37, 300, True, "contiguous", id="37x300_bias"),  # 16-bit scalars, fp32 vectors
+    pytest.param(37, 300, False, "strided_offset", id="37x300_at_3"),
+    pytest.param(5, 7, True, "contiguous", id="5x7_bias"),         # K shorter than a vector
+]
+# 1, 3 (a 4-row panel with a missing row), 16, and 19: two panels in the emulator (ops.linear runs
+# torch's GEMM for 19 rows on CUDA).
+SMALL_ROWS = [1, 3, 16, 19]
+
+
+@pytest.mark.parametrize("n,k,has_bias,layout", SMALL_SHAPES)
+@pytest.mark.parametrize("m", SMALL_ROWS, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", devices(CUDA_READY, CUDA_SKIP_REASON, simt=True))
+def test_linear_small_shapes(device, dtype, m, n, k, has_bias, layout, request):
+    w, b = _weights(n, k, has_bias, dtype)
+    x = _laid_out(request, (m, k), layout, dtype)
+    dev = tensor_device(device)
+    base = x if x._base is None else x._base
+    xd = base.to(dev).as_strided(x.shape, x.stride(), x.storage_offset())
+    y = kernel_op(device, "linear")(xd, w.to(dev), None if b is None else b.to(dev))
+    assert y.shape == (m, n) and y.dtype == dtype and y.device.type == dev
     check_linear(y, x, w, b, request.node.name)
 
 
@@ -278,12 +318,22 @@ def test_ops_linear_gives_the_model_logits(tiny_engine, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)
-def test_cuda_runs_torch_until_there_is_a_kernel():
-    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
-    assert torch.equal(ops.linear(x, w), F.linear(x, w))
-    with pytest.raises(RuntimeError, match="linear: no CUDA kernel yet"):
-        ops._C.linear(x, w)
+def test_cuda_linear_runs_on_the_current_stream_and_writes_out():
+    w, b = _weights(6144, 2048, True, torch.bfloat16)
+    x = _randn((CUDA_GEMV_MAX_ROWS, 2048), torch.bfloat16, _seed("stream"))
+    xd, wd, bd = x.cuda(), w.cuda(), b.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = ops.linear(xd, wd, bd)
+        out = torch.empty(CUDA_GEMV_MAX_ROWS, 6144, dtype=torch.bfloat16, device="cuda")
+        y2 = ops.linear(xd, wd, bd, out=out)
+    stream.synchronize()
+    assert y2 is out and torch.equal(y, out)
+    check_linear(y, x, w, b, "side stream")
+    with pytest.raises(RuntimeError, match=r'linear: isa chooses a level of the CPU kernel; x is '
+                                           r'on cuda:\d+, pass isa="auto"'):
+        ops._C.linear(xd, wd, isa="scalar")
 
 
 def _t(*shape, dtype=torch.bfloat16):

@@ -1,25 +1,46 @@
-"""quant_linear (int4_gemm / int8_gemm on the CPU) against the reference on the dequantized
-weights, over the Qwen-1.8B shapes and awkward ones, both kernel paths, act-order weights.
+"""quant_linear (int4_gemm / int8_gemm) against the reference on the dequantized weights, over the
+Qwen-1.8B shapes and awkward ones, every CPU kernel path, act-order weights; the CUDA kernel on a
+GPU (marked gpu) and, on small shapes, in the SIMT emulator (marked simt).
 
-The kernel quantizes each row of x to int8 per 128-input chunk (sx = max|x| / 127) and sums the
+The CPU kernel quantizes each row of x to int8 per 128-input chunk (sx = max|x| / 127) and sums the
 products exactly in int32, so its error against fp32 maths on the dequantized weight W is the
 activation rounding, at most sx / 2 per element: |y - x.W^T| <= sum_k |W[n, k]| * sx(k) / 2 =: B.
 That is a bound, not an estimate: each case must lie within B (plus fp32 rounding of the
 sums, 1e-5 of the sum of |terms|) and, to show the bound is not vacuous, the typical error is
 checked to be well below it.
+
+The CUDA kernel does not quantize x: up to 16 rows it does fp32 maths on the exactly dequantized
+weights (QuantWeight.dequantize() in fp32) and rounds once, so it is held to test_linear's checks
+(tolerances.dot_product_bound, and 16-bit outputs mostly bit-identical) against reference.linear
+on those weights. Beyond 16 rows it dequantizes the weights to x.dtype and runs torch's GEMM: the
+spec there is reference.linear on QuantWeight.dequantize(x.dtype), as the reference backend.
 """
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
 from qwen_fast import ops, reference
 from qwen_fast.qweight import CHUNK, QuantWeight
-from kernel_cases import case_generator
+from kernel_cases import DTYPES, case_generator, devices, kernel_op, tensor_device
+from test_linear import check_linear
+import simt_ops
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
 ISAS = ["avx512_vnni", "avx2", "scalar"]
+
+CUDA_READY = ops.HAVE_C and ops.build_info()["cuda"] and torch.cuda.is_available()
+CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C built with nvcc "
+                    f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
+                    f"_C cuda={ops.build_info()['cuda']})")
+# Rows of x up to which ops.quant_linear runs our GEMV on CUDA tensors (csrc/ops.cpp).
+CUDA_GEMV_MAX_ROWS = 16
+# The CUDA kernel's devices: the GPU, and the emulator (the CPU kernel has its own bound, above).
+GPU_KERNEL_DEVICES = [p for p in devices(CUDA_READY, CUDA_SKIP_REASON, simt=True)
+                      if p.values[0] != "cpu"]
 
 # (id, N, K, M): Qwen-1.8B's projections at decode (1, 4) and a prefill chunk, then awkward
 # sizes (K not a multiple of 128: a padded last chunk; N not a multiple of the 16-output tiles).
@@ -131,7 +152,7 @@ def test_bad_arguments_are_named():
     x = torch.randn(2, 256)
     with pytest.raises(RuntimeError, match=r"the weight has in_features = 256, x has 255"):
         ops._C.quant_linear(torch.randn(2, 255), w.data, 4, 256, 8)
-    with pytest.raises(RuntimeError, match=r"weight must be a contiguous CPU torch.uint8 tensor "
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous torch.uint8 tensor "
                                            r"\[1, 2304\] \(the kernel layout of 8 4-bit outputs"):
         ops._C.quant_linear(x, w.data[:, :100], 4, 256, 8)
     with pytest.raises(RuntimeError, match=r"weight must be .* \[2, 2304\]"):
@@ -148,3 +169,168 @@ def test_bad_arguments_are_named():
         ops._C.quant_linear(x, w.data, 4, 256, 8, isa="avx")
     with pytest.raises(ValueError, match=r"data must be a uint8 tensor \[1, 2304\] for 8 4-bit outputs"):
         QuantWeight(w.data[:, :10], 4, 256, 8)
+
+
+def test_to_moves_data_and_perm():
+    g = torch.Generator().manual_seed(5)
+    q, zeros, scales, _ = _components(16, 256, 4, g)
+    g_idx = (torch.arange(256) // 128)[torch.randperm(256, generator=g)]
+    w = QuantWeight.from_components(q, zeros, scales, g_idx, 4)
+    m = w.to("meta")
+    assert isinstance(m, QuantWeight) and m is not w and m.device.type == "meta"
+    assert m.perm.device.type == "meta" and w.device.type == "cpu"
+    assert (m.bits, m.in_features, m.out_features) == (4, 256, 16)
+    with pytest.raises(RuntimeError, match=r"quant_linear: weight must be on cpu \(the device of x\), "
+                                           r"got meta"):
+        ops._C.quant_linear(torch.randn(2, 256), m.data, 4, 256, 16)
+    with pytest.raises(RuntimeError, match=r"quant_linear: perm must be on cpu \(the device of x\), "
+                                           r"got meta"):
+        ops._C.quant_linear(torch.randn(2, 256), w.data, 4, 256, 16, None, m.perm)
+
+
+# ---- the CUDA kernel ------------------------------------------------------------------------
+
+def _gpu_kernel_expected_weight(w: QuantWeight, device: str, rows: int, dtype) -> torch.Tensor:
+    """The dense weight the CUDA path's result is the spec's on: fp32 for our GEMV (the emulator
+    runs it for any number of rows), x's dtype for the dequantize + GEMM path beyond 16 rows."""
+    prefill = device == "cuda" and rows > CUDA_GEMV_MAX_ROWS
+    return w.dequantize(dtype if prefill else torch.float32)
+
+
+def _act_order_g_idx(K, g):
+    return (torch.arange(K) // CHUNK)[torch.randperm(K, generator=g)]
+
+
+def _x_laid_out(m, k, layout, dtype, g):
+    if layout == "contiguous":
+        return torch.randn(m, k, generator=g).to(dtype)
+    if layout == "strided":              # x[:, :k] of a wider buffer: aligned rows
+        return torch.randn(m, k + 64, generator=g).to(dtype)[:, :k]
+    if layout == "strided_offset":       # rows starting 3 elements in: unaligned
+        return torch.randn(m, k + 100, generator=g).to(dtype)[:, 3:3 + k]
+    raise ValueError(layout)
+
+
+def _on(x, device):
+    """x on device as the same (possibly strided) view."""
+    base = x if x._base is None else x._base
+    return base.to(device).as_strided(x.shape, x.stride(), x.storage_offset())
+
+
+# (id, N, K, act order, layout of x, with bias). The kernel reads x as 4-element vectors when
+# there is no perm, K and the row stride are multiples of 4 and x is aligned; else one by one.
+SMALL_CASES = [
+    pytest.param(48, 256, False, "contiguous", True, id="48x256_bias"),
+    pytest.param(48, 256, False, "strided", False, id="48x256_strided"),
+    pytest.param(48, 256, False, "strided_offset", True, id="48x256_bias_at_3"),  # scalar x
+    pytest.param(37, 300, False, "contiguous", False, id="37x300"),  # padded chunk, partial tile
+    pytest.param(37, 301, False, "contiguous", True, id="37x301_bias"),  # K % 4 != 0: scalar x
+    pytest.param(48, 384, True, "contiguous", True, id="48x384_act_order_bias"),
+    pytest.param(37, 300, True, "strided", False, id="37x300_act_order_strided"),
+]
+# 1, 3 (a 4-row panel with a missing row), 16, and 19: two panels in the emulator, the
+# dequantize + GEMM path on a GPU.
+SMALL_ROWS = [1, 3, 16, 19]
+
+
+@pytest.mark.parametrize("n,k,act_order,layout,has_bias", SMALL_CASES)
+@pytest.mark.parametrize("m", SMALL_ROWS, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("device", GPU_KERNEL_DEVICES)
+def test_gpu_kernel_small_shapes(device, bits, dtype, m, n, k, act_order, layout, has_bias,
+                                 request):
+    g = case_generator(request)
+    q, zeros, scales, g_idx = _components(n, k, bits, g)
+    if act_order:
+        g_idx = _act_order_g_idx(k, g)
+    w = QuantWeight.from_components(q, zeros, scales, g_idx, bits)
+    assert (w.perm is not None) == act_order
+    x = _x_laid_out(m, k, layout, dtype, g)
+    b = torch.randn(n, generator=g).to(dtype) if has_bias else None
+    dev = tensor_device(device)
+    y = kernel_op(device, "quant_linear")(_on(x, dev), w.to(dev),
+                                          None if b is None else b.to(dev))
+    assert y.shape == (m, n) and y.dtype == dtype and y.device.type == dev
+    check_linear(y, x, _gpu_kernel_expected_weight(w, device, m, dtype), b, request.node.name)
+
+
+@pytest.mark.simt
+@pytest.mark.skipif(not simt_ops.HAVE_SIMT, reason=simt_ops.SKIP)
+@pytest.mark.parametrize("n,k,act_order", [pytest.param(48, 256, False, id="48x256"),
+                                           pytest.param(37, 300, False, id="37x300"),
+                                           pytest.param(37, 300, True, id="37x300_act_order")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_kernel_is_exact(bits, dtype, n, k, act_order, request):
+    """The prefill path's dense weight is QuantWeight.dequantize(dtype), bit for bit."""
+    g = case_generator(request)
+    q, zeros, scales, g_idx = _components(n, k, bits, g)
+    if act_order:
+        g_idx = _act_order_g_idx(k, g)
+    w = QuantWeight.from_components(q, zeros, scales, g_idx, bits)
+    assert torch.equal(simt_ops.quant_linear_dequantize(w, dtype), w.dequantize(dtype))
+
+
+@functools.lru_cache(maxsize=2)
+def _qwen_weight(n, k, bits, act_order):
+    g = torch.Generator().manual_seed(n * 7 + k * 3 + bits + act_order)
+    q, zeros, scales, g_idx = _components(n, k, bits, g)
+    if act_order:
+        g_idx = _act_order_g_idx(k, g)
+    return QuantWeight.from_components(q, zeros, scales, g_idx, bits)
+
+
+# Qwen-1.8B's projections (N, K): c_attn with its bias, mlp.w1 (and w2), mlp.c_proj.
+QWEN_CASES = [
+    pytest.param(6144, 2048, False, True, id="c_attn_6144x2048_bias"),
+    pytest.param(5504, 2048, False, False, id="w1_5504x2048"),
+    pytest.param(2048, 5504, False, False, id="mlp_c_proj_2048x5504"),
+    pytest.param(2048, 5504, True, False, id="mlp_c_proj_2048x5504_act_order"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)
+@pytest.mark.parametrize("n,k,act_order,has_bias", QWEN_CASES)
+@pytest.mark.parametrize("m", [1, 4, 16, 37], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_qwen_shapes(bits, dtype, m, n, k, act_order, has_bias, request):
+    g = case_generator(request)
+    w = _qwen_weight(n, k, bits, act_order)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if has_bias else None
+    y = ops.quant_linear(x.cuda(), w.to("cuda"), None if b is None else b.cuda())
+    assert y.shape == (m, n) and y.dtype == dtype and y.is_cuda
+    check_linear(y, x, _gpu_kernel_expected_weight(w, "cuda", m, dtype), b, request.node.name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)
+def test_cuda_stream_out_batch_dims_and_device_checks():
+    g = torch.Generator().manual_seed(6)
+    q, zeros, scales, _ = _components(96, 384, 4, g)
+    w = QuantWeight.from_components(q, zeros, scales, _act_order_g_idx(384, g), 4)
+    wd = w.to("cuda")
+    x = torch.randn(2, 3, 384, generator=g).to(torch.bfloat16)
+    b = torch.randn(96, generator=g).to(torch.bfloat16)
+    xd, bd = x.cuda(), b.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = ops.quant_linear(xd, wd, bd)
+        out = torch.empty(2, 3, 96, dtype=torch.bfloat16, device="cuda")
+        y2 = ops.linear(xd, wd, bd, out=out)  # ops.linear dispatches on the weight's type
+    stream.synchronize()
+    assert y.shape == (2, 3, 96) and y2 is out and torch.equal(y, out)
+    check_linear(y, x, w.dequantize(), b, "side stream")
+    with pytest.raises(RuntimeError, match=r"quant_linear: weight must be on cuda:\d+ \(the device "
+                                           r"of x\), got cpu"):
+        ops.quant_linear(xd, w)
+    with pytest.raises(RuntimeError, match=r"quant_linear: perm must be on cuda:\d+"):
+        ops._C.quant_linear(xd, wd.data, 4, 384, 96, None, w.perm)
+    with pytest.raises(RuntimeError, match=r"quant_linear: bias must be on cuda:\d+"):
+        ops.quant_linear(xd, wd, b)
+    with pytest.raises(RuntimeError, match=r'quant_linear: isa chooses a path of the CPU kernel'):
+        ops.quant_linear(xd, wd, isa="scalar")

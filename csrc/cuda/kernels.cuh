@@ -85,7 +85,40 @@ Status swiglu(T* out,         // [rows, ld_out], the first `cols` columns are wr
 
 // ---- linear (linear.cu) -----------------------------------------------------------------------
 
+// y = x . w^T + bias: fp32 products and sums, the bias added in fp32, rounded once to T
+// (reference.linear). Streams w once per 16 rows of x: built for decode (M <= 16), correct for any M.
+template <typename T>
+Status linear(T* y,           // [M, ld_y], the first N columns are written
+              const T* x,     // [M, ld_x], the first K columns are read
+              const T* w,     // [N, K] contiguous
+              const T* bias,  // [N], or nullptr for none
+              int64_t M, int64_t N, int64_t K, int64_t ld_y, int64_t ld_x, cudaStream_t stream);
+
 // ---- quant_linear: int4_gemm / int8_gemm (quant_linear.cu) -----------------------------------
+
+// y = x . W^T + bias for int4 / int8 weights in the CPU kernel's layout (qwen_fast/qweight.py),
+// W[n, k] = s * q - s * z dequantized exactly in fp32 in registers, fp32 products and sums with
+// x[m, perm[k]] (perm: the act-order permutation, or nullptr for none), the bias added in fp32,
+// rounded once to T. Streams the weights once per 16 rows of x (decode); correct for any M.
+// perm values outside [0, K) read x as 0 (ops.cpp checks them on the CPU only: no sync here).
+template <typename T>
+Status quant_linear(T* y,                 // [M, ld_y], the first N columns are written
+                    const T* x,           // [M, ld_x], the first K columns are read
+                    const uint8_t* w,     // [ceil(N / 16), C * record] (C = ceil(K / 128)), 16-byte aligned
+                    const T* bias,        // [N] or nullptr
+                    const int64_t* perm,  // [K] or nullptr
+                    int64_t M, int64_t N, int64_t K, int bits, int64_t ld_y, int64_t ld_x,
+                    cudaStream_t stream);
+
+// The dense weight of the same layout in the original input order: out[n, perm[k]] (out[n, k]
+// without perm) = s * q - s * z rounded to T, as QuantWeight.dequantize(T); for prefill, where
+// a dense GEMM (at::linear) on it runs instead of the GEMV.
+template <typename T>
+Status quant_linear_dequantize(T* out,               // [N, ld_out], the first K columns are written
+                               const uint8_t* w,     // as quant_linear's
+                               const int64_t* perm,  // [K] or nullptr
+                               int64_t N, int64_t K, int bits, int64_t ld_out,
+                               cudaStream_t stream);
 
 // ---- attention (attention.cu) -----------------------------------------------------------------
 

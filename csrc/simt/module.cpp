@@ -12,9 +12,9 @@
 
 #include "../cuda/swiglu.cu"
 
-// (linear.cu)
+#include "../cuda/linear.cu"
 
-// (quant_linear.cu)
+#include "../cuda/quant_linear.cu"
 
 #include "../cuda/attention.cu"
 
@@ -120,8 +120,41 @@ PYBIND11_MODULE(_simt, m) {
   });
 
   // ---- linear -------------------------------------------------------------------------------
+  m.def("linear", [](at::Tensor y, const at::Tensor& x, const at::Tensor& w,
+                     const std::optional<at::Tensor>& bias) {
+    dispatch(x, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::linear<T>(ptr<T>(y), ptr<T>(x), ptr<T>(w), bias ? ptr<T>(*bias) : nullptr,
+                                x.size(0), w.size(0), w.size(1), y.stride(0), x.stride(0), nullptr),
+            "linear");
+    });
+  });
 
   // ---- quant_linear -------------------------------------------------------------------------
+  m.def("quant_linear", [](at::Tensor y, const at::Tensor& x, const at::Tensor& w, int64_t bits,
+                           int64_t out_features, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& perm) {
+    dispatch(x, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::quant_linear<T>(ptr<T>(y), ptr<T>(x), ptr<uint8_t>(w),
+                                      bias ? ptr<T>(*bias) : nullptr,
+                                      perm ? ptr<int64_t>(*perm) : nullptr, x.size(0),
+                                      out_features, x.size(1), static_cast<int>(bits),
+                                      y.stride(0), x.stride(0), nullptr),
+            "quant_linear");
+    });
+  });
+  m.def("quant_linear_dequantize", [](at::Tensor out, const at::Tensor& w, int64_t bits,
+                                      const std::optional<at::Tensor>& perm) {
+    dispatch(out, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::quant_linear_dequantize<T>(ptr<T>(out), ptr<uint8_t>(w),
+                                                 perm ? ptr<int64_t>(*perm) : nullptr, out.size(0),
+                                                 out.size(1), static_cast<int>(bits),
+                                                 out.stride(0), nullptr),
+            "quant_linear_dequantize");
+    });
+  });
 
   // ---- attention ----------------------------------------------------------------------------
   m.def("attention_workspace_bytes", &qf::cuda::attention_workspace_bytes);

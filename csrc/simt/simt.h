@@ -82,6 +82,11 @@ inline float __fdividef(float a, float b) { return a / b; }
 // -ffp-contract=off (fp_contract_off.h would switch it off for every kernel included after).
 __attribute__((noinline)) inline float __fmul_rn(float a, float b) { return a * b; }
 __attribute__((noinline)) inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __uint_as_float(unsigned v) {
+  float f;
+  std::memcpy(&f, &v, sizeof f);
+  return f;
+}
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 // Fibers switch only at synchronisation points, so a read-modify-write is already atomic.

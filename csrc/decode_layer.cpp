@@ -29,7 +29,8 @@ void DecodeLayer::project(const LinearWeight& w, const std::optional<at::Tensor>
   if (w.bits == 0)
     linear(x, w.weight, bias, stream, "auto", out);
   else
-    quant_linear(x, w.weight, w.bits, w.in_features, w.out_features, bias, w.perm, "auto", out);
+    quant_linear(x, w.weight, w.bits, w.in_features, w.out_features, bias, w.perm, stream, "auto",
+                 out);
 }
 
 void DecodeLayer::step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tensor>& bufs,

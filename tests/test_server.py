@@ -302,6 +302,41 @@ def test_wrong_key_with_client(server):
     _error(e, 401)
 
 
+def test_engine_errors_mapped(tiny_engine):
+    """Errors the Engine raises: CapacityError (here its KV-cache budget) is a 400, a
+    NumericalError (the model failed) a 500 server_error, streamed or not."""
+    from qwen_fast import Engine
+    from qwen_fast.errors import NumericalError
+
+    small = Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.generation_config,
+                   kv_cache_budget=4096)
+
+    class Broken(RecordingEngine):
+        def generate(self, *a, **k):
+            raise NumericalError("logits are NaN")
+
+        def stream(self, *a, **k):
+            def gen():
+                yield "x"
+                raise NumericalError("logits are NaN")
+            return gen()
+
+    with BackgroundServer(create_app(small, model_name=MODEL)) as srv:
+        cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            cl.chat.completions.create(model=MODEL, messages=_user("hi"), max_tokens=500)
+        assert _error(e, 400)["code"] == "context_length_exceeded"
+        assert "kv_cache_budget" in e.value.body["message"]
+    with BackgroundServer(create_app(Broken(tiny_engine), model_name=MODEL)) as srv:
+        cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            cl.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert e.value.status_code == 500 and e.value.body["type"] == "server_error"
+        with pytest.raises(openai.APIError) as e:
+            list(cl.chat.completions.create(model=MODEL, messages=_user("hi"), stream=True))
+        assert e.value.body["type"] == "server_error" and "NaN" in e.value.body["message"]
+
+
 # ---- load and disconnects ------------------------------------------------------------------
 def test_concurrent_streams(server, client):
     """16 streaming clients at once, each with its own prompt and seed: every one completes with

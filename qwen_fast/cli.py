@@ -1,17 +1,22 @@
 """The ``qwen-fast`` command line: ``chat`` (a REPL with the release demo's commands),
-``generate`` (one completion, streamed or as JSON), ``bench`` (qwen_fast/bench.py) and
-``quantize`` (a GPTQ-format checkpoint by round-to-nearest, qwen_fast/quant.py).
+``generate`` (one completion, streamed or as JSON), ``serve`` (an OpenAI-compatible HTTP API,
+qwen_fast/server.py; needs ``pip install "qwen_fast[server]"``), ``bench`` (qwen_fast/bench.py)
+and ``quantize`` (a GPTQ-format checkpoint by round-to-nearest, qwen_fast/quant.py).
 
     qwen-fast chat --model Qwen-1_8B-Chat
     qwen-fast generate --model Qwen-1_8B-Chat "Once upon a time" --max-new-tokens 64
+    qwen-fast serve --model Qwen-1_8B-Chat --port 8000 [--api-key KEY]
     qwen-fast quantize Qwen-1_8B-Chat Qwen-1_8B-Chat-RTN-Int4 --bits 4
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional, TextIO
 
 HELP = """\
@@ -196,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
     g.add_argument("--seed", type=int)
     g.add_argument("--json", action="store_true", help="print the result as JSON (no streaming)")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (needs qwen_fast[server])")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("QWEN_FAST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: "
+                        "$QWEN_FAST_API_KEY; none = no key)")
+    s.add_argument("--served-model-name", help="the model's id in the API (default: the "
+                                               "checkpoint directory's name)")
+    s.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 4 MiB)")
+    s.add_argument("--max-concurrency", type=int, default=64,
+                   help="streams run at the same time; more wait (default: 64)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     b = sub.add_parser("bench", help="decode benchmark on full-size random weights")
     from .bench import build_parser as bench_parser
     bench_parser(b)
@@ -210,10 +228,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_server_deps() -> List[str]:
+    missing = []
+    for name in ("fastapi", "uvicorn"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def _serve(args) -> int:
+    missing = _missing_server_deps()     # before the (slow) model load
+    if missing:
+        print(f"error: qwen-fast serve needs {' and '.join(missing)}, which are not installed; "
+              'install the server extra: pip install "qwen_fast[server]"', file=sys.stderr)
+        return 1
+    from .server import serve
+    name = args.served_model_name or (Path(args.model).resolve().name if args.model else
+                                      "qwen-1.8b-chat")
+    engine = _load(args)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can "
+              "use it", file=sys.stderr)
+    serve(engine, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
+          max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
+          log_level=args.log_level)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .errors import QwenFastError
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "bench":
             from .bench import main as bench_main
             bench_main(args=args)

@@ -175,3 +175,15 @@ def test_bench_writes_every_number(tmp_path):
                     "weight_bytes_per_token", "weights_gb_s", "pct_of_read"):
             assert x[key] > 0, key
     assert _run_cli("bench", "--config", "tiny", "--new-tokens", "0").returncode == 2
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_serve_without_server_extra(monkeypatch, capsys, missing):
+    """Without fastapi/uvicorn, `qwen-fast serve` says how to install them and fails, before
+    loading any model."""
+    monkeypatch.setitem(sys.modules, missing, None)      # makes `import <missing>` fail
+    monkeypatch.setattr("qwen_fast.cli._load", lambda args: pytest.fail("loaded a model"))
+    rc = main(["serve", "--load-format", "dummy"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert missing in err and 'pip install "qwen_fast[server]"' in err

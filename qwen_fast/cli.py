@@ -183,9 +183,12 @@ def _load(args):
     from .engine import Engine
     if args.model is None and args.load_format != "dummy":
         raise SystemExit("error: --model DIR is required (or --load-format dummy)")
+    extra = {}
+    if getattr(args, "max_batch_size", None) is not None:
+        extra["max_batch_size"] = args.max_batch_size
     return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                   backend=args.backend, load_format=args.load_format,
-                                  lm_head_quant=getattr(args, "lm_head_quant", None))
+                                  lm_head_quant=getattr(args, "lm_head_quant", None), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 4 MiB)")
     s.add_argument("--max-concurrency", type=int, default=64,
                    help="streams run at the same time; more wait (default: 64)")
+    s.add_argument("--max-batch-size", type=int, default=8,
+                   help="sequences decoded together in one batch; more wait for a slot (default: 8)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     b = sub.add_parser("bench", help="decode benchmark on full-size random weights")
     from .bench import build_parser as bench_parser

@@ -164,6 +164,31 @@ class _Request:
         return delta
 
 
+class TextStream:
+    """The text deltas of one generation (Engine.stream): an iterator whose ``result`` is the
+    GenerationResult (finish_reason, usage, timings) once it is exhausted, None before.
+    close() stops the generation (it is cancelled in the engine's batch); dropping the stream
+    does the same when it is garbage-collected."""
+
+    def __init__(self, run):
+        self._run = run
+        self.result: Optional["GenerationResult"] = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._run)[1]
+        except StopIteration as stop:
+            if stop.value is not None:
+                self.result = stop.value[0]
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._run.close()
+
+
 def _finish(run) -> list:
     """Run a _run generator to its end and return its results."""
     try:
@@ -452,12 +477,8 @@ class Engine:
         return self._run([ids], [p], self._limits([ids], [p]), extra_stop_ids)
 
     @staticmethod
-    def _deltas(run) -> Iterator[str]:
-        try:
-            for _, delta in run:
-                yield delta
-        finally:
-            run.close()
+    def _deltas(run) -> "TextStream":
+        return TextStream(run)
 
     # ---- public API ----------------------------------------------------------------------
     def generate(self, prompt: Union[Prompt, Sequence[Prompt]],
@@ -477,10 +498,11 @@ class Engine:
         return results if many else results[0]
 
     def stream(self, prompt: Prompt, params: Union[SamplingParams, Mapping, None] = None,
-               **overrides) -> Iterator[str]:
+               **overrides) -> TextStream:
         """Like generate() for one prompt, yielding text deltas as they become final (never a
-        broken UTF-8 character, never a piece of a stop string). The request is checked when
-        stream() is called; close the iterator (or drop it) to stop early."""
+        broken UTF-8 character, never a piece of a stop string); once exhausted, the stream's
+        ``result`` is the GenerationResult. The request is checked when stream() is called;
+        close the iterator (or drop it) to stop early."""
         p = self.sampling_params(params, **overrides)
         return self._deltas(self._start(self._token_ids(prompt), p, self._config_stop_ids()))
 

@@ -385,3 +385,14 @@ def test_reference_attention_bounds_its_scores(monkeypatch):
     want = reference.attention(q, k, v, start)
     monkeypatch.setattr(reference, "ATTENTION_SCORES_BYTES", 4 * 2 * 4 * 60 * 7)   # 7 queries
     torch.testing.assert_close(reference.attention(q, k, v, start), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_stream_carries_its_result_once_exhausted(tiny_engine_fp32):
+    e = tiny_engine_fp32
+    want = e.generate("result please", max_new_tokens=7, ignore_eos=True, **GREEDY)
+    s = e.stream("result please", max_new_tokens=7, ignore_eos=True, **GREEDY)
+    assert s.result is None
+    text = "".join(s)
+    assert text == want.text and s.result is not None
+    assert s.result.token_ids == want.token_ids and s.result.finish_reason == "length"
+    assert s.result.usage == want.usage

@@ -87,8 +87,10 @@ def _elementwise(tokens: int, dtype, device):
            lambda: ops.swiglu(up, gate), lambda: reference.swiglu(up, gate))
 
 
-# (B, T, S): decode at a short and a long context, a batch of 4 decoding, a 128-token prefill.
+# (B, T, S): decode at a short and a long context, a batch of 4 decoding, a 128-token prefill;
+# on a GPU also 4096 cached tokens (the decode target of the CUDA kernel).
 ATTENTION_SHAPES = [(1, 1, 128), (1, 1, 2048), (4, 1, 2048), (1, 128, 128)]
+CUDA_ATTENTION_SHAPES = [(1, 1, 4096), (4, 1, 4096)]
 
 
 def attention_cases(dtype, device) -> Iterator[Case]:
@@ -96,7 +98,8 @@ def attention_cases(dtype, device) -> Iterator[Case]:
     reads (once per sequence and head), q and out."""
     H, D = 16, 128
     g = torch.Generator(device="cpu").manual_seed(0)
-    for B, T, S in ATTENTION_SHAPES:
+    shapes = ATTENTION_SHAPES + (CUDA_ATTENTION_SHAPES if torch.device(device).type == "cuda" else [])
+    for B, T, S in shapes:
         q = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype)
         k = torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype)
         v = torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype)
@@ -122,7 +125,7 @@ def elementwise_cases(dtype, device) -> Iterator[Case]:
 
 def linear_cases(dtype, device) -> Iterator[Case]:
     g = torch.Generator(device="cpu").manual_seed(0)
-    best = ops._C.linear_isas()[0]
+    best = ops._C.linear_isas()[0]     # the CPU kernel's best level (forced variants, CPU only)
     for name, n, k, has_bias in LINEAR_SHAPES:
         w = _randn(n, k, dtype=dtype, device=device, gen=g)
         b = _randn(n, dtype=dtype, device=device, gen=g) if has_bias else None
@@ -136,7 +139,7 @@ def linear_cases(dtype, device) -> Iterator[Case]:
             # Past the decode sizes ops.linear may hand bf16 / fp32 to torch (csrc/ops.cpp):
             # time our kernel there too, forced, to show where the crossover lies.
             forced = ((("kernel, forced", lambda: ops._C.linear(x, w, b, isa=best)),)
-                      if m > 16 else ())
+                      if m > 16 and torch.device(device).type == "cpu" else ())
             yield Case(f"linear {name}", f"{m}x{k} @ {n}x{k}^T", nbytes, flops,
                        lambda: ops.linear(x, w, b), lambda: F.linear(x, w, b), "torch F.linear",
                        cold_cache=True, variants=forced)
@@ -148,13 +151,13 @@ def quant_linear_cases(dtype, device) -> Iterator[Case]:
     portable paths as variants (where this CPU has them).
     bytes: the packed weights (scales included), x and y."""
     from qwen_fast.qweight import QuantWeight
-    if device.type != "cpu":
-        return
+    cuda = device.type == "cuda"
     g = torch.Generator(device="cpu").manual_seed(0)
     for name, n, k, _ in LINEAR_SHAPES:
-        dense = _randn(n, k, dtype=dtype, device=device, gen=g) * 0.02
-        for bits in (4, 8):
-            w = QuantWeight.quantize(dense, bits)
+        dense = _randn(n, k, dtype=dtype, device="cpu", gen=g) * 0.02
+        packed = {bits: QuantWeight.quantize(dense, bits).to(device) for bits in (4, 8)}  # on the CPU
+        dense = dense.to(device)
+        for bits, w in packed.items():
             for m in DECODE_ROWS + ((PREFILL_ROWS,) if name != "lm_head" else ()):
                 x = _randn(m, k, dtype=dtype, device=device, gen=g)
                 e = x.element_size()
@@ -163,11 +166,11 @@ def quant_linear_cases(dtype, device) -> Iterator[Case]:
                            lambda x=x, w=w: ops.quant_linear(x, w),
                            lambda x=x, d=dense: F.linear(x, d), f"torch F.linear ({dtype})",
                            cold_cache=True,
-                           variants=tuple((f"kernel, {label}",
-                                           lambda x=x, w=w, isa=isa: ops.quant_linear(x, w, isa=isa))
-                                          for isa, label in (("avx2", "AVX2 path"),
-                                                             ("scalar", "portable path"))
-                                          if isa in ops._C.quant_linear_isas()))
+                           variants=() if cuda else tuple(
+                               (f"kernel, {label}",
+                                lambda x=x, w=w, isa=isa: ops.quant_linear(x, w, isa=isa))
+                               for isa, label in (("avx2", "AVX2 path"), ("scalar", "portable path"))
+                               if isa in ops._C.quant_linear_isas()))
 
 
 CASES = {"elementwise": elementwise_cases, "attention": attention_cases, "linear": linear_cases,

@@ -326,11 +326,6 @@ class Engine:
         for name, value in (("quant", quant), ("lm_head_quant", lm_head_quant)):
             if value not in bits:
                 raise ConfigError(f"{name} must be None, 'int4' or 'int8', got {value!r}")
-        quantized = quant or lm_head_quant or cfg.quantization_config is not None or (
-            model_dir is not None and os.path.lexists(model_dir / "quantize_config.json"))
-        if quantized and dev.type != "cpu":
-            raise ConfigError(f"int4/int8 weights run on the CPU only until the CUDA kernels land; "
-                              f"load this model with device='cpu', not {str(dev)!r}")
         check_memory(cfg, dt, dev, f"load_format={load_format!r}")
         from .qweight import QuantWeight
         if load_format == "dummy":
@@ -339,10 +334,11 @@ class Engine:
             linears = tuple(f".{lin}.weight" for lin in QUANTIZED_LINEARS)
 
             def convert(name, t):
+                # quantized on the CPU (QuantWeight's packing), then moved to the device
                 if quant is not None and name.endswith(linears):
-                    return QuantWeight.quantize(t, bits[quant])
+                    return QuantWeight.quantize(t.cpu(), bits[quant]).to(dev)
                 if lm_head_quant is not None and name == "lm_head.weight":
-                    return QuantWeight.quantize(t, bits[lm_head_quant])
+                    return QuantWeight.quantize(t.cpu(), bits[lm_head_quant]).to(dev)
                 return t
             weights = dummy_state_dict(cfg, dt, dev, seed=seed, convert=convert)
         else:
@@ -350,8 +346,11 @@ class Engine:
                                       check_finite=check_finite,
                                       lm_head_bits=bits[lm_head_quant])
         if lm_head_quant is not None and not isinstance(weights["lm_head.weight"], QuantWeight):
-            weights["lm_head.weight"] = QuantWeight.quantize(weights["lm_head.weight"],
+            weights["lm_head.weight"] = QuantWeight.quantize(weights["lm_head.weight"].cpu(),
                                                              bits[lm_head_quant])
+        # GPTQ layers are repacked on the CPU; the int4/int8 CUDA kernels read the same layout.
+        weights = {k: v.to(dev) if isinstance(v, QuantWeight) and v.device != dev else v
+                   for k, v in weights.items()}
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
         return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget,
                    max_batch_size=max_batch_size)

@@ -186,52 +186,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quant", default=None, choices=["int4", "int8"],
+                   help="--dummy full only: quantize the layers at load")
+    p.add_argument("--lm-head-quant", default=None, choices=["int4", "int8"])
+    p.add_argument("--max-batch-size", type=int, default=8, help="the engine's decode batch")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     return p
 
 
-def main(argv=None) -> List[Dict]:
-    args = build_parser().parse_args(argv)
+def _build_engine(args):
+    """(engine, name) for the chosen model."""
     import torch
 
     from qwen_fast import Engine
-    from qwen_fast.server import BackgroundServer, create_app
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if not levels or min(levels) < 1:
-        raise SystemExit("--concurrency needs positive integers, e.g. 1,4,16")
-    t0 = time.perf_counter()
     if args.dummy == "tiny":
         from qwen_fast.testing import tiny_config
         engine = Engine.from_pretrained(load_format="dummy", config=tiny_config(), device=args.device,
-                                        dtype=args.dtype, backend=args.backend)
-        name = "tiny"
-    elif args.dummy == "full":
+                                        dtype=args.dtype, backend=args.backend,
+                                        max_batch_size=args.max_batch_size)
+        return engine, "tiny"
+    if args.dummy == "full":
         engine = Engine.from_pretrained(load_format="dummy", config="qwen-1.8b-chat", device=args.device,
-                                        dtype=args.dtype, backend=args.backend)
-        name = "qwen-1.8b-chat-dummy"
-    else:
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                        backend=args.backend)
-        name = Path(args.model).resolve().name
+                                        dtype=args.dtype, backend=args.backend, quant=args.quant,
+                                        lm_head_quant=args.lm_head_quant,
+                                        max_batch_size=args.max_batch_size)
+        return engine, "qwen-1.8b-chat-dummy" + (f"-{args.quant}" if args.quant else "")
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                    backend=args.backend, lm_head_quant=args.lm_head_quant,
+                                    max_batch_size=args.max_batch_size)
+    return engine, Path(args.model).resolve().name
+
+
+def _serve(args, conn) -> None:
+    """The server's process: build the engine, serve, report (host, port, facts), then serve
+    until the parent terminates it. A process of its own, as in deployment, so that the load
+    generator's threads do not share its interpreter lock."""
+    import torch
+
+    from qwen_fast.server import BackgroundServer, create_app
+    t0 = time.perf_counter()
+    engine, name = _build_engine(args)
     load_s = time.perf_counter() - t0
-    vocab = engine.generation_config.eos_token_id   # ordinary tokens only (the specials follow)
+    with BackgroundServer(create_app(engine, model_name=name)) as srv:
+        conn.send({"host": srv.host, "port": srv.port, "name": name, "load_s": load_s,
+                   "device": str(engine.device), "device_type": engine.device.type,
+                   "dtype": str(engine.dtype).replace("torch.", ""),
+                   "eos": engine.generation_config.eos_token_id,
+                   "torch_threads": torch.get_num_threads()})
+        threading.Event().wait()
+
+
+def main(argv=None) -> List[Dict]:
+    import multiprocessing as mp
+
+    args = build_parser().parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if not levels or min(levels) < 1:
+        raise SystemExit("--concurrency needs positive integers, e.g. 1,4,16")
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(args, child), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(args.timeout):
+            raise SystemExit("the server process did not start in time")
+        info = parent.recv()
+    except EOFError:
+        raise SystemExit("the server process failed to start (see its output above)") from None
+    name, vocab = info["name"], info["eos"]    # ordinary tokens only (the specials follow)
     try:
         from harness import machine
         mach = machine()
     except ImportError:
         mach = {}
-    meta = {"model": name, "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+    meta = {"model": name, "device": info["device"], "dtype": info["dtype"],
             "backend": args.backend, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "endpoint": "/v1/completions (streamed, ignore_eos)", "load_s": round(load_s, 2),
-            "torch_threads": torch.get_num_threads(), "machine": mach}
+            "endpoint": "/v1/completions (streamed, ignore_eos)", "load_s": round(info["load_s"], 2),
+            "torch_threads": info["torch_threads"], "server": "a process of its own",
+            "machine": mach}
     rows = []
-    with BackgroundServer(create_app(engine, model_name=name)) as srv:
-        host, port = srv.host, srv.port
+    host, port = info["host"], info["port"]
+    try:
         warm = make_bodies(1, args.prompt_tokens, min(args.max_tokens, 4), vocab, args.seed + 10**6, name)
         one_request(host, port, warm[0], args.timeout)
         for i, c in enumerate(levels):
@@ -241,11 +280,14 @@ def main(argv=None) -> List[Dict]:
             rows.append(row)
             print(f"concurrency {c}: {row['completed']}/{n} requests, {row['requests_per_s']:.2f} req/s, "
                   f"{row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']} ms", flush=True)
+    finally:
+        proc.terminate()
+        proc.join(30)
     md = format_table(rows, meta)
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"serving-{name}-{engine.device.type}"
+    tag = f"serving-{name}-{info['device_type']}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"{tag}-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / f"{tag}-latest.md").write_text(md)

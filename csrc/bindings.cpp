@@ -207,6 +207,18 @@ torch_version (str): the torch the extension was compiled against.)");
         "Number of CUDA devices visible to the extension's CUDA runtime; 0 without a CUDA build, "
         "a driver or a device.");
 
+  m.def("release_openmp_threads", []() {
+#ifdef _OPENMP
+    // OpenMP 5.0's omp_pause_resource_all (libgomp has it since GCC 10).
+    return omp_pause_resource_all(omp_pause_soft) == 0;
+#else
+    return false;
+#endif
+  }, R"(Release the calling thread's OpenMP thread team (omp_pause_resource_all, soft): libgomp keeps
+one team per thread that ran OpenMP code, and with more such threads than cores its workers stop
+spinning between parallel regions, which slows a decode step by half. The engine calls it after
+loading, since its steps run on a thread of their own. Returns whether anything was released.)");
+
   // One decoder layer of a decode step (QwenModel.forward's loop, T = 1) in one call.
   py::class_<qf::DecodeLayer>(m, "DecodeLayer", R"(One decoder layer of a decode step in C++: the
 ops of QwenModel.forward's layer loop for one new token per row, in the same order and on the same

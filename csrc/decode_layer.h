@@ -13,14 +13,15 @@
 namespace qf {
 
 // A projection: a dense weight [N, K] (bits 0) or an int4/int8 one in the kernel layout.
-struct LinearWeight {
+struct __attribute__((visibility("hidden"))) LinearWeight {
   at::Tensor weight;
   int64_t bits = 0;
   int64_t in_features = 0, out_features = 0;
   std::optional<at::Tensor> perm;
 };
 
-class DecodeLayer {
+// Hidden like the pybind11 types that hold it (the extension is built with -fvisibility=hidden).
+class __attribute__((visibility("hidden"))) DecodeLayer {
  public:
   DecodeLayer(at::Tensor ln_1, LinearWeight c_attn, std::optional<at::Tensor> c_attn_bias,
               LinearWeight c_proj, at::Tensor ln_2, LinearWeight w1, LinearWeight w2,

@@ -237,6 +237,11 @@ class Engine:
             raise ConfigError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.scheduler = Scheduler(model, len(tokenizer), int(max_batch_size),
                                    self.kv_cache_budget, prefill_tokens=self.PREFILL_TOKENS)
+        # The steps run on the scheduler's thread: this (loading) thread's OpenMP team would
+        # only slow them down (qwen_fast/scheduler.py).
+        from . import ops
+        if ops.HAVE_C and self.device.type == "cpu":
+            ops._C.release_openmp_threads()
 
     # ---- construction --------------------------------------------------------------------
     @classmethod

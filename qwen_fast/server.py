@@ -41,11 +41,10 @@ values (top_p 0.8, repetition_penalty 1.1, 512 new tokens), not OpenAI's default
 ``presence_penalty``/``frequency_penalty`` other than 0, logprobs, tools, ``echo``,
 ``best_of`` > 1, ``suffix`` and non-text response formats are refused with a 400.
 
-Streamed usage: ``Engine.stream`` yields text only. If the iterator it returns has a
-``result`` attribute (a GenerationResult) once exhausted, its exact ``finish_reason`` and
-``usage`` are reported; otherwise the completion's token count is estimated by re-encoding the
-streamed text (exact for canonically tokenized text) and ``finish_reason`` is "length" when
-that estimate reaches the request's token limit, else "stop".
+Every completion, streamed or not, runs as an ``Engine.stream`` iterated by a worker thread:
+its ``result`` (a GenerationResult, once exhausted) gives the exact ``finish_reason`` and
+``usage``, and a client that goes away, streaming or waiting for a whole completion, has its
+generation cancelled (the stream is closed, which frees its slot in the engine's batch).
 """
 from __future__ import annotations
 
@@ -59,7 +58,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 try:
     import uvicorn
@@ -403,7 +402,6 @@ class _StreamRenderer:
         self.prep, self.include_usage = prep, include_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.raw: List[str] = []        # the Engine's deltas, before stripping
         self.started = False
 
     def _chunk(self, delta: Optional[dict] = None, text: str = "", finish_reason=None) -> dict:
@@ -423,7 +421,6 @@ class _StreamRenderer:
         return [_sse(self._chunk({"role": "assistant", "content": ""}))] if self.chat else []
 
     def delta(self, d: str) -> List[bytes]:
-        self.raw.append(d)
         if self.chat and not self.started:     # as Engine.chat_stream: no leading whitespace
             d = d.lstrip()
         if not d:
@@ -431,18 +428,8 @@ class _StreamRenderer:
         self.started = True
         return [_sse(self._chunk({"content": d}) if self.chat else self._chunk(text=d))]
 
-    def _final(self, result) -> Tuple[str, dict]:
-        if result is not None and hasattr(result, "finish_reason") and hasattr(result, "usage"):
-            return result.finish_reason, dict(result.usage)
-        # Estimate: the stream reports text only (see the module docstring).
-        n_prompt = len(self.prep.ids)
-        n_out = min(len(self.engine.tokenizer.encode("".join(self.raw))), self.prep.limit)
-        reason = "length" if n_out >= self.prep.limit else "stop"
-        return reason, {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                        "total_tokens": n_prompt + n_out}
-
     def end(self, result) -> List[bytes]:
-        reason, usage = self._final(result)
+        reason, usage = result.finish_reason, dict(result.usage)
         out = [_sse(self._chunk(finish_reason=reason))]
         if self.include_usage:
             obj = self._chunk()
@@ -509,6 +496,36 @@ class _SSEResponse(Response):
             listener.cancel()
             if getter is not None:
                 getter.cancel()
+
+
+async def _whole(job: _StreamJob, request: Request, executor: ThreadPoolExecutor):
+    """Run a job to its end and return its GenerationResult, or None if the client disconnects
+    first (the generation is then cancelled). Deltas are dropped: the result holds the text."""
+    async def wait_disconnect():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    listener = asyncio.ensure_future(wait_disconnect())
+    getter = None
+    job.start(executor)
+    try:
+        while True:
+            getter = asyncio.ensure_future(job.queue.get())
+            done, _ = await asyncio.wait({getter, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                log.info("client disconnected before its completion; generation stopped")
+                return None
+            kind, payload = getter.result()
+            getter = None
+            if kind == "end":
+                return payload
+            if kind == "error":
+                raise payload if isinstance(payload, APIError) else _engine_error(payload)
+    finally:
+        job.cancel()                            # no-op when the job has finished
+        listener.cancel()
+        if getter is not None:
+            getter.cancel()
 
 
 # ---- the app -----------------------------------------------------------------------------
@@ -632,10 +649,7 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                 prep = await run_in_threadpool(_prepare_chat, engine, messages, opts)
             else:
                 prep = await run_in_threadpool(_prepare_completion, engine, body.get("prompt"), opts)
-            if opts.stream:
-                iterator = await run_in_threadpool(engine.stream, prep.ids, params=prep.params)
-            else:
-                result = await run_in_threadpool(engine.generate, prep.ids, params=prep.params)
+            iterator = await run_in_threadpool(engine.stream, prep.ids, params=prep.params)
         except APIError:
             raise
         except RequestError as e:
@@ -645,9 +659,13 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             raise err from None
         except Exception as e:
             raise _engine_error(e) from None
+        job = _StreamJob(iterator, asyncio.get_running_loop())
         if opts.stream:
             renderer = _StreamRenderer(engine, chat, model_name, prep, opts.include_usage)
-            return _SSEResponse(_StreamJob(iterator, asyncio.get_running_loop()), renderer, executor)
+            return _SSEResponse(job, renderer, executor)
+        result = await _whole(job, request, executor)
+        if result is None:                      # the client went away: nobody to answer
+            return Response(status_code=499)
         text = result.text.lstrip() if chat else result.text
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if chat:

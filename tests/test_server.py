@@ -48,6 +48,10 @@ class RecordedStream:
         self.deltas += 1
         return d
 
+    @property
+    def result(self):
+        return self.it.result
+
     def close(self):
         self.it.close()
         self.closed.set()
@@ -423,6 +427,23 @@ def test_disconnect_while_waiting(server, client):
     rec_a, rec_b = engine.streams[before:before + 2]
     assert _wait(lambda: rec_a.closed.is_set() and rec_b.closed.is_set(), 10)
     assert rec_b.deltas <= 1 and not rec_b.exhausted and not rec_a.exhausted
+
+
+def test_disconnect_stops_a_non_streamed_completion(server):
+    """A client waiting for a whole completion that goes away: its generation is cancelled."""
+    engine = server.engine
+    before = len(engine.streams)
+    body = json.dumps({"model": MODEL, "prompt": "never finish", "max_tokens": 3000,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert _wait(lambda: len(engine.streams) == before + 1, 10)
+        time.sleep(0.3)                        # generating now
+    rec = engine.streams[before]
+    assert _wait(rec.closed.is_set, 10), "the server did not cancel the completion"
+    assert not rec.exhausted
 
 
 # ---- the command line ----------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union

@@ -210,7 +210,12 @@ class Scheduler:
             if job is not None:
                 job.run()
             else:
-                self._step()
+                try:
+                    self._step()
+                except BaseException as e:   # outside a forward (e.g. no memory for the cache):
+                    with self._cond:         # every sequence in the batch gets the error
+                        for seq in list(self._active.values()):
+                            self._finish(seq, e)
             with self._cond:
                 self._cond.notify_all()
 
@@ -233,7 +238,9 @@ class Scheduler:
         while self._waiting and len(self._active) < self.max_batch_size:
             seq = self._waiting[0]
             worst = max([s.worst_case for s in self._active.values()] + [seq.worst_case])
-            slots = self._slots_for(len(self._active) + 1)
+            # the slots the cache will have: it never shrinks while the batch lives
+            held = self._cache.batch_size if self._cache is not None else 0
+            slots = max(held, self._slots_for(len(self._active) + 1))
             if (self.kv_cache_budget is not None and self._active
                     and self.bytes_for(slots, worst) > self.kv_cache_budget):
                 break       # waits for room: sequences ahead of it must finish first

@@ -148,3 +148,46 @@ def test_seeded_sampling_in_a_batch_equals_alone(tiny_ckpt):
                              for i in range(3)])
     assert got == alone
     assert torch.is_tensor(e.logits([1, 2, 3]))           # exclusive use between steps
+
+
+def test_a_failure_outside_the_forward_reaches_the_callers(tiny_ckpt, monkeypatch):
+    """No memory for the KV cache (raised while the step thread sets up a step): the callers
+    get the error, and the engine works again afterwards."""
+    import qwen_fast.scheduler as S
+    e = _engine(tiny_ckpt)
+
+    def no_memory(self):
+        raise MemoryError("no room for the KV cache")
+    with monkeypatch.context() as m:
+        m.setattr(S.Scheduler, "_ensure_cache", no_memory)
+        with pytest.raises(MemoryError, match="no room"):
+            e.generate("x", max_new_tokens=3, **GREEDY)
+    assert e.generate("x", max_new_tokens=3, **GREEDY).completion_tokens == 3
+
+
+def test_the_kv_budget_counts_the_slots_the_cache_already_holds(tiny_ckpt):
+    """The cache never shrinks while its batch lives: after four sequences grew it to four
+    slots and three of them finished, a newcomer must fit four slots at the longest worst case,
+    not the two that two sequences would need."""
+    from qwen_fast.engine import _Request
+    from qwen_fast.scheduler import Seq
+    probe = _engine(tiny_ckpt)
+    per_token = KVCache.bytes_per_token(probe.cfg, probe.model.dtype)
+    e = _engine(tiny_ckpt, kv_cache_budget=4 * 200 * per_token)
+    sched, p = e.scheduler, e.sampling_params(**GREEDY)
+
+    def seq(limit):
+        return Seq(_Request(e, [1, 2], p, [], limit))
+    with sched._cond:
+        sched._cache = KVCache(e.cfg, 4, 64, e.model.dtype, max_capacity=200)
+        running, newcomer = seq(190), seq(300)          # worst cases 192 and 302 positions
+        running.slot = 3
+        sched._active = {3: running}
+        sched._waiting.append(newcomer)
+        sched._admit()
+        assert newcomer.slot is None and list(sched._waiting) == [newcomer]   # 4 x 302 > 800
+        sched._cache = None                             # the batch drained: a cache of one slot
+        sched._active = {}
+        sched._admit()
+        assert newcomer.slot == 0 and not sched._waiting
+        sched._active, sched._waiting = {}, type(sched._waiting)()

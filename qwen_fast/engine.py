@@ -359,6 +359,12 @@ class Engine:
         return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget,
                    max_batch_size=max_batch_size)
 
+    def close(self) -> None:
+        """Stop the engine's scheduler: running and waiting sequences are cancelled (their
+        callers get a RuntimeError) and its step thread ends; later calls raise. Also done at
+        interpreter exit (a step thread killed mid-step would abort the process)."""
+        self.scheduler.close()
+
     @property
     def device(self) -> torch.device:
         return self.model.device

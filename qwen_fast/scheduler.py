@@ -35,8 +35,10 @@ one-shot prefill in the last bits of low-precision dtypes.
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence
 
@@ -74,6 +76,18 @@ class Seq:
         return len(self.state.prompt_ids) + self.state.limit
 
 
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, stop every step thread between two steps: a thread killed inside
+    a step (OpenMP threads running) aborts the process ("terminate called without an active
+    exception"). Runs after the non-daemon threads were joined, before finalization."""
+    for sched in list(_LIVE):
+        sched.close()
+
+
 class _Job:
     """A call to run on the step thread (Scheduler.exclusive)."""
 
@@ -105,6 +119,8 @@ class Scheduler:
         self._cond = threading.Condition()        # guards the queues below; signals progress
         self._jobs: Deque["_Job"] = deque()        # exclusive() calls, run between steps
         self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        _LIVE.add(self)
         self._waiting: Deque[Seq] = deque()
         self._active: Dict[int, Seq] = {}    # slot -> sequence
         self._cache: Optional[KVCache] = None
@@ -131,6 +147,8 @@ class Scheduler:
     def submit(self, seqs: Sequence[Seq]) -> None:
         self.check_fits(len(seqs), max(s.worst_case for s in seqs))
         with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine's scheduler was closed")
             self._waiting.extend(seqs)
             self._ensure_thread()
             self._cond.notify_all()
@@ -174,6 +192,8 @@ class Scheduler:
         return its result (or raise its error) here."""
         job = _Job(fn)
         with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine's scheduler was closed")
             self._jobs.append(job)
             self._ensure_thread()
             self._cond.notify_all()
@@ -181,6 +201,20 @@ class Scheduler:
         if job.error is not None:
             raise job.error
         return job.result
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel every sequence (their callers get a RuntimeError) and stop the step thread
+        after its current step. Submitting afterwards raises."""
+        with self._cond:
+            self._closed = True
+            err = RuntimeError("the engine's scheduler was closed")
+            for seq in list(self._waiting) + list(self._active.values()):
+                self._finish(seq, err)
+            self._waiting.clear()
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     # ---- the step thread ---------------------------------------------------------------------
     LINGER_S = 2.0      # an idle step thread waits this long for work, then ends
@@ -201,11 +235,15 @@ class Scheduler:
             torch.set_num_threads(threads)
         while True:
             with self._cond:
-                if not (self._jobs or self._waiting or self._active):
+                if not (self._jobs or self._waiting or self._active) and not self._closed:
                     self._cond.wait(timeout=self.LINGER_S)
-                    if not (self._jobs or self._waiting or self._active):
-                        self._thread = None      # ends; its OpenMP threads end with it
-                        return
+                if self._closed or not (self._jobs or self._waiting or self._active):
+                    self._thread = None          # ends; its OpenMP threads end with it
+                    for job in self._jobs:       # only after close(): nobody will run them
+                        job.error = RuntimeError("the engine's scheduler was closed")
+                        job.done.set()
+                    self._jobs.clear()
+                    return
                 job = self._jobs.popleft() if self._jobs else None
             if job is not None:
                 job.run()

@@ -191,3 +191,29 @@ def test_the_kv_budget_counts_the_slots_the_cache_already_holds(tiny_ckpt):
         sched._admit()
         assert newcomer.slot == 0 and not sched._waiting
         sched._active, sched._waiting = {}, type(sched._waiting)()
+
+
+def test_close_cancels_what_runs_and_refuses_what_comes(tiny_ckpt):
+    e = _engine(tiny_ckpt)
+    s = e.stream("long", max_new_tokens=10000, **GREEDY)
+    next(s)
+    e.close()
+    with pytest.raises(RuntimeError, match="scheduler was closed"):
+        "".join(s)
+    with pytest.raises(RuntimeError, match="scheduler was closed"):
+        e.generate("after", max_new_tokens=2)
+    assert e.scheduler._thread is None
+
+
+def test_exiting_with_a_live_stream_is_clean(tiny_ckpt):
+    """A step thread killed mid-step at exit aborted the process (exit code 134); the
+    scheduler now stops it between steps first."""
+    import subprocess
+    import sys
+    code = ("from qwen_fast import Engine\n"
+            f"e = Engine.from_pretrained({str(tiny_ckpt)!r}, dtype='float32')\n"
+            "s = e.stream('x', max_new_tokens=100000, ignore_eos=True, temperature=0)\n"
+            "next(s)\nprint('leaving')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "leaving" in r.stdout and "terminate called" not in r.stderr

@@ -485,10 +485,6 @@ class Engine:
         """A checked one-prompt run (not started yet: no turn is taken until it is iterated)."""
         return self._run([ids], [p], self._limits([ids], [p]), extra_stop_ids)
 
-    @staticmethod
-    def _deltas(run) -> "TextStream":
-        return TextStream(run)
-
     # ---- public API ----------------------------------------------------------------------
     def generate(self, prompt: Union[Prompt, Sequence[Prompt]],
                  params: Union[SamplingParams, Mapping, None] = None,
@@ -513,7 +509,7 @@ class Engine:
         ``result`` is the GenerationResult. The request is checked when stream() is called;
         close the iterator (or drop it) to stop early."""
         p = self.sampling_params(params, **overrides)
-        return self._deltas(self._start(self._token_ids(prompt), p, self._config_stop_ids()))
+        return TextStream(self._start(self._token_ids(prompt), p, self._config_stop_ids()))
 
     @torch.inference_mode()
     def logits(self, token_ids: Prompt) -> torch.Tensor:
@@ -562,7 +558,7 @@ class Engine:
         The request is checked when chat_stream() is called."""
         ids, history, query = self._chat_prompt(query, history, system, max_window_size)
         p = self.sampling_params(params, **overrides)
-        return self._chat_deltas(self._deltas(self._start(ids, p, self._chat_stop_ids())))
+        return self._chat_deltas(TextStream(self._start(ids, p, self._chat_stop_ids())))
 
     @staticmethod
     def _chat_deltas(deltas: Iterator[str]) -> Iterator[str]:

@@ -124,7 +124,6 @@ class Scheduler:
         self._waiting: Deque[Seq] = deque()
         self._active: Dict[int, Seq] = {}    # slot -> sequence
         self._cache: Optional[KVCache] = None
-        self.steps = 0
 
     # ---- budget ----------------------------------------------------------------------------
     def bytes_for(self, slots: int, positions: int) -> int:
@@ -146,12 +145,7 @@ class Scheduler:
     # ---- the callers' side -------------------------------------------------------------------
     def submit(self, seqs: Sequence[Seq]) -> None:
         self.check_fits(len(seqs), max(s.worst_case for s in seqs))
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the engine's scheduler was closed")
-            self._waiting.extend(seqs)
-            self._ensure_thread()
-            self._cond.notify_all()
+        self._enqueue(self._waiting, seqs)
 
     def cancel(self, seq: Seq) -> None:
         """Stop a sequence: it leaves the batch at the next step (its slot is freed)."""
@@ -191,12 +185,7 @@ class Scheduler:
         """Run fn (e.g. a full-sequence forward) on the step thread, between two steps, and
         return its result (or raise its error) here."""
         job = _Job(fn)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the engine's scheduler was closed")
-            self._jobs.append(job)
-            self._ensure_thread()
-            self._cond.notify_all()
+        self._enqueue(self._jobs, [job])
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -215,6 +204,15 @@ class Scheduler:
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def _enqueue(self, queue: Deque, items) -> None:
+        """Append work for the step thread (starting it if needed); refused once closed."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine's scheduler was closed")
+            queue.extend(items)
+            self._ensure_thread()
+            self._cond.notify_all()
 
     # ---- the step thread ---------------------------------------------------------------------
     LINGER_S = 2.0      # an idle step thread waits this long for work, then ends
@@ -250,8 +248,8 @@ class Scheduler:
             else:
                 try:
                     self._step()
-                except BaseException as e:   # outside a forward (e.g. no memory for the cache):
-                    with self._cond:         # every sequence in the batch gets the error
+                except BaseException as e:   # a failed step (the forward, sampling, or no
+                    with self._cond:         # memory for the cache): its callers get the error
                         for seq in list(self._active.values()):
                             self._finish(seq, e)
             with self._cond:
@@ -318,26 +316,15 @@ class Scheduler:
                     self._finish(seq)
             self._admit()
             if not self._active:
-                self._cache = None       # the batch is empty: free the KV memory
                 return
             active = sorted(self._active.values(), key=lambda s: s.slot)
         cache = self._ensure_cache()
-        involved = list(active)
         try:
             self._prefill(cache, active)
             self._decode(cache, active)
-        except BaseException as e:      # the callers of every sequence of this step get it
-            with self._cond:
-                for seq in involved:
-                    if not seq.done:
-                        self._finish(seq, e)
-                if not self._active:
-                    self._cache = None
         finally:
-            peak = cache.peak_bytes
-            for seq in involved:
-                seq.kv_peak = max(seq.kv_peak, peak)
-            self.steps += 1
+            for seq in active:
+                seq.kv_peak = max(seq.kv_peak, cache.peak_bytes)
 
     def _prefill(self, cache: KVCache, active: List[Seq]) -> None:
         todo = [s for s in active if s.prefilled < len(s.state.prompt_ids)]

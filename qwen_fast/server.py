@@ -397,9 +397,8 @@ def _sse(obj) -> bytes:
 class _StreamRenderer:
     """Turns deltas into chat.completion.chunk / text_completion SSE events."""
 
-    def __init__(self, engine, chat: bool, model: str, prep: _Prepared, include_usage: bool):
-        self.engine, self.chat, self.model = engine, chat, model
-        self.prep, self.include_usage = prep, include_usage
+    def __init__(self, chat: bool, model: str, include_usage: bool):
+        self.chat, self.model, self.include_usage = chat, model, include_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = False
@@ -661,7 +660,7 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             raise _engine_error(e) from None
         job = _StreamJob(iterator, asyncio.get_running_loop())
         if opts.stream:
-            renderer = _StreamRenderer(engine, chat, model_name, prep, opts.include_usage)
+            renderer = _StreamRenderer(chat, model_name, opts.include_usage)
             return _SSEResponse(job, renderer, executor)
         result = await _whole(job, request, executor)
         if result is None:                      # the client went away: nobody to answer

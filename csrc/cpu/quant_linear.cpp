@@ -53,7 +53,6 @@ constexpr int64_t record_bytes(int bits) { return q_bytes(bits) + 2 * kTile * 4;
 struct QArgs {
   const int8_t* x8;     // [M, C * 128]
   const float* xs;      // [M, C] activation scales sx
-  const float* xsum;    // [M, C] sx * sum(x8 of the chunk)
   const int32_t* xtot;  // [M, C] sum(x8 of the chunk)
   const uint8_t* w;     // [tiles, C * record]
   float* acc;           // [M, tiles * 16]: the outputs before the bias
@@ -87,7 +86,7 @@ QF_CPU_CLONES void tiles_portable(const QArgs& a, int64_t m0, int64_t m1, int64_
               for (int b = 0; b < 4; ++b)
                 isum[r] += int32_t(q[64 * j + 4 * r + b]) * xc[4 * j + b];
         }
-        const float sx = a.xs[m * a.C + c], xsum = a.xsum[m * a.C + c];
+        const float sx = a.xs[m * a.C + c], xsum = sx * static_cast<float>(a.xtot[m * a.C + c]);
         for (int r = 0; r < kTile; ++r)
           y[r] = y[r] + static_cast<float>(isum[r]) * s[r] * sx - s[kTile + r] * xsum;
       }
@@ -152,7 +151,8 @@ QF_TARGET_AVX512_VNNI inline void tile_vnni(const QArgs& a, int64_t t0, int64_t 
         const __m512 t =
             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[g][m], acc1[g][m])), sv);
         y[g][m] = _mm512_fmadd_ps(t, _mm512_set1_ps(a.xs[i]), y[g][m]);
-        y[g][m] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(a.xsum[i]), y[g][m]);
+        y[g][m] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(a.xs[i] * static_cast<float>(a.xtot[i])),
+                                   y[g][m]);
       }
     }
   }
@@ -254,7 +254,8 @@ QF_TARGET_AVX2 inline void tile_avx2(const QArgs& a, int64_t t, int64_t m0) {
         if constexpr (BITS == 8) total = _mm256_add_epi32(total, _mm256_set1_epi32(128 * a.xtot[i]));
         const __m256 tf = _mm256_mul_ps(_mm256_cvtepi32_ps(total), sv);
         y[h][m] = _mm256_fmadd_ps(tf, _mm256_set1_ps(a.xs[i]), y[h][m]);
-        y[h][m] = _mm256_fnmadd_ps(szv, _mm256_set1_ps(a.xsum[i]), y[h][m]);
+        y[h][m] = _mm256_fnmadd_ps(szv, _mm256_set1_ps(a.xs[i] * static_cast<float>(a.xtot[i])),
+                                   y[h][m]);
       }
     }
   }
@@ -285,9 +286,9 @@ TilesFn tiles_fn(int bits, CpuIsa isa) {
   return bits == 4 ? tiles_portable<4> : tiles_portable<8>;
 }
 
-// x8 / xs / xsum / xtot of one activation row: K values, gathered through perm when given.
+// x8 / xs / xtot of one activation row: K values, gathered through perm when given.
 template <typename T>
-QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, float* xsum, int32_t* xtot, const T* x,
+QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, int32_t* xtot, const T* x,
                                 const int64_t* perm, int64_t K, int64_t C) {
   for (int64_t c = 0; c < C; ++c) {
     const int64_t k0 = c * kChunk, n = std::min(kChunk, K - k0);
@@ -306,7 +307,6 @@ QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, float* xsum, int32_t* xto
     }
     for (int64_t i = n; i < kChunk; ++i) q[i] = 0;
     xs[c] = sx;
-    xsum[c] = sx * static_cast<float>(total);
     xtot[c] = total;
   }
 }
@@ -327,8 +327,8 @@ int64_t quant_tile_bytes(int bits, int64_t K) { return chunks(K) * record_bytes(
 
 int64_t quant_workspace_bytes(int64_t M, int64_t N, int64_t K) {
   const int64_t C = chunks(K);
-  // x8 [M, C * 128], xs, xsum and xtot [M, C], the fp32 outputs [M, tiles * 16]
-  return M * C * kChunk + (3 * M * C + M * tiles(N) * kTile) * 4;
+  // x8 [M, C * 128], xs and xtot [M, C], the fp32 outputs [M, tiles * 16]
+  return M * C * kChunk + (2 * M * C + M * tiles(N) * kTile) * 4;
 }
 
 template <typename T>
@@ -352,16 +352,15 @@ Status quant_linear(T* y, const T* x, const uint8_t* w, const T* bias, const int
   const int64_t C = chunks(K), T_ = tiles(N), ld = T_ * kTile;
   int8_t* x8 = static_cast<int8_t*>(workspace);
   float* xs = reinterpret_cast<float*>(x8 + M * C * kChunk);
-  float* xsum = xs + M * C;
-  int32_t* xtot = reinterpret_cast<int32_t*>(xsum + M * C);
+  int32_t* xtot = reinterpret_cast<int32_t*>(xs + M * C);
   float* acc = reinterpret_cast<float*>(xtot + M * C);
   const int threads = num_threads < 1 ? 1 : num_threads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 1 && M * K >= 4096)
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(x8 + m * C * kChunk, xs + m * C, xsum + m * C, xtot + m * C, x + m * ld_x, perm,
+    quantize_row(x8 + m * C * kChunk, xs + m * C, xtot + m * C, x + m * ld_x, perm,
                  K, C);
 
-  const QArgs a{x8, xs, xsum, xtot, w, acc, M, T_, C, quant_tile_bytes(bits, K)};
+  const QArgs a{x8, xs, xtot, w, acc, M, T_, C, quant_tile_bytes(bits, K)};
   const TilesFn run = tiles_fn(bits, isa);
   // Activation rows per pass over the weights: all of a decode batch, else as many as keep
   // their x8 in L2 (kPanelBytes).

@@ -72,21 +72,25 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slots, start, n_new) -> torch.Tensor:
-    """RoPE of q and k with the keys and values appended to a KV cache, as a model step does.
+                    sin: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                    page_table: torch.Tensor, token_seq: torch.Tensor,
+                    token_pos: torch.Tensor) -> torch.Tensor:
+    """RoPE of q and k with the keys and values written into a paged KV cache, as a model step does.
 
-    q, k, v: [B, T, H, D]; cos, sin: [B, T, R] fp32; k_cache, v_cache: [slots, H, S, D].
-    For each row b: k_cache[slots[b], :, start[b] : start[b] + n_new[b]] = rotary_embedding(k)
-    of its first n_new[b] tokens (head-major), v_cache likewise = v (copied, no rounding).
-    Returns rotary_embedding(q, cos, sin) for every token, padding rows included.
+    q, k, v: [N, H, D], one row per token of the step (tokens of several sequences packed);
+    cos, sin: [N, R] fp32; k_pages, v_pages: [num_pages, H, P, D]; page_table: [num_seqs,
+    max_pages] int32; token_seq, token_pos: [N] int32, the sequence and absolute position of each
+    token. Token i writes rotary_embedding(k[i]) and v[i] (copied, no rounding) to
+    page page_table[token_seq[i], token_pos[i] // P], offset token_pos[i] % P, every head.
+    Returns rotary_embedding(q, cos, sin) [N, H, D].
     """
-    kr = rotary_embedding(k, cos, sin)
-    for b in range(q.shape[0]):
-        s, s0, n = int(slots[b]), int(start[b]), int(n_new[b])
-        k_cache[s, :, s0:s0 + n] = kr[b, :n].transpose(0, 1)
-        v_cache[s, :, s0:s0 + n] = v[b, :n].transpose(0, 1)
-    return rotary_embedding(q, cos, sin)
+    P = k_pages.shape[2]
+    kr = rotary_embedding(k[None], cos[None], sin[None])[0]
+    pos = token_pos.long()
+    pages = page_table.long()[token_seq.long(), pos // P]
+    k_pages[pages, :, pos % P] = kr
+    v_pages[pages, :, pos % P] = v
+    return rotary_embedding(q[None], cos[None], sin[None])[0]
 
 
 def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -105,34 +109,38 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 ATTENTION_SCORES_BYTES = 256 * 2**20
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
-              scale: float | None = None, query_chunk: int = 1024) -> torch.Tensor:
-    """Causal multi-head attention over a KV cache with per-sequence lengths.
+def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+              page_table: torch.Tensor, token_seq: torch.Tensor, token_pos: torch.Tensor,
+              scale: float | None = None) -> torch.Tensor:
+    """Causal multi-head attention over a paged KV cache.
 
-    q: [B, T, H, D] new queries; row b's query t sits at absolute position start[b] + t.
-    k, v: [B, S, H, D] the cache, already holding this step's keys/values; row b's valid keys
-    are 0 .. start[b] + T - 1 (bottom-right aligned causal mask, so chunked prefill is right).
-    start: [B] int64. Scores, softmax and the weighted sum run in fp32; the output is rounded
-    once to q.dtype (what flash-attention does on the GPU). Returns [B, T, H, D].
-    Queries are processed in chunks of at most query_chunk, fewer when B x H x chunk x S fp32
-    scores would pass ATTENTION_SCORES_BYTES, so that long prefills need bounded memory.
+    q: [N, H, D], one query per token of the step (tokens of several sequences packed);
+    k_pages, v_pages: [num_pages, H, P, D]; page_table: [num_seqs, max_pages] int32;
+    token_seq, token_pos: [N] int32. Token i sees the keys and values of its sequence
+    s = token_seq[i] at positions 0 .. token_pos[i] (already holding this step's), key j on page
+    page_table[s, j // P] at offset j % P. Scores, softmax and the weighted sum run in fp32; the
+    output is rounded once to q.dtype (what flash-attention does on the GPU). Returns [N, H, D].
+    Each sequence's queries run in chunks whose H x chunk x keys fp32 scores stay within
+    ATTENTION_SCORES_BYTES, so that long prefills need bounded memory.
     """
-    B, T, H, D = q.shape
+    N, H, D = q.shape
+    P = k_pages.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    S = k.shape[1]
-    query_chunk = max(1, min(query_chunk, ATTENTION_SCORES_BYTES // (4 * B * H * S)))
-    kf = k.float().permute(0, 2, 3, 1)          # [B, H, D, S]
-    vf = v.float().permute(0, 2, 1, 3)          # [B, H, S, D]
-    key_pos = torch.arange(S, device=q.device)
-    start = start.to(q.device)
-    outs = []
-    for t0 in range(0, T, query_chunk):
-        qc = q[:, t0:t0 + query_chunk].float().permute(0, 2, 1, 3)   # [B, H, Tc, D]
-        tc = qc.shape[2]
-        scores = torch.matmul(qc, kf) * scale                           # [B, H, Tc, S]
-        q_pos = start[:, None] + torch.arange(t0, t0 + tc, device=q.device)[None, :]   # [B, Tc]
-        mask = key_pos[None, None, :] <= q_pos[:, :, None]             # [B, Tc, S]
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        outs.append(torch.matmul(probs, vf).permute(0, 2, 1, 3))        # [B, Tc, H, D]
-    return torch.cat(outs, dim=1).to(q.dtype)
+    out = torch.empty(N, H, D, dtype=torch.float32, device=q.device)
+    seq = token_seq.long().to(q.device)
+    pos = token_pos.long().to(q.device)
+    for s in torch.unique(seq).tolist():
+        rows = torch.nonzero(seq == s).flatten()
+        n = int(pos[rows].max()) + 1                              # keys this sequence's queries read
+        pages = page_table[s, :(n + P - 1) // P].long().to(q.device)
+        kf = k_pages[pages].float().transpose(0, 1).reshape(H, -1, D)[:, :n]   # [H, n, D]
+        vf = v_pages[pages].float().transpose(0, 1).reshape(H, -1, D)[:, :n]
+        chunk = max(1, ATTENTION_SCORES_BYTES // (4 * H * n))
+        for r0 in range(0, rows.numel(), chunk):
+            r = rows[r0:r0 + chunk]
+            qc = q[r].float().transpose(0, 1)                     # [H, Nc, D]
+            scores = torch.matmul(qc, kf.transpose(1, 2)) * scale  # [H, Nc, n]
+            mask = torch.arange(n, device=q.device)[None, :] <= pos[r][:, None]   # [Nc, n]
+            scores = scores.masked_fill(~mask[None], float("-inf"))
+            out[r] = torch.matmul(torch.softmax(scores, dim=-1), vf).transpose(0, 1)
+    return out.to(q.dtype)

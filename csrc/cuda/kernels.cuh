@@ -52,24 +52,24 @@ Status rotary_embedding(T* out,            // [batch, seq, heads, head_dim], con
                         int64_t rot_dim, int64_t x_stride_b, int64_t x_stride_t,
                         int64_t x_stride_h, cudaStream_t stream);
 
-// rotary_embedding of q into q_out, and of k into a KV cache with v beside it: for b < batch,
-// t < n_new[b], h < heads: k_cache[slots[b], h, start[b] + t] = rope(k[b, t, h]) and
-// v_cache[...] = v[b, t, h] (copied); q_out[b, t, h] = rope(q[b, t, h]) for every t < seq.
-// q, k, v share their strides; k_cache and v_cache share theirs. slots, start and n_new are
-// device arrays that the kernel reads unchecked: the caller guarantees 0 <= slots[b] < cache
-// slots (distinct), 0 <= n_new[b] <= seq, 0 <= start[b], start[b] + n_new[b] <= positions.
+// rotary_embedding of q into q_out, and of k into a paged KV cache with v beside it: token i
+// (sequence s = token_seq[i], position p = token_pos[i]) writes, for every head h,
+// k_pages[page_table[s, p / P], h, p % P] = rope(k[i, h]) and v_pages[...] = v[i, h] (copied);
+// q_out[i, h] = rope(q[i, h]). The roundings of rotary_embedding. q, k, v share their strides
+// (views of one qkv buffer). The metadata are device arrays read unchecked: the caller guarantees
+// that every page written is valid.
 template <typename T>
-Status rotary_kv_cache(T* q_out,             // [batch, seq, heads, head_dim], contiguous
-                       T* k_cache,           // [slots, heads, S, head_dim] at strides
-                       T* v_cache,           //   (c_stride_slot, c_stride_h, c_stride_s, 1)
-                       const T* q, const T* k, const T* v,  // [batch, seq, heads, head_dim] at
-                                                           //   strides (x_stride_b, _t, _h, 1)
-                       const float* cos,     // [batch, seq, rot_dim], contiguous
-                       const float* sin,     // [batch, seq, rot_dim], contiguous
-                       const int64_t* slots, const int64_t* start, const int64_t* n_new,  // [batch]
-                       int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
-                       int64_t rot_dim, int64_t x_stride_b, int64_t x_stride_t, int64_t x_stride_h,
-                       int64_t c_stride_slot, int64_t c_stride_h, int64_t c_stride_s,
+Status rotary_kv_cache(T* q_out,                    // [N, H, D] contiguous
+                       T* k_pages,                  // [num_pages, H, P, D] contiguous
+                       T* v_pages,                  // [num_pages, H, P, D] contiguous
+                       const T* q, const T* k, const T* v,  // [N, H, D] at (x_stride_n, x_stride_h, 1)
+                       const float* cos,            // [N, rot_dim], contiguous
+                       const float* sin,            // [N, rot_dim], contiguous
+                       const int32_t* page_table,   // [num_seqs, ld_pt]
+                       const int32_t* token_seq,    // [N]
+                       const int32_t* token_pos,    // [N]
+                       int64_t N, int64_t H, int64_t D, int64_t rot_dim, int64_t P,
+                       int64_t ld_pt, int64_t x_stride_n, int64_t x_stride_h,
                        cudaStream_t stream);
 
 // ---- swiglu (swiglu.cu) -----------------------------------------------------------------------
@@ -122,24 +122,26 @@ Status quant_linear_dequantize(T* out,               // [N, ld_out], the first K
 
 // ---- attention (attention.cu) -----------------------------------------------------------------
 
-// Bytes of device workspace attention needs for these sizes (0 when no row's keys are split);
-// the caller allocates it (the launcher never does).
-int64_t attention_workspace_bytes(int64_t B, int64_t T, int64_t H, int64_t D, int64_t S);
+// Bytes of device workspace attention needs for N query tokens of H heads reading at most
+// max_keys keys each (0 when no row's keys are split); the caller allocates it.
+int64_t attention_workspace_bytes(int64_t N, int64_t H, int64_t D, int64_t max_keys);
 
-// Causal attention over a KV cache (reference.attention): query t of sequence b sits at position
-// start[b] + t and sees keys 0 .. min(start[b] + t, S - 1); fp32 scores, softmax and weighted sum
-// (flash-decoding: the keys split into chunks, partials combined), the output rounded once to T.
-// Strides in elements; head dims contiguous; 1 <= D <= 256; start (device memory) >= 0.
+// Causal attention over a paged KV cache (reference.attention): token i (sequence token_seq[i],
+// position token_pos[i] < max_keys) sees its sequence's keys 0 .. token_pos[i], key j at
+// k_pages[page_table[s, j / P], h, j % P]; fp32 scores, softmax and weighted sum (flash-decoding:
+// the keys split into chunks, partials combined), the output rounded once to T. The metadata are
+// device arrays read unchecked. 1 <= D <= 256.
 template <typename T>
-Status attention(T* out,                // [B, T, H, D] contiguous
-                 const T* q,            // [B, T, H, D] at strides (sq_b, sq_t, sq_h, 1)
-                 const T* k,            // [B, S, H, D] at strides (sk_b, sk_s, sk_h, 1)
-                 const T* v,            // [B, S, H, D] at strides (sv_b, sv_s, sv_h, 1)
-                 const int64_t* start,  // [B] on the device: cached positions before the queries
-                 int64_t B, int64_t T_, int64_t H, int64_t D, int64_t S, int64_t sq_b,
-                 int64_t sq_t, int64_t sq_h, int64_t sk_b, int64_t sk_s, int64_t sk_h,
-                 int64_t sv_b, int64_t sv_s, int64_t sv_h, float scale,
-                 void* workspace,       // [workspace_bytes], >= attention_workspace_bytes(...)
+Status attention(T* out,                      // [N, H, D] contiguous
+                 const T* q,                  // [N, H, D] at strides (sq_n, sq_h, 1)
+                 const T* k_pages,            // [num_pages, H, P, D] contiguous
+                 const T* v_pages,            // [num_pages, H, P, D] contiguous
+                 const int32_t* page_table,   // [num_seqs, ld_pt]
+                 const int32_t* token_seq,    // [N]
+                 const int32_t* token_pos,    // [N]
+                 int64_t N, int64_t H, int64_t D, int64_t P, int64_t ld_pt, int64_t max_keys,
+                 int64_t sq_n, int64_t sq_h, float scale,
+                 void* workspace,             // [workspace_bytes] >= attention_workspace_bytes(...)
                  int64_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace qf::cuda

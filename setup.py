@@ -225,7 +225,8 @@ setup(
     ext_modules=[
         CppExtension(
             name="qwen_fast._C",
-            sources=[rel(CSRC / "bindings.cpp"), rel(CSRC / "ops.cpp"), rel(CSRC / "decode_layer.cpp")]
+            sources=[rel(CSRC / "bindings.cpp"), rel(CSRC / "decode_layer.cpp")]
+            + [rel(p) for p in sorted((CSRC / "ops").glob("*.cpp"))]
             + [rel(p) for p in sorted((CSRC / "cpu").glob("*.cpp"))],
             include_dirs=[str(CSRC)],
             depends=[rel(p) for p in sorted(CSRC.glob("**/*.h")) + sorted(CSRC.glob("**/*.cuh"))],

@@ -96,36 +96,34 @@ Returns (out, residual_out), both new and contiguous:
 out, residual_out: optional buffers to write instead (contiguous, x's shape, dtype and device,
 overlapping no input); residual_out may be residual itself, updated in place.)");
 
-  m.def("attention", &qf::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"),
+  m.def("attention", &qf::attention, py::arg("q"), py::arg("k_pages"), py::arg("v_pages"),
+        py::arg("page_table"), py::arg("token_seq"), py::arg("token_pos"), py::arg("max_keys"),
         py::arg("scale"), py::arg("stream") = 0, py::kw_only(), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
-        R"(Causal multi-head attention over a KV cache, CPU or CUDA (reference.attention).
+        R"(Causal multi-head attention over a paged KV cache, CPU or CUDA (reference.attention).
 
-q: [B, T, H, D] new queries (bfloat16/float16/float32, head dim contiguous, other dims may be
-strided); query t of row b sits at position start[b] + t. k, v: [B, S, H, D] the cache, already
-holding this step's keys/values (strided views are fine). start: [B] torch.int64 on the CPU
-(for CUDA tensors it is copied to q's device on torch's current stream, which must be `stream`).
-Row b's query t attends to keys 0 .. min(start[b] + t, S - 1) (bottom-right causal mask).
-scale: multiplies q . k (1/sqrt(D) for Qwen). Scores, softmax and the weighted sum in fp32;
-returns a new contiguous [B, T, H, D] tensor in q's dtype (or writes out, if given:
-contiguous, that shape, q's dtype, overlapping no input). stream: as for rms_norm.)");
+q: [N, H, D] the queries of a step's N tokens (bfloat16/float16/float32, head dim contiguous,
+the other dims may be strided). k_pages, v_pages: [pages, H, P, D] contiguous, in q's dtype.
+page_table: [sequences, max_pages] torch.int32; token_seq, token_pos: [N] torch.int32, all on
+q's device. Token i attends to keys 0 .. token_pos[i] of sequence s = token_seq[i], key j on page
+page_table[s, j // P] at offset j % P (already holding this step's keys). max_keys: at least
+max(token_pos) + 1 (the CUDA kernel plans its splits by it). scale multiplies q . k. Scores,
+softmax and the weighted sum in fp32; returns a new contiguous [N, H, D] tensor in q's dtype (or
+writes out). On the CPU every page id read is checked first. stream: as for rms_norm.)");
 
   m.def("rotary_kv_cache", &qf::rotary_kv_cache, py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
-        py::arg("start"), py::arg("n_new"), py::arg("stream") = 0, py::kw_only(),
-        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
-        R"(rotary_embedding of q and k, with k and v written straight into a KV cache, CPU or
-CUDA (reference.rotary_kv_cache).
+        py::arg("cos"), py::arg("sin"), py::arg("k_pages"), py::arg("v_pages"),
+        py::arg("page_table"), py::arg("token_seq"), py::arg("token_pos"), py::arg("stream") = 0,
+        py::kw_only(), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        R"(rotary_embedding of q and k, with k and v written straight into a paged KV cache, CPU
+or CUDA (reference.rotary_kv_cache).
 
-q, k, v: [B, T, H, D] bfloat16/float16/float32 views with the same strides (of the fused qkv
-output), head dim contiguous. cos, sin: [B, T, R] float32 as for rotary_embedding.
-k_cache, v_cache: [slots, H, positions, D] with the same shape and strides, head dim contiguous.
-slots, start, n_new: one int per sequence: row b's first n_new[b] tokens go to cache slot
-slots[b] at positions start[b] .. start[b] + n_new[b] - 1 (keys rotated, values copied).
-stream: cudaStream_t as an int, which must be torch's current stream of q's device
-(torch.cuda.current_stream().cuda_stream): the three lists reach the device by a copy on it.
-Ignored on CPU.
-Returns the rotated q, a new contiguous [B, T, H, D] tensor (or out, if given), bit-identical
+q, k, v: [N, H, D] bfloat16/float16/float32 views with the same strides (of the fused qkv
+output), head dim contiguous. cos, sin: [N, R] float32 (each token's table row).
+k_pages, v_pages: [pages, H, P, D] contiguous; page_table [sequences, max_pages], token_seq and
+token_pos [N], torch.int32 on q's device: token i's rotated key and its value go to page
+page_table[token_seq[i], token_pos[i] // P], offset token_pos[i] % P. stream: as for rms_norm.
+Returns the rotated q, a new contiguous [N, H, D] tensor (or out, if given), bit-identical
 to rotary_embedding(q, cos, sin).)");
 
   m.def("rotary_embedding", &qf::rotary_embedding, py::arg("x"), py::arg("cos"), py::arg("sin"),
@@ -220,11 +218,12 @@ spinning between parallel regions, which slows a decode step by half. The engine
 loading, since its steps run on a thread of their own. Returns whether anything was released.)");
 
   // One decoder layer of a decode step (QwenModel.forward's loop, T = 1) in one call.
-  py::class_<qf::DecodeLayer>(m, "DecodeLayer", R"(One decoder layer of a decode step in C++: the
-ops of QwenModel.forward's layer loop for one new token per row, in the same order and on the same
-buffers (bit-identical to the Python loop, one call per layer instead of about ten). Each linear is
-a tuple (weight, bits, in_features, out_features, perm): bits 0 for a dense [N, K] weight, 4 / 8
-for a QuantWeight's data (perm its act-order permutation or None).)")
+  py::class_<qf::DecodeLayer>(m, "DecodeLayer", R"(One decoder layer of a step in C++: the ops of
+QwenModel.forward's layer loop over the step's packed tokens (decode rows and prefill chunks
+alike), in the same order and on the same buffers (bit-identical to the Python loop, one call per
+layer instead of about ten). Each linear is a tuple (weight, bits, in_features, out_features,
+perm): bits 0 for a dense [N, K] weight, 4 / 8 for a QuantWeight's data (perm its act-order
+permutation or None).)")
       .def(py::init([](at::Tensor ln_1, py::tuple c_attn, std::optional<at::Tensor> c_attn_bias,
                        py::tuple c_proj, at::Tensor ln_2, py::tuple w1, py::tuple w2,
                        py::tuple mlp_c_proj, int64_t heads, int64_t head_dim, double eps) {
@@ -243,9 +242,9 @@ for a QuantWeight's data (perm its act-order permutation or None).)")
            py::arg("ln_2"), py::arg("w1"), py::arg("w2"), py::arg("mlp_c_proj"),
            py::arg("heads"), py::arg("head_dim"), py::arg("eps"))
       .def("step", &qf::DecodeLayer::step, py::arg("h"), py::arg("x"), py::arg("bufs"),
-           py::arg("k_cache"), py::arg("v_cache"), py::arg("cos"), py::arg("sin"),
-           py::arg("slots"), py::arg("lengths"), py::arg("start"), py::arg("runs"), py::arg("S"),
-           py::arg("logn"), py::arg("next_norm"), py::arg("stream"),
+           py::arg("k_pages"), py::arg("v_pages"), py::arg("cos"), py::arg("sin"),
+           py::arg("page_table"), py::arg("token_seq"), py::arg("token_pos"),
+           py::arg("max_keys"), py::arg("logn"), py::arg("next_norm"), py::arg("stream"),
            py::call_guard<py::gil_scoped_release>(),
            "Run the layer: h (residual) and x (normalised input -> the next layer's) updated in "
            "place; bufs = [qkv, q, a, o, up, gate, act] (see decode_layer.h).");

@@ -34,31 +34,23 @@ void DecodeLayer::project(const LinearWeight& w, const std::optional<at::Tensor>
 }
 
 void DecodeLayer::step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tensor>& bufs,
-                       const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& cos, const at::Tensor& sin,
-                       const std::vector<int64_t>& slots, const std::vector<int64_t>& lengths,
-                       const at::Tensor& start, const std::vector<int64_t>& runs, int64_t S,
+                       const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& cos,
+                       const at::Tensor& sin, const at::Tensor& page_table,
+                       const at::Tensor& token_seq, const at::Tensor& token_pos, int64_t max_keys,
                        const std::optional<at::Tensor>& logn, const at::Tensor& next_norm,
                        int64_t stream) const {
   TORCH_CHECK(bufs.size() == 7, "DecodeLayer.step: bufs must be [qkv, q, a, o, up, gate, act]");
-  TORCH_CHECK(runs.size() % 3 == 0, "DecodeLayer.step: runs must be (i0, i1, r0) triples");
   const at::Tensor &qkv = bufs[0], &q = bufs[1], &a = bufs[2], &o = bufs[3], &up = bufs[4],
                    &gate = bufs[5], &act = bufs[6];
-  const int64_t B = h.size(0), H = heads_, D = head_dim_;
+  const int64_t N = h.size(0), H = heads_, D = head_dim_;
   project(c_attn_, c_attn_bias_, x, qkv, stream);
-  const at::Tensor parts = qkv.view({B, 1, 3, H, D});
-  const std::vector<int64_t> n_new(static_cast<size_t>(B), 1);
-  rotary_kv_cache(parts.select(2, 0), parts.select(2, 1), parts.select(2, 2), cos, sin, k_cache,
-                  v_cache, slots, lengths, n_new, stream, q);
+  const at::Tensor parts = qkv.view({N, 3, H, D});
+  rotary_kv_cache(parts.select(1, 0), parts.select(1, 1), parts.select(1, 2), cos, sin, k_pages,
+                  v_pages, page_table, token_seq, token_pos, stream, q);
   if (logn.has_value()) q.mul_(*logn);
   const double scale = std::pow(static_cast<double>(D), -0.5);  // Python's D ** -0.5 (ops.attention)
-  for (size_t r = 0; r < runs.size(); r += 3) {
-    const int64_t i0 = runs[r], i1 = runs[r + 1], r0 = runs[r + 2];
-    attention(q.slice(0, i0, i1), k_cache.slice(0, r0, r0 + i1 - i0).slice(2, 0, S).transpose(1, 2),
-              v_cache.slice(0, r0, r0 + i1 - i0).slice(2, 0, S).transpose(1, 2),
-              start.slice(0, i0, i1), scale, stream, a.slice(0, i0, i1));
-  }
-  project(c_proj_, std::nullopt, a.view({B, 1, H * D}), o, stream);
+  attention(q, k_pages, v_pages, page_table, token_seq, token_pos, max_keys, scale, stream, a);
+  project(c_proj_, std::nullopt, a.view({N, H * D}), o, stream);
   fused_add_rms_norm(o, h, ln_2_, eps_, stream, x, h);
   project(w1_, std::nullopt, x, up, stream);
   project(w2_, std::nullopt, x, gate, stream);

@@ -1,5 +1,5 @@
-// One decoder layer of a decode step in C++: the ops of QwenModel.forward's layer loop (T = 1),
-// in the same order, on the same buffers, through the same ops.cpp entry points, so that the
+// One decoder layer of a step in C++: the ops of QwenModel.forward's layer loop over the step's
+// packed tokens, in the same order, on the same buffers, through the same ops/*.cpp entry points, so that the
 // result is bit-identical to the Python loop while a layer costs one call from Python instead
 // of about ten (each with its wrapper, dispatch and argument conversion: ~10 us apiece, 8-12%
 // of an int4 decode step on the 2-core CPU).
@@ -27,18 +27,16 @@ class __attribute__((visibility("hidden"))) DecodeLayer {
               LinearWeight c_proj, at::Tensor ln_2, LinearWeight w1, LinearWeight w2,
               LinearWeight mlp_c_proj, int64_t heads, int64_t head_dim, double eps);
 
-  // h [B, 1, hidden]: the residual stream, updated in place; x [B, 1, hidden]: this layer's
-  // normalised input, overwritten with the next layer's (normalised by next_norm).
-  // bufs: qkv [B, 1, 3 * hidden], q and a [B, 1, H, D], o [B, 1, hidden], up, gate and act
-  // [B, 1, ffn]. k_cache / v_cache [slots, H, positions, D]; slots, lengths: the cache row and
-  // cached length of each input row; start [B] int64 = lengths; runs: (i0, i1, r0) triples,
-  // input rows i0..i1 being cache rows r0.. in order; S the positions attention reads; logn
-  // [B, 1, 1, 1] or none.
+  // h [N, hidden]: the residual stream of the step's N packed tokens, updated in place; x [N,
+  // hidden]: this layer's normalised input, overwritten with the next layer's (normalised by
+  // next_norm). bufs: qkv [N, 3 * hidden], q and a [N, H, D], o [N, hidden], up, gate and act
+  // [N, ffn]. k_pages / v_pages [pages, H, P, D]; page_table, token_seq, token_pos, max_keys:
+  // the step's paged metadata (ops.h attention), built once per step for every layer; logn
+  // [N, 1, 1] or none.
   void step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tensor>& bufs,
-            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
-            const at::Tensor& sin, const std::vector<int64_t>& slots,
-            const std::vector<int64_t>& lengths, const at::Tensor& start,
-            const std::vector<int64_t>& runs, int64_t S, const std::optional<at::Tensor>& logn,
+            const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& cos,
+            const at::Tensor& sin, const at::Tensor& page_table, const at::Tensor& token_seq,
+            const at::Tensor& token_pos, int64_t max_keys, const std::optional<at::Tensor>& logn,
             const at::Tensor& next_norm, int64_t stream) const;
 
  private:

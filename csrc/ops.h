@@ -1,4 +1,4 @@
-// Tensor-level entry points, implemented in ops.cpp and exposed by bindings.cpp.
+// Tensor-level entry points, implemented in ops/*.cpp (one file per op family) and exposed by bindings.cpp.
 // `stream` is a cudaStream_t passed as an integer (torch.cuda.current_stream().cuda_stream);
 // it is ignored for CPU tensors.
 #pragma once
@@ -28,27 +28,30 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
                                                       int64_t stream, const OptTensor& out,
                                                       const OptTensor& residual_out);
 
-// Causal attention over a KV cache (CPU or CUDA): q [B, T, H, D], k/v [B, S, H, D] (strided
-// views with a contiguous head dim), start [B] int64 on the CPU (copied to q's device for CUDA);
-// returns [B, T, H, D] in q's dtype. stream: the CUDA stream (an integer) for CUDA tensors.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& start, double scale, int64_t stream, const OptTensor& out);
+// Causal attention over a paged KV cache (CPU or CUDA): q [N, H, D] (the packed tokens of a step,
+// head dim contiguous), k_pages / v_pages [pages, H, P, D], page_table [sequences, max_pages] and
+// token_seq / token_pos [N] int32 on q's device; token i sees keys 0 .. token_pos[i] of sequence
+// token_seq[i]. max_keys: an upper bound on token_pos + 1 (the CUDA kernel plans its key splits
+// by it without reading the device). Returns [N, H, D] in q's dtype.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                     const at::Tensor& page_table, const at::Tensor& token_seq,
+                     const at::Tensor& token_pos, int64_t max_keys, double scale, int64_t stream,
+                     const OptTensor& out);
 
 // GPT-NeoX RoPE of x [B, T, H, D] (any B, T, H strides) with cos/sin [B, T, R] fp32, CPU or
 // CUDA; stream: the CUDA stream to launch on (ignored for CPU tensors).
 at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                             int64_t stream);
 
-// RoPE of q and k, with the rotated keys and the values written straight into a KV cache
-// [slots, H, S, D] (CPU or CUDA): q, k, v [B, T, H, D] views sharing their strides (of the fused
-// qkv output); cos/sin [B, T, R] fp32; row b's first n_new[b] positions go to cache slot slots[b]
-// at positions start[b] ... Returns the rotated q ([B, T, H, D], contiguous; into `out` if given).
-// On CUDA, stream must be torch's current stream of q's device (the per-row lists are copied
-// to the device on it).
+// RoPE of q and k, with the rotated keys and the values written straight into a paged KV cache
+// (CPU or CUDA): q, k, v [N, H, D] views sharing their strides (of the fused qkv output); cos/sin
+// [N, R] fp32; token i writes its key and value at position token_pos[i] of sequence
+// token_seq[i] (page page_table[s, pos / P], offset pos % P). Returns the rotated q ([N, H, D],
+// contiguous; into `out` if given).
 at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const std::vector<int64_t>& slots,
-                           const std::vector<int64_t>& start, const std::vector<int64_t>& n_new,
+                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pages,
+                           const at::Tensor& v_pages, const at::Tensor& page_table,
+                           const at::Tensor& token_seq, const at::Tensor& token_pos,
                            int64_t stream, const OptTensor& out);
 
 at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,

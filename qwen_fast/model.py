@@ -1,5 +1,6 @@
-"""Qwen v1 forward pass with release semantics (qwen-spec.md §4), over a batched KV cache with
-per-sequence lengths.
+"""Qwen v1 forward pass with release semantics (qwen-spec.md §4) over the packed tokens of a step
+(prefill chunks and decode tokens of several sequences in one pass over the weights), with their
+keys and values in a paged KV cache (kv_cache.py).
 
     h = wte[ids]
     per block:  a = RMSNorm_1(h); h = h + Attn(a);  m = RMSNorm_2(h); h = h + c_proj(w1 m * silu(w2 m))
@@ -7,9 +8,9 @@ per-sequence lengths.
 
 The residual add and the next RMSNorm are one fused op (same roundings as the release). Every op
 goes through a per-op backend table, so a kernel can replace its reference one op at a time.
-Sequences in a batch are independent: each has its own length, its own rotary positions
-(starting at 0, no padding offsets) and its own dynamic-NTK alpha, chosen when the sequence is
-prefilled from an empty cache and kept for all its decode steps, as the release does.
+Sequences in a step are independent: each has its own pages, its own rotary positions (starting
+at 0, no padding) and its own dynamic-NTK alpha, chosen from its prompt's length when it is first
+prefilled and kept for all its decode steps, as the release does.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import QwenConfig, ntk_alpha
+from .config import QwenConfig
+from .kv_cache import PagePool, StepMetadata
 from .qweight import QuantWeight
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_kv_cache", "swiglu", "attention", "linear")
@@ -56,85 +58,6 @@ def resolve_ops(backend: str) -> Dict[str, Callable]:
     return table
 
 
-class KVCache:
-    """Per-layer keys (after RoPE) and values: k[layer], v[layer] = [batch, heads, capacity, head_dim]
-    (each head's positions contiguous, so that attention streams them; the release keeps
-    [batch, seq, heads, head_dim], where consecutive positions of a head lie 4 KiB apart).
-
-    lengths[b] is how many positions of sequence b are filled; alpha[b] its NTK alpha.
-    The cache starts at `capacity` positions and grows with use (ensure) up to `max_capacity`
-    (default: no growth), one layer at a time, so that a growth step needs only one layer's
-    worth of extra memory; memory follows what the sequences use, not what they might use.
-    """
-
-    GRANULE = 64    # capacities are rounded up to a multiple of this many positions
-
-    def __init__(self, cfg: QwenConfig, batch_size: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", max_capacity: Optional[int] = None):
-        self.max_capacity = capacity if max_capacity is None else max_capacity
-        if self.max_capacity > cfg.max_context:
-            raise ValueError(f"KV cache capacity {self.max_capacity} exceeds the model's hard "
-                             f"maximum of {cfg.max_context} tokens")
-        if not 0 < capacity <= self.max_capacity:
-            raise ValueError(f"KV cache capacity {capacity} must be in [1, {self.max_capacity}]")
-        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        shape = (batch_size, cfg.num_attention_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.lengths: List[int] = [0] * batch_size
-        self.alpha: List[int] = [1] * batch_size
-        self.peak_bytes = self.nbytes()
-        self.buffers: Optional[Dict[str, torch.Tensor]] = None   # QwenModel._decode_buffers
-
-    @staticmethod
-    def bytes_per_token(cfg: QwenConfig, dtype: torch.dtype) -> int:
-        """Bytes of keys + values one position of one sequence takes (192 KiB for 1.8B bf16)."""
-        return (2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
-                * torch.empty((), dtype=dtype).element_size())
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def grow_slots(self, n: int) -> None:
-        """Room for n sequences (n >= batch_size): the cached ones keep their slots."""
-        old = self.batch_size
-        if n <= old:
-            return
-        for kv in (self.k, self.v):
-            for li, t in enumerate(kv):
-                grown = torch.zeros((n,) + t.shape[1:], dtype=t.dtype, device=t.device)
-                grown[:old] = t
-                kv[li] = grown
-        self.lengths += [0] * (n - old)
-        self.alpha += [1] * (n - old)
-        self.peak_bytes = max(self.peak_bytes, self.nbytes())
-
-    def ensure(self, needed: int) -> None:
-        """Make room for `needed` positions per sequence: at least double the capacity (so
-        growth costs O(1) per token), never past max_capacity. New positions are zero."""
-        if needed <= self.capacity:
-            return
-        if needed > self.max_capacity:
-            raise ValueError(f"{needed} positions exceed the KV cache capacity of {self.max_capacity}")
-        new = max(needed, 2 * self.capacity)
-        new = min(-(-new // self.GRANULE) * self.GRANULE, self.max_capacity)
-        old = self.capacity
-        for kv in (self.k, self.v):
-            for li, t in enumerate(kv):
-                grown = torch.zeros(t.shape[:2] + (new, t.shape[3]), dtype=t.dtype, device=t.device)
-                grown[:, :, :old] = t
-                kv[li] = grown
-        self.peak_bytes = max(self.peak_bytes, self.nbytes())
-
-
 class QwenModel:
     LOGITS_CHUNK = 256      # positions per lm_head call when all logits are asked for
 
@@ -161,10 +84,12 @@ class QwenModel:
             [math.log(i, cfg.seq_length) if i > cfg.seq_length else 1.0 for i in range(1, n + 1)],
             dtype=torch.float32, device=self.device)
         self._rope_tables: Dict[int, tuple] = {}
-        # Decode steps run each layer as one C++ call (_C.DecodeLayer, the same ops in the same
-        # order) whenever every op of the table is the compiled one; False forces the Python loop.
+        # Steps run each layer as one C++ call (_C.DecodeLayer, the same ops in the same order)
+        # whenever every op of the table is the compiled one; False forces the Python loop.
         self.fused_decode = True
         self._decode_layers = None
+        self.buffer_rows = 8                # steps of up to this many tokens reuse their buffers
+        self._step_buffers: Optional[Dict[str, torch.Tensor]] = None
 
     # ---- rotary tables -------------------------------------------------------------------
     def _rope_table(self, alpha: int, needed: int):
@@ -182,129 +107,92 @@ class QwenModel:
             self._rope_tables[alpha] = tab
         return tab
 
-    def _rope(self, positions: torch.Tensor, alphas: Sequence[int]):
-        """positions [B, T] -> cos, sin [B, T, rotary_dim] using each row's alpha."""
+    def _rope(self, positions: torch.Tensor, alphas: Sequence[int], counts: Sequence[int]):
+        """positions [N] (the packed tokens, sequence after sequence: counts[b] tokens of
+        sequence b, whose NTK alpha is alphas[b]) -> cos, sin [N, rotary_dim]."""
         need = int(positions.max()) + 1
+        if len(set(alphas)) == 1:
+            c, s = self._rope_table(alphas[0], need)
+            return c[positions], s[positions]
         cos, sin = [], []
-        for b, a in enumerate(alphas):
+        for a, p in zip(alphas, torch.split(positions, list(counts))):
             c, s = self._rope_table(a, need)
-            cos.append(c[positions[b]])
-            sin.append(s[positions[b]])
-        return torch.stack(cos), torch.stack(sin)
+            cos.append(c[p])
+            sin.append(s[p])
+        return torch.cat(cos), torch.cat(sin)
 
     # ---- forward -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache,
-                num_new: Optional[Sequence[int]] = None, all_logits: bool = False,
-                logits_dtype: Optional[torch.dtype] = None,
-                rows: Optional[Sequence[int]] = None,
-                prompt_lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Append tokens to sequences of the cache and return logits.
+    def forward(self, input_ids: torch.Tensor, pool: PagePool, meta: StepMetadata,
+                positions: torch.Tensor, alphas: Sequence[int], counts: Sequence[int],
+                logits_rows: Optional[Sequence[int]] = None,
+                logits_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One forward over a step's packed tokens, writing their keys and values into the pool.
 
-        input_ids: [B, T] int64, row b right-padded with num_new[b] valid tokens (default T).
-        rows: the cache sequence of each input row (default 0..B-1), so finished sequences
-        can drop out of a batch. A sequence whose cache is empty is a prefill and picks its NTK
-        alpha from its prompt length: prompt_lengths[b] when the prompt is prefilled in
-        chunks, else num_new[b]. Returns [B, vocab] logits of each row's last valid token, or
-        [B, T, vocab] for all positions when all_logits. Logits are rounded to the model dtype
-        (as the release), then stored as logits_dtype (default: the model dtype); all_logits
-        computes them LOGITS_CHUNK positions at a time into the output, so the only full-size
-        tensor is the one returned.
+        input_ids: [N] int64, the tokens of the step's sequences one after another (counts[b] of
+        sequence b: a prefill chunk, or one decode token); positions: [N] int64 on the CPU, each
+        token's absolute position; alphas[b]: sequence b's dynamic-NTK alpha (chosen from its
+        prompt's length when it was first prefilled, as the release does); meta: the step's
+        page table and per-token metadata (kv_cache.StepMetadata, shared by every layer).
+        Returns the logits [len(logits_rows), vocab] of the tokens logits_rows (default: every
+        token, LOGITS_CHUNK at a time into the output, so that the only full-size tensor is the
+        one returned), rounded to the model dtype (as the release), stored as logits_dtype
+        (default: the model dtype).
         """
         cfg, ops = self.cfg, self.ops
-        B, T = input_ids.shape
-        rows = list(range(B)) if rows is None else [int(r) for r in rows]
-        if len(rows) != B or len(set(rows)) != B or any(not 0 <= r < cache.batch_size for r in rows):
-            raise ValueError(f"rows must name {B} distinct cache sequences in [0, {cache.batch_size}), got {rows}")
-        n_new = [T] * B if num_new is None else [int(n) for n in num_new]
-        if len(n_new) != B or any(n < 1 or n > T for n in n_new):
-            raise ValueError(f"num_new must give 1..{T} tokens for each of {B} rows, got {n_new}")
-        lengths = [cache.lengths[r] for r in rows]
-        for b, r in enumerate(rows):
-            if lengths[b] + n_new[b] > cache.max_capacity:
-                raise ValueError(f"sequence {r}: {lengths[b]} cached + {n_new[b]} new tokens "
-                                 f"exceed the KV cache capacity of {cache.max_capacity}")
-            if lengths[b] == 0:
-                n = n_new[b] if prompt_lengths is None else int(prompt_lengths[b])
-                cache.alpha[r] = ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1
-        alphas = [cache.alpha[r] for r in rows]
-        cache.ensure(max(lengths[b] + n_new[b] for b in range(B)))
+        N = input_ids.shape[0]
+        H, D = cfg.num_attention_heads, cfg.head_dim
         ids = input_ids.to(self.device)
-        # start stays on the CPU, where attention reads it (the CUDA kernel gets a copy).
-        start = torch.tensor(lengths, dtype=torch.long)
-        positions = start.to(self.device)[:, None] + torch.arange(T, device=self.device)[None, :]   # [B, T]
-        positions = positions.clamp_(max=cache.capacity - 1)   # padding rows only
-        cos, sin = self._rope(positions, alphas)
+        cos, sin = self._rope(positions, alphas, counts)
+        cos, sin = cos.to(self.device), sin.to(self.device)
         logn = None
         if cfg.use_logn_attn and int(positions.max()) >= cfg.seq_length:
-            logn = self._logn[positions].to(self.dtype)[:, :, None, None]      # [B, T, 1, 1]
-        S = max(lengths[b] + n_new[b] for b in range(B))
-        # Input rows i0..i1 that are cache rows r0.. in order: attention reads each run of the
-        # cache as a view, so a batch whose finished rows dropped out copies nothing per step.
-        runs = []
-        for i, r in enumerate(rows):
-            if runs and r == runs[-1][2] + (i - runs[-1][0]):
-                runs[-1][1] = i + 1
-            else:
-                runs.append([i, i + 1, r])
-        H, D = cfg.num_attention_heads, cfg.head_dim
-        # Decode steps write every activation into buffers allocated once per cache (per
-        # request); a prefill allocates its own, freed when it ends.
-        ws = self._decode_buffers(cache, B) if T == 1 else {}
-        buf = ws.get
-
-        if T == 1:
-            h = torch.index_select(self.wte, 0, ids.view(B), out=ws["h"].view(B, -1)).view(B, 1, -1)
-        else:
-            h = F.embedding(ids, self.wte)                                      # [B, T, hidden]
-        x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon, out=buf("x"))
+            logn = self._logn[positions.to(self.device)].to(self.dtype)[:, None, None]   # [N, 1, 1]
+        # Steps of up to buffer_rows tokens (decode) write every activation into buffers made
+        # once; a longer step (prefill) allocates its own, freed when it ends.
+        ws = self._buffers(N)
+        h = torch.index_select(self.wte, 0, ids, out=ws["h"])                  # [N, hidden]
+        x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon, out=ws["x"])
         linear = ops["linear"]
-        fused = self._fused_layers() if T == 1 else None
+        fused = self._fused_layers()
         if fused is not None:
             from .ops import _stream
             bufs = [ws[k] for k in ("qkv", "q", "a", "o", "up", "gate", "act")]
-            flat_runs = [v for run in runs for v in run]
             stream = _stream(h)
             for li, layer in enumerate(fused):
                 nxt = self.layers[li + 1]["ln_1.weight"] if li + 1 < len(self.layers) else self.ln_f
-                layer.step(h, x, bufs, cache.k[li], cache.v[li], cos, sin, rows, lengths, start,
-                           flat_runs, S, logn, nxt, stream)
+                layer.step(h, x, bufs, pool.k[li], pool.v[li], cos, sin, meta.page_table,
+                           meta.token_seq, meta.token_pos, meta.max_keys, logn, nxt, stream)
         for li, L in enumerate(self.layers if fused is None else ()):
-            qkv = linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"], out=buf("qkv"))
-            q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
-            kc, vc = cache.k[li], cache.v[li]
-            # q rotated; k rotated and v copied into the cache, straight from qkv.
-            q = ops["rotary_kv_cache"](q, k, v, cos, sin, kc, vc, rows, lengths, n_new, out=buf("q"))
+            qkv = linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"], out=ws["qkv"])
+            q, k, v = qkv.view(N, 3, H, D).unbind(1)
+            # q rotated; k rotated and v copied into the pages, straight from qkv.
+            q = ops["rotary_kv_cache"](q, k, v, cos, sin, pool.k[li], pool.v[li], meta.page_table,
+                                       meta.token_seq, meta.token_pos, out=ws["q"])
             if logn is not None:
                 q.mul_(logn)
-            # [B, S, H, D] views of the [B, H, S, D] cache: each head's keys are contiguous.
-            a = ws["a"] if ws else q.new_empty(B, T, H, D)
-            for i0, i1, r0 in runs:
-                ops["attention"](q[i0:i1], kc[r0:r0 + i1 - i0, :, :S].transpose(1, 2),
-                                 vc[r0:r0 + i1 - i0, :, :S].transpose(1, 2), start[i0:i1],
-                                 out=a[i0:i1])
-            attn_out = linear(a.view(B, T, H * D), L["attn.c_proj.weight"], out=buf("o"))
+            a = ops["attention"](q, pool.k[li], pool.v[li], meta.page_table, meta.token_seq,
+                                 meta.token_pos, max_keys=meta.max_keys, out=ws["a"])
+            attn_out = linear(a.view(N, H * D), L["attn.c_proj.weight"], out=ws["o"])
             x, h = ops["fused_add_rms_norm"](attn_out, h, L["ln_2.weight"], cfg.layer_norm_epsilon,
-                                             out=buf("x"), residual_out=h)
-            up = linear(x, L["mlp.w1.weight"], out=buf("up"))
-            gate = linear(x, L["mlp.w2.weight"], out=buf("gate"))
-            act = ops["swiglu"](up, gate, out=buf("act"))
-            mlp_out = linear(act, L["mlp.c_proj.weight"], out=buf("o"))
+                                             out=ws["x"], residual_out=h)
+            up = linear(x, L["mlp.w1.weight"], out=ws["up"])
+            gate = linear(x, L["mlp.w2.weight"], out=ws["gate"])
+            act = ops["swiglu"](up, gate, out=ws["act"])
+            mlp_out = linear(act, L["mlp.c_proj.weight"], out=ws["o"])
             nxt = self.layers[li + 1]["ln_1.weight"] if li + 1 < len(self.layers) else self.ln_f
             x, h = ops["fused_add_rms_norm"](mlp_out, h, nxt, cfg.layer_norm_epsilon,
-                                             out=buf("x"), residual_out=h)
-        for b, r in enumerate(rows):
-            cache.lengths[r] += n_new[b]
-        if all_logits:
-            out = torch.empty(B, T, self.lm_head.shape[0], dtype=logits_dtype or self.dtype,
-                              device=self.device)
-            for t0 in range(0, T, self.LOGITS_CHUNK):
-                out[:, t0:t0 + self.LOGITS_CHUNK] = ops["linear"](x[:, t0:t0 + self.LOGITS_CHUNK], self.lm_head)
-            return out
-        if T == 1:
-            return ops["linear"](x[:, 0], self.lm_head)
-        last = torch.tensor([n - 1 for n in n_new], device=self.device)
-        return ops["linear"](x[torch.arange(B, device=self.device), last], self.lm_head)
+                                             out=ws["x"], residual_out=h)
+        if logits_rows is not None:
+            rows = x if len(logits_rows) == N and list(logits_rows) == list(range(N)) else \
+                x[torch.tensor(list(logits_rows), device=self.device)]
+            out = ops["linear"](rows, self.lm_head)
+            return out if logits_dtype in (None, out.dtype) else out.to(logits_dtype)
+        out = torch.empty(N, self.lm_head.shape[0], dtype=logits_dtype or self.dtype,
+                          device=self.device)
+        for t0 in range(0, N, self.LOGITS_CHUNK):
+            out[t0:t0 + self.LOGITS_CHUNK] = ops["linear"](x[t0:t0 + self.LOGITS_CHUNK], self.lm_head)
+        return out
 
     def _fused_layers(self):
         """The layers as _C.DecodeLayer objects (made once), or None when a decode step must run
@@ -327,18 +215,23 @@ class QwenModel:
                 cfg.head_dim, cfg.layer_norm_epsilon) for L in self.layers]
         return self._decode_layers
 
-    def _decode_buffers(self, cache: KVCache, B: int) -> Dict[str, torch.Tensor]:
-        """The activations of a decode step for rows [:B], views of buffers made once per cache
-        for all its sequences (the logits are not among them: each step returns its own)."""
-        if cache.buffers is None:
-            cfg, n = self.cfg, cache.batch_size
-            L = self.layers[0]
-            sizes = {"h": cfg.hidden_size, "x": cfg.hidden_size, "o": cfg.hidden_size,
-                     "qkv": L["attn.c_attn.weight"].shape[0], "up": L["mlp.w1.weight"].shape[0],
-                     "gate": L["mlp.w2.weight"].shape[0], "act": L["mlp.w1.weight"].shape[0]}
-            cache.buffers = {k: torch.empty(n, 1, v, dtype=self.dtype, device=self.device)
-                             for k, v in sizes.items()}
+    def _buffers(self, N: int) -> Dict[str, torch.Tensor]:
+        """The activations of a step of N tokens: views of buffers made once for buffer_rows
+        tokens when N fits (decode steps: nothing the size of an activation is allocated), else
+        new tensors for this step (the logits are never among them: each step returns its own)."""
+        cfg, L = self.cfg, self.layers[0]
+        sizes = {"h": cfg.hidden_size, "x": cfg.hidden_size, "o": cfg.hidden_size,
+                 "qkv": L["attn.c_attn.weight"].shape[0], "up": L["mlp.w1.weight"].shape[0],
+                 "gate": L["mlp.w2.weight"].shape[0], "act": L["mlp.w1.weight"].shape[0]}
+        H, D = cfg.num_attention_heads, cfg.head_dim
+
+        def make(n):
+            bufs = {k: torch.empty(n, v, dtype=self.dtype, device=self.device) for k, v in sizes.items()}
             for k in ("q", "a"):
-                cache.buffers[k] = torch.empty(n, 1, cfg.num_attention_heads, cfg.head_dim,
-                                               dtype=self.dtype, device=self.device)
-        return {k: t[:B] for k, t in cache.buffers.items()}
+                bufs[k] = torch.empty(n, H, D, dtype=self.dtype, device=self.device)
+            return bufs
+        if N > self.buffer_rows:
+            return make(N)
+        if self._step_buffers is None:
+            self._step_buffers = make(self.buffer_rows)
+        return {k: t[:N] for k, t in self._step_buffers.items()}

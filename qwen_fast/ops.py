@@ -146,28 +146,28 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
 
 
 def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots, start,
-                    n_new, *, out: torch.Tensor | None = None,
-                    backend: str | None = None) -> torch.Tensor:
-    """RoPE of q and k, the rotated keys and the values written straight into a KV cache: the
-    spec is reference.rotary_kv_cache (one pass instead of two rotations and two copies).
+                    sin: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                    page_table: torch.Tensor, token_seq: torch.Tensor, token_pos: torch.Tensor, *,
+                    out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """RoPE of q and k, the rotated keys and the values written straight into a paged KV cache:
+    the spec is reference.rotary_kv_cache (one pass instead of two rotations and two copies).
 
-    q, k, v:          [B, T, H, D] views with the same strides (of the fused qkv output:
-                      ``qkv.view(B, T, 3, H, D).unbind(2)``), head dim contiguous.
-    cos, sin:         [B, T, R] float32, as for rotary_embedding.
-    k_cache, v_cache: [slots, H, positions, D], same shape and strides, head dim contiguous.
-    slots, start, n_new: one int per row (lists): row b's first n_new[b] tokens go to cache
-                      slot slots[b] (distinct) at positions start[b] .. start[b] + n_new[b] - 1.
+    q, k, v:          [N, H, D], the step's N packed tokens: views with the same strides (of the
+                      fused qkv output: ``qkv.view(N, 3, H, D).unbind(1)``), head dim contiguous.
+    cos, sin:         [N, R] float32, each token's table row (R even, <= D).
+    k_pages, v_pages: [pages, H, P, D] contiguous, the layer's page pool.
+    page_table:       [sequences, max_pages] int32; token_seq, token_pos: [N] int32, each
+                      token's sequence (a page_table row) and absolute position, all on q's device.
+                      Token i's key and value go to page page_table[token_seq[i], token_pos[i] // P]
+                      at offset token_pos[i] % P. On the CPU every page written is checked.
     Returns rotary_embedding(q, cos, sin), bit-identical, new or written into out.
-    On CUDA the three lists are staged in pinned host memory and copied to the device on the
-    current stream (no host sync) at each call: eager use only, not for CUDA graph capture.
     backend: None runs the compiled kernel for q's device; "reference" the PyTorch reference.
     """
     if not _use_kernel("rotary_kv_cache", backend):
-        return _into(reference.rotary_kv_cache(q, k, v, cos, sin, k_cache, v_cache, slots, start,
-                                               n_new), out)
-    return _C.rotary_kv_cache(q, k, v, cos, sin, k_cache, v_cache, list(slots), list(start),
-                              list(n_new), _stream(q), out=out)
+        return _into(reference.rotary_kv_cache(q, k, v, cos, sin, k_pages, v_pages, page_table,
+                                               token_seq, token_pos), out)
+    return _C.rotary_kv_cache(q, k, v, cos, sin, k_pages, v_pages, page_table, token_seq,
+                              token_pos, _stream(q), out=out)
 
 
 def swiglu(up: torch.Tensor, gate: torch.Tensor, *, out: torch.Tensor | None = None,
@@ -193,28 +193,34 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor, *, out: torch.Tensor | None = N
     return _C.swiglu(up, gate, _stream(up), out=out)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
-              scale: float | None = None, *, out: torch.Tensor | None = None,
-              backend: str | None = None) -> torch.Tensor:
-    """Causal multi-head attention over a KV cache: the spec is reference.attention.
+def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+              page_table: torch.Tensor, token_seq: torch.Tensor, token_pos: torch.Tensor,
+              scale: float | None = None, *, max_keys: int | None = None,
+              out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Causal multi-head attention over a paged KV cache: the spec is reference.attention.
 
-    q:     [B, T, H, D] new queries, bfloat16 / float16 / float32, head dim contiguous; query t
-           of row b sits at absolute position start[b] + t.
-    k, v:  [B, S, H, D] the cache, already holding this step's keys and values (views of the
-           cache are used as they are, no copy).
-    start: [B] int64, positions cached before this call (so T = 1 is a decode step over each
-           sequence's own length, T > 1 a prefill or a chunk of one).
-    Row b's query t sees keys 0 .. start[b] + t (bottom-right causal). Scores, softmax and the
-    weighted sum in fp32; returns a new [B, T, H, D] tensor in q.dtype. On CUDA the keys of a
-    long row are split over several blocks (flash-decoding) whose fp32 partials are combined
-    before the one rounding; start is read on the CPU and copied to q's device per call.
+    q:                [N, H, D] the queries of the step's N packed tokens, bfloat16 / float16 /
+                      float32, head dim contiguous.
+    k_pages, v_pages: [pages, H, P, D] contiguous, the layer's page pool, already holding this
+                      step's keys and values.
+    page_table:       [sequences, max_pages] int32; token_seq, token_pos: [N] int32, on q's device.
+    Token i sees the keys 0 .. token_pos[i] of sequence token_seq[i] (so one token per sequence
+    is a decode step, consecutive tokens a prefill chunk, and a step may pack both). Scores,
+    softmax and the weighted sum in fp32; returns a new [N, H, D] tensor in q.dtype. max_keys:
+    at least max(token_pos) + 1 (computed when omitted, a device sync on CUDA); the CUDA kernel
+    splits long rows' keys over several blocks (flash-decoding) by it. On the CPU every page id
+    read is checked.
     backend: None runs the compiled kernel for q's device (CPU or CUDA); "reference" the
     PyTorch reference.
     """
     if not _use_kernel("attention", backend):
-        return _into(reference.attention(q, k, v, start, scale), out)
+        return _into(reference.attention(q, k_pages, v_pages, page_table, token_seq, token_pos,
+                                         scale), out)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _C.attention(q, k, v, start.to("cpu", torch.long), scale, _stream(q), out=out)
+    if max_keys is None:
+        max_keys = int(token_pos.max()) + 1 if token_pos.numel() else 1
+    return _C.attention(q, k_pages, v_pages, page_table, token_seq, token_pos, max_keys, scale,
+                        _stream(q), out=out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

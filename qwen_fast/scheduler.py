@@ -1,371 +1,224 @@
-"""Continuous batching: the sequences of every caller decode together in one batch, new ones
-join it between steps and finished ones leave it.
+"""The step planner of continuous batching over the paged KV cache (pure bookkeeping: no model, no
+threads; its engine calls it under one lock, and it is unit-tested alone).
 
-One Scheduler per Engine owns the model's KV cache: one slot per sequence in the batch, at
-most ``max_batch_size`` slots. Each step
+``schedule()`` returns a StepPlan: which requests compute how many tokens in the next forward.
 
-1. retires cancelled sequences and admits waiting ones (first come, first served) while a slot
-   is free and the KV budget holds;
-2. prefills newcomers by at most ``prefill_chunk`` prompt positions in all while other
-   sequences are decoding (all of a prompt up to ``prefill_tokens`` when none is): a long
-   prompt delays the batch's next token by one chunk's time, not by the whole prompt;
-3. runs one decode forward over every sequence that has a token to feed, samples each
-   sequence's next token with its own parameters, seed and stops, and retires the finished.
+1. Cancelled requests leave the batch and give their pages back.
+2. Running requests, oldest first: one token for each that decodes; a chunk of its remaining
+   prompt for each that prefills (or recomputes after a preemption), from the step's prefill
+   budget: ``prefill_chunk`` tokens in all while some request decodes (so a newcomer's prompt
+   delays the others' next token by one chunk's time, not by the whole prompt), up to
+   ``prefill_tokens`` when none does. Every token's page is taken now. When the pool has no
+   page left, the most recently admitted running request is preempted: its pages are freed and
+   it goes back to the head of the queue, to be recomputed from its prompt and generated tokens
+   when room returns (its caller sees only latency). A request that cannot grow although it is
+   alone in the pool ends with finish_reason "length".
+3. Waiting requests, first come first served, while the batch has a free row
+   (``max_batch_size``) and the pool has pages for the request's tokens plus a reserve of one page
+   for each running request (so that admitting it does not preempt someone at the next step).
+   A request is admitted for the pages it needs now, not for its worst case
+   (prompt + max_new_tokens); it takes more pages as it writes.
 
-The steps run on one thread of the scheduler's own ("qwen-fast-steps", started when work
-arrives, ended after LINGER_S idle seconds); callers wait for their sequences' text. One thread
-matters for speed: libgomp gives every thread that runs OpenMP code a team of its own, and once
-there are more such threads than cores its workers stop spinning between parallel regions and
-sleep instead; a decode step runs about 240 of them, and a step run from a different caller's
-thread each time measured 33 ms instead of 20 (int4, 2 cores). Engine.from_pretrained releases
-the loading thread's team for the same reason. An open stream that nobody reads holds no one up
-(its sequence decodes on, its text queues), and a call made inside a loop over a stream simply
-joins the batch.
+``update(plan, sampled, errors)`` then records the step: computed tokens, sampled tokens (a stop
+id or the token limit finishes a request and frees its pages), and requests whose row failed
+(only those rows: the others go on).
 
-KV memory: the cache holds ``slots x capacity`` positions, where the slots grow (doubling) with
-the number of sequences in the batch and the capacity with the longest of them, up to the
-longest worst case (prompt + max_new_tokens) among the sequences admitted. A sequence is
-admitted only while ``slots x longest worst case`` fits ``kv_cache_budget``; one that could
-not fit even alone is refused when it is submitted (CapacityError). The cache is freed when the
-batch empties.
-
-Numerics: every row of a forward is computed independently, so a sequence decodes exactly as it
-would alone, except that a prompt prefilled in chunks (while others decode) may differ from a
-one-shot prefill in the last bits of low-precision dtypes.
+Only a request whose prompt alone cannot fit the whole pool is refused, when it is added
+(CapacityError).
 """
 from __future__ import annotations
 
-import atexit
-import threading
 import time
-import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence
-
-import torch
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Mapping, Optional
 
 from .errors import CapacityError
-from .model import KVCache
-from .sampling import sample_next
-
-if TYPE_CHECKING:
-    from .engine import _Request
+from .kv_cache import PagePool, format_bytes
+from .request import Request, RequestStatus
 
 
-class Seq:
-    """One submitted sequence: its decoding state (engine._Request), its place in the batch and
-    what its caller has not read yet."""
-
-    def __init__(self, state: "_Request"):
-        self.state = state
-        self.slot: Optional[int] = None
-        self.prefilled = 0               # prompt positions in the cache
-        self.pending: Optional[int] = None   # sampled token not yet fed to the model
-        self.deltas: Deque[str] = deque()
-        self.done = False
-        self.cancelled = False
-        self.error: Optional[BaseException] = None
-        self.t_submit = time.perf_counter()
-        self.t_first: Optional[float] = None
-        self.t_done: Optional[float] = None
-        self.kv_peak = 0
+@dataclass
+class ScheduledSeq:
+    req: Request
+    start: int          # tokens already in the cache
+    count: int          # tokens this step computes: all_ids[start : start + count]
 
     @property
-    def worst_case(self) -> int:
-        """Positions this sequence may occupy: prompt + its token limit."""
-        return len(self.state.prompt_ids) + self.state.limit
+    def samples(self) -> bool:
+        """Whether the step reaches the request's last known token (its logits give the next)."""
+        return self.start + self.count == self.req.num_tokens
 
 
-_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+@dataclass
+class StepPlan:
+    seqs: List[ScheduledSeq] = field(default_factory=list)
+    preempted: List[Request] = field(default_factory=list)
+    finished: List[Request] = field(default_factory=list)   # retired while planning
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.count for s in self.seqs)
 
-@atexit.register
-def _stop_all() -> None:
-    """At interpreter exit, stop every step thread between two steps: a thread killed inside
-    a step (OpenMP threads running) aborts the process ("terminate called without an active
-    exception"). Runs after the non-daemon threads were joined, before finalization."""
-    for sched in list(_LIVE):
-        sched.close()
-
-
-class _Job:
-    """A call to run on the step thread (Scheduler.exclusive)."""
-
-    def __init__(self, fn: Callable):
-        self.fn, self.result, self.error = fn, None, None
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn()
-        except BaseException as e:      # raised again in the caller's thread
-            self.error = e
-        finally:
-            self.done.set()
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer_len: int, max_batch_size: int = 8,
-                 kv_cache_budget: Optional[int] = None, prefill_chunk: int = 256,
+    def __init__(self, pool: PagePool, max_batch_size: int = 8, prefill_chunk: int = 256,
                  prefill_tokens: int = 4096):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model = model
-        self.valid_vocab = tokenizer_len
+        if not 1 <= prefill_chunk <= prefill_tokens:
+            raise ValueError(f"need 1 <= prefill_chunk <= prefill_tokens, got {prefill_chunk} "
+                             f"and {prefill_tokens}")
+        self.pool = pool
         self.max_batch_size = max_batch_size
-        self.kv_cache_budget = kv_cache_budget
         self.prefill_chunk = prefill_chunk
         self.prefill_tokens = prefill_tokens
-        self._cond = threading.Condition()        # guards the queues below; signals progress
-        self._jobs: Deque["_Job"] = deque()        # exclusive() calls, run between steps
-        self._thread: Optional[threading.Thread] = None
-        self._closed = False
-        _LIVE.add(self)
-        self._waiting: Deque[Seq] = deque()
-        self._active: Dict[int, Seq] = {}    # slot -> sequence
-        self._cache: Optional[KVCache] = None
+        self.waiting: Deque[Request] = deque()
+        self.running: List[Request] = []        # in admission order
+        self.stats = {"steps": 0, "preemptions": 0, "max_running": 0}
 
-    # ---- budget ----------------------------------------------------------------------------
-    def bytes_for(self, slots: int, positions: int) -> int:
-        return slots * positions * KVCache.bytes_per_token(self.model.cfg, self.model.dtype)
-
-    def check_fits(self, count: int, worst: int) -> None:
-        """Refuse (CapacityError) sequences that could never be admitted: `count` sequences of
-        which the longest may occupy `worst` positions need that much room for one of them."""
-        if self.kv_cache_budget is None:
-            return
-        need = self.bytes_for(1, worst)
-        if need > self.kv_cache_budget:
+    # ---- requests in and out -----------------------------------------------------------------
+    def check_fits(self, prompt_tokens: int, what: str = "the prompt") -> None:
+        """CapacityError when `prompt_tokens` positions cannot fit the whole pool."""
+        pool = self.pool
+        if pool.pages_for(prompt_tokens) > pool.num_pages:
             raise CapacityError(
-                f"this request needs up to {need / 2**30:.2f} GiB of KV cache for one sequence "
-                f"({count} sequence(s) x up to {worst} tokens, decoded as room allows), more than "
-                f"the engine's kv_cache_budget of {self.kv_cache_budget / 2**30:.2f} GiB; lower "
-                "max_new_tokens or the prompt, or raise kv_cache_budget in Engine.from_pretrained")
+                f"{what} has {prompt_tokens} tokens, which need "
+                f"{format_bytes(pool.pages_for(prompt_tokens) * pool.bytes_per_page)} of KV cache; "
+                f"the engine's pool holds {pool.capacity_tokens} tokens "
+                f"({format_bytes(pool.num_pages * pool.bytes_per_page)}, kv_cache_budget); "
+                "shorten the prompt or raise kv_cache_budget in Engine.from_pretrained")
 
-    # ---- the callers' side -------------------------------------------------------------------
-    def submit(self, seqs: Sequence[Seq]) -> None:
-        self.check_fits(len(seqs), max(s.worst_case for s in seqs))
-        self._enqueue(self._waiting, seqs)
+    def add(self, req: Request) -> None:
+        self.check_fits(len(req.prompt_ids))
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
 
-    def cancel(self, seq: Seq) -> None:
-        """Stop a sequence: it leaves the batch at the next step (its slot is freed)."""
-        with self._cond:
-            if not seq.done:
-                seq.cancelled = True
-                if seq in self._waiting:
-                    self._waiting.remove(seq)
-                    self._finish(seq)
-            self._cond.notify_all()
+    def abort(self, req: Request) -> bool:
+        """Cancel a request: a waiting one leaves the queue now (True); a running one is marked
+        and leaves the batch at the next schedule() (its pages may be in use by a forward)."""
+        if req.finished:
+            return False
+        req.cancelled = True
+        if req in self.waiting:
+            self.waiting.remove(req)
+            self._finish(req, "abort")
+            return True
+        return False
 
-    def next_delta(self, seq: Seq) -> Optional[str]:
-        """The sequence's next text delta, waiting for the steps that make it; None once it is
-        done (its error, if it failed, is raised)."""
-        with self._cond:
-            while True:
-                if seq.deltas:
-                    return seq.deltas.popleft()
-                if seq.done:
-                    if seq.error is not None:
-                        raise seq.error
-                    return None
-                self._cond.wait()
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
 
-    def wait(self, seqs: Sequence[Seq]) -> None:
-        """Wait until every sequence is done (their deltas stay queued)."""
-        with self._cond:
-            while True:
-                failed = next((s.error for s in seqs if s.done and s.error is not None), None)
-                if failed is not None:
-                    raise failed
-                if all(s.done for s in seqs):
-                    return
-                self._cond.wait()
-
-    def exclusive(self, fn: Callable):
-        """Run fn (e.g. a full-sequence forward) on the step thread, between two steps, and
-        return its result (or raise its error) here."""
-        job = _Job(fn)
-        self._enqueue(self._jobs, [job])
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel every sequence (their callers get a RuntimeError) and stop the step thread
-        after its current step. Submitting afterwards raises."""
-        with self._cond:
-            self._closed = True
-            err = RuntimeError("the engine's scheduler was closed")
-            for seq in list(self._waiting) + list(self._active.values()):
-                self._finish(seq, err)
-            self._waiting.clear()
-            thread = self._thread
-            self._cond.notify_all()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    def _enqueue(self, queue: Deque, items) -> None:
-        """Append work for the step thread (starting it if needed); refused once closed."""
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the engine's scheduler was closed")
-            queue.extend(items)
-            self._ensure_thread()
-            self._cond.notify_all()
-
-    # ---- the step thread ---------------------------------------------------------------------
-    LINGER_S = 2.0      # an idle step thread waits this long for work, then ends
-
-    def _ensure_thread(self) -> None:
-        """Start the step thread if it is not running (caller holds _cond). It takes the torch
-        thread count of the thread that starts it (torch.set_num_threads is per thread)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, args=(torch.get_num_threads(),),
-                                            name="qwen-fast-steps", daemon=True)
-            self._thread.start()
-
-    def _loop(self, threads: int) -> None:
-        # Only when it differs: torch.set_num_threads starts a thread of its own in a new thread
-        # (measured: one more thread, and the step 27 ms instead of 20 through the spin
-        # throttling described above).
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        while True:
-            with self._cond:
-                if not (self._jobs or self._waiting or self._active) and not self._closed:
-                    self._cond.wait(timeout=self.LINGER_S)
-                if self._closed or not (self._jobs or self._waiting or self._active):
-                    self._thread = None          # ends; its OpenMP threads end with it
-                    for job in self._jobs:       # only after close(): nobody will run them
-                        job.error = RuntimeError("the engine's scheduler was closed")
-                        job.done.set()
-                    self._jobs.clear()
-                    return
-                job = self._jobs.popleft() if self._jobs else None
-            if job is not None:
-                job.run()
-            else:
-                try:
-                    self._step()
-                except BaseException as e:   # a failed step (the forward, sampling, or no
-                    with self._cond:         # memory for the cache): its callers get the error
-                        for seq in list(self._active.values()):
-                            self._finish(seq, e)
-            with self._cond:
-                self._cond.notify_all()
-
-    # ---- the step ----------------------------------------------------------------------------
-    def _finish(self, seq: Seq, error: Optional[BaseException] = None) -> None:
-        """Mark done and free its slot (caller holds _cond)."""
-        seq.done = True
-        seq.error = error
-        seq.t_done = time.perf_counter()
-        if seq.slot is not None:
-            self._active.pop(seq.slot, None)
-            if self._cache is not None:
-                self._cache.lengths[seq.slot] = 0
-            seq.slot = None
-        if not self._active:
-            self._cache = None           # the batch is empty: free the KV memory
-
-    def _admit(self) -> None:
-        """Move waiting sequences into free slots while the budget holds (caller holds _cond)."""
-        while self._waiting and len(self._active) < self.max_batch_size:
-            seq = self._waiting[0]
-            worst = max([s.worst_case for s in self._active.values()] + [seq.worst_case])
-            # the slots the cache will have: it never shrinks while the batch lives
-            held = self._cache.batch_size if self._cache is not None else 0
-            slots = max(held, self._slots_for(len(self._active) + 1))
-            if (self.kv_cache_budget is not None and self._active
-                    and self.bytes_for(slots, worst) > self.kv_cache_budget):
-                break       # waits for room: sequences ahead of it must finish first
-            self._waiting.popleft()
-            free = next(i for i in range(self.max_batch_size) if i not in self._active)
-            seq.slot = free
-            self._active[free] = seq
-
-    def _slots_for(self, n: int) -> int:
-        s = 1
-        while s < n:
-            s *= 2
-        return min(s, self.max_batch_size)
-
-    def _ensure_cache(self) -> KVCache:
-        """The KV cache, with a slot for every active sequence and room for the longest worst
-        case among them (positions grow with use: KVCache.ensure)."""
-        m = self.model
-        need_slots = self._slots_for(max(self._active) + 1)
-        worst = max(s.worst_case for s in self._active.values())
-        c = self._cache
-        if c is None:
-            c = self._cache = KVCache(m.cfg, need_slots, min(64, worst), m.dtype, m.device,
-                                      max_capacity=worst)
-        else:
-            if worst > c.max_capacity:
-                c.max_capacity = worst
-            if need_slots > c.batch_size:
-                c.grow_slots(need_slots)
-                c.buffers = None        # the decode buffers are sized by the slots
-        return c
-
-    def _step(self) -> None:
-        with self._cond:
-            for slot, seq in list(self._active.items()):
-                if seq.cancelled:
-                    self._finish(seq)
-            self._admit()
-            if not self._active:
-                return
-            active = sorted(self._active.values(), key=lambda s: s.slot)
-        cache = self._ensure_cache()
-        try:
-            self._prefill(cache, active)
-            self._decode(cache, active)
-        finally:
-            for seq in active:
-                seq.kv_peak = max(seq.kv_peak, cache.peak_bytes)
-
-    def _prefill(self, cache: KVCache, active: List[Seq]) -> None:
-        todo = [s for s in active if s.prefilled < len(s.state.prompt_ids)]
-        if not todo:
-            return
-        decoding = any(s.pending is not None for s in active)
+    # ---- planning ----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        for r in [r for r in self.running if r.cancelled]:
+            self._finish(r, "abort")
+            plan.finished.append(r)
+        decoding = any(r.num_tokens - r.num_computed == 1 for r in self.running)
         budget = self.prefill_chunk if decoding else self.prefill_tokens
-        per = max(1, budget // len(todo))
-        n_new = [min(per, len(s.state.prompt_ids) - s.prefilled) for s in todo]
-        T = max(n_new)
-        ids = torch.zeros(len(todo), T, dtype=torch.long)
-        for i, (s, n) in enumerate(zip(todo, n_new)):
-            ids[i, :n] = torch.tensor(s.state.prompt_ids[s.prefilled:s.prefilled + n])
-        logits = self.model.forward(ids, cache, num_new=n_new, rows=[s.slot for s in todo],
-                                    prompt_lengths=[len(s.state.prompt_ids) for s in todo])
-        for i, (s, n) in enumerate(zip(todo, n_new)):
-            s.prefilled += n
-            if s.prefilled == len(s.state.prompt_ids):
-                self._sample(s, logits[i])
+        i = 0
+        while i < len(self.running):
+            r = self.running[i]
+            left = r.num_tokens - r.num_computed
+            count = 1 if left == 1 else min(left, budget)
+            if count == 0:          # no prefill budget left this step
+                i += 1
+                continue
+            if not self._grow(r, r.num_computed + count, plan):
+                continue            # r itself was preempted or finished: running[i] is the next
+            if left > 1:
+                budget -= count
+            plan.seqs.append(ScheduledSeq(r, r.num_computed, count))
+            i += 1
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            r = self.waiting[0]
+            need = self.pool.pages_for(r.num_tokens)
+            if self.running and self.pool.num_free < need + len(self.running):
+                break               # waits for room; nobody behind it jumps the queue
+            if not self.running and self.pool.num_free < need:
+                break
+            self.waiting.popleft()
+            r.status = RequestStatus.RUNNING
+            self.running.append(r)
+            count = min(r.num_tokens - r.num_computed, budget)
+            self._grow(r, r.num_computed + count, plan)
+            budget -= count
+            plan.seqs.append(ScheduledSeq(r, r.num_computed, count))
+        self.stats["steps"] += 1
+        self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
+        return plan
 
-    def _decode(self, cache: KVCache, active: List[Seq]) -> None:
-        rows = [s for s in active if s.pending is not None and not s.done]
-        if not rows:
-            return
-        ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long)
-        for s in rows:
-            s.pending = None
-        logits = self.model.forward(ids, cache, rows=[s.slot for s in rows])
-        for i, s in enumerate(rows):
-            self._sample(s, logits[i])
+    def _grow(self, r: Request, tokens: int, plan: StepPlan) -> bool:
+        """Give r pages for `tokens` positions, preempting the most recently admitted requests
+        (r itself last) while the pool is short. False if r was preempted or finished."""
+        need = self.pool.pages_for(tokens) - len(r.pages)
+        while need > self.pool.num_free:
+            victim = self.running[-1]
+            if victim is r:
+                if len(self.running) == 1:      # alone and still no room: it cannot grow
+                    self._finish(r, "length")
+                    plan.finished.append(r)
+                else:
+                    self._preempt(r, plan)
+                return False
+            self._preempt(victim, plan)
+        if need > 0:
+            r.pages += self.pool.take(need)
+            r.peak_pages = max(r.peak_pages, len(r.pages))
+        return True
 
-    def _sample(self, seq: Seq, logits: torch.Tensor) -> None:
-        r = seq.state
-        tok = sample_next(logits, r.history, r.params, r.generator, self.valid_vocab)
-        delta = r.add_token(tok)
-        with self._cond:
-            if seq.t_first is None:
-                seq.t_first = time.perf_counter()
-            if delta:
-                seq.deltas.append(delta)
-            if r.finish_reason is not None:
-                self._finish(seq)
-            elif not seq.cancelled:
-                seq.pending = tok
+    def _preempt(self, r: Request, plan: StepPlan) -> None:
+        self.running.remove(r)
+        self.pool.give_back(r.pages)
+        r.pages = []
+        r.num_computed = 0
+        r.status = RequestStatus.PREEMPTED
+        r.num_preemptions += 1
+        self.stats["preemptions"] += 1
+        self.waiting.appendleft(r)
+        plan.preempted.append(r)
+
+    def _finish(self, r: Request, reason: Optional[str] = None) -> None:
+        if r in self.running:
+            self.running.remove(r)
+        self.pool.give_back(r.pages)
+        r.pages = []
+        if r.finish_reason is None:
+            r.finish_reason = reason
+        r.status = RequestStatus.FINISHED
+        r.t_done = time.perf_counter()
+
+    # ---- after the forward -------------------------------------------------------------------
+    def update(self, plan: StepPlan, sampled: Mapping[Request, int],
+               errors: Optional[Mapping[Request, BaseException]] = None) -> List[Request]:
+        """Record a step's results; returns the requests that finished."""
+        done = []
+        for s in plan.seqs:
+            r = s.req
+            if r.finished:
+                continue
+            if errors and r in errors:
+                r.error = errors[r]
+                self._finish(r, "error")
+                done.append(r)
+                continue
+            r.num_computed = s.start + s.count
+            if s.samples:
+                r.append_token(sampled[r])
+                if r.finish_reason is not None:
+                    self._finish(r)
+                    done.append(r)
+        return done
+
+    def finish_all(self, error: BaseException) -> List[Request]:
+        """Fail every request (a step that failed as a whole, or the engine closing)."""
+        out = list(self.running) + list(self.waiting)
+        self.waiting.clear()
+        for r in out:
+            r.error = error
+            self._finish(r, "error")
+        return out

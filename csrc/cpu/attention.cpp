@@ -1,16 +1,16 @@
-// Causal multi-head attention over a KV cache on the CPU (reference.attention):
-//   out[b,t,h] = sum_j softmax_j(scale * q[b,t,h] . k[b,j,h]) v[b,j,h],  j < min(start[b]+t+1, S)
-// (bottom-right aligned: query t of sequence b sits at position start[b] + t, so one query per
-// sequence is a decode step over its own cached length, and T > 1 is a (chunked) prefill).
-// Maths in fp32: dot products (four keys a pass), an online softmax over blocks of kKeyBlock keys
-// (running max and sum, the accumulator rescaled when the max grows; the block's exps
-// vectorised, SLEEF's expf_u10), one rounding of the output to T.
-// Layout: q [B, T, H, D], k and v [B, S, H, D], each with its own b/t/h strides in elements and a
-// contiguous head dim (views of the KV cache and of the fused qkv projection work as they are);
-// out [B, T, H, D] contiguous. Parallelisation: OpenMP over (b, h, t) rows, t innermost so that
-// a thread's consecutive rows reuse the same head's keys from its cache; a dynamic schedule for
-// prefill, since causal rows grow longer with t, a static one for decode.
-// Constraints: 1 <= D <= kMaxHeadDim; start[b] >= 0.
+// Causal multi-head attention over a paged KV cache on the CPU (reference.attention):
+//   out[i,h] = sum_j softmax_j(scale * q[i,h] . k[s,j,h]) v[s,j,h],  j <= token_pos[i], s = token_seq[i]
+// (token i of the step belongs to sequence s at position token_pos[i]: a decode step is one token
+// per sequence, a prefill chunk several consecutive ones, and a step may pack both).
+// Maths in fp32: dot products (four keys a pass), an online softmax over blocks of at most
+// kKeyBlock keys that never cross a page (running max and sum, the accumulator rescaled when the
+// max grows; the block's exps vectorised, SLEEF's expf_u10), one rounding of the output to T.
+// Layout: q [N, H, D] with its own n/h strides and a contiguous head dim; k and v pages
+// [pages, H, P, D] contiguous (a page holds P consecutive positions of each head, contiguous), key
+// j of sequence s on page page_table[s, j / P]; out [N, H, D] contiguous. Parallelisation: OpenMP
+// over (i, h) rows; a static schedule for decode steps (rows of equal work per sequence), a
+// dynamic one when a sequence has several tokens (causal rows grow longer with the position).
+// Constraints: 1 <= D <= kMaxHeadDim; the caller checks the page ids (ops.cpp).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -57,14 +57,13 @@ struct Partial {
   float acc[kMaxHeadDim];
 };
 
-// Folds keys j0 .. j0 + n - 1 (n <= kKeyBlock) into p. kD: the head dim at compile time (the
+// Folds the n <= kKeyBlock keys at kb (and values at vb), ld_k and ld_v apart, into p. kD: the head dim at compile time (the
 // accumulator then lives in registers across the block), or 0 for D at run time.
 template <typename T, int kD>
-QF_INLINE void attend_block(Partial& p, const float* qf, const T* k, const T* v, int64_t j0,
-                            int64_t n, int64_t D_, int64_t ld_k, int64_t ld_v, float scale) {
+QF_INLINE void attend_block(Partial& p, const float* qf, const T* kb, const T* vb, int64_t n,
+                            int64_t D_, int64_t ld_k, int64_t ld_v, float scale) {
   const int64_t D = kD > 0 ? kD : D_;
   float s[kKeyBlock];
-  const T* kb = k + j0 * ld_k;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4)
     dot4(s + j, qf, kb + j * ld_k, kb + (j + 1) * ld_k, kb + (j + 2) * ld_k, kb + (j + 3) * ld_k,
@@ -86,7 +85,6 @@ QF_INLINE void attend_block(Partial& p, const float* qf, const T* k, const T* v,
   float acc[kD > 0 ? kD : kMaxHeadDim];
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) acc[d] = p.acc[d] * correction;
-  const T* vb = v + j0 * ld_v;
   for (j = 0; j < n; ++j) {
     const float w = s[j];
     const T* vr = vb + j * ld_v;
@@ -97,20 +95,37 @@ QF_INLINE void attend_block(Partial& p, const float* qf, const T* k, const T* v,
   for (int64_t d = 0; d < D; ++d) p.acc[d] = acc[d];
 }
 
+// The keys of one (sequence, head) row in the pages: blocks of at most kKeyBlock consecutive
+// keys that never cross a page, each contiguous (keys D elements apart).
+template <typename T>
+struct PagedRow {
+  const T* k_pages;
+  const T* v_pages;
+  const int32_t* pages;  // the sequence's page table row
+  int64_t h, H, P, D, n_keys;
+
+  int64_t block_len(int64_t j0) const {
+    return std::min({kKeyBlock, P - j0 % P, n_keys - j0});
+  }
+  int64_t offset(int64_t j0) const { return ((pages[j0 / P] * H + h) * P + j0 % P) * D; }
+  const T* k(int64_t j0) const { return k_pages + offset(j0); }
+  const T* v(int64_t j0) const { return v_pages + offset(j0); }
+};
+
 template <typename T, int kD>
-QF_CPU_CLONES void attend_row(T* out,        // [D]
-                              const T* q,    // [D]
-                              const T* k,    // [n_keys, ld_k]: key j at k + j * ld_k
-                              const T* v,    // [n_keys, ld_v]
-                              int64_t n_keys, int64_t D, int64_t ld_k, int64_t ld_v,
-                              float scale) {
+QF_CPU_CLONES void attend_row(T* out,      // [D]
+                              const T* q,  // [D]
+                              const PagedRow<T>& row, float scale) {
+  const int64_t D = row.D;
   float qf[kMaxHeadDim];
   for (int64_t d = 0; d < D; ++d) qf[d] = to_float(q[d]);
   Partial p;
   p.m = -INFINITY, p.l = 0.0f;
   for (int64_t d = 0; d < D; ++d) p.acc[d] = 0.0f;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock)
-    attend_block<T, kD>(p, qf, k, v, j0, std::min(kKeyBlock, n_keys - j0), D, ld_k, ld_v, scale);
+  for (int64_t j0 = 0, n; j0 < row.n_keys; j0 += n) {
+    n = row.block_len(j0);
+    attend_block<T, kD>(p, qf, row.k(j0), row.v(j0), n, D, D, D, scale);
+  }
   const float inv = 1.0f / p.l;
   for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(p.acc[d] * inv);
 }
@@ -152,33 +167,38 @@ QF_TARGET_AVX512_BF16 inline void accumulate_bf16_d128(__m512 (&acc)[8], float p
 // Software-pipelined over blocks: the values of block b are accumulated in the same loop that
 // computes the scores of block b + 1, so that the key and the value streams are read at once
 // (at decode the cache is cold: the weights in between evict every layer's keys and values),
-// and both are prefetched kPrefetchKeys keys ahead (4 KiB: 5-15% faster in the runs below at
+// and both are prefetched kPrefetchKeys keys ahead within their block (4 KiB: 5-15% faster at
 // 8, 16 or 32 alike; the hardware prefetcher alone runs too short a way ahead).
-// Measured against linear reading the same bytes in the same run (24 layers at 2048 cached
-// tokens, 2 threads): 27.8 GB/s against 34.3 (one block after the other: 25.9; splitting the
-// keys into 2 or 4 runs in lockstep, for more streams, 24.6: the register spills cost more).
+// Measured against linear reading the same bytes in the same run, before the cache was paged
+// (24 layers at 2048 cached tokens, 2 threads): 27.8 GB/s against 34.3 (one block after the
+// other: 25.9; splitting the keys into 2 or 4 runs in lockstep, for more streams, 24.6: the
+// register spills cost more).
 QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_bf16_d128(
-    bf16* out, const bf16* q, const bf16* k, const bf16* v, int64_t n_keys, int64_t ld_k,
-    int64_t ld_v, float scale) {
+    bf16* out, const bf16* q, const PagedRow<bf16>& row, float scale) {
+  constexpr int64_t ld = kBf16Dim;
+  const int64_t n_keys = row.n_keys;
   __m512bh qv[4];
   for (int i = 0; i < 4; ++i) qv[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + 32 * i));
   __m512 acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
   float m = -INFINITY, l = 0.0f;
   alignas(64) float buf[2][kKeyBlock];
-  // Scores of keys [j0, j0 + n) into s (unscaled).
-  auto score_block = [&](float* s, int64_t j0, int64_t n) {
+  // Scores of the n keys at kb into s (unscaled).
+  auto score_block = [&](float* s, const bf16* kb, int64_t n) {
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4) scores_bf16_d128(s, qv, k + j0 * ld_k, j, ld_k);
-    for (; j < n; ++j) s[j] = hsum(dot_bf16_d128(qv, k + (j0 + j) * ld_k));
+    for (; j + 4 <= n; j += 4) scores_bf16_d128(s, qv, kb, j, ld);
+    for (; j < n; ++j) s[j] = hsum(dot_bf16_d128(qv, kb + j * ld));
   };
-  score_block(buf[0], 0, std::min(kKeyBlock, n_keys));
-  for (int64_t j0 = 0, b = 0; j0 < n_keys; j0 += kKeyBlock, b ^= 1) {
+  int64_t n = row.block_len(0);
+  const bf16* kb = row.k(0);
+  score_block(buf[0], kb, n);
+  for (int64_t j0 = 0, b = 0; j0 < n_keys; j0 += n, b ^= 1) {
     float* s = buf[b];
     float* s_next = buf[b ^ 1];
-    const int64_t n = std::min(kKeyBlock, n_keys - j0);
-    const int64_t j1 = j0 + kKeyBlock;
-    const int64_t n_next = j1 < n_keys ? std::min(kKeyBlock, n_keys - j1) : 0;
+    n = row.block_len(j0);
+    const int64_t j1 = j0 + n;
+    const int64_t n_next = j1 < n_keys ? row.block_len(j1) : 0;
+    const bf16* k_next = n_next > 0 ? row.k(j1) : nullptr;
     float block_max = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
       s[j] *= scale;
@@ -196,23 +216,23 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_bf16_d128(
     m = m_new;
     const __m512 c = _mm512_set1_ps(correction);
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_mul_ps(acc[i], c);
-    const bf16* vb = v + j0 * ld_v;
+    const bf16* vb = row.v(j0);
     int64_t j = 0;
     for (; j + 4 <= n && j + 4 <= n_next; j += 4) {  // both streams
-      if (j1 + j + kPrefetchKeys + 4 <= n_keys) {  // the 4 keys and values kPrefetchKeys on
-        const char* kp = reinterpret_cast<const char*>(k + (j1 + j + kPrefetchKeys) * ld_k);
-        const char* vp = reinterpret_cast<const char*>(vb + (j + kPrefetchKeys) * ld_v);
+      if (j + kPrefetchKeys + 4 <= n_next && j + kPrefetchKeys + 4 <= n) {
+        const char* kp = reinterpret_cast<const char*>(k_next + (j + kPrefetchKeys) * ld);
+        const char* vp = reinterpret_cast<const char*>(vb + (j + kPrefetchKeys) * ld);
         for (int r = 0; r < 4; ++r)
           for (int o = 0; o < kBf16Dim * 2; o += 64) {
-            __builtin_prefetch(kp + r * ld_k * 2 + o, 0, 2);  // into L2
-            __builtin_prefetch(vp + r * ld_v * 2 + o, 0, 2);
+            __builtin_prefetch(kp + r * ld * 2 + o, 0, 2);  // into L2
+            __builtin_prefetch(vp + r * ld * 2 + o, 0, 2);
           }
       }
-      scores_bf16_d128(s_next, qv, k + j1 * ld_k, j, ld_k);
-      for (int r = 0; r < 4; ++r) accumulate_bf16_d128(acc, s[j + r], vb + (j + r) * ld_v);
+      scores_bf16_d128(s_next, qv, k_next, j, ld);
+      for (int r = 0; r < 4; ++r) accumulate_bf16_d128(acc, s[j + r], vb + (j + r) * ld);
     }
-    for (int64_t i = j; i < n; ++i) accumulate_bf16_d128(acc, s[i], vb + i * ld_v);
-    if (n_next > j) score_block(s_next + j, j1 + j, n_next - j);
+    for (int64_t i = j; i < n; ++i) accumulate_bf16_d128(acc, s[i], vb + i * ld);
+    if (n_next > j) score_block(s_next + j, k_next + j * ld, n_next - j);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / l);
   alignas(64) float even[16], odd[16];
@@ -229,18 +249,14 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_bf16_d128(
 
 // The row worker for T and D: the AVX-512 BF16 path where it applies, else the generic one.
 template <typename T>
-using RowFn = void (*)(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, float);
+using RowFn = void (*)(T*, const T*, const PagedRow<T>&, float);
 
 template <typename T>
 RowFn<T> row_fn(int64_t D) {
 #if QF_X86_INTRINSICS
   if constexpr (std::is_same_v<T, bf16>) {
     static const bool bf16_isa = cpu_isa_supported(CpuIsa::kAvx512Bf16);
-    if (D == kBf16Dim && bf16_isa)
-      return [](bf16* out, const bf16* q, const bf16* k, const bf16* v, int64_t n_keys, int64_t,
-                int64_t ld_k, int64_t ld_v, float scale) {
-        attend_row_bf16_d128(out, q, k, v, n_keys, ld_k, ld_v, scale);
-      };
+    if (D == kBf16Dim && bf16_isa) return attend_row_bf16_d128;
   }
 #endif
   if (D == 128) return attend_row<T, 128>;  // Qwen's head dim: the accumulator unrolled
@@ -250,25 +266,31 @@ RowFn<T> row_fn(int64_t D) {
 }  // namespace
 
 template <typename T>
-Status attention(T* out, const T* q, const T* k, const T* v, const int64_t* start, int64_t B,
-                 int64_t T_, int64_t H, int64_t D, int64_t S, int64_t sq_b, int64_t sq_t,
-                 int64_t sq_h, int64_t sk_b, int64_t sk_s, int64_t sk_h, int64_t sv_b,
-                 int64_t sv_s, int64_t sv_h, float scale) {
-  if (B < 0 || T_ < 0 || H < 0 || D < 1 || D > kMaxHeadDim || S < 1) return Status::kInvalidArgument;
-  const int64_t rows = B * H * T_;
-  if (rows == 0) return Status::kOk;
-  if (out == nullptr || q == nullptr || k == nullptr || v == nullptr || start == nullptr)
+Status attention(T* out, const T* q, const T* k_pages, const T* v_pages,
+                 const int32_t* page_table, const int32_t* token_seq, const int32_t* token_pos,
+                 int64_t N, int64_t H, int64_t D, int64_t P, int64_t ld_pt, int64_t sq_n,
+                 int64_t sq_h, float scale) {
+  if (N < 0 || H < 0 || D < 1 || D > kMaxHeadDim || P < 1 || ld_pt < 0)
     return Status::kInvalidArgument;
-  for (int64_t b = 0; b < B; ++b)
-    if (start[b] < 0) return Status::kInvalidArgument;
-  const RowFn<T> row = row_fn<T>(D);
+  const int64_t rows = N * H;
+  if (rows == 0) return Status::kOk;
+  if (out == nullptr || q == nullptr || k_pages == nullptr || v_pages == nullptr ||
+      page_table == nullptr || token_seq == nullptr || token_pos == nullptr)
+    return Status::kInvalidArgument;
+  bool several = false;  // a sequence with several tokens in this step (a prefill chunk)
+  for (int64_t i = 0; i < N; ++i) {
+    if (token_seq[i] < 0 || token_pos[i] < 0 || token_pos[i] / P >= ld_pt)
+      return Status::kInvalidArgument;
+    several = several || (i > 0 && token_seq[i] == token_seq[i - 1]);
+  }
+  const RowFn<T> fn = row_fn<T>(D);
   auto attend = [&](int64_t r) {
-    const int64_t t = r % T_, h = (r / T_) % H, b = r / (T_ * H);
-    const int64_t n_keys = std::min(start[b] + t + 1, S);
-    row(out + ((b * T_ + t) * H + h) * D, q + b * sq_b + t * sq_t + h * sq_h,
-        k + b * sk_b + h * sk_h, v + b * sv_b + h * sv_h, n_keys, D, sk_s, sv_s, scale);
+    const int64_t h = r % H, i = r / H;
+    const PagedRow<T> row{k_pages, v_pages, page_table + token_seq[i] * ld_pt, h, H, P, D,
+                          int64_t{token_pos[i]} + 1};
+    fn(out + r * D, q + i * sq_n + h * sq_h, row, scale);
   };
-  if (T_ == 1) {
+  if (!several) {
     // Decode: rows of equal work per sequence, split in contiguous runs. (dynamic, 4 here took
     // 64 against 33-40 us a layer at 150 cached tokens, 24 layers' caches, 2 threads.)
 #pragma omp parallel for schedule(static) if (rows > 1)
@@ -280,10 +302,10 @@ Status attention(T* out, const T* q, const T* k, const T* v, const int64_t* star
   return Status::kOk;
 }
 
-#define QF_INSTANTIATE(T)                                                                    \
-  template Status attention<T>(T*, const T*, const T*, const T*, const int64_t*, int64_t,    \
-                               int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                               int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float);
+#define QF_INSTANTIATE(T)                                                                   \
+  template Status attention<T>(T*, const T*, const T*, const T*, const int32_t*,            \
+                               const int32_t*, const int32_t*, int64_t, int64_t, int64_t,   \
+                               int64_t, int64_t, int64_t, int64_t, float);
 QF_INSTANTIATE(float)
 QF_INSTANTIATE(bf16)
 QF_INSTANTIATE(fp16)

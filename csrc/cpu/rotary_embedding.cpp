@@ -4,9 +4,10 @@
 // see fp_contract_off.h), then rounded once to T; dims R..D-1 pass through unchanged.
 // Layout: x is [B, T, H, D] with any strides on B, T, H (the q/k views of the fused qkv output) and
 // a contiguous last dim; cos/sin are contiguous [B, T, R] fp32; out is contiguous [B, T, H, D].
-// rotary_kv_cache does the same for q into a contiguous output and for k into a KV cache
-// [slots, H, S, D] at per-sequence slots and positions, copying v beside it (the model's step:
-// one pass over the qkv output instead of two rotations and two copies).
+// rotary_kv_cache does the same for q [N, H, D] (the packed tokens of a step) into a contiguous
+// output and for k into a paged KV cache [pages, H, P, D] at each token's page and offset, copying
+// v beside it (the model's step: one pass over the qkv output instead of two rotations and two
+// copies).
 // Parallelisation: OpenMP over the B*T*H rows (serial when small); the row worker is built for
 // AVX-512, AVX2 and baseline x86 (QF_CPU_CLONES). Constraints: R even, 0 <= R <= D.
 #include "../common/fp_contract_off.h"
@@ -72,39 +73,39 @@ QF_CPU_CLONES void copy_row(T* __restrict out, const T* __restrict x, int64_t n)
 }
 
 template <typename T>
-Status rotary_kv_cache(T* q_out, T* k_cache, T* v_cache, const T* q, const T* k, const T* v,
-                       const float* cos, const float* sin, const int64_t* slots,
-                       const int64_t* start, const int64_t* n_new, int64_t batch, int64_t seq,
-                       int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t x_stride_b,
-                       int64_t x_stride_t, int64_t x_stride_h, int64_t c_stride_slot,
-                       int64_t c_stride_h, int64_t c_stride_s) {
-  if (batch < 0 || seq < 0 || heads < 0 || head_dim < 1 || rot_dim < 0 || rot_dim % 2 != 0 ||
-      rot_dim > head_dim || x_stride_b < 0 || x_stride_t < 0 || x_stride_h < 0 ||
-      c_stride_slot < 0 || c_stride_h < 0 || c_stride_s < 0)
+Status rotary_kv_cache(T* q_out, T* k_pages, T* v_pages, const T* q, const T* k, const T* v,
+                       const float* cos, const float* sin, const int32_t* page_table,
+                       const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
+                       int64_t D, int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
+                       int64_t x_stride_h) {
+  if (N < 0 || H < 0 || D < 1 || rot_dim < 0 || rot_dim % 2 != 0 || rot_dim > D || P < 1 ||
+      ld_pt < 0 || x_stride_n < 0 || x_stride_h < 0)
     return Status::kInvalidArgument;
-  const int64_t rows = batch * seq * heads;
+  const int64_t rows = N * H;
   if (rows == 0) return Status::kOk;
-  if (q_out == nullptr || k_cache == nullptr || v_cache == nullptr || q == nullptr ||
-      k == nullptr || v == nullptr || slots == nullptr || start == nullptr || n_new == nullptr ||
-      (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
+  if (q_out == nullptr || k_pages == nullptr || v_pages == nullptr || q == nullptr ||
+      k == nullptr || v == nullptr || page_table == nullptr || token_seq == nullptr ||
+      token_pos == nullptr || (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
     return Status::kInvalidArgument;
-  for (int64_t b = 0; b < batch; ++b)
-    if (slots[b] < 0 || start[b] < 0 || n_new[b] < 0 || n_new[b] > seq)
+  for (int64_t i = 0; i < N; ++i)
+    if (token_seq[i] < 0 || token_pos[i] < 0 || token_pos[i] / P >= ld_pt)
       return Status::kInvalidArgument;
-  // Row r < rows is a query; rows .. 2 * rows a key and its value (skipped past n_new[b]).
-#pragma omp parallel for schedule(static) if (rows > 1 && 2 * rows * head_dim >= kParallelMinElements)
+  // Row r < rows is a query (i, h); rows .. 2 * rows a key and its value.
+#pragma omp parallel for schedule(static) if (rows > 1 && 2 * rows * D >= kParallelMinElements)
   for (int64_t r = 0; r < 2 * rows; ++r) {
-    const int64_t i = r % rows;
-    const int64_t h = i % heads, bt = i / heads, t = bt % seq, b = bt / seq;
-    const int64_t in = b * x_stride_b + t * x_stride_t + h * x_stride_h;
-    const float* c = cos + bt * rot_dim;
-    const float* s = sin + bt * rot_dim;
+    const int64_t row = r % rows;
+    const int64_t h = row % H, i = row / H;
+    const int64_t in = i * x_stride_n + h * x_stride_h;
+    const float* c = cos + i * rot_dim;
+    const float* s = sin + i * rot_dim;
     if (r < rows) {
-      rotary_row(q_out + i * head_dim, q + in, c, s, head_dim, rot_dim);
-    } else if (t < n_new[b]) {
-      const int64_t at = slots[b] * c_stride_slot + h * c_stride_h + (start[b] + t) * c_stride_s;
-      rotary_row(k_cache + at, k + in, c, s, head_dim, rot_dim);
-      copy_row(v_cache + at, v + in, head_dim);
+      rotary_row(q_out + row * D, q + in, c, s, D, rot_dim);
+    } else {
+      const int64_t p = token_pos[i];
+      const int64_t page = page_table[token_seq[i] * ld_pt + p / P];
+      const int64_t at = ((page * H + h) * P + p % P) * D;
+      rotary_row(k_pages + at, k + in, c, s, D, rot_dim);
+      copy_row(v_pages + at, v + in, D);
     }
   }
   return Status::kOk;
@@ -112,10 +113,9 @@ Status rotary_kv_cache(T* q_out, T* k_cache, T* v_cache, const T* q, const T* k,
 
 #define QF_INSTANTIATE(T)                                                                   \
   template Status rotary_kv_cache<T>(T*, T*, T*, const T*, const T*, const T*, const float*, \
-                                     const float*, const int64_t*, const int64_t*,            \
-                                     const int64_t*, int64_t, int64_t, int64_t, int64_t,      \
-                                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,    \
-                                     int64_t);                                                \
+                                     const float*, const int32_t*, const int32_t*,            \
+                                     const int32_t*, int64_t, int64_t, int64_t, int64_t,      \
+                                     int64_t, int64_t, int64_t, int64_t);                     \
   template Status rotary_embedding<T>(T*, const T*, const float*, const float*, int64_t,    \
                                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
                                       int64_t);

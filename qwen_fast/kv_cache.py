@@ -1,0 +1,149 @@
+"""The paged KV cache: a pool of fixed-size pages per layer, a page list per sequence, and the
+metadata of one step that every layer shares.
+
+Layout: per layer, ``k[layer]`` and ``v[layer]`` are ``[num_pages, heads, page_size, head_dim]``
+tensors (keys after RoPE). A page holds ``page_size`` consecutive positions of one sequence, each
+head's positions contiguous (attention streams them: 16 KiB a head for 64 bf16 positions of 128
+dims). Position ``p`` of a sequence lives on page ``pages[p // page_size]`` at offset
+``p % page_size``. Pages are taken as positions are written and given back when a sequence ends
+or is preempted; nothing cached is ever copied or moved.
+
+The pool is one allocation per layer made when the engine is built, sized by ``kv_cache_budget``.
+On the CPU it is ``torch.empty``: the operating system commits its memory as pages are first
+written, so an engine with a large budget costs only what its sequences really write.
+
+StepMetadata is what the kernels read for one forward over a step's packed tokens (prefill chunks
+and decode rows together): the page table of the step's sequences, each token's sequence and
+position, and the most keys any token reads. It is built once per step (and copied to the device
+once, on CUDA) and shared by every layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from .config import QwenConfig
+
+#: Positions per page. Measured (bench_kernels.py --cases attention, bf16, 2 cores): see
+#: README "Paged KV cache"; 64 keeps attention's read rate at long contexts level with larger
+#: pages while a page is small enough (12 MiB over 24 layers for 1.8B in bf16) for a short
+#: sequence to waste little.
+DEFAULT_PAGE_SIZE = 64
+
+
+def bytes_per_token(cfg: QwenConfig, dtype: torch.dtype) -> int:
+    """Bytes of keys + values one position of one sequence takes (192 KiB for 1.8B in bf16)."""
+    return (2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
+            * torch.empty((), dtype=dtype).element_size())
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 3.0 KiB, 1.5 MiB, 2.00 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+class PagePool:
+    """The pages of every layer and the free list. Not thread-safe: the scheduler (under its
+    engine's lock) takes and returns pages."""
+
+    def __init__(self, cfg: QwenConfig, num_pages: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        if num_pages < 1:
+            raise ValueError(f"a page pool needs at least one page, got {num_pages}")
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.page_size = page_size
+        self.num_pages = num_pages
+        shape = (num_pages, cfg.num_attention_heads, page_size, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # Popped from the end: the lowest ids are handed out first, so that a light load keeps
+        # to the start of the pool (memory the OS has already committed).
+        self._free: List[int] = list(range(num_pages - 1, -1, -1))
+        self.peak_used = 0
+
+    @classmethod
+    def for_budget(cls, cfg: QwenConfig, budget: int, page_size: int, dtype: torch.dtype,
+                   device: torch.device | str = "cpu", max_pages: Optional[int] = None) -> "PagePool":
+        """The pool that fits `budget` bytes (at most max_pages pages)."""
+        n = budget // cls.page_bytes(cfg, page_size, dtype)
+        if max_pages is not None:
+            n = min(n, max_pages)
+        return cls(cfg, max(1, n), page_size, dtype, device)
+
+    @staticmethod
+    def page_bytes(cfg: QwenConfig, page_size: int, dtype: torch.dtype) -> int:
+        return page_size * bytes_per_token(cfg, dtype)
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.page_bytes(self.cfg, self.page_size, self.dtype)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def take(self, n: int) -> List[int]:
+        """n free pages (the caller checked num_free)."""
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} KV pages with {len(self._free)} free")
+        out = [self._free.pop() for _ in range(n)]
+        self.peak_used = max(self.peak_used, self.num_used)
+        return out
+
+    def give_back(self, pages: Sequence[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+@dataclass
+class StepMetadata:
+    """The paged metadata of one forward, shared by every layer (ops.attention's arguments).
+
+    page_table: [sequences, max_pages] int32 (-1 past a sequence's pages); token_seq, token_pos:
+    [N] int32, each packed token's sequence (a row of page_table) and absolute position;
+    max_keys: max(token_pos) + 1. All on the model's device."""
+    page_table: torch.Tensor
+    token_seq: torch.Tensor
+    token_pos: torch.Tensor
+    max_keys: int
+
+    @classmethod
+    def build(cls, pages: Sequence[Sequence[int]], starts: Sequence[int], counts: Sequence[int],
+              device: torch.device | str = "cpu") -> "StepMetadata":
+        """Sequence b of the step holds pages[b] and computes positions starts[b] ..
+        starts[b] + counts[b] - 1 (its tokens come in that order, sequence after sequence)."""
+        width = max(1, max(len(p) for p in pages))
+        S, N = len(pages), sum(counts)
+        host = torch.full((S * width + 2 * N,), -1, dtype=torch.int32)
+        table = host[:S * width].view(S, width)
+        for b, p in enumerate(pages):
+            table[b, :len(p)] = torch.tensor(p, dtype=torch.int32)
+        seq = host[S * width:S * width + N]
+        pos = host[S * width + N:]
+        seq.copy_(torch.repeat_interleave(torch.arange(S, dtype=torch.int32),
+                                          torch.tensor(counts, dtype=torch.long)))
+        pos.copy_(torch.cat([torch.arange(s, s + n, dtype=torch.int32) for s, n in zip(starts, counts)]))
+        max_keys = max(s + n for s, n in zip(starts, counts))
+        if torch.device(device).type != "cpu":
+            host = host.pin_memory().to(device, non_blocking=True)   # one copy for all three
+            table = host[:S * width].view(S, width)
+            seq = host[S * width:S * width + N]
+            pos = host[S * width + N:]
+        return cls(table, seq, pos, max_keys)

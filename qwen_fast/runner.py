@@ -1,0 +1,64 @@
+"""Executes a StepPlan: one forward over the step's packed tokens (a newcomer's prefill chunk and the
+others' decode tokens share one pass over the weights), then one sampled token for each request
+whose step reached its last known token.
+
+The step's paged metadata (page table, each token's sequence and position) is built once here and
+shared by every layer. A row whose logits are not finite (NumericalError) fails only its own
+request; the other rows of the step go on.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from .config import ntk_alpha
+from .errors import NumericalError
+from .kv_cache import PagePool, StepMetadata
+from .request import Request
+from .sampling import sample_next
+from .scheduler import StepPlan
+
+
+class Runner:
+    def __init__(self, model, pool: PagePool, valid_vocab: int):
+        self.model = model
+        self.pool = pool
+        self.valid_vocab = valid_vocab
+
+    def alpha(self, r: Request) -> int:
+        """The request's dynamic-NTK alpha: from its prompt's length, fixed at its first prefill
+        (a recompute after preemption keeps it)."""
+        if r.alpha is None:
+            cfg = self.model.cfg
+            r.alpha = ntk_alpha(len(r.prompt_ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1
+        return r.alpha
+
+    def execute(self, plan: StepPlan) -> Tuple[Dict[Request, int], Dict[Request, BaseException]]:
+        """Run the plan; returns the sampled token of each request that samples, and the errors
+        of rows that failed (their requests only)."""
+        ids: List[int] = []
+        starts, counts, pages, alphas, last = [], [], [], [], []
+        for s in plan.seqs:
+            r = s.req
+            ids += r.token_ids(s.start, s.start + s.count)
+            starts.append(s.start)
+            counts.append(s.count)
+            pages.append(r.pages)
+            alphas.append(self.alpha(r))
+            last.append(len(ids) - 1)
+        meta = StepMetadata.build(pages, starts, counts, self.model.device)
+        positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, counts)])
+        samplers = [i for i, s in enumerate(plan.seqs) if s.samples]
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pool, meta, positions,
+                                    alphas, counts, logits_rows=[last[i] for i in samplers])
+        sampled: Dict[Request, int] = {}
+        errors: Dict[Request, BaseException] = {}
+        for j, i in enumerate(samplers):
+            r = plan.seqs[i].req
+            try:
+                sampled[r] = sample_next(logits[j], r.history, r.params, r.generator,
+                                         self.valid_vocab)
+            except NumericalError as e:
+                errors[r] = e
+        return sampled, errors

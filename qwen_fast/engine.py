@@ -8,16 +8,19 @@
 The decoding loop is plain Python over the model's batched forward. Every request in a batch has
 its own sampling parameters, seed, stop conditions and KV-cache length.
 
-Threads: one Engine may be shared. Every call's sequences go through the engine's scheduler
-(qwen_fast/scheduler.py): they decode together in one batch (continuous batching), each with
-its own parameters, generator and stops, so results always belong to their call and equal what
-the call would get alone. A stream's sequence decodes whether or not it is being read; closing
-the stream (or dropping it: the garbage collector closes it) cancels it.
+Threads: one Engine may be shared. Every call's requests go through the engine's serving core
+(qwen_fast/core.py): one step thread plans each step (qwen_fast/scheduler.py), runs it as one
+forward over the packed tokens of every running request (qwen_fast/runner.py) and samples each
+request's next token with its own parameters, generator and stop token ids, so results always
+belong to their call and equal what the call would get alone. Text is made on the caller's
+thread (TextStream): detokenization and stop strings stay off the step thread. A stream's request
+runs from the moment stream() returns, whether or not it is read; closing the stream (from any
+thread), or dropping it, cancels it.
 
-Memory: the shared KV cache grows with the tokens it really holds (KVCache.ensure) and with the
-sequences in the batch; a sequence joins the batch only while every member's worst case
-(prompt + max_new_tokens) fits the engine's kv_cache_budget, and one that could not fit even
-alone is refused up front with a CapacityError, before any work is done.
+Memory: the KV cache is a pool of pages (qwen_fast/kv_cache.py) sized by kv_cache_budget; a
+request takes pages as it writes positions and gives them back when it ends. When the pool runs
+out, the most recently admitted request is preempted and later recomputed (its caller sees only
+latency); only a prompt that could not fit the whole pool is refused (CapacityError).
 """
 from __future__ import annotations
 
@@ -31,12 +34,16 @@ import numpy as np
 import torch
 
 from . import chat as chatml
-from .config import GenerationConfig, QwenConfig, builtin_config, parse_dtype
+from .config import GenerationConfig, QwenConfig, builtin_config, ntk_alpha, parse_dtype
 from .errors import CapacityError, ConfigError, RequestError
 from .loader import available_memory, dummy_state_dict, load_config, load_state_dict
-from .model import BACKENDS, KVCache, QwenModel
+from .core import EngineCore
+from .kv_cache import DEFAULT_PAGE_SIZE, PagePool, StepMetadata, bytes_per_token, format_bytes
+from .model import BACKENDS, QwenModel
+from .request import Request
+from .runner import Runner
 from .sampling import SamplingParams, make_generator
-from .scheduler import Scheduler, Seq
+from .scheduler import Scheduler
 from .tokenizer import IncrementalDecoder, QwenTokenizer
 
 Prompt = Union[str, Sequence[int], torch.Tensor, np.ndarray]
@@ -46,12 +53,14 @@ Prompt = Union[str, Sequence[int], torch.Tensor, np.ndarray]
 class GenerationResult:
     text: str
     token_ids: List[int]
-    finish_reason: str                  # "stop" (a stop token or string) or "length"
+    finish_reason: str                  # "stop" (a stop token or string), "length", or "abort"
+                                        # (the stream was closed before the end)
     prompt_tokens: int
     stop_reason: Union[int, str, None] = None   # the stop token id or stop string that ended it
     prefill_s: float = 0.0              # time to first token (prefill + first sample)
     decode_s: float = 0.0               # time for the remaining tokens
-    kv_cache_bytes: int = 0             # peak KV cache of the call (shared by a batch's rows)
+    kv_cache_bytes: int = 0             # peak KV cache pages this request held, in bytes
+    num_preemptions: int = 0            # times the pool ran out and it was recomputed
 
     @property
     def completion_tokens(self) -> int:
@@ -98,120 +107,154 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+class _Text:
+    """The text of one request, made on the reading caller's thread from the token ids the step
+    thread appends: incremental detokenization (never a broken UTF-8 character), stop strings
+    (the text is cut before the first one, and the request is then cancelled), and the holdback
+    of a tail that may still become a stop string."""
 
+    def __init__(self, req: Request, tokenizer: QwenTokenizer):
+        self.req = req
+        self.stops = req.params.stop or []
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.text = ""
+        self.emitted = 0            # characters of text already handed out
+        self.read = 0               # output tokens consumed
+        self.stop_string: Optional[str] = None
+        self.done = False
 
-class _Request:
-    """Decoding state of one sequence of a batch."""
+    def pending(self) -> bool:
+        """Whether advance() has something to do (called under the core's lock)."""
+        return self.done or self.req.finished or len(self.req.output_ids) > self.read
 
-    def __init__(self, engine: "Engine", prompt_ids: List[int], params: SamplingParams,
-                 extra_stop_ids: Sequence[int], limit: int):
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.limit = limit
-        self.stop_ids = set(params.stop_token_ids) | set(extra_stop_ids)
-        if not params.ignore_eos:
-            self.stop_ids.add(engine.generation_config.eos_token_id)
-        # Prompt + output ids for the repetition penalty, in one buffer sized for the worst case.
-        self._ids = torch.empty(len(prompt_ids) + limit, dtype=torch.long, device=engine.device)
-        self._ids[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
-        self._n = len(prompt_ids)
-        self.generator = make_generator(params.seed, engine.device)
-        self.decoder = IncrementalDecoder(engine.tokenizer)
-        self.out_ids: List[int] = []
-        self.text = ""          # decoded text, stop string removed once found
-        self.emitted = 0        # characters of text already yielded
-        self.finish_reason: Optional[str] = None
-        self.stop_reason = None
-        self.t_first = 0.0
-
-    @property
-    def history(self) -> torch.Tensor:
-        return self._ids[:self._n]
-
-    def add_token(self, tok: int) -> str:
-        """Record a sampled token; returns the text delta that is now safe to emit."""
-        p = self.params
-        if tok in self.stop_ids:
-            self.finish_reason, self.stop_reason = "stop", tok
+    def advance(self) -> str:
+        """Consume the tokens that arrived; returns the text delta now safe to hand out."""
+        r = self.req
+        finished = r.finished           # read first: once finished, every token is in
+        with r.lock:
+            new = r.output_ids[self.read:]
+        for tok in new:
+            if self.done:
+                break
+            self.read += 1
+            prev = len(self.text)
+            self.text += self.decoder.push(tok)
+            if self.stops:
+                lo = max(0, prev - max(len(s) for s in self.stops) + 1)
+                hits = [(i, s) for s in self.stops if (i := self.text.find(s, lo)) >= 0]
+                if hits:
+                    i, s = min(hits)
+                    self.text = self.text[:i]
+                    self.stop_string = s
+                    self.done = True
+        if not self.done and finished and self.read == len(r.output_ids):
             self.text += self.decoder.flush()
-            return self._emit(final=True)
-        self.out_ids.append(tok)
-        self._ids[self._n] = tok
-        self._n += 1
-        prev = len(self.text)
-        self.text += self.decoder.push(tok)
-        if p.stop:
-            lo = max(0, prev - max(len(s) for s in p.stop) + 1)
-            hits = [(i, s) for s in p.stop if (i := self.text.find(s, lo)) >= 0]
-            if hits:
-                i, s = min(hits)
-                self.text = self.text[:i]
-                self.finish_reason, self.stop_reason = "stop", s
-                return self._emit(final=True)
-        if len(self.out_ids) >= self.limit:
-            self.finish_reason = "length"
-            self.text += self.decoder.flush()
-            return self._emit(final=True)
-        return self._emit(final=False)
-
-    def _emit(self, final: bool) -> str:
-        end = len(self.text) if final or not self.params.stop else len(self.text) - _holdback(self.text, self.params.stop)
+            self.done = True
+        end = len(self.text) if self.done or not self.stops else len(self.text) - _holdback(self.text, self.stops)
         delta = self.text[self.emitted:end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return delta
+
+    def result(self, page_bytes: int) -> "GenerationResult":
+        r = self.req
+        t_first = r.t_first if r.t_first is not None else (r.t_done or r.t_submit)
+        t_done = r.t_done if r.t_done is not None else t_first
+        stopped = self.stop_string is not None
+        return GenerationResult(
+            text=self.text, token_ids=list(r.output_ids[:self.read]),
+            finish_reason="stop" if stopped else (r.finish_reason or "abort"),
+            stop_reason=self.stop_string if stopped else r.stop_reason,
+            prompt_tokens=len(r.prompt_ids), prefill_s=t_first - r.t_submit,
+            decode_s=max(0.0, t_done - t_first), kv_cache_bytes=r.peak_pages * page_bytes,
+            num_preemptions=r.num_preemptions)
 
 
 class TextStream:
     """The text deltas of one generation (Engine.stream): an iterator whose ``result`` is the
     GenerationResult (finish_reason, usage, timings) once it is exhausted, None before.
-    close() stops the generation (it is cancelled in the engine's batch); dropping the stream
-    does the same when it is garbage-collected."""
 
-    def __init__(self, run):
-        self._run = run
+    The request runs from the moment the stream is made, whether or not it is read. close()
+    cancels it, from any thread (a consumer blocked in next() then stops); dropping the stream
+    does the same when it is garbage-collected. A stream closed before its end ends with
+    finish_reason "abort" in its result."""
+
+    def __init__(self, engine: "Engine", req: Request):
+        self._core = engine._core
+        self._page_bytes = engine._pool.bytes_per_page
+        self._text = _Text(req, engine.tokenizer)
+        self._closed = False
         self.result: Optional["GenerationResult"] = None
+
+    @property
+    def request(self) -> Request:
+        return self._text.req
 
     def __iter__(self) -> "TextStream":
         return self
 
     def __next__(self) -> str:
-        try:
-            return next(self._run)[1]
-        except StopIteration as stop:
-            if stop.value is not None:
-                self.result = stop.value[0]
-            raise StopIteration from None
+        t = self._text
+        while True:
+            if self.result is not None:
+                raise StopIteration
+            if self._closed:
+                self._end()
+                raise StopIteration
+            delta = t.advance()
+            if t.done:
+                self._end()
+                if delta:
+                    return delta
+                raise StopIteration
+            if delta:
+                return delta
+            self._core.wait_until(lambda: self._closed or t.pending())
+
+    def _end(self) -> None:
+        r = self._text.req
+        if not r.finished:
+            self._core.abort(r)         # a stop string, or closed: free its pages now
+        if r.error is not None and self._text.stop_string is None and not self._closed:
+            raise r.error
+        self.result = self._text.result(self._page_bytes)
 
     def close(self) -> None:
-        self._run.close()
+        """Cancel the generation (any thread); later next() calls stop."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._core.cond:
+            self._core.scheduler.abort(self._text.req)
+            self._core.cond.notify_all()
 
-
-def _finish(run) -> list:
-    """Run a _run generator to its end and return its results."""
-    try:
-        while True:
-            next(run)
-    except StopIteration as stop:
-        return stop.value
+    def __del__(self) -> None:
+        try:
+            if not self._closed and self.result is None:
+                self.close()
+        except Exception:       # interpreter shutdown
+            pass
 
 
 class Engine:
-    PREFILL_TOKENS = 4096   # most prompt positions one prefill forward takes (Scheduler.prefill_tokens)
+    PREFILL_TOKENS = 4096   # most prompt tokens a step computes while nothing decodes
+    PREFILL_CHUNK = 256     # most prompt tokens a step computes beside decoding requests
 
     def __init__(self, model: QwenModel, tokenizer: QwenTokenizer,
                  generation_config: Optional[GenerationConfig] = None,
-                 kv_cache_budget: Union[int, str, None] = "auto", max_batch_size: int = 8):
-        """Every call's sequences decode in one shared batch (qwen_fast/scheduler.py: continuous
-        batching), at most max_batch_size at a time; the others wait for a slot.
+                 kv_cache_budget: Union[int, str, None] = "auto", max_batch_size: int = 8,
+                 kv_page_size: int = DEFAULT_PAGE_SIZE):
+        """Every call's requests run in one shared batch (continuous batching over a paged KV
+        cache: qwen_fast/core.py), at most max_batch_size at a time; the others wait for a row.
 
-        kv_cache_budget: the most bytes the shared KV cache may hold, counting each sequence in
-        the batch at its worst case (prompt + max_new_tokens); a sequence waits until it fits,
-        and one that cannot fit even alone is refused when submitted. logits() counts its
-        output too. "auto" = half the memory available on the device when the engine is built
-        (after the weights; no limit if that is unknown); an int = that many bytes; None = no
-        limit but the model's context."""
+        kv_cache_budget: the bytes of the KV page pool, made when the engine is built (on the
+        CPU its memory is committed only as pages are written). A request is admitted for the
+        pages its tokens need now and takes more as it writes; when the pool runs out the most
+        recently admitted request is preempted and recomputed later. Only a prompt that cannot
+        fit the whole pool is refused (CapacityError). "auto" = half the memory available on the
+        device when the engine is built (after the weights); an int = that many bytes; None =
+        room for max_batch_size sequences of the model's whole context (bounded by the memory
+        available). The pool never holds more than that either way.
+        kv_page_size: positions per page (qwen_fast/kv_cache.py says how it was chosen)."""
         self.model = model
         self.cfg: QwenConfig = model.cfg
         self.tokenizer = tokenizer
@@ -222,25 +265,45 @@ class Engine:
             max_new_tokens=g.max_new_tokens, temperature=g.temperature if g.do_sample else 0.0,
             top_p=g.top_p, top_k=g.top_k, repetition_penalty=g.repetition_penalty)
         self.default_params.validate()
+        if (not isinstance(max_batch_size, numbers.Integral) or isinstance(max_batch_size, bool)
+                or max_batch_size < 1):
+            raise ConfigError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if (not isinstance(kv_page_size, numbers.Integral) or isinstance(kv_page_size, bool)
+                or not 1 <= kv_page_size <= 4096):
+            raise ConfigError(f"kv_page_size must be an int in [1, 4096], got {kv_page_size!r}")
+        avail = available_memory(self.device)
         if kv_cache_budget == "auto":
-            avail = available_memory(self.device)
             kv_cache_budget = None if avail is None else avail // 2
         elif kv_cache_budget is not None and (
                 not isinstance(kv_cache_budget, numbers.Integral) or isinstance(kv_cache_budget, bool)
                 or kv_cache_budget <= 0):
             raise ConfigError(f"kv_cache_budget must be 'auto', a positive number of bytes or None, "
                               f"got {kv_cache_budget!r}")
-        self.kv_cache_budget: Optional[int] = None if kv_cache_budget is None else int(kv_cache_budget)
-        if (not isinstance(max_batch_size, numbers.Integral) or isinstance(max_batch_size, bool)
-                or max_batch_size < 1):
-            raise ConfigError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
-        self.scheduler = Scheduler(model, len(tokenizer), int(max_batch_size),
-                                   self.kv_cache_budget, prefill_tokens=self.PREFILL_TOKENS)
-        # The steps run on the scheduler's thread: this (loading) thread's OpenMP team would
-        # only slow them down (qwen_fast/scheduler.py).
+        page_size = int(kv_page_size)
+        max_pages = int(max_batch_size) * -(-self.cfg.max_context // page_size)
+        page_bytes = PagePool.page_bytes(self.cfg, page_size, self.dtype)
+        if kv_cache_budget is None:
+            kv_cache_budget = max_pages * page_bytes if avail is None else min(max_pages * page_bytes, avail)
+        if kv_cache_budget < page_bytes:
+            raise ConfigError(f"kv_cache_budget of {format_bytes(kv_cache_budget)} holds no KV page "
+                              f"({page_size} positions = {format_bytes(page_bytes)}); raise it")
+        self.kv_cache_budget: int = int(kv_cache_budget)
+        self._pool = PagePool.for_budget(self.cfg, self.kv_cache_budget, page_size, self.dtype,
+                                         self.device, max_pages=max_pages)
+        model.buffer_rows = int(max_batch_size)
+        self.scheduler = Scheduler(self._pool, int(max_batch_size), self.PREFILL_CHUNK,
+                                   self.PREFILL_TOKENS)
+        self._core = EngineCore(self.scheduler, Runner(model, self._pool, len(tokenizer)))
+        # The steps run on the core's thread: this (loading) thread's OpenMP team would only
+        # slow them down (qwen_fast/core.py).
         from . import ops
         if ops.HAVE_C and self.device.type == "cpu":
             ops._C.release_openmp_threads()
+
+    @property
+    def kv_pool(self) -> PagePool:
+        """The KV page pool (its size, page size and use)."""
+        return self._pool
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -252,15 +315,17 @@ class Engine:
                         check_finite: bool = True, verify_vocab: bool = True,
                         quant: Optional[str] = None,
                         lm_head_quant: Optional[str] = None,
-                        max_batch_size: int = 8) -> "Engine":
+                        max_batch_size: int = 8,
+                        kv_page_size: int = DEFAULT_PAGE_SIZE) -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
         QwenConfig, a built-in name such as "qwen-1.8b-chat", or the path's config.json).
         dtype: "auto" (the release's: bf16 unless config.json says fp16/fp32), or a float dtype.
         backend: "reference" (PyTorch), "native" or "auto" (our kernels where they exist).
-        kv_cache_budget: bytes the shared KV cache may hold (see Engine).
+        kv_cache_budget: bytes of the KV page pool (see Engine).
         max_batch_size: sequences decoded together at most (see Engine).
+        kv_page_size: positions per KV page (see Engine).
         check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
@@ -357,13 +422,13 @@ class Engine:
                    for k, v in weights.items()}
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
         return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget,
-                   max_batch_size=max_batch_size)
+                   max_batch_size=max_batch_size, kv_page_size=kv_page_size)
 
     def close(self) -> None:
-        """Stop the engine's scheduler: running and waiting sequences are cancelled (their
-        callers get a RuntimeError) and its step thread ends; later calls raise. Also done at
-        interpreter exit (a step thread killed mid-step would abort the process)."""
-        self.scheduler.close()
+        """Stop the engine: running and waiting requests fail (their callers get a RuntimeError)
+        and its step thread ends; later calls raise. Also done at interpreter exit (a step
+        thread killed mid-step would abort the process)."""
+        self._core.close()
 
     @property
     def device(self) -> torch.device:
@@ -430,6 +495,9 @@ class Engine:
         is a list/tuple of prompts (whose first item is not a token id) or a 2-D tensor/array;
         one prompt is anything _token_ids takes."""
         if isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim == 2:
+            if prompt.shape[0] == 0:
+                raise RequestError(f"prompt is an empty batch (shape {tuple(prompt.shape)}): give "
+                                   "at least one prompt")
             items = list(prompt)
         elif (isinstance(prompt, (list, tuple)) and prompt
               and isinstance(prompt[0], (str, list, tuple, torch.Tensor, np.ndarray))):
@@ -439,51 +507,53 @@ class Engine:
         return [self._token_ids(x, f"prompt[{i}]") for i, x in enumerate(items)], True
 
     def _limits(self, prompts: List[List[int]], params: List[SamplingParams]) -> List[int]:
-        """New tokens each sequence may produce; refuses (CapacityError) a call with a sequence
-        whose worst-case KV cache could not fit the budget even alone."""
-        limits = [min(p.max_new_tokens, self.cfg.max_context - len(ids)) for ids, p in zip(prompts, params)]
-        self.scheduler.check_fits(len(prompts), max(len(ids) + n for ids, n in zip(prompts, limits)))
-        return limits
+        """New tokens each request may produce: max_new_tokens, within the model's context."""
+        return [min(p.max_new_tokens, self.cfg.max_context - len(ids)) for ids, p in zip(prompts, params)]
 
     def _check_budget(self, nbytes: int, what: str) -> None:
-        if self.kv_cache_budget is not None and nbytes > self.kv_cache_budget:
+        if nbytes > self.kv_cache_budget:
             raise CapacityError(
-                f"this request needs up to {_gib(nbytes)} ({what}), more than the engine's "
-                f"kv_cache_budget of {_gib(self.kv_cache_budget)}; lower max_new_tokens, send "
-                "fewer prompts at once, or raise kv_cache_budget in Engine.from_pretrained")
+                f"this request needs up to {format_bytes(nbytes)} ({what}), more than the engine's "
+                f"kv_cache_budget of {format_bytes(self.kv_cache_budget)}; send fewer tokens at "
+                "once, or raise kv_cache_budget in Engine.from_pretrained")
 
-    # ---- the decoding loop: the scheduler's -------------------------------------------------
-    def _run(self, prompts: List[List[int]], params: List[SamplingParams], limits: List[int],
-             extra_stop_ids: Sequence[int] = ()):
-        """Generate for a checked batch through the scheduler: yields (row, text delta) of a
-        single prompt as they come (a batch's rows all finish first), returns the results.
-        Closing the generator early cancels its sequences."""
-        seqs = [Seq(_Request(self, ids, p, extra_stop_ids, n))
-                for ids, p, n in zip(prompts, params, limits)]
-        sched = self.scheduler
-        sched.submit(seqs)
+    # ---- requests through the serving core ----------------------------------------------------
+    def _requests(self, prompts: List[List[int]], params: List[SamplingParams],
+                  extra_stop_ids: Sequence[int] = ()) -> List[Request]:
+        """Checked prompts -> submitted requests (all or none)."""
+        reqs = []
+        eos = self.generation_config.eos_token_id
+        for ids, p, n in zip(prompts, params, self._limits(prompts, params)):
+            stop = set(p.stop_token_ids) | set(extra_stop_ids)
+            if not p.ignore_eos:
+                stop.add(eos)
+            reqs.append(Request(ids, p, n, stop, make_generator(p.seed, self.device), self.device))
+        self._core.submit(reqs)
+        return reqs
+
+    def _collect(self, reqs: List[Request]) -> List[GenerationResult]:
+        """Wait for the requests, making their text as their tokens arrive (so that a stop string
+        ends its request at once); their results. Leaving early cancels what still runs."""
+        texts = [_Text(r, self.tokenizer) for r in reqs]
         try:
-            if len(seqs) == 1:
-                while (delta := sched.next_delta(seqs[0])) is not None:
-                    yield 0, delta
-            else:
-                sched.wait(seqs)
-                for b, s in enumerate(seqs):
-                    while s.deltas:
-                        yield b, s.deltas.popleft()
-            return [GenerationResult(
-                text=s.state.text, token_ids=s.state.out_ids, finish_reason=s.state.finish_reason,
-                stop_reason=s.state.stop_reason, prompt_tokens=len(s.state.prompt_ids),
-                prefill_s=s.t_first - s.t_submit, decode_s=s.t_done - s.t_first,
-                kv_cache_bytes=s.kv_peak) for s in seqs]
+            while True:
+                for t in texts:
+                    if not t.done:
+                        t.advance()
+                        if t.done and not t.req.finished:
+                            self._core.abort(t.req)     # a stop string
+                if all(t.done for t in texts):
+                    break
+                self._core.wait_until(lambda: any(t.pending() for t in texts if not t.done))
+            failed = next((t.req.error for t in texts if t.req.error is not None
+                           and t.stop_string is None), None)
+            if failed is not None:
+                raise failed
+            return [t.result(self._pool.bytes_per_page) for t in texts]
         finally:
-            for s in seqs:
-                if not s.done:
-                    sched.cancel(s)
-
-    def _start(self, ids: List[int], p: SamplingParams, extra_stop_ids: Sequence[int]):
-        """A checked one-prompt run (not started yet: no turn is taken until it is iterated)."""
-        return self._run([ids], [p], self._limits([ids], [p]), extra_stop_ids)
+            for t in texts:
+                if not t.req.finished:
+                    self._core.abort(t.req)
 
     # ---- public API ----------------------------------------------------------------------
     def generate(self, prompt: Union[Prompt, Sequence[Prompt]],
@@ -498,31 +568,38 @@ class Engine:
         """
         p = self.sampling_params(params, **overrides)
         prompts, many = self._batch(prompt)
-        ps = [p] * len(prompts)
-        results = _finish(self._run(prompts, ps, self._limits(prompts, ps), self._config_stop_ids()))
+        results = self._collect(self._requests(prompts, [p] * len(prompts), self._config_stop_ids()))
         return results if many else results[0]
 
     def stream(self, prompt: Prompt, params: Union[SamplingParams, Mapping, None] = None,
                **overrides) -> TextStream:
         """Like generate() for one prompt, yielding text deltas as they become final (never a
         broken UTF-8 character, never a piece of a stop string); once exhausted, the stream's
-        ``result`` is the GenerationResult. The request is checked when stream() is called;
-        close the iterator (or drop it) to stop early."""
+        ``result`` is the GenerationResult. The request is checked and submitted when stream()
+        is called (it runs whether or not the stream is read); close the stream (from any
+        thread) or drop it to stop early."""
         p = self.sampling_params(params, **overrides)
-        return TextStream(self._start(self._token_ids(prompt), p, self._config_stop_ids()))
+        (req,) = self._requests([self._token_ids(prompt)], [p], self._config_stop_ids())
+        return TextStream(self, req)
 
     @torch.inference_mode()
     def logits(self, token_ids: Prompt) -> torch.Tensor:
-        """Full-sequence logits [len, vocab] (fp32 copy of the model-dtype logits), one prefill."""
+        """Full-sequence logits [len, vocab] (fp32 copy of the model-dtype logits), one prefill
+        into pages of its own (not the shared pool's), run between two steps."""
         ids = self._token_ids(token_ids, "token_ids")
         n = len(ids)
-        self._check_budget(n * (KVCache.bytes_per_token(self.cfg, self.dtype) + 4 * self.cfg.vocab_size),
+        self._check_budget(n * (bytes_per_token(self.cfg, self.dtype) + 4 * self.cfg.vocab_size),
                            f"{n} tokens of KV cache and a {n} x {self.cfg.vocab_size} fp32 logits tensor")
+
         def run():
-            cache = KVCache(self.cfg, 1, n, self.dtype, self.device)
-            return self.model.forward(torch.tensor([ids]), cache, all_logits=True,
-                                      logits_dtype=torch.float32)[0]
-        return self.scheduler.exclusive(run)
+            pool = PagePool(self.cfg, self._pool.pages_for(n), self._pool.page_size, self.dtype,
+                            self.device)
+            meta = StepMetadata.build([list(range(pool.num_pages))], [0], [n], self.device)
+            cfg = self.cfg
+            alpha = ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1
+            return self.model.forward(torch.tensor(ids), pool, meta, torch.arange(n), [alpha], [n],
+                                      logits_dtype=torch.float32)
+        return self._core.exclusive(run)
 
     def _chat_prompt(self, query, history, system, max_window_size) -> Tuple[List[int], list, str]:
         if isinstance(query, (list, tuple)):
@@ -547,7 +624,7 @@ class Engine:
         query may also be an OpenAI-style list of {"role", "content"} messages."""
         ids, history, query = self._chat_prompt(query, history, system, max_window_size)
         p = self.sampling_params(params, **overrides)
-        (result,) = _finish(self._start(ids, p, self._chat_stop_ids()))
+        (result,) = self._collect(self._requests([ids], [p], self._chat_stop_ids()))
         response = result.text.strip()
         return response, history + [(query, response)]
 
@@ -558,7 +635,8 @@ class Engine:
         The request is checked when chat_stream() is called."""
         ids, history, query = self._chat_prompt(query, history, system, max_window_size)
         p = self.sampling_params(params, **overrides)
-        return self._chat_deltas(TextStream(self._start(ids, p, self._chat_stop_ids())))
+        (req,) = self._requests([ids], [p], self._chat_stop_ids())
+        return self._chat_deltas(TextStream(self, req))
 
     @staticmethod
     def _chat_deltas(deltas: Iterator[str]) -> Iterator[str]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -140,3 +141,53 @@ def make_special_file(path, kind: str) -> None:
         path.symlink_to(path.parent / "nowhere")
     else:
         raise ValueError(f"kind must be one of {SPECIAL_FILE_KINDS}, got {kind!r}")
+
+
+class PagedBatch:
+    """Sequences over a page pool of their own, for tests and benchmarks that drive
+    QwenModel.forward directly (the engine's scheduler does this bookkeeping for real).
+
+    Each of `num_seqs` sequences gets pages for `capacity` positions, taken from the pool in a
+    shuffled order (so that a kernel reading a wrong page reads another sequence's keys)."""
+
+    def __init__(self, model, num_seqs: int, capacity: int, page_size: int = 16, seed: int = 0):
+        from .kv_cache import PagePool
+        per = -(-capacity // page_size)
+        self.model = model
+        self.pool = PagePool(model.cfg, num_seqs * per, page_size, model.dtype, model.device)
+        order = torch.randperm(num_seqs * per, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.pages = [order[b * per:(b + 1) * per] for b in range(num_seqs)]
+        self.capacity = per * page_size
+        self.lengths = [0] * num_seqs
+        self.alpha: List[Optional[int]] = [None] * num_seqs
+
+    def forward(self, tokens: Sequence[Sequence[int]], rows: Optional[Sequence[int]] = None,
+                all_logits: bool = False, prompt_lengths: Optional[Sequence[int]] = None,
+                logits_dtype: Optional[torch.dtype] = None):
+        """Append tokens[i] to sequence rows[i] (default i) in one forward. A sequence with no
+        cached tokens picks its NTK alpha from prompt_lengths[i] (default len(tokens[i])).
+        Returns the logits [len(tokens), vocab] of each row's last token, or with all_logits a
+        list of [len(tokens[i]), vocab] tensors."""
+        from .config import ntk_alpha
+        from .kv_cache import StepMetadata
+        cfg = self.model.cfg
+        rows = list(range(len(tokens))) if rows is None else list(rows)
+        counts = [len(t) for t in tokens]
+        for i, r in enumerate(rows):
+            if self.lengths[r] + counts[i] > self.capacity:
+                raise ValueError(f"sequence {r}: {self.lengths[r]} + {counts[i]} tokens exceed its "
+                                 f"{self.capacity} positions")
+            if self.lengths[r] == 0:
+                n = counts[i] if prompt_lengths is None else int(prompt_lengths[i])
+                self.alpha[r] = ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1
+        starts = [self.lengths[r] for r in rows]
+        meta = StepMetadata.build([self.pages[r] for r in rows], starts, counts, self.model.device)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
+        ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+        last = list(itertools.accumulate(counts))
+        out = self.model.forward(ids, self.pool, meta, positions, [self.alpha[r] for r in rows],
+                                 counts, logits_rows=None if all_logits else [n - 1 for n in last],
+                                 logits_dtype=logits_dtype)
+        for i, r in enumerate(rows):
+            self.lengths[r] += counts[i]
+        return list(torch.split(out, counts)) if all_logits else out

@@ -1,5 +1,7 @@
-"""The lean decode loop: a decode step writes its activations into buffers made once per request
-(KVCache.buffers), the ops' out= arguments that it uses, and the in-place residual stream."""
+"""The lean decode loop: a decode step writes its activations into buffers made once per model
+(QwenModel._buffers, for steps of up to buffer_rows tokens), the ops' out= arguments that it
+uses, and the in-place residual stream; the fused layers (_C.DecodeLayer) equal the Python loop
+on decode steps and on steps that pack a prefill chunk with decode tokens."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qwen_fast import Engine, ops
-from qwen_fast.model import KVCache
+from qwen_fast.testing import PagedBatch
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
@@ -28,16 +30,17 @@ def test_a_decode_step_allocates_only_its_logits(tiny_ckpt, dtype):
     no buffers, is the control: it does allocate activations."""
     m = Engine.from_pretrained(tiny_ckpt, dtype=dtype, backend="auto").model
     act_bytes = 2 * m.cfg.hidden_size * torch.empty((), dtype=m.dtype).element_size()     # 2 rows decode
-    cache = KVCache(m.cfg, 3, 8, m.dtype, max_capacity=64)
-    prefill = _allocations(lambda: m.forward(torch.tensor([[1, 2, 3]] * 3), cache))
+    m.buffer_rows = 3
+    batch = PagedBatch(m, 3, 64)
+    prefill = _allocations(lambda: batch.forward([[1, 2, 3]] * 3))     # 9 tokens > buffer_rows
     assert any(n >= act_bytes for _, n in prefill)
-    m.forward(torch.tensor([[4], [5]]), cache, rows=[0, 2])
-    made = {k: t.data_ptr() for k, t in cache.buffers.items()}
-    step = _allocations(lambda: m.forward(torch.tensor([[6], [7]]), cache, rows=[0, 2]))
+    batch.forward([[4], [5]], rows=[0, 2])
+    made = {k: t.data_ptr() for k, t in m._step_buffers.items()}
+    step = _allocations(lambda: batch.forward([[6], [7]], rows=[0, 2]))
     logits_bytes = 2 * m.cfg.vocab_size * torch.empty((), dtype=m.dtype).element_size()
     big = [(name, n) for name, n in step if n >= act_bytes]
     assert [n for _, n in big] == [logits_bytes], big
-    assert {k: t.data_ptr() for k, t in cache.buffers.items()} == made
+    assert {k: t.data_ptr() for k, t in m._step_buffers.items()} == made
 
 
 def test_decode_with_buffers_equals_the_reference_step(tiny_ckpt):
@@ -47,10 +50,9 @@ def test_decode_with_buffers_equals_the_reference_step(tiny_ckpt):
     ref = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference").model
     outs = []
     for m in (nat, ref):
-        cache = KVCache(m.cfg, 4, 8, m.dtype, max_capacity=64)
-        m.forward(torch.tensor([[1, 2, 3, 4]] * 4), cache, num_new=[4, 2, 3, 1])
-        steps = [m.forward(torch.tensor([[5], [6], [7]]), cache, rows=[0, 2, 3])
-                 for _ in range(3)]
+        batch = PagedBatch(m, 4, 64)
+        batch.forward([[1, 2, 3, 4], [1, 2], [1, 2, 3], [1]])
+        steps = [batch.forward([[5], [6], [7]], rows=[0, 2, 3]) for _ in range(3)]
         outs.append(torch.stack(steps))
     got, want = outs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -59,7 +61,8 @@ def test_decode_with_buffers_equals_the_reference_step(tiny_ckpt):
 @pytest.mark.parametrize("kind", ["bfloat16", "float32", "int4"])
 def test_the_fused_decode_layers_equal_the_python_loop(tiny_ckpt, kind):
     """_C.DecodeLayer runs a layer's ops in one call: bit-identical to the Python loop, over
-    rows in two runs of the cache, past seq_length (logn scaling on), with int4 weights."""
+    decode steps of some of the sequences, past seq_length (logn scaling on), a step that packs
+    a prefill chunk with decode tokens, with int4 weights."""
     from qwen_fast.testing import tiny_config
     if kind == "int4":
         m = Engine.from_pretrained(load_format="dummy", config=tiny_config(), dtype="bfloat16",
@@ -69,12 +72,12 @@ def test_the_fused_decode_layers_equal_the_python_loop(tiny_ckpt, kind):
     outs = []
     for fused in (True, False):
         m.fused_decode = fused
-        cache = KVCache(m.cfg, 4, 8, m.dtype, max_capacity=128)
-        prompt = torch.arange(1, 41).repeat(4, 1)        # 40 tokens: past seq_length 32
-        m.forward(prompt, cache, num_new=[40, 20, 33, 5])
-        steps = [m.forward(torch.tensor([[5 + i], [6 + i], [7 + i]]), cache, rows=[0, 2, 3])
-                 for i in range(3)]
-        outs.append(torch.stack(steps))
+        batch = PagedBatch(m, 5, 128)
+        prompt = list(range(1, 41))                      # 40 tokens: past seq_length 32
+        batch.forward([prompt, prompt[:20], prompt[:33], prompt[:5]])
+        steps = [batch.forward([[5 + i], [6 + i], [7 + i]], rows=[0, 2, 3]) for i in range(3)]
+        steps.append(batch.forward([[9], prompt[:17], [8]], rows=[0, 4, 1]))   # mixed step
+        outs.append(torch.cat(steps))
     assert m._decode_layers is not None
     assert torch.equal(outs[0], outs[1])
 
@@ -94,13 +97,14 @@ def _op_cases():
     x, w, b = _bf16(3, 64), _bf16(48, 64), _bf16(48)
     res, nw = _bf16(3, 64), _bf16(64)
     up, gate = _bf16(3, 40), _bf16(3, 40)
-    q, k, v = _bf16(2, 1, 4, 16), _bf16(2, 9, 4, 16), _bf16(2, 9, 4, 16)
-    start = torch.tensor([8, 3])
+    q, kp, vp = _bf16(2, 4, 16), _bf16(3, 4, 8, 16), _bf16(3, 4, 8, 16)
+    table = torch.tensor([[2, -1], [0, 1]], dtype=torch.int32)
+    seq, pos = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([5, 12], dtype=torch.int32)
     return [
         ("linear", lambda **o: ops.linear(x, w, b, **o), (3, 48)),
         ("rms_norm", lambda **o: ops.rms_norm(x, nw, 1e-6, **o), (3, 64)),
         ("swiglu", lambda **o: ops.swiglu(up, gate, **o), (3, 40)),
-        ("attention", lambda **o: ops.attention(q, k, v, start, **o), (2, 1, 4, 16)),
+        ("attention", lambda **o: ops.attention(q, kp, vp, table, seq, pos, **o), (2, 4, 16)),
         ("fused_add_rms_norm", lambda **o: ops.fused_add_rms_norm(x, res, nw, 1e-6, **o)[0],
          (3, 64)),
     ]

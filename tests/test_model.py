@@ -1,11 +1,12 @@
-"""The model against an independent transcription of the release forward, and the KV cache
+"""The model against an independent transcription of the release forward, and the paged KV cache
 against full forwards: short prompts, dynamic NTK and logn past seq_length (32 in the tiny
-config), alpha kept from prefill while decoding, per-row alpha in a batch."""
+config), alpha kept from prefill while decoding, per-row alpha in a batch, a step that packs a
+prefill chunk with decode tokens."""
 import pytest
 import torch
 
 from qwen_fast.config import ntk_alpha
-from qwen_fast.model import KVCache
+from qwen_fast.testing import PagedBatch
 
 import hf_like
 
@@ -25,11 +26,10 @@ def _weights(engine):
 
 def _decode_all(engine, ids, n_prefill):
     """Prefill n_prefill tokens, then feed the rest one at a time; logits at every position."""
-    m = engine.model
-    cache = KVCache(m.cfg, 1, len(ids), m.dtype)
-    out = [m.forward(torch.tensor([ids[:n_prefill]]), cache, all_logits=True)[0]]
+    batch = PagedBatch(engine.model, 1, len(ids))
+    out = [batch.forward([ids[:n_prefill]], all_logits=True)[0]]
     for t in ids[n_prefill:]:
-        out.append(m.forward(torch.tensor([[t]]), cache))
+        out.append(batch.forward([[t]]))
     return torch.cat(out).float()
 
 
@@ -105,29 +105,32 @@ def test_logn_changes_queries_past_seq_length(tiny_ckpt):
 def test_batch_rows_match_single_sequences_with_per_row_alpha(tiny_engine_fp32):
     e, m = tiny_engine_fp32, tiny_engine_fp32.model
     a, b = _ids(20, seed=1), _ids(40, seed=2)           # alpha 1 and alpha 3
-    cache = KVCache(m.cfg, 2, 48, m.dtype)
-    batch = torch.zeros(2, 40, dtype=torch.long)
-    batch[0, :20], batch[1] = torch.tensor(a), torch.tensor(b)
-    first = m.forward(batch, cache, num_new=[20, 40])
-    assert cache.alpha == [1, 3] and cache.lengths == [20, 40]
+    batch = PagedBatch(m, 2, 48)
+    first = batch.forward([a, b])
+    assert batch.alpha == [1, 3] and batch.lengths == [20, 40]
     torch.testing.assert_close(first[0].float(), e.logits(a)[-1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(first[1].float(), e.logits(b)[-1], rtol=1e-4, atol=1e-4)
-    # Decode only row 1 (row 0 has finished): row selection must hit the right cache slot.
-    nxt = m.forward(torch.tensor([[7]]), cache, rows=[1])
-    assert cache.lengths == [20, 41]
+    # Decode only row 1 (row 0 has finished): it must read its own pages.
+    nxt = batch.forward([[7]], rows=[1])
+    assert batch.lengths == [20, 41]
     want = _decode_all(e, b + [7], 40)[-1]
     torch.testing.assert_close(nxt[0].float(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_forward_rejects_bad_arguments(tiny_engine_fp32):
-    m = tiny_engine_fp32.model
-    cache = KVCache(m.cfg, 1, 4, m.dtype)
-    with pytest.raises(ValueError, match="capacity"):
-        m.forward(torch.zeros(1, 5, dtype=torch.long), cache)
-    with pytest.raises(ValueError, match="rows"):
-        m.forward(torch.zeros(2, 1, dtype=torch.long), cache, rows=[0, 0])
-    with pytest.raises(ValueError, match="num_new"):
-        m.forward(torch.zeros(1, 2, dtype=torch.long), cache, num_new=[3])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_step_packing_a_prefill_chunk_with_decode_tokens(tiny_ckpt, backend):
+    """One forward over a newcomer's 23-token prompt and two other sequences' decode tokens
+    gives each row what it gets alone (the decode rows: one token after their prefill; the
+    newcomer: its prompt's last logits)."""
+    from qwen_fast import Engine
+    m = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend=backend).model
+    p0, p1, p2 = _ids(9, seed=1), _ids(5, seed=2), _ids(23, seed=3)
+    batch = PagedBatch(m, 3, 32)
+    batch.forward([p0, p1])
+    mixed = batch.forward([[11], p2, [12]], rows=[0, 2, 1])
+    for i, (r, toks) in enumerate([(0, p0 + [11]), (2, p2), (1, p1 + [12])]):
+        alone = PagedBatch(m, 1, 32, seed=r + 7).forward([toks])
+        torch.testing.assert_close(mixed[i], alone[0], rtol=1e-5, atol=1e-5)
 
 
 def test_native_backend_matches_reference(tiny_ckpt):
@@ -144,24 +147,20 @@ def test_native_backend_matches_reference(tiny_ckpt):
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_decoding_a_subset_of_rows_reads_the_right_cache_rows(tiny_ckpt, backend):
-    """Rows [0, 2, 3] of a 4-sequence cache (two runs of consecutive rows, each read as a view)
-    decode exactly as each row decoded alone."""
+def test_decoding_a_subset_of_rows_reads_the_right_pages(tiny_ckpt, backend):
+    """Rows [0, 2, 3] of 4 sequences (pages taken from the pool in a shuffled order) decode
+    exactly as each row decoded alone."""
     from qwen_fast import Engine
     m = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend=backend).model
     prompts = [_ids(n, seed=n) for n in (5, 9, 3, 7)]
-    batch = torch.zeros(4, 9, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        batch[b, :len(p)] = torch.tensor(p)
 
     def prefilled():
-        cache = KVCache(m.cfg, 4, 9, m.dtype, max_capacity=16)
-        m.forward(batch, cache, num_new=[len(p) for p in prompts])
-        return cache
-    cache = prefilled()
-    together = m.forward(torch.tensor([[11], [12], [13]]), cache, rows=[0, 2, 3])
+        batch = PagedBatch(m, 4, 16, page_size=4)
+        batch.forward(prompts)
+        return batch
+    together = prefilled().forward([[11], [12], [13]], rows=[0, 2, 3])
     for i, (r, tok) in enumerate(zip([0, 2, 3], [11, 12, 13])):
-        alone = m.forward(torch.tensor([[tok]]), prefilled(), rows=[r])
+        alone = prefilled().forward([[tok]], rows=[r])
         torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-5)
 
 

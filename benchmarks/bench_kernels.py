@@ -73,13 +73,15 @@ def _elementwise(tokens: int, dtype, device):
     yield ("rotary_embedding", f"1x{tokens}x{HEADS}x{HEAD_DIM}",
            act + 2 * tokens * HEAD_DIM * 4 + act,
            lambda: ops.rotary_embedding(q, cos, sin), lambda: reference.rotary_embedding(q, cos, sin))
-    # The model's step: q out, k rotated and v copied into a [1, H, S, D] cache at the end.
-    qkv = randn(1, tokens, 3 * HIDDEN).view(1, tokens, 3, HEADS, HEAD_DIM).unbind(2)
-    kc, vc = (q.new_zeros(1, HEADS, tokens + 64, HEAD_DIM) for _ in range(2))
-    kv = (*qkv, cos, sin, kc, vc, [0], [64], [tokens])
-    # bytes: read q, k, v, cos and sin, write q out and the cache's k and v
-    yield ("rotary_kv_cache", f"1x{tokens}x{HEADS}x{HEAD_DIM}",
-           3 * act + 2 * tokens * HEAD_DIM * 4 + 3 * act,
+    # The model's step: q out, k rotated and v copied into its pages, one sequence of `tokens`
+    # after 64 cached ones.
+    qkv = randn(tokens, 3 * HIDDEN).view(tokens, 3, HEADS, HEAD_DIM).unbind(1)
+    kp, vp, meta = _pages([(64, tokens)], dtype, device, g)
+    kv = (*qkv, cos[0], sin[0], kp, vp, *meta)
+    # bytes: read q, k, v, cos and sin (and each token's sequence and position), write q out and
+    # the keys and values into the pages
+    yield ("rotary_kv_cache", f"{tokens}x{HEADS}x{HEAD_DIM} P{PAGE_SIZE}",
+           3 * act + 2 * tokens * HEAD_DIM * 4 + 2 * tokens * 4 + 3 * act,
            lambda: ops.rotary_kv_cache(*kv), lambda: reference.rotary_kv_cache(*kv))
     up, gate = randn(tokens, FFN), randn(tokens, FFN)
     # bytes: read up and gate, write out
@@ -87,28 +89,65 @@ def _elementwise(tokens: int, dtype, device):
            lambda: ops.swiglu(up, gate), lambda: reference.swiglu(up, gate))
 
 
-# (B, T, S): decode at a short and a long context, a batch of 4 decoding, a 128-token prefill;
+# Positions per KV page (qwen_fast.kv_cache.DEFAULT_PAGE_SIZE).
+PAGE_SIZE = 64
+
+
+def _pages(seqs, dtype, device, g, H=HEADS, D=HEAD_DIM, P=PAGE_SIZE):
+    """Random page pools [pages, H, P, D] for sequences of (cached, new) tokens, each sequence's
+    pages drawn from a shuffled pool, and the step's (page_table, token_seq, token_pos), all on
+    device."""
+    need = [(c + n + P - 1) // P for c, n in seqs]
+    perm = torch.randperm(sum(need), generator=g).to(torch.int32)
+    table = torch.zeros(len(seqs), max(need), dtype=torch.int32)
+    at = 0
+    for s, n in enumerate(need):
+        table[s, :n] = perm[at:at + n]
+        at += n
+    token_seq = torch.tensor([s for s, (c, n) in enumerate(seqs) for _ in range(n)],
+                             dtype=torch.int32)
+    token_pos = torch.tensor([p for c, n in seqs for p in range(c, c + n)], dtype=torch.int32)
+    kp, vp = (torch.randn(sum(need), H, P, D, generator=g).to(device=device, dtype=dtype)
+              for _ in range(2))
+    return kp, vp, tuple(t.to(device) for t in (table, token_seq, token_pos))
+
+
+# (label, [(cached, new) per sequence]): decode at a short and a long context, 4 sequences
+# decoding, a 128-token prefill, and a mixed step (a 37-token chunk packed with 3 decode rows);
 # on a GPU also 4096 cached tokens (the decode target of the CUDA kernel).
-ATTENTION_SHAPES = [(1, 1, 128), (1, 1, 2048), (4, 1, 2048), (1, 128, 128)]
-CUDA_ATTENTION_SHAPES = [(1, 1, 4096), (4, 1, 4096)]
+ATTENTION_STEPS = [
+    ("decode S128", [(127, 1)]),
+    ("decode S2048", [(2047, 1)]),
+    ("4 x decode S2048", [(2047, 1)] * 4),
+    ("prefill 128", [(0, 128)]),
+    ("chunk 37 + 3 x decode S2048", [(1000, 37)] + [(2047, 1)] * 3),
+]
+CUDA_ATTENTION_STEPS = [
+    ("decode S4096", [(4095, 1)]),
+    ("4 x decode S4096", [(4095, 1)] * 4),
+]
 
 
 def attention_cases(dtype, device) -> Iterator[Case]:
-    """Qwen-1.8B attention (16 heads of 128); bytes: the cached keys and values each query row
-    reads (once per sequence and head), q and out."""
+    """Qwen-1.8B attention (16 heads of 128) over pages of PAGE_SIZE positions; bytes: the keys
+    and values each query token reads (a prefill chunk's tokens share theirs, so there the rate
+    counts every token's reads, not DRAM traffic), q, out and the step's metadata."""
     H, D = 16, 128
     g = torch.Generator(device="cpu").manual_seed(0)
-    shapes = ATTENTION_SHAPES + (CUDA_ATTENTION_SHAPES if torch.device(device).type == "cuda" else [])
-    for B, T, S in shapes:
-        q = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype)
-        k = torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype)
-        v = torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype)
-        start = torch.full((B,), S - T, dtype=torch.long)
+    steps = ATTENTION_STEPS + (CUDA_ATTENTION_STEPS if torch.device(device).type == "cuda" else [])
+    for label, seqs in steps:
+        kp, vp, meta = _pages(seqs, dtype, device, g, H, D)
+        n_tokens = sum(n for _, n in seqs)
+        q = torch.randn(n_tokens, H, D, generator=g).to(device=device, dtype=dtype)
+        max_keys = max(c + n for c, n in seqs)
         e = q.element_size()
-        nbytes = 2 * B * S * H * D * e + 2 * q.numel() * e
-        yield Case("attention", f"B{B} T{T} S{S}", nbytes, None,
-                   lambda q=q, k=k, v=v, s=start: ops.attention(q, k, v, s),
-                   lambda q=q, k=k, v=v, s=start: reference.attention(q, k, v, s), "reference")
+        keys_read = sum(p + 1 for c, n in seqs for p in range(c, c + n))
+        nbytes = 2 * keys_read * H * D * e + 2 * q.numel() * e + meta[0].numel() * 4 + 2 * n_tokens * 4
+        yield Case("attention", f"{label} P{PAGE_SIZE}", nbytes, None,
+                   lambda q=q, kp=kp, vp=vp, m=meta, mk=max_keys: ops.attention(q, kp, vp, *m,
+                                                                              max_keys=mk),
+                   lambda q=q, kp=kp, vp=vp, m=meta: reference.attention(q, kp, vp, *m),
+                   "reference")
 
 
 def _randn(*shape, dtype, device, gen) -> torch.Tensor:

@@ -48,14 +48,14 @@ def rotary_embedding(x, cos, sin):
     return out
 
 
-def rotary_kv_cache(q, k, v, cos, sin, k_cache, v_cache, slots, start, n_new, *, out=None):
-    # The binding checks nothing: the ops.cpp checks (shapes, strides, slots in range) are the
-    # CPU path's, tested there.
+def rotary_kv_cache(q, k, v, cos, sin, k_pages, v_pages, page_table, token_seq, token_pos, *,
+                    out=None):
+    # The binding checks nothing: the ops.cpp checks (shapes, strides, pages in range) are the
+    # CPU path's, tested there. q, k, v must share their strides (views of one qkv buffer).
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype)
-    index = torch.tensor([list(slots), list(start), list(n_new)], dtype=torch.int64)
-    _simt.rotary_kv_cache(out, k_cache, v_cache, q, k, v, cos.contiguous(), sin.contiguous(),
-                          index)
+    _simt.rotary_kv_cache(out, k_pages, v_pages, q, k, v, cos.contiguous(), sin.contiguous(),
+                          page_table, token_seq.contiguous(), token_pos.contiguous())
     return out
 
 
@@ -94,11 +94,14 @@ def quant_linear_dequantize(weight, dtype):
 # ---- attention -------------------------------------------------------------------------------
 
 
-def attention(q, k, v, start, scale=None):
-    B, T, H, D = q.shape
+def attention(q, k_pages, v_pages, page_table, token_seq, token_pos, scale=None, *, out=None):
+    N, H, D = q.shape
     scale = D ** -0.5 if scale is None else scale
-    out = torch.empty(B, T, H, D, dtype=q.dtype)
+    max_keys = int(token_pos.max()) + 1 if token_pos.numel() else 1
+    if out is None:
+        out = torch.empty(N, H, D, dtype=q.dtype)
     # NaN-filled, so that a partial the combine reads before a split block wrote it shows.
-    ws = torch.full((_simt.attention_workspace_bytes(B, T, H, D, k.shape[1]) // 4,), float("nan"))
-    _simt.attention(out, q, k, v, start.to(torch.long).contiguous(), scale, ws.view(torch.uint8))
+    ws = torch.full((_simt.attention_workspace_bytes(N, H, D, max_keys) // 4,), float("nan"))
+    _simt.attention(out, q, k_pages, v_pages, page_table, token_seq.contiguous(),
+                    token_pos.contiguous(), max_keys, scale, ws.view(torch.uint8))
     return out

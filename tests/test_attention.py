@@ -1,6 +1,12 @@
-"""attention: the CPU kernel, the CUDA kernel (on a GPU, and in the SIMT emulator) against
-reference.attention over dtypes, decode and prefill shapes (Qwen-1.8B: 16 heads of 128),
-per-sequence cached lengths and strided views of the cache.
+"""attention over a paged KV cache: the CPU kernel, the CUDA kernel (on a GPU, and in the SIMT
+emulator) against reference.attention over dtypes, page sizes (1, 16, 64 and 24, not a power of
+two), decode steps, prefill chunks after cached tokens and mixed steps that pack both, several
+sequences with their own lengths, awkward heads and head dims, and q as a strided view of the
+fused qkv buffer (plus an unaligned one, the CUDA kernel's scalar path).
+
+Every step's pages are drawn from a shuffled pool (tests/paged_cases.py); the slots that hold no
+key (spare pages, which the page table's unused entries name, and the tail of each sequence's
+last page) are NaN, so that a kernel that reads a page or a slot it should not gives NaN.
 
 The design's rule for attention: the kernel's largest error against an fp32 reference is at
 most twice that of the reference itself computed in the same low dtype (there, only the final
@@ -17,46 +23,51 @@ import pytest
 import torch
 
 import simt_ops
+from paged_cases import paged_step, poison_pools
 from qwen_fast import ops, reference
 from kernel_cases import DTYPES, case_generator, devices, kernel_op, tensor_device
 from tolerances import assert_close
-
-pytestmark = pytest.mark.skipif(not ops.HAVE_C, reason=f"qwen_fast._C not built: {ops.IMPORT_ERROR}")
 
 CUDA_READY = ops.HAVE_C and ops.build_info()["cuda"] and torch.cuda.is_available()
 CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C built with nvcc "
                     f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
                     f"_C cuda={ops.build_info()['cuda']})")
 
-# (id, B, T, H, D, capacity S of the cache view, start per sequence[, layout])
-# layout "bshd": k, v views of a [2, B, S + 5, H, D] buffer; "model": the model's cache
-# [slots, H, positions, D] seen as [B, S, H, D] (cache[:, :, :S].transpose(1, 2)); "unaligned":
-# bshd with rows of D + 1 starting one element in (no 16-byte vectors: the scalar path).
+# (id, H, D, page size P, [(cached, new) per sequence][, q layout])
+# q layout "qkv": q = qkv[:, 0] of a [N, 3, H, D] buffer; "unaligned": the same with the rows of
+# qkv one element longer and starting one element in (no 16-byte vectors: the scalar path).
 CASES = [
-    ("decode_1x16x128_at_127", 1, 1, 16, 128, 128, [127]),
-    ("decode_1x16x128_at_2047", 1, 1, 16, 128, 2048, [2047]),
-    ("decode_batch_own_lengths", 4, 1, 16, 128, 300, [0, 299, 17, 150]),
-    ("prefill_128", 1, 128, 16, 128, 128, [0]),
-    ("prefill_chunk_after_100", 2, 37, 16, 128, 137, [100, 60]),   # bottom-right aligned
-    ("awkward_3_heads_d7", 3, 5, 3, 7, 83, [0, 40, 78]),
-    ("one_key", 1, 1, 2, 16, 1, [0]),
-    ("d256", 1, 3, 2, 256, 9, [6]),
+    ("decode_own_lengths_P16", 16, 128, 16, [(299, 1), (0, 1), (17, 1), (150, 1)]),
+    ("prefill_128_P64", 16, 128, 64, [(0, 128)]),
+    ("chunk_37_after_cached_P16", 16, 128, 16, [(100, 37), (60, 37)]),
+    # One sequence's 37-token chunk packed with three decode rows, and one sequence idle.
+    ("mixed_37_and_decodes_P16", 16, 128, 16, [(50, 37), (10, 1), (40, 0), (200, 1), (0, 1)]),
+    ("mixed_P24", 8, 64, 24, [(70, 37), (5, 1), (100, 1)]),
+    ("decode_at_page_edges_P64", 4, 128, 64, [(63, 1), (64, 1), (127, 1), (300, 1)]),
+    ("P1", 4, 64, 1, [(40, 3), (7, 1)]),
+    ("awkward_3_heads_d7_P5", 3, 7, 5, [(0, 5), (40, 5), (78, 5)]),
+    ("one_key", 2, 16, 16, [(0, 1)]),
+    ("d256_P16", 2, 256, 16, [(6, 3)]),
+    ("unaligned_q_P16", 4, 64, 16, [(30, 4), (90, 1)], "unaligned"),
 ]
-# On the GPU also: Qwen's shape at 4096 cached tokens in the model's cache layout.
+# On the GPU also: Qwen's shape at 4096 cached tokens, P = 64.
 GPU_CASES = [
-    ("qwen_decode_at_4095", 1, 1, 16, 128, 4096, [4095], "model"),
-    ("qwen_decode_batch_4096", 4, 1, 16, 128, 4096, [4095, 0, 2047, 3333], "model"),
-    ("qwen_chunk_16_after_4080", 2, 16, 16, 128, 4096, [4080, 1000], "model"),
-    ("qwen_decode_unaligned_4096", 2, 1, 16, 128, 4096, [4095, 4000], "unaligned"),
+    ("qwen_decode_at_4095", 16, 128, 64, [(4095, 1)]),
+    ("qwen_decode_batch_4096", 16, 128, 64, [(4095, 1), (0, 1), (2047, 1), (3333, 1)]),
+    ("qwen_chunk_16_after_4080", 16, 128, 64, [(4080, 16), (1000, 16)]),
+    ("qwen_mixed_37_and_decodes_4096", 16, 128, 64, [(2000, 37), (4095, 1), (100, 1), (3000, 1)]),
+    ("qwen_decode_unaligned_4096", 16, 128, 64, [(4095, 1), (4000, 1)], "unaligned"),
 ]
-# In the emulator (one fiber per CUDA thread): small, but long enough rows that keys split.
+# In the emulator (one fiber per CUDA thread): few rows, but long enough that keys split.
 SIMT_CASES = [
-    ("decode_2x2x128_own_lengths_600", 2, 1, 2, 128, 600, [599, 130], "model"),
-    ("chunk_3_d40_after_597_and_10", 2, 3, 2, 40, 600, [597, 10]),
-    ("unaligned_d64_after_150", 1, 2, 3, 64, 200, [150], "unaligned"),
-    ("awkward_d7_after_70", 1, 2, 1, 7, 80, [70]),
-    ("one_key", 1, 1, 2, 16, 1, [0]),
-    ("d256_after_100", 1, 1, 1, 256, 101, [100]),
+    ("decode_2x128_own_lengths_P16", 2, 128, 16, [(599, 1), (130, 1)]),
+    ("mixed_chunk_3_and_decode_P24", 2, 40, 24, [(200, 3), (299, 1), (7, 0), (0, 1)]),
+    ("mixed_37_and_decodes_P24", 1, 32, 24, [(100, 37), (300, 1), (0, 1)]),
+    ("P1_d16", 2, 16, 1, [(80, 2)]),
+    ("P64_unaligned_q_d64", 3, 64, 64, [(150, 2)], "unaligned"),
+    ("awkward_d7_P5", 1, 7, 5, [(70, 2)]),
+    ("one_key", 2, 16, 16, [(0, 1)]),
+    ("d256_P16", 1, 256, 16, [(100, 1)]),
 ]
 
 
@@ -66,43 +77,48 @@ def _params():
     for dev in devices(CUDA_READY, CUDA_SKIP_REASON, simt=True):
         name = dev.values[0]
         for case in by_device[name]:
-            layout = case[7] if len(case) > 7 else "bshd"
-            out.append(pytest.param(name, *case[1:7], layout, id=f"{name}-{case[0]}",
+            layout = case[5] if len(case) > 5 else "qkv"
+            out.append(pytest.param(name, *case[1:5], layout, id=f"{name}-{case[0]}",
                                     marks=dev.marks))
     return out
 
 
-PARAMS = _params()
+@pytest.fixture(autouse=True)
+def _require_extension(request):
+    """The "cpu" and "cuda" cases run qwen_fast._C (fail, not skip, when it did not build); the
+    ones marked simt only the emulator."""
+    if request.node.get_closest_marker("simt") is None:
+        assert ops.HAVE_C, f"qwen_fast._C is not built: {ops.IMPORT_ERROR}"
 
 
-def _inputs(B, T, H, D, S, dtype, g, layout="bshd", device="cpu"):
-    """q as the model makes it (a view of a fused qkv projection) and k, v as views of a
-    larger cache (layout: see CASES), on `device`: none of the three is contiguous."""
-    qkv = torch.randn(B, T, 3, H, D, generator=g).to(device=device, dtype=dtype)
-    q = qkv.unbind(2)[0]
-    if layout == "model":
-        cache = torch.randn(2, B + 1, H, S + 5, D, generator=g).to(device=device, dtype=dtype)
-        k, v = (c[1:, :, :S].transpose(1, 2) for c in cache)
-    elif layout == "unaligned":
-        cache = torch.randn(2, B, S + 5, H, D + 1, generator=g).to(device=device, dtype=dtype)
-        k, v = cache[0, :, :S, :, 1:], cache[1, :, :S, :, 1:]
+def _inputs(H, D, P, seqs, dtype, g, layout="qkv", device="cpu", shuffle_rows=False):
+    """q (a strided view, see CASES), the poisoned page pools and the step's metadata."""
+    step = paged_step(seqs, P, g, shuffle_rows=shuffle_rows)
+    N = step.n_tokens
+    if layout == "unaligned":
+        buf = torch.randn(N, 3 * H * D + 1, generator=g)[:, 1:]
+        q = buf.to(dtype).view(N, 3, H, D)[:, 0]
     else:
-        cache = torch.randn(2, B, S + 5, H, D, generator=g).to(device=device, dtype=dtype)
-        k, v = cache[0, :, :S], cache[1, :, :S]
-    return q, k, v
+        q = torch.randn(N, 3, H, D, generator=g).to(dtype)[:, 0]
+    k_pages, v_pages = (torch.randn(step.num_pages, H, P, D, generator=g).to(dtype)
+                        for _ in range(2))
+    poison_pools(k_pages, v_pages, step)
+    return (q.to(device), k_pages.to(device), v_pages.to(device)), step.to(device)
 
 
-def _check(got, q, k, v, st, dtype, msg):
+def _check(got, q, k_pages, v_pages, step, dtype, msg, scale=None):
     """The attention rule (module docstring) for got against the reference on the CPU."""
-    q, k, v = q.cpu(), k.cpu(), v.cpu()
-    B, T, H, D = q.shape
-    assert got.shape == (B, T, H, D) and got.dtype == dtype and got.is_contiguous(), msg
+    q, k_pages, v_pages, step = q.cpu(), k_pages.cpu(), v_pages.cpu(), step.to("cpu")
+    meta = (step.page_table, step.token_seq, step.token_pos)
+    assert got.shape == q.shape and got.dtype == dtype and got.is_contiguous(), msg
     got = got.cpu()
     if dtype == torch.float32:
-        assert_close(got, reference.attention(q, k, v, st), "attention", msg=msg)
+        assert_close(got, reference.attention(q, k_pages, v_pages, *meta, scale), "attention",
+                     msg=msg)
         return
-    exact = reference.attention(q.float(), k.float(), v.float(), st)
-    rounded = reference.attention(q, k, v, st)
+    exact = reference.attention(q.float(), k_pages.float(), v_pages.float(), *meta, scale)
+    rounded = reference.attention(q, k_pages, v_pages, *meta, scale)
+    assert exact.isfinite().all(), "the reference read a poisoned slot: the case is wrong"
     err_kernel = (got.float() - exact).abs().max().item()
     err_ref = (rounded.float() - exact).abs().max().item()
     assert err_kernel <= 2 * err_ref + 1e-7, (msg, err_kernel, err_ref)
@@ -110,67 +126,108 @@ def _check(got, q, k, v, st, dtype, msg):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("device,B,T,H,D,S,start,layout", PARAMS)
-def test_attention_matches_reference(request, device, dtype, B, T, H, D, S, start, layout):
-    q, k, v = _inputs(B, T, H, D, S, dtype, case_generator(request), layout,
-                      tensor_device(device))
-    st = torch.tensor(start)
-    got = kernel_op(device, "attention")(q, k, v, st)
+@pytest.mark.parametrize("device,H,D,P,seqs,layout", _params())
+def test_attention_matches_reference(request, device, dtype, H, D, P, seqs, layout):
+    (q, kp, vp), step = _inputs(H, D, P, seqs, dtype, case_generator(request), layout,
+                                tensor_device(device))
+    got = kernel_op(device, "attention")(q, kp, vp, step.page_table, step.token_seq,
+                                         step.token_pos)
     assert got.device == q.device
-    _check(got, q, k, v, st, dtype, request.node.name)
+    _check(got, q, kp, vp, step, dtype, request.node.name)
 
 
+@pytest.mark.parametrize("device", devices(CUDA_READY, CUDA_SKIP_REASON, simt=True))
+def test_attention_rows_in_any_order_into_out_with_scale(request, device):
+    """A step's tokens need not come sequence by sequence; out given is written and returned;
+    an explicit scale is used."""
+    dev = tensor_device(device)
+    (q, kp, vp), step = _inputs(2, 32, 16, [(90, 3), (0, 2), (70, 1)], torch.bfloat16,
+                                case_generator(request), device=dev, shuffle_rows=True)
+    assert not torch.equal(step.token_seq.cpu(), step.token_seq.cpu().sort().values)
+    out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    got = kernel_op(device, "attention")(q, kp, vp, step.page_table, step.token_seq,
+                                         step.token_pos, 0.3, out=out)
+    assert got is out
+    _check(out, q, kp, vp, step, torch.bfloat16, request.node.name, scale=0.3)
+
+
+@pytest.mark.parametrize("device", devices(CUDA_READY, CUDA_SKIP_REASON, simt=True))
+def test_a_wrong_page_reads_poison(request, device):
+    """The poison catches a kernel that reads the wrong page: the same step with one page
+    table entry moved to a spare page gives NaN for the rows that read it, and only for them."""
+    dev = tensor_device(device)
+    (q, kp, vp), step = _inputs(2, 16, 4, [(9, 1), (20, 1)], torch.float32,
+                                case_generator(request), device=dev)
+    step.page_table[0, 1] = int(step.spare[0])   # sequence 0's keys 4 .. 7
+    got = kernel_op(device, "attention")(q, kp, vp, step.page_table, step.token_seq,
+                                         step.token_pos).cpu()
+    assert got[0].isnan().all() and got[1].isfinite().all()
+
+
+@pytest.mark.simt
 def test_simt_cases_split_the_keys():
     """The simt cases reach what they are there for: rows split into several chunks (so the
     combine runs); while a prefill of 2048 rows and a single key need no split."""
     if not simt_ops.HAVE_SIMT:
         pytest.skip(simt_ops.SKIP)
     ws = simt_ops._simt.attention_workspace_bytes
-    assert ws(2, 1, 2, 128, 600) > 0 and ws(2, 3, 2, 40, 600) > 0 and ws(1, 2, 3, 64, 200) > 0
-    assert ws(1, 1, 2, 16, 1) == 0                 # one key: nothing to split
-    assert ws(1, 128, 16, 128, 128) == 0           # 2048 rows fill the GPU as they are
+    assert ws(2, 2, 128, 600) > 0 and ws(5, 2, 40, 300) > 0 and ws(2, 3, 64, 152) > 0
+    assert ws(2, 2, 16, 82) > 0 and ws(2, 1, 7, 72) > 0 and ws(39, 1, 32, 301) > 0
+    assert ws(1, 2, 16, 1) == 0                    # one key: nothing to split
+    assert ws(128, 16, 128, 128) == 0              # 2048 rows fill the GPU as they are
     # Workspace bounded whatever the length: about 1024 blocks' partials at most.
-    assert ws(1, 1, 16, 128, 1 << 20) <= 2 * 1024 * (128 * 4 + 8)
+    assert ws(1, 16, 128, 1 << 20) <= 2 * 1024 * (128 * 4 + 8)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA_READY, reason=CUDA_SKIP_REASON)
-def test_cuda_attention_on_a_side_stream_into_out_with_start_on_the_gpu(request):
-    """The model's call: start on the device (ops.attention reads it on the CPU), out given,
-    a non-default current stream."""
-    g = case_generator(request)
-    q, k, v = _inputs(3, 1, 16, 128, 1000, torch.bfloat16, g, "model", "cuda")
-    st = torch.tensor([999, 5, 640], device="cuda")
-    out = torch.empty(3, 1, 16, 128, dtype=torch.bfloat16, device="cuda")
+def test_cuda_attention_on_a_side_stream_into_out(request):
+    """The model's call: metadata on the device, out given, a non-default current stream."""
+    (q, kp, vp), step = _inputs(16, 128, 64, [(999, 1), (5, 1), (640, 1)], torch.bfloat16,
+                                case_generator(request), device="cuda")
+    out = torch.empty(q.shape, dtype=torch.bfloat16, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        got = ops.attention(q, k, v, st, out=out)
+        got = ops.attention(q, kp, vp, step.page_table, step.token_seq, step.token_pos, out=out)
     stream.synchronize()
     assert got is out
-    _check(out, q, k, v, st.cpu(), torch.bfloat16, "side stream")
+    _check(out, q, kp, vp, step, torch.bfloat16, "side stream")
 
 
 def test_attention_backend_reference_and_default_scale(request):
-    q, k, v = _inputs(1, 2, 2, 16, 5, torch.float32, case_generator(request))
-    st = torch.tensor([3])
-    assert torch.equal(ops.attention(q, k, v, st, backend="reference"),
-                       reference.attention(q, k, v, st))
-    assert_close(ops.attention(q, k, v, st, scale=0.3), reference.attention(q, k, v, st, 0.3))
+    (q, kp, vp), step = _inputs(2, 16, 4, [(3, 2)], torch.float32, case_generator(request))
+    meta = (step.page_table, step.token_seq, step.token_pos)
+    assert torch.equal(ops.attention(q, kp, vp, *meta, backend="reference"),
+                       reference.attention(q, kp, vp, *meta))
+    assert_close(ops.attention(q, kp, vp, *meta, scale=0.3),
+                 reference.attention(q, kp, vp, *meta, 0.3))
 
 
+def _error_args():
+    (q, kp, vp), step = _inputs(4, 16, 4, [(5, 1), (2, 1)], torch.float32,
+                                torch.Generator().manual_seed(7))
+    return dict(q=q, k_pages=kp, v_pages=vp, page_table=step.page_table,
+                token_seq=step.token_seq, token_pos=step.token_pos)
+
+
+# The messages name the argument; the patterns are loose on the rest of the wording.
 @pytest.mark.parametrize("change,msg", [
-    (lambda q, k, v, s: (q[0], k, v, s), r"q must have shape \[batch, tokens, heads, head_dim\]"),
-    (lambda q, k, v, s: (q, k[:, :, :1], v, s), r"k must have shape \[2, cached, 4, 16\]"),
-    (lambda q, k, v, s: (q, k, v.double(), s), "v must have dtype torch.float32"),
-    (lambda q, k, v, s: (q, k, v[:, :3], s), "k and v must hold the same number of positions"),
-    (lambda q, k, v, s: (q, k, v, s.int()), r"start must be a CPU torch.int64 tensor of shape \[2\]"),
-    (lambda q, k, v, s: (q, k, v, s[:1]), r"start must be a CPU torch.int64 tensor of shape \[2\]"),
-    (lambda q, k, v, s: (q, k, v, -s), "start must be >= 0"),
-    (lambda q, k, v, s: (q, k.transpose(2, 3), v, s), "k must have"),
+    pytest.param(lambda a: dict(page_table=a["page_table"].long()), "page_table",
+                 id="page_table_dtype"),
+    pytest.param(lambda a: dict(q=a["q"][None]), r"\bq\b", id="q_rank"),
+    pytest.param(lambda a: dict(token_seq=a["token_seq"].long()), "token_seq",
+                 id="token_seq_dtype"),
+    # Position 40 is on page 10: the table holds 3 pages per sequence.
+    pytest.param(lambda a: dict(token_pos=torch.tensor([5, 40], dtype=torch.int32)),
+                 "token_pos", id="token_pos_past_the_table"),
+    pytest.param(lambda a: dict(v_pages=a["v_pages"][:, :2].contiguous()), "v_pages",
+                 id="v_pages_heads"),
+    pytest.param(lambda a: dict(k_pages=a["k_pages"].double()), "k_pages", id="k_pages_dtype"),
 ])
 def test_attention_argument_errors(change, msg):
-    q = torch.randn(2, 3, 4, 16)
-    k, v = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 4, 16)
+    a = _error_args()
+    a.update(change(a))
+    assert a["page_table"].shape[1] == 3
     with pytest.raises(RuntimeError, match=msg):
-        ops._C.attention(*change(q, k, v, torch.tensor([1, 2])), 0.25)
+        ops.attention(**a)

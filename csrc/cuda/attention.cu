@@ -1,13 +1,13 @@
-// Causal attention over a KV cache on the GPU (reference.attention), flash-decoding:
-//   out[b,t,h] = sum_j softmax_j(scale * q[b,t,h] . k[b,j,h]) v[b,j,h],  j < min(start[b]+t+1, S).
-// Layout: q [B, T, H, D], k and v [B, S, H, D] with their own b/t/h (b/s/h) strides in elements
-// and a contiguous head dim; out [B, T, H, D] contiguous; an fp32 workspace for split partials.
-// Parallelisation: one block per (query row, chunk of `chunk` keys); in a block, groups of G
-// lanes (G * 16-byte vectors, or scalars, span one key row) each fold every ngroups-th key into
-// an online softmax (max m, sum l, fp32 sum of p * v), merged through shared memory. A row
-// whose keys fit one chunk is written out at once; otherwise each chunk leaves (m, l, acc) in the
-// workspace and a combine kernel rescales and sums them, rounding once to T.
-// Constraints: 1 <= D <= 256, S >= 1, start[b] >= 0; no allocation, no sync.
+// Causal attention over a paged KV cache (reference.attention), flash-decoding: token i of
+// sequence s = token_seq[i] sees keys j <= token_pos[i], key j at k_pages[page_table[s, j / P]]
+// [h, j % P] (v alike). Layout: q [N, H, D] at (sq_n, sq_h, 1); pages [pages, H, P, D] contiguous
+// (key rows D apart); out [N, H, D] contiguous; an fp32 workspace for split partials.
+// Parallelisation: one block per (query row i * H + h, chunk of keys), the split planned from N * H
+// and max_keys only; in a block, groups of G lanes (G 16-byte vectors, or scalars, span a key row)
+// fold every ngroups-th key into an online softmax (m, l, fp32 sum of p * v), merged through
+// shared memory; a split row's chunks leave (m, l, acc) in the workspace for a combine kernel,
+// which rounds once to T. Constraints: 1 <= D <= 256, P >= 1, max_keys < 2^31; the metadata are
+// read unchecked (a row's keys clamped to max_keys); no allocation, no sync.
 #include <climits>
 #include <cmath>
 
@@ -28,43 +28,62 @@ constexpr int64_t kMinChunk = 64;       // keys per split block, at least (and c
 constexpr int kMaxSplits = 1024;        // chunks per row: plan() gives at most kTargetBlocks
 constexpr int kVecBytes = 16;
 
-// How the keys of a row are split: `splits` chunks of `chunk` keys (S in one chunk: no split).
-// A function of the shapes only, so that the workspace can be sized before the launch; a row's
-// own length then decides how many of the chunks it uses. Each split block reads chunk keys and
-// writes D + 2 floats, so the workspace traffic is 1/chunk of the cache reads.
+// How the keys of a row are split: `splits` chunks of `chunk` keys (max_keys in one chunk: no
+// split). A function of the shapes only (rows = N * H and max_keys), so that the workspace can be
+// sized before the launch; a row's own length then decides how many of the chunks it uses. Each
+// split block reads chunk keys and writes D + 2 floats, so the workspace traffic is 1/chunk of
+// the cache reads. Chunks are multiples of 64 keys: whole pages for P = 16, 32 or 64 (any other P
+// works the same, a page lookup per key).
 struct Plan {
   int64_t chunk;
   int64_t splits;
 };
 
-Plan plan(int64_t rows, int64_t S) {
-  if (rows >= kTargetBlocks || S <= kMinChunk) return {S, 1};
-  const int64_t want = (kTargetBlocks + rows - 1) / rows;                // splits per row
-  const int64_t per = (S + want - 1) / want;
+Plan plan(int64_t rows, int64_t max_keys) {
+  if (rows >= kTargetBlocks || max_keys <= kMinChunk) return {max_keys, 1};
+  const int64_t want = (kTargetBlocks + rows - 1) / rows;  // splits per row
+  const int64_t per = (max_keys + want - 1) / want;
   const int64_t chunk = (per + kMinChunk - 1) / kMinChunk * kMinChunk;
-  const int64_t splits = (S + chunk - 1) / chunk;
-  return splits > 1 ? Plan{chunk, splits} : Plan{S, 1};
+  const int64_t splits = (max_keys + chunk - 1) / chunk;
+  return splits > 1 ? Plan{chunk, splits} : Plan{max_keys, 1};
 }
 
-// Keys row `row` (= (b * T + t) * H + h) attends to, and the row's b, t, h.
+// Query row `row` (= i * H + h): its token i, head h, sequence and number of keys.
 struct Row {
-  int64_t b, t, h, n_keys;
+  int64_t i, h, seq, n_keys;
 };
 
-__device__ __forceinline__ Row row_of(int64_t row, int64_t T_, int64_t H, int64_t S,
-                                      const int64_t* start) {
+__device__ __forceinline__ Row row_of(int64_t row, int64_t H, int64_t max_keys,
+                                      const int32_t* token_seq, const int32_t* token_pos) {
   Row r;
-  r.h = row % H;
-  r.t = (row / H) % T_;
-  r.b = row / (H * T_);
-  const int64_t n = start[r.b] + r.t + 1;
-  r.n_keys = n < S ? n : S;
+  r.i = row / H;
+  r.h = row - r.i * H;
+  r.seq = __ldg(token_seq + r.i);
+  const int64_t n = int64_t{__ldg(token_pos + r.i)} + 1;
+  // Clamped: a position past the plan would otherwise write past the workspace.
+  r.n_keys = n < max_keys ? n : max_keys;
   return r;
+}
+
+// Element offset of key row j of row r's sequence, head r.h, in a page pool. 32-bit division:
+// the launcher keeps max_keys and P below 2^31 (a 64-bit one costs several times more per key).
+__device__ __forceinline__ int64_t key_offset(const Row& r, int64_t j, const int32_t* pt,
+                                              int64_t H, int64_t P, int D) {
+  const uint32_t jj = static_cast<uint32_t>(j), pp = static_cast<uint32_t>(P);
+  const uint32_t n = jj / pp;
+  const int64_t page = __ldg(pt + n);
+  return ((page * H + r.h) * P + (jj - n * pp)) * D;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int mask = kWarpSize / 2; mask > 0; mask /= 2) v = fmaxf(v, shfl_xor(v, mask));
   return v;
+}
+
+// max(a, b), NaN if either is (fmaxf drops a NaN): a NaN score (a NaN in q or in a key) then
+// makes the row NaN, as in the reference, instead of leaving that key out unseen.
+__device__ __forceinline__ float max_keep_nan(float a, float b) {
+  return (a != a || b != b) ? a + b : fmaxf(a, b);
 }
 
 // Sum over the aligned group of `group` lanes (a power of two <= 32); every lane of the warp
@@ -92,16 +111,17 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // `lane` of group `gi` holds vectors lane, lane + G, ... of the head dim (kPer of them at most).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    attention_split_kernel(T* out,               // [rows, D], rows = B * T * H
-                           float* ws_acc,        // [rows, splits, D]; when splits > 1
-                           float2* ws_ml,        // [rows, splits] (m, l); when splits > 1
-                           const T* q,           // [B, T, H, D] at (sq_b, sq_t, sq_h, 1)
-                           const T* k,           // [B, S, H, D] at (sk_b, sk_s, sk_h, 1)
-                           const T* v,           // [B, S, H, D] at (sv_b, sv_s, sv_h, 1)
-                           const int64_t* start, // [B]
-                           int64_t T_, int64_t H, int D, int64_t S, int64_t chunk, int splits,
-                           int group, int64_t sq_b, int64_t sq_t, int64_t sq_h, int64_t sk_b,
-                           int64_t sk_s, int64_t sk_h, int64_t sv_b, int64_t sv_s, int64_t sv_h,
+    attention_split_kernel(T* out,                     // [rows, D], rows = N * H
+                           float* ws_acc,              // [rows, splits, D]; when splits > 1
+                           float2* ws_ml,              // [rows, splits] (m, l); when splits > 1
+                           const T* q,                 // [N, H, D] at (sq_n, sq_h, 1)
+                           const T* k_pages,           // [pages, H, P, D] contiguous
+                           const T* v_pages,           // [pages, H, P, D] contiguous
+                           const int32_t* page_table,  // [num_seqs, ld_pt]
+                           const int32_t* token_seq,   // [N]
+                           const int32_t* token_pos,   // [N]
+                           int64_t H, int D, int64_t P, int64_t ld_pt, int64_t max_keys,
+                           int64_t chunk, int splits, int group, int64_t sq_n, int64_t sq_h,
                            float scale) {
   constexpr int kPer = kLaneElems / VEC;  // vectors per lane
   __shared__ float sm_acc[kThreads * kLaneElems];  // [ngroups, D]: ngroups * D <= this
@@ -111,9 +131,9 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
-  const Row r = row_of(row, T_, H, S, start);
+  const Row r = row_of(row, H, max_keys, token_seq, token_pos);
   const int64_t j0 = split * chunk;
-  if (r.n_keys < 1) {  // start[b] < 0: no key to attend to; NaN as the reference's empty softmax
+  if (r.n_keys < 1) {  // token_pos < 0: no key to attend to; NaN as an empty softmax
     if (split == 0)
       for (int d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = from_f32<T>(NAN);
     return;
@@ -129,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
 
   float qr[kPer][VEC];
   float acc[kPer][VEC];
-  const T* qp = q + r.b * sq_b + r.t * sq_t + r.h * sq_h;
+  const T* qp = q + r.i * sq_n + r.h * sq_h;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int vi = lane + i * group;
@@ -141,8 +161,7 @@ __global__ void __launch_bounds__(kThreads)
       acc[i][e] = 0.0f;
     }
   }
-  const T* kp = k + r.b * sk_b + r.h * sk_h;
-  const T* vp = v + r.b * sv_b + r.h * sv_h;
+  const int32_t* pt = page_table + r.seq * ld_pt;
   float m = -INFINITY, l = 0.0f;
 
   // Block-uniform trip count (the group sums shuffle across the whole warp); group gi takes
@@ -154,12 +173,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = base + u * ngroups + gi;
       valid[u] = j < j1;
+      if (!valid[u]) continue;
+      const int64_t at = key_offset(r, j, pt, H, P, D);  // the group's lanes read one entry
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
         const int vi = lane + i * group;
-        if (valid[u] && vi < nvec) {
-          kr[u][i] = load_vec<T, VEC>(kp + j * sk_s + vi * VEC);
-          vr[u][i] = load_vec<T, VEC>(vp + j * sv_s + vi * VEC);
+        if (vi < nvec) {
+          kr[u][i] = load_vec<T, VEC>(k_pages + at + vi * VEC);
+          vr[u][i] = load_vec<T, VEC>(v_pages + at + vi * VEC);
         }
       }
     }
@@ -179,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (valid[u]) m_new = fmaxf(m_new, s[u]);
+      if (valid[u]) m_new = max_keep_nan(m_new, s[u]);
     if (m_new == -INFINITY) continue;  // no key for this group yet (the group's lanes agree)
     const float c = expf(m - m_new);   // 0 while m = -inf
     float p[kUnroll];
@@ -240,13 +261,13 @@ __global__ void __launch_bounds__(kThreads)
     attention_combine_kernel(T* out,                // [rows, D]
                              const float* ws_acc,   // [rows, splits, D]
                              const float2* ws_ml,   // [rows, splits]
-                             const int64_t* start,  // [B]
-                             int64_t T_, int64_t H, int D, int64_t S, int64_t chunk,
-                             int splits) {
+                             const int32_t* token_seq,  // [N]
+                             const int32_t* token_pos,  // [N]
+                             int64_t H, int D, int64_t max_keys, int64_t chunk, int splits) {
   __shared__ float w[kMaxSplits];
   __shared__ float scratch[kWarpSize];
   const int64_t row = blockIdx.x;
-  const Row r = row_of(row, T_, H, S, start);
+  const Row r = row_of(row, H, max_keys, token_seq, token_pos);
   const int n = static_cast<int>((r.n_keys + chunk - 1) / chunk);
   if (n <= 1) return;  // written by its split block (or, with no keys, NaN there)
   const float2* ml = ws_ml + row * splits;
@@ -278,24 +299,24 @@ int group_size(int64_t nvec) {
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
 template <typename T, int VEC>
-Status launch(T* out, const T* q, const T* k, const T* v, const int64_t* start, int64_t B,
-              int64_t T_, int64_t H, int64_t D, int64_t S, int64_t sq_b, int64_t sq_t,
-              int64_t sq_h, int64_t sk_b, int64_t sk_s, int64_t sk_h, int64_t sv_b, int64_t sv_s,
-              int64_t sv_h, float scale, void* workspace, cudaStream_t stream) {
-  const int64_t rows = B * T_ * H;
-  const Plan p = plan(rows, S);
+Status launch(T* out, const T* q, const T* k_pages, const T* v_pages, const int32_t* page_table,
+              const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H, int64_t D,
+              int64_t P, int64_t ld_pt, int64_t max_keys, int64_t sq_n, int64_t sq_h,
+              float scale, void* workspace, cudaStream_t stream) {
+  const int64_t rows = N * H;
+  const Plan p = plan(rows, max_keys);
   const int splits = static_cast<int>(p.splits);
   auto* ws_ml = static_cast<float2*>(workspace);
   auto* ws_acc = p.splits > 1 ? reinterpret_cast<float*>(ws_ml + rows * p.splits) : nullptr;
   const int d = static_cast<int>(D);
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
   QF_LAUNCH(grid, kThreads, 0, stream, attention_split_kernel<T, VEC>)(
-      out, ws_acc, ws_ml, q, k, v, start, T_, H, d, S, p.chunk, splits, group_size(D / VEC),
-      sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, scale);
+      out, ws_acc, ws_ml, q, k_pages, v_pages, page_table, token_seq, token_pos, H, d, P, ld_pt,
+      max_keys, p.chunk, splits, group_size(D / VEC), sq_n, sq_h, scale);
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess && splits > 1) {
     QF_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, stream, attention_combine_kernel<T>)(
-        out, ws_acc, ws_ml, start, T_, H, d, S, p.chunk, splits);
+        out, ws_acc, ws_ml, token_seq, token_pos, H, d, max_keys, p.chunk, splits);
     err = cudaGetLastError();
   }
   return err == cudaSuccess ? Status::kOk : cuda_error_status(err);
@@ -304,52 +325,53 @@ Status launch(T* out, const T* q, const T* k, const T* v, const int64_t* start, 
 }  // namespace attention_impl
 }  // namespace
 
-int64_t attention_workspace_bytes(int64_t B, int64_t T_, int64_t H, int64_t D, int64_t S) {
-  if (B < 1 || T_ < 1 || H < 1 || D < 1 || S < 1) return 0;
-  const int64_t rows = B * T_ * H;
-  const attention_impl::Plan p = attention_impl::plan(rows, S);
+int64_t attention_workspace_bytes(int64_t N, int64_t H, int64_t D, int64_t max_keys) {
+  if (N < 1 || H < 1 || D < 1 || max_keys < 1) return 0;
+  const int64_t rows = N * H;
+  const attention_impl::Plan p = attention_impl::plan(rows, max_keys);
   if (p.splits <= 1) return 0;
   return rows * p.splits * static_cast<int64_t>(sizeof(float2) + sizeof(float) * D);
 }
 
 template <typename S_>
-Status attention(S_* out, const S_* q, const S_* k, const S_* v, const int64_t* start, int64_t B,
-                 int64_t T_, int64_t H, int64_t D, int64_t S, int64_t sq_b, int64_t sq_t,
-                 int64_t sq_h, int64_t sk_b, int64_t sk_s, int64_t sk_h, int64_t sv_b,
-                 int64_t sv_s, int64_t sv_h, float scale, void* workspace,
+Status attention(S_* out, const S_* q, const S_* k_pages, const S_* v_pages,
+                 const int32_t* page_table, const int32_t* token_seq, const int32_t* token_pos,
+                 int64_t N, int64_t H, int64_t D, int64_t P, int64_t ld_pt, int64_t max_keys,
+                 int64_t sq_n, int64_t sq_h, float scale, void* workspace,
                  int64_t workspace_bytes, cudaStream_t stream) {
   namespace impl = attention_impl;
-  if (B < 0 || T_ < 0 || H < 0 || D < 1 || D > impl::kMaxHeadDim || S < 1)
+  if (N < 0 || H < 0 || D < 1 || D > impl::kMaxHeadDim || P < 1 || P > INT_MAX || ld_pt < 0 ||
+      max_keys < 1 || max_keys > INT_MAX || sq_n < 0 || sq_h < 0)
     return Status::kInvalidArgument;
-  const int64_t rows = B * T_ * H;
+  const int64_t rows = N * H;
   if (rows == 0) return Status::kOk;
   if (rows > INT_MAX) return Status::kInvalidArgument;  // one block row per query row
-  const int64_t need = attention_workspace_bytes(B, T_, H, D, S);
-  if (out == nullptr || q == nullptr || k == nullptr || v == nullptr || start == nullptr ||
+  const int64_t need = attention_workspace_bytes(N, H, D, max_keys);
+  if (out == nullptr || q == nullptr || k_pages == nullptr || v_pages == nullptr ||
+      page_table == nullptr || token_seq == nullptr || token_pos == nullptr ||
       workspace_bytes < need || (need > 0 && workspace == nullptr))
     return Status::kInvalidArgument;
 
   using T = device_t<S_>;
   constexpr int kVec = impl::kVecBytes / sizeof(T);
-  const bool vec = D % kVec == 0 && sq_b % kVec == 0 && sq_t % kVec == 0 && sq_h % kVec == 0 &&
-                   sk_b % kVec == 0 && sk_s % kVec == 0 && sk_h % kVec == 0 &&
-                   sv_b % kVec == 0 && sv_s % kVec == 0 && sv_h % kVec == 0 &&
-                   impl::aligned(q) && impl::aligned(k) && impl::aligned(v);
+  // Key rows sit D elements apart in the pools: D % kVec and aligned pools align every row.
+  const bool vec = D % kVec == 0 && sq_n % kVec == 0 && sq_h % kVec == 0 && impl::aligned(q) &&
+                   impl::aligned(k_pages) && impl::aligned(v_pages);
   auto* o = reinterpret_cast<T*>(out);
   const auto* qi = reinterpret_cast<const T*>(q);
-  const auto* ki = reinterpret_cast<const T*>(k);
-  const auto* vi = reinterpret_cast<const T*>(v);
-  return vec ? impl::launch<T, kVec>(o, qi, ki, vi, start, B, T_, H, D, S, sq_b, sq_t, sq_h,
-                                     sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, scale, workspace, stream)
-             : impl::launch<T, 1>(o, qi, ki, vi, start, B, T_, H, D, S, sq_b, sq_t, sq_h, sk_b,
-                                  sk_s, sk_h, sv_b, sv_s, sv_h, scale, workspace, stream);
+  const auto* ki = reinterpret_cast<const T*>(k_pages);
+  const auto* vi = reinterpret_cast<const T*>(v_pages);
+  return vec ? impl::launch<T, kVec>(o, qi, ki, vi, page_table, token_seq, token_pos, N, H, D, P,
+                                     ld_pt, max_keys, sq_n, sq_h, scale, workspace, stream)
+             : impl::launch<T, 1>(o, qi, ki, vi, page_table, token_seq, token_pos, N, H, D, P,
+                                  ld_pt, max_keys, sq_n, sq_h, scale, workspace, stream);
 }
 
 #define QF_INSTANTIATE(T)                                                                     \
-  template Status attention<T>(T*, const T*, const T*, const T*, const int64_t*, int64_t,     \
-                               int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,  \
-                               int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,    \
-                               void*, int64_t, cudaStream_t);
+  template Status attention<T>(T*, const T*, const T*, const T*, const int32_t*,              \
+                               const int32_t*, const int32_t*, int64_t, int64_t, int64_t,      \
+                               int64_t, int64_t, int64_t, int64_t, int64_t, float, void*,      \
+                               int64_t, cudaStream_t);
 QF_INSTANTIATE(float)
 QF_INSTANTIATE(qf::bf16)
 QF_INSTANTIATE(qf::fp16)

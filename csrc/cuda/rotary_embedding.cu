@@ -1,12 +1,14 @@
 // RoPE (GPT-NeoX "rotate half") on the GPU, bit-exact with reference.rotary_embedding: with
 // h = R/2, out[i] = x[i]*cos[i] - x[i+h]*sin[i], out[i+h] = x[i+h]*cos[i+h] + x[i]*sin[i+h], each
 // product an __fmul_rn and the sum an __fadd_rn (no FMA: torch rounds the products), rounded once
-// to T; dims R..D-1 copied. rotary_kv_cache: q into q_out, k rotated and v copied into a KV cache
-// [slots, H, S, D] at per-sequence slots / positions, in one pass. Layout: x, q, k, v [B, T, H, D]
-// at any B, T, H strides, head dim contiguous; cos/sin contiguous [B, T, R] fp32. Parallelisation:
-// one thread per 16-byte chunk of a head row (one element where D, R/2, a stride or a pointer do
-// not allow vectors), consecutive threads on consecutive chunks, grid-stride over all rows.
-// Constraints: R even, 0 <= R <= D < 2^31; outputs overlap no input; no allocation, no sync.
+// to T; dims R..D-1 copied. rotary_kv_cache: q into q_out, k rotated and v copied into a paged KV
+// cache [pages, H, P, D] (token i at page page_table[token_seq[i], token_pos[i] / P], offset
+// token_pos[i] % P), in one pass. Layout: x [B, T, H, D] at any B, T, H strides, q, k, v [N, H, D]
+// at any N, H strides, head dim contiguous; cos/sin contiguous [B, T, R] / [N, R] fp32.
+// Parallelisation: one thread per 16-byte chunk of a head row (one element where D, R/2, a stride
+// or a pointer do not allow vectors), consecutive threads on consecutive chunks, grid-stride over
+// all rows. Constraints: R even, 0 <= R <= D < 2^31, P >= 1; outputs overlap no input; the page
+// metadata are read unchecked; no allocation, no sync.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -101,45 +103,44 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// A row (b, t, h) has three runs of items: q's rotation into q_out, k's rotation into the cache
-// and v's copy (D / VEC chunks) beside it; k and v are skipped for padding tokens (t >= n_new[b]).
+// A row (i, h) has three runs of items: q's rotation into q_out, k's rotation into its page
+// slot and v's copy (D / VEC chunks) beside it.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    rotary_kv_cache_kernel(T* q_out,    // [batch, seq, heads, head_dim], contiguous
-                           T* k_cache,  // [slots, heads, S, head_dim] at c_stride_*
-                           T* v_cache,  // [slots, heads, S, head_dim] at c_stride_*
-                           const T* q, const T* k, const T* v,  // [batch, seq, heads, head_dim]
-                           const float* cos,                    // [batch, seq, rot_dim]
-                           const float* sin,                    // [batch, seq, rot_dim]
-                           const int64_t* slots, const int64_t* start,
-                           const int64_t* n_new,  // [batch] each
-                           int64_t rows, int64_t seq, int64_t heads, int64_t head_dim,
-                           int64_t rot_dim, int64_t x_stride_b, int64_t x_stride_t,
-                           int64_t x_stride_h, int64_t c_stride_slot, int64_t c_stride_h,
-                           int64_t c_stride_s) {
+    rotary_kv_cache_kernel(T* q_out,                   // [N, H, D], contiguous
+                           T* k_pages,                 // [num_pages, H, P, D], contiguous
+                           T* v_pages,                 // [num_pages, H, P, D], contiguous
+                           const T* q, const T* k,
+                           const T* v,                 // [N, H, D] each, at (x_stride_n, x_stride_h, 1)
+                           const float* cos,           // [N, rot_dim]
+                           const float* sin,           // [N, rot_dim]
+                           const int32_t* page_table,  // [num_seqs, ld_pt]
+                           const int32_t* token_seq,   // [N]
+                           const int32_t* token_pos,   // [N]
+                           int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                           int64_t P, int64_t ld_pt, int64_t x_stride_n, int64_t x_stride_h) {
   const int64_t rot_items = rope_items<VEC>(head_dim, rot_dim);
   const int64_t items = 2 * rot_items + head_dim / VEC;
   const int64_t total = rows * items;
   const int64_t step = int64_t{gridDim.x} * blockDim.x;
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total; i += step) {
     const int64_t row = i / items, j = i - row * items;
-    const int64_t bt = row / heads, h = row - bt * heads;
-    const int64_t b = bt / seq, t = bt - b * seq;
-    const int64_t in = b * x_stride_b + t * x_stride_t + h * x_stride_h;
-    const float* c = cos + bt * rot_dim;
-    const float* s = sin + bt * rot_dim;
+    const int64_t n = row / heads, h = row - n * heads;
+    const int64_t in = n * x_stride_n + h * x_stride_h;
+    const float* c = cos + n * rot_dim;
+    const float* s = sin + n * rot_dim;
     if (j < rot_items) {
       rope_item<T, VEC>(q_out + row * head_dim, q + in, c, s, j, rot_dim / 2);
       continue;
     }
-    if (t >= __ldg(n_new + b)) continue;
-    const int64_t at =
-        __ldg(slots + b) * c_stride_slot + h * c_stride_h + (__ldg(start + b) + t) * c_stride_s;
+    const int64_t pos = __ldg(token_pos + n);
+    const int64_t page = __ldg(page_table + __ldg(token_seq + n) * ld_pt + pos / P);
+    const int64_t at = ((page * heads + h) * P + pos % P) * head_dim;
     if (j < 2 * rot_items) {
-      rope_item<T, VEC>(k_cache + at, k + in, c, s, j - rot_items, rot_dim / 2);
+      rope_item<T, VEC>(k_pages + at, k + in, c, s, j - rot_items, rot_dim / 2);
     } else {
       const int64_t o = (j - 2 * rot_items) * VEC;
-      store_vec<T, VEC>(v_cache + at + o, load_vec<T, VEC>(v + in + o));
+      store_vec<T, VEC>(v_pages + at + o, load_vec<T, VEC>(v + in + o));
     }
   }
 }
@@ -206,41 +207,39 @@ Status launch_rope(S* out, const S* x, const float* cos, const float* sin, int64
 }
 
 template <typename S>
-Status launch_rope_kv(S* q_out, S* k_cache, S* v_cache, const S* q, const S* k, const S* v,
-                      const float* cos, const float* sin, const int64_t* slots,
-                      const int64_t* start, const int64_t* n_new, int64_t batch, int64_t seq,
-                      int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t x_stride_b,
-                      int64_t x_stride_t, int64_t x_stride_h, int64_t c_stride_slot,
-                      int64_t c_stride_h, int64_t c_stride_s, cudaStream_t stream) {
-  if (bad_sizes(batch, seq, heads, head_dim, rot_dim) || x_stride_b < 0 || x_stride_t < 0 ||
-      x_stride_h < 0 || c_stride_slot < 0 || c_stride_h < 0 || c_stride_s < 0)
+Status launch_rope_kv(S* q_out, S* k_pages, S* v_pages, const S* q, const S* k, const S* v,
+                      const float* cos, const float* sin, const int32_t* page_table,
+                      const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
+                      int64_t D, int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
+                      int64_t x_stride_h, cudaStream_t stream) {
+  if (bad_sizes(N, 1, H, D, rot_dim) || P < 1 || ld_pt < 0 || x_stride_n < 0 || x_stride_h < 0)
     return Status::kInvalidArgument;
-  const int64_t rows = batch * seq * heads;
+  const int64_t rows = N * H;
   if (rows == 0) return Status::kOk;
-  if (q_out == nullptr || k_cache == nullptr || v_cache == nullptr || q == nullptr ||
-      k == nullptr || v == nullptr || slots == nullptr || start == nullptr || n_new == nullptr ||
-      (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
+  if (q_out == nullptr || k_pages == nullptr || v_pages == nullptr || q == nullptr ||
+      k == nullptr || v == nullptr || page_table == nullptr || token_seq == nullptr ||
+      token_pos == nullptr || (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
     return Status::kInvalidArgument;
   using T = device_t<S>;
   constexpr int kVec = kVecBytes / sizeof(T);
   auto* qo = reinterpret_cast<T*>(q_out);
-  auto* kc = reinterpret_cast<T*>(k_cache);
-  auto* vc = reinterpret_cast<T*>(v_cache);
+  auto* kp = reinterpret_cast<T*>(k_pages);
+  auto* vp = reinterpret_cast<T*>(v_pages);
   const auto* qi = reinterpret_cast<const T*>(q);
   const auto* ki = reinterpret_cast<const T*>(k);
   const auto* vi = reinterpret_cast<const T*>(v);
-  if (vector_rows<kVec>(head_dim, rot_dim,
-                        {x_stride_b, x_stride_t, x_stride_h, c_stride_slot, c_stride_h, c_stride_s},
-                        {q_out, k_cache, v_cache, q, k, v, cos, sin})) {
-    const int64_t items = 2 * rope_items<kVec>(head_dim, rot_dim) + head_dim / kVec;
+  // Page slots lie D elements apart, so D % VEC and aligned pools keep every slot aligned.
+  if (vector_rows<kVec>(D, rot_dim, {x_stride_n, x_stride_h},
+                        {q_out, k_pages, v_pages, q, k, v, cos, sin})) {
+    const int64_t items = 2 * rope_items<kVec>(D, rot_dim) + D / kVec;
     QF_LAUNCH(grid_size(rows * items), kThreads, 0, stream, rotary_kv_cache_kernel<T, kVec>)(
-        qo, kc, vc, qi, ki, vi, cos, sin, slots, start, n_new, rows, seq, heads, head_dim, rot_dim,
-        x_stride_b, x_stride_t, x_stride_h, c_stride_slot, c_stride_h, c_stride_s);
+        qo, kp, vp, qi, ki, vi, cos, sin, page_table, token_seq, token_pos, rows, H, D, rot_dim,
+        P, ld_pt, x_stride_n, x_stride_h);
   } else {
-    const int64_t items = 2 * rope_items<1>(head_dim, rot_dim) + head_dim;
+    const int64_t items = 2 * rope_items<1>(D, rot_dim) + D;
     QF_LAUNCH(grid_size(rows * items), kThreads, 0, stream, rotary_kv_cache_kernel<T, 1>)(
-        qo, kc, vc, qi, ki, vi, cos, sin, slots, start, n_new, rows, seq, heads, head_dim, rot_dim,
-        x_stride_b, x_stride_t, x_stride_h, c_stride_slot, c_stride_h, c_stride_s);
+        qo, kp, vp, qi, ki, vi, cos, sin, page_table, token_seq, token_pos, rows, H, D, rot_dim,
+        P, ld_pt, x_stride_n, x_stride_h);
   }
   return launch_status();
 }
@@ -258,16 +257,14 @@ Status rotary_embedding(T* out, const T* x, const float* cos, const float* sin, 
 }
 
 template <typename T>
-Status rotary_kv_cache(T* q_out, T* k_cache, T* v_cache, const T* q, const T* k, const T* v,
-                       const float* cos, const float* sin, const int64_t* slots,
-                       const int64_t* start, const int64_t* n_new, int64_t batch, int64_t seq,
-                       int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t x_stride_b,
-                       int64_t x_stride_t, int64_t x_stride_h, int64_t c_stride_slot,
-                       int64_t c_stride_h, int64_t c_stride_s, cudaStream_t stream) {
-  return rotary_detail::launch_rope_kv(q_out, k_cache, v_cache, q, k, v, cos, sin, slots, start,
-                                       n_new, batch, seq, heads, head_dim, rot_dim, x_stride_b,
-                                       x_stride_t, x_stride_h, c_stride_slot, c_stride_h,
-                                       c_stride_s, stream);
+Status rotary_kv_cache(T* q_out, T* k_pages, T* v_pages, const T* q, const T* k, const T* v,
+                       const float* cos, const float* sin, const int32_t* page_table,
+                       const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
+                       int64_t D, int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
+                       int64_t x_stride_h, cudaStream_t stream) {
+  return rotary_detail::launch_rope_kv(q_out, k_pages, v_pages, q, k, v, cos, sin, page_table,
+                                       token_seq, token_pos, N, H, D, rot_dim, P, ld_pt,
+                                       x_stride_n, x_stride_h, stream);
 }
 
 #define QF_INSTANTIATE(T)                                                                       \
@@ -275,10 +272,9 @@ Status rotary_kv_cache(T* q_out, T* k_cache, T* v_cache, const T* q, const T* k,
                                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,     \
                                       int64_t, cudaStream_t);                                   \
   template Status rotary_kv_cache<T>(T*, T*, T*, const T*, const T*, const T*, const float*,     \
-                                     const float*, const int64_t*, const int64_t*,                \
-                                     const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,        \
-                                     cudaStream_t);
+                                     const float*, const int32_t*, const int32_t*,                \
+                                     const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                     int64_t, int64_t, int64_t, cudaStream_t);
 QF_INSTANTIATE(float)
 QF_INSTANTIATE(qf::bf16)
 QF_INSTANTIATE(qf::fp16)

@@ -79,7 +79,7 @@ PYBIND11_MODULE(_simt, m) {
   });
 
   // ---- rotary_embedding, rotary_kv_cache ---------------------------------------------------
-  // x / q, k, v: [B, T, H, D] at any B, T, H strides; cos, sin: contiguous [B, T, R] fp32.
+  // x: [B, T, H, D] at any B, T, H strides; cos, sin: contiguous [B, T, R] fp32.
   m.def("rotary_embedding", [](at::Tensor out, const at::Tensor& x, const at::Tensor& cos,
                                const at::Tensor& sin) {
     dispatch(x, [&](auto tag) {
@@ -90,20 +90,22 @@ PYBIND11_MODULE(_simt, m) {
             "rotary_embedding");
     });
   });
-  // index: [3, B] int64 (slots, start, n_new), as ops.cpp copies it to the device.
-  m.def("rotary_kv_cache", [](at::Tensor q_out, at::Tensor k_cache, at::Tensor v_cache,
+  // q_out [N, H, D] contiguous; k_pages, v_pages [pages, H, P, D] contiguous; q, k, v [N, H, D]
+  // views with q's strides; cos, sin contiguous [N, R] fp32; page_table [seqs, ld_pt] (rows at
+  // stride ld_pt) and token_seq, token_pos [N] contiguous, all int32.
+  m.def("rotary_kv_cache", [](at::Tensor q_out, at::Tensor k_pages, at::Tensor v_pages,
                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& cos, const at::Tensor& sin,
-                              const at::Tensor& index) {
-    const int64_t B = q.size(0);
-    const int64_t* idx = index.data_ptr<int64_t>();
+                              const at::Tensor& page_table, const at::Tensor& token_seq,
+                              const at::Tensor& token_pos) {
     dispatch(q, [&](auto tag) {
       using T = decltype(tag);
       check(qf::cuda::rotary_kv_cache<T>(
-                ptr<T>(q_out), ptr<T>(k_cache), ptr<T>(v_cache), ptr<T>(q), ptr<T>(k), ptr<T>(v),
-                ptr<float>(cos), ptr<float>(sin), idx, idx + B, idx + 2 * B, B, q.size(1),
-                q.size(2), q.size(3), cos.size(2), q.stride(0), q.stride(1), q.stride(2),
-                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), nullptr),
+                ptr<T>(q_out), ptr<T>(k_pages), ptr<T>(v_pages), ptr<T>(q), ptr<T>(k), ptr<T>(v),
+                ptr<float>(cos), ptr<float>(sin), page_table.data_ptr<int32_t>(),
+                token_seq.data_ptr<int32_t>(), token_pos.data_ptr<int32_t>(), q.size(0),
+                q.size(1), q.size(2), cos.size(1), k_pages.size(2), page_table.stride(0),
+                q.stride(0), q.stride(1), nullptr),
             "rotary_kv_cache");
     });
   });
@@ -158,19 +160,22 @@ PYBIND11_MODULE(_simt, m) {
 
   // ---- attention ----------------------------------------------------------------------------
   m.def("attention_workspace_bytes", &qf::cuda::attention_workspace_bytes);
-  // out [B, T, H, D] contiguous; q, k, v strided [B, ., H, D] views; start [B] int64; workspace
-  // a uint8 tensor of at least attention_workspace_bytes(B, T, H, D, S) bytes.
-  m.def("attention", [](at::Tensor out, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& start, double scale,
-                        at::Tensor workspace) {
+  // out [N, H, D] contiguous; q [N, H, D] at any N, H strides; k_pages, v_pages [pages, H, P, D]
+  // contiguous; page_table [seqs, ld_pt] (rows at stride ld_pt), token_seq, token_pos [N]
+  // contiguous, all int32; workspace a uint8 tensor of at least
+  // attention_workspace_bytes(N, H, D, max_keys) bytes.
+  m.def("attention", [](at::Tensor out, const at::Tensor& q, const at::Tensor& k_pages,
+                        const at::Tensor& v_pages, const at::Tensor& page_table,
+                        const at::Tensor& token_seq, const at::Tensor& token_pos,
+                        int64_t max_keys, double scale, at::Tensor workspace) {
     dispatch(q, [&](auto tag) {
       using T = decltype(tag);
-      check(qf::cuda::attention<T>(ptr<T>(out), ptr<T>(q), ptr<T>(k), ptr<T>(v),
-                                   start.data_ptr<int64_t>(), q.size(0), q.size(1), q.size(2),
-                                   q.size(3), k.size(1), q.stride(0), q.stride(1), q.stride(2),
-                                   k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-                                   v.stride(1), v.stride(2), static_cast<float>(scale),
-                                   workspace.data_ptr(), workspace.numel(), nullptr),
+      check(qf::cuda::attention<T>(ptr<T>(out), ptr<T>(q), ptr<T>(k_pages), ptr<T>(v_pages),
+                                   page_table.data_ptr<int32_t>(), token_seq.data_ptr<int32_t>(),
+                                   token_pos.data_ptr<int32_t>(), q.size(0), q.size(1), q.size(2),
+                                   k_pages.size(2), page_table.stride(0), max_keys, q.stride(0),
+                                   q.stride(1), static_cast<float>(scale), workspace.data_ptr(),
+                                   workspace.numel(), nullptr),
             "attention");
     });
   });

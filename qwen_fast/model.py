@@ -184,8 +184,8 @@ class QwenModel:
             x, h = ops["fused_add_rms_norm"](mlp_out, h, nxt, cfg.layer_norm_epsilon,
                                              out=ws["x"], residual_out=h)
         if logits_rows is not None:
-            rows = x if len(logits_rows) == N and list(logits_rows) == list(range(N)) else \
-                x[torch.tensor(list(logits_rows), device=self.device)]
+            rows = x if list(logits_rows) == list(range(N)) else \
+                x[torch.tensor(list(logits_rows), dtype=torch.long, device=self.device)]
             out = ops["linear"](rows, self.lm_head)
             return out if logits_dtype in (None, out.dtype) else out.to(logits_dtype)
         out = torch.empty(N, self.lm_head.shape[0], dtype=logits_dtype or self.dtype,

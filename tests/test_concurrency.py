@@ -92,7 +92,7 @@ def test_a_dropped_stream_is_cancelled_and_frees_its_slot(engine):
     import gc
     gc.collect()
     engine.generate("y", max_new_tokens=2)   # runs a step, which retires the cancelled one
-    assert not engine.scheduler._active and not engine.scheduler._waiting
+    assert not engine.scheduler.has_work() and engine.kv_pool.num_used == 0
 
 
 def test_nested_calls_in_one_thread_do_not_deadlock(engine):

@@ -303,49 +303,57 @@ def test_tiny_temperature_is_greedy_in_the_limit(tiny_engine_fp32):
         assert got == want, t
 
 
-# ---- memory: the KV cache grows with use and a call that cannot fit is refused up front ----
+# ---- memory: KV pages are taken as positions are written; only a prompt that cannot fit is refused
 
 def test_kv_cache_grows_with_use_not_with_max_new_tokens(tiny_ckpt):
     e = Engine.from_pretrained(tiny_ckpt, dtype="float32", backend="reference",
                                kv_cache_budget=2**30)
     _make_greedy_pick(e, EOD_ID)
     out = e.generate(["Hello"] * 32, max_new_tokens=10**9, **GREEDY)
-    per_token = 2 * e.cfg.num_hidden_layers * e.cfg.hidden_size * 4
-    # Worst case 32 x 32767 positions; used: the 1-token prompts, rounded up to one granule.
+    # Worst case 32 x 32767 positions; used: the 1-token prompts, one page each.
     assert all(r.finish_reason == "stop" for r in out)
-    assert out[0].kv_cache_bytes <= 32 * 64 * per_token
+    assert all(r.kv_cache_bytes == e.kv_pool.bytes_per_page for r in out)
+    assert e.kv_pool.num_used == 0                  # every page given back
 
 
-def test_decoding_across_growth_steps_matches_a_cache_that_never_grows(tiny_engine_fp32, monkeypatch):
-    """150 tokens from a 3-token prompt: the cache grows 3 -> 64 -> 128 -> 153 positions (the
-    call's worst case caps the last step), and decodes exactly as one allocated at 153."""
-    from qwen_fast.model import KVCache
+@pytest.mark.parametrize("page_size", [1, 7, 256])
+def test_decoding_across_page_boundaries_matches_any_page_size(tiny_engine_fp32, page_size):
+    """150 tokens from a 3-token prompt cross two page boundaries at 64 positions a page (3 pages
+    held at the end); the same greedy tokens with pages of 1, 7 or 256 positions."""
     e = tiny_engine_fp32
     prompt = e.tokenizer.encode("a b c")
     r = e.generate(prompt, max_new_tokens=150, ignore_eos=True, **GREEDY)
-    assert len(r.token_ids) == 150
-    assert r.kv_cache_bytes == 153 * 2 * e.cfg.num_hidden_layers * e.cfg.hidden_size * 4
-    monkeypatch.setattr(KVCache, "GRANULE", 4096)         # one step straight to the cap
-    assert e.generate(prompt, max_new_tokens=150, ignore_eos=True, **GREEDY).token_ids == r.token_ids
+    assert len(r.token_ids) == 150 and e.kv_pool.page_size == 64
+    assert r.kv_cache_bytes == 3 * e.kv_pool.bytes_per_page
+    other = Engine(e.model, e.tokenizer, e.generation_config, kv_page_size=page_size)
+    try:
+        assert other.generate(prompt, max_new_tokens=150, ignore_eos=True, **GREEDY).token_ids == r.token_ids
+    finally:
+        other.close()
 
 
-def test_over_budget_requests_are_refused_up_front(tiny_ckpt):
+def test_only_a_prompt_that_cannot_fit_the_pool_is_refused(tiny_ckpt):
     from qwen_fast.errors import CapacityError
     e = Engine.from_pretrained(tiny_ckpt, dtype="bfloat16", backend="reference",
                                kv_cache_budget=4 * 2**20)
     per_token = 2 * e.cfg.num_hidden_layers * e.cfg.hidden_size * 2        # 512 bytes
-    assert e.kv_cache_budget // per_token == 8192
-    with pytest.raises(CapacityError, match=r"32 sequence\(s\) x up to 32767 tokens.*kv_cache_budget of 0.00"):
-        e.generate(["Hello"] * 32, max_new_tokens=10**9)
+    assert e.kv_pool.capacity_tokens == 4 * 2**20 // per_token == 8192
+    with pytest.raises(CapacityError, match=r"the prompt has 8200 tokens, which need 4.0 MiB of "
+                                            r"KV cache; the engine's pool holds 8192 tokens \(4.0 MiB"):
+        e.generate([[1] * 8200, [2] * 3], max_new_tokens=1)
+    assert not e.scheduler.has_work()                           # all or none: nothing queued
     with pytest.raises(CapacityError, match="kv_cache_budget"):
-        e.stream("Hello", max_new_tokens=10**9)                 # refused when called
+        e.stream([5] * 9000)                                    # refused when called
     with pytest.raises(CapacityError, match="fp32 logits"):
         e.logits([1] * 8000)                                    # 8000 x 151936 x 4 bytes
-    r = e.generate(["Hello"] * 2, max_new_tokens=4000, ignore_eos=True, temperature=0,
-                   stop_token_ids=[e.generate("Hello", max_new_tokens=1, **GREEDY).token_ids[0]])
-    assert all(x.finish_reason == "stop" for x in r)            # fits, and the engine still works
+    # max_new_tokens far past the pool is no reason to refuse: pages are taken as written.
+    s = e.stream("Hello", max_new_tokens=10**9, ignore_eos=True, temperature=0)
+    assert next(iter(s)) is not None
+    s.close()
     with pytest.raises(ValueError, match="kv_cache_budget must be"):
         Engine(e.model, e.tokenizer, kv_cache_budget=-1)
+    with pytest.raises(ValueError, match="holds no KV page"):
+        Engine(e.model, e.tokenizer, kv_cache_budget=100)
 
 
 def test_logits_are_computed_in_chunks_with_the_same_values(tiny_engine, monkeypatch):
@@ -358,8 +366,8 @@ def test_logits_are_computed_in_chunks_with_the_same_values(tiny_engine, monkeyp
 def test_full_size_kv_cache_arithmetic():
     """qwen-spec §4: 2 x 24 x 2048 x 2 bytes = 192 KiB per token; 6 GiB at 32k."""
     from qwen_fast.config import QwenConfig
-    from qwen_fast.model import KVCache
-    per = KVCache.bytes_per_token(QwenConfig(), torch.bfloat16)
+    from qwen_fast.kv_cache import bytes_per_token
+    per = bytes_per_token(QwenConfig(), torch.bfloat16)
     assert per == 192 * 1024 and per * 32768 == 6 * 2**30
 
 
@@ -379,12 +387,15 @@ def test_chunked_prefill_of_a_batch_matches_whole_prefill(tiny_engine_fp32, monk
 def test_reference_attention_bounds_its_scores(monkeypatch):
     from qwen_fast import reference
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 50, 4, 16, generator=g)
-    k, v = torch.randn(2, 60, 4, 16, generator=g), torch.randn(2, 60, 4, 16, generator=g)
-    start = torch.tensor([10, 3])
-    want = reference.attention(q, k, v, start)
-    monkeypatch.setattr(reference, "ATTENTION_SCORES_BYTES", 4 * 2 * 4 * 60 * 7)   # 7 queries
-    torch.testing.assert_close(reference.attention(q, k, v, start), want, rtol=1e-6, atol=1e-6)
+    q = torch.randn(100, 4, 16, generator=g)                   # 50 tokens of each of 2 sequences
+    kp, vp = torch.randn(8, 4, 16, 16, generator=g), torch.randn(8, 4, 16, 16, generator=g)
+    table = torch.tensor([[3, 0, 6, 1], [2, 7, 5, 4]], dtype=torch.int32)
+    seq = torch.tensor([0] * 50 + [1] * 50, dtype=torch.int32)
+    pos = torch.cat([torch.arange(10, 60), torch.arange(3, 53)]).to(torch.int32)
+    want = reference.attention(q, kp, vp, table, seq, pos)
+    monkeypatch.setattr(reference, "ATTENTION_SCORES_BYTES", 4 * 4 * 60 * 7)   # 7 queries
+    torch.testing.assert_close(reference.attention(q, kp, vp, table, seq, pos), want,
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_a_stream_carries_its_result_once_exhausted(tiny_engine_fp32):

@@ -1,7 +1,10 @@
-"""The scheduler (qwen_fast/scheduler.py): sequences from concurrent callers decode in one batch,
-newcomers join between steps, finished and cancelled ones leave, the batch size and the KV
-budget bound what runs at once, and a newcomer's prompt is prefilled in bounded chunks while
-others decode. Greedy results equal each request run alone."""
+"""Continuous batching through the engine (qwen_fast/core.py, scheduler.py, runner.py): requests
+from concurrent callers run in one forward per step, newcomers join between steps (their prefill
+chunk in the same forward as the others' decode tokens), finished and cancelled ones leave, the
+batch size and the page pool bound what runs at once, a newcomer's prompt is prefilled in
+bounded chunks while others decode, and a pool that runs out preempts and later recomputes.
+Greedy and seeded results equal each request run alone. (The planner alone, without a model:
+tests/test_step_planner.py.)"""
 from __future__ import annotations
 
 import threading
@@ -11,7 +14,7 @@ import torch
 
 from qwen_fast import Engine
 from qwen_fast.errors import CapacityError
-from qwen_fast.model import KVCache
+from qwen_fast.kv_cache import bytes_per_token
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -21,20 +24,21 @@ def _engine(ckpt, **kw):
 
 
 class Recorder:
-    """Wraps model.forward: records (rows, num_new) of every call."""
+    """Wraps the engine's runner: records each step's plan as [(request id, tokens)], one entry
+    per forward."""
 
-    def __init__(self, model):
-        self.calls, self._forward, self._lock = [], model.forward, threading.Lock()
-        model.forward = self
+    def __init__(self, engine):
+        runner = engine._core.runner
+        self.calls, self._execute, self._lock = [], runner.execute, threading.Lock()
+        runner.execute = self
 
-    def __call__(self, ids, cache, num_new=None, rows=None, **kw):
+    def __call__(self, plan):
         with self._lock:
-            n = [ids.shape[1]] * ids.shape[0] if num_new is None else list(num_new)
-            self.calls.append((list(rows) if rows is not None else list(range(ids.shape[0])), n))
-        return self._forward(ids, cache, num_new=num_new, rows=rows, **kw)
+            self.calls.append([(s.req.id, s.count) for s in plan.seqs])
+        return self._execute(plan)
 
     def decode_batch_sizes(self):
-        return [len(r) for r, n in self.calls if max(n) == 1]
+        return [sum(1 for _, n in c if n == 1) for c in self.calls if any(n == 1 for _, n in c)]
 
 
 def _run_concurrently(fns, timeout=120):
@@ -59,56 +63,63 @@ def test_concurrent_callers_share_the_decode_batch_and_get_their_lone_results(ti
     e = _engine(tiny_ckpt)
     prompts = [f"prompt number {i}" for i in range(4)]
     alone = [e.generate(p, max_new_tokens=12, **GREEDY).token_ids for p in prompts]
-    rec = Recorder(e.model)
+    rec = Recorder(e)
     got = _run_concurrently([lambda p=p: e.generate(p, max_new_tokens=12, **GREEDY).token_ids
                              for p in prompts])
     assert got == alone
     assert max(rec.decode_batch_sizes()) >= 2          # decoded together, not in turns
-    # fewer decode forwards than 4 lone runs of 11 steps each
-    assert len(rec.decode_batch_sizes()) < 4 * 11
+    # fewer forwards than 4 lone runs of 12 steps each
+    assert len(rec.calls) < 4 * 12
 
 
 def test_a_newcomer_joins_a_running_batch(tiny_ckpt):
     e = _engine(tiny_ckpt)
-    rec = Recorder(e.model)
+    rec = Recorder(e)
     long = e.stream("a long one", max_new_tokens=40, **GREEDY)
     pieces = [next(long) for _ in range(3)]             # decoding alone now
     short = e.generate("a short one", max_new_tokens=5, **GREEDY)
     pieces += list(long)
     assert short.completion_tokens == 5 and "".join(pieces)
-    joined = [rows for rows, n in rec.calls if max(n) == 1 and len(rows) == 2]
-    assert joined, "the newcomer never decoded in the same forward as the running sequence"
+    long_id = long.request.id
+    # The newcomer's prompt in the same forward as the running request's decode token: one
+    # pass over the weights, not a prefill forward and then a decode forward.
+    mixed = [c for c in rec.calls if (long_id, 1) in c and any(n > 1 for _, n in c)]
+    assert mixed, rec.calls
+    joined = [c for c in rec.calls if len(c) == 2 and all(n == 1 for _, n in c)]
+    assert joined, "the newcomer never decoded in the same forward as the running request"
 
 
 def test_max_batch_size_bounds_the_batch(tiny_ckpt):
     e = _engine(tiny_ckpt, max_batch_size=2)
-    rec = Recorder(e.model)
+    rec = Recorder(e)
     out = _run_concurrently([lambda i=i: e.generate(f"p{i}", max_new_tokens=6, **GREEDY)
                              for i in range(5)])
     assert all(r.completion_tokens == 6 for r in out)
-    assert max(len(rows) for rows, _ in rec.calls) <= 2
-    assert all(max(rows) < 2 for rows, _ in rec.calls)   # two slots only
+    assert max(len(c) for c in rec.calls) == 2
 
 
-def test_sequences_wait_for_kv_room_and_one_that_never_fits_is_refused(tiny_ckpt):
+def test_a_request_waits_for_pages_and_a_prompt_that_never_fits_is_refused(tiny_ckpt):
+    """A pool of 3 pages of 16 positions: a 30-token prompt needs 2 pages, so a second one waits
+    (its pages and a reserve page for the running one are not free) until the first ends; a
+    prompt of 49 tokens could never fit and is refused when submitted."""
     probe = _engine(tiny_ckpt)
-    per_token = KVCache.bytes_per_token(probe.cfg, probe.model.dtype)
-    # room for one sequence of 3 + 30 positions at a time, not two
-    e = _engine(tiny_ckpt, kv_cache_budget=40 * per_token)
-    rec = Recorder(e.model)
-    out = _run_concurrently([lambda i=i: e.generate(e.tokenizer.encode(f"w{i} x y")[:3],
-                                                    max_new_tokens=30, **GREEDY)
-                             for i in range(3)])
-    assert all(r.completion_tokens == 30 for r in out)
-    assert max(len(rows) for rows, _ in rec.calls) == 1   # one at a time: the budget held
-    with pytest.raises(CapacityError, match="kv_cache_budget"):
-        e.generate("x", max_new_tokens=100)              # 101 positions could never fit
+    per_token = bytes_per_token(probe.cfg, probe.model.dtype)
+    e = _engine(tiny_ckpt, kv_cache_budget=48 * per_token, kv_page_size=16)
+    assert e.kv_pool.num_pages == 3
+    rec = Recorder(e)
+    prompts = [[1000 + 40 * i + t for t in range(30)] for i in range(2)]
+    out = _run_concurrently([lambda p=p: e.generate(p, max_new_tokens=2, **GREEDY) for p in prompts])
+    assert all(r.completion_tokens == 2 for r in out)
+    assert max(len(c) for c in rec.calls) == 1          # one at a time: the pool held
+    assert e.scheduler.stats["preemptions"] == 0
+    with pytest.raises(CapacityError, match="the prompt has 49 tokens"):
+        e.generate(list(range(1, 50)), max_new_tokens=1)
 
 
 def test_a_newcomers_prompt_is_prefilled_in_chunks_while_others_decode(tiny_ckpt):
     e = _engine(tiny_ckpt)
     e.scheduler.prefill_chunk = 8
-    rec = Recorder(e.model)
+    rec = Recorder(e)
     ids = list(range(1000, 1030))                        # 30 tokens: 4 chunks of <= 8
     alone = e.generate(ids, max_new_tokens=4, **GREEDY).token_ids
     rec.calls.clear()
@@ -116,9 +127,10 @@ def test_a_newcomers_prompt_is_prefilled_in_chunks_while_others_decode(tiny_ckpt
     next(s)
     got = e.generate(ids, max_new_tokens=4, **GREEDY).token_ids
     s.close()
-    prefills = [n for rows, n in rec.calls if max(n) > 1]
-    assert prefills and all(sum(n) <= 8 for n in prefills)
-    assert sum(sum(n) for n in prefills) >= 30 - 8
+    chunks = [[n for _, n in c if n > 1] for c in rec.calls]
+    prefills = [sum(c) for c in chunks if c]
+    assert prefills and all(n <= 8 for n in prefills)
+    assert sum(prefills) >= 30 - 8
     assert got == alone                                  # fp32: chunking changes no token
 
 
@@ -126,11 +138,11 @@ def test_cancelling_frees_the_slot_for_a_waiting_sequence(tiny_ckpt):
     e = _engine(tiny_ckpt, max_batch_size=1)
     s = e.stream("occupies the only slot", max_new_tokens=500, **GREEDY)
     next(s)
-    assert len(e.scheduler._active) == 1
+    assert len(e.scheduler.running) == 1
     s.close()                                            # cancelled: the slot is free
     r = e.generate("next", max_new_tokens=3, **GREEDY)
     assert r.completion_tokens == 3
-    assert not e.scheduler._active
+    assert not e.scheduler.has_work() and e.kv_pool.num_used == 0
 
 
 def test_max_batch_size_is_checked():
@@ -151,46 +163,19 @@ def test_seeded_sampling_in_a_batch_equals_alone(tiny_ckpt):
 
 
 def test_a_failure_outside_the_forward_reaches_the_callers(tiny_ckpt, monkeypatch):
-    """No memory for the KV cache (raised while the step thread sets up a step): the callers
-    get the error, and the engine works again afterwards."""
-    import qwen_fast.scheduler as S
+    """No memory while the step thread builds a step's metadata: the step's callers get the
+    error, and the engine works again afterwards."""
+    import qwen_fast.runner as R
     e = _engine(tiny_ckpt)
 
-    def no_memory(self):
-        raise MemoryError("no room for the KV cache")
+    def no_memory(*a, **k):
+        raise MemoryError("no room for the step")
     with monkeypatch.context() as m:
-        m.setattr(S.Scheduler, "_ensure_cache", no_memory)
+        m.setattr(R.StepMetadata, "build", no_memory)
         with pytest.raises(MemoryError, match="no room"):
             e.generate("x", max_new_tokens=3, **GREEDY)
     assert e.generate("x", max_new_tokens=3, **GREEDY).completion_tokens == 3
-
-
-def test_the_kv_budget_counts_the_slots_the_cache_already_holds(tiny_ckpt):
-    """The cache never shrinks while its batch lives: after four sequences grew it to four
-    slots and three of them finished, a newcomer must fit four slots at the longest worst case,
-    not the two that two sequences would need."""
-    from qwen_fast.engine import _Request
-    from qwen_fast.scheduler import Seq
-    probe = _engine(tiny_ckpt)
-    per_token = KVCache.bytes_per_token(probe.cfg, probe.model.dtype)
-    e = _engine(tiny_ckpt, kv_cache_budget=4 * 200 * per_token)
-    sched, p = e.scheduler, e.sampling_params(**GREEDY)
-
-    def seq(limit):
-        return Seq(_Request(e, [1, 2], p, [], limit))
-    with sched._cond:
-        sched._cache = KVCache(e.cfg, 4, 64, e.model.dtype, max_capacity=200)
-        running, newcomer = seq(190), seq(300)          # worst cases 192 and 302 positions
-        running.slot = 3
-        sched._active = {3: running}
-        sched._waiting.append(newcomer)
-        sched._admit()
-        assert newcomer.slot is None and list(sched._waiting) == [newcomer]   # 4 x 302 > 800
-        sched._cache = None                             # the batch drained: a cache of one slot
-        sched._active = {}
-        sched._admit()
-        assert newcomer.slot == 0 and not sched._waiting
-        sched._active, sched._waiting = {}, type(sched._waiting)()
+    assert e.kv_pool.num_used == 0
 
 
 def test_close_cancels_what_runs_and_refuses_what_comes(tiny_ckpt):
@@ -198,11 +183,13 @@ def test_close_cancels_what_runs_and_refuses_what_comes(tiny_ckpt):
     s = e.stream("long", max_new_tokens=10000, **GREEDY)
     next(s)
     e.close()
-    with pytest.raises(RuntimeError, match="scheduler was closed"):
+    with pytest.raises(RuntimeError, match="engine was closed"):
         "".join(s)
-    with pytest.raises(RuntimeError, match="scheduler was closed"):
+    with pytest.raises(RuntimeError, match="engine was closed"):
         e.generate("after", max_new_tokens=2)
-    assert e.scheduler._thread is None
+    with pytest.raises(RuntimeError, match="engine was closed"):
+        e.stream("after", max_new_tokens=2)                 # refused when called
+    assert e._core._thread is None
 
 
 def test_exiting_with_a_live_stream_is_clean(tiny_ckpt):

@@ -9,11 +9,16 @@ run: decode is bound by reading the weights, so the read bandwidth is its roofli
     qwen-fast bench [--dtype bfloat16] [--backend auto,reference] [--prompt-tokens 128]
                     [--new-tokens 16] [--context N] [--threads N] [--quant none|int4|int8]
                     [--lm-head-quant none|int4|int8] [--json FILE]
+
+Every option is checked before the first bandwidth pass (check_args): a bad one, or a context
+plus new tokens beyond the model's 32767, exits at once with "error: argument --OPTION: ...".
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import resource
 import statistics
@@ -23,6 +28,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .config import BUILTIN_CONFIGS, QwenConfig, builtin_config, parse_dtype
+from .errors import ConfigError, QwenFastError
 from .qweight import QuantWeight
 
 PEAK_BUFFER_BYTES = 1 << 28     # 256 MiB: far larger than any CPU cache, small beside the model (peak RSS)
@@ -106,7 +113,11 @@ def measure(engine, prompt_tokens: int, new_tokens: int, contexts: Sequence[int]
     rounds: List[List[dict]] = [[] for _ in contexts]
     for i in range(repeats):
         _progress(f"{engine.model.backend}: prefill {prompt_tokens} tokens ({i + 1}/{repeats})")
-        ttft.append(engine.generate(prompt, max_new_tokens=1, **greedy).prefill_s)
+        t = engine.generate(prompt, max_new_tokens=1, **greedy).prefill_s
+        if not t > 0:
+            raise BenchError(f"the prefill of {prompt_tokens} tokens measured {t} s; nothing to "
+                             "divide the tokens by")
+        ttft.append(t)
         for c, context in enumerate(contexts):
             _progress(f"{engine.model.backend}: decode {new_tokens} tokens after "
                       f"{context or prompt_tokens} ({i + 1}/{repeats})")
@@ -114,7 +125,7 @@ def measure(engine, prompt_tokens: int, new_tokens: int, contexts: Sequence[int]
             r = engine.generate(longest[:context] if context else prompt,
                                 max_new_tokens=new_tokens + 1, **greedy)
             roof = max(before, read_gbs())
-            t_tok = r.decode_s / (r.completion_tokens - 1)
+            t_tok = _decode_seconds_per_token(r, new_tokens, context or prompt_tokens)
             rounds[c].append({"ms_per_token": t_tok * 1e3, "read_gb_s": roof,
                               "pct_of_read": 100 * nbytes / t_tok / 1e9 / roof})
     t_pre = statistics.median(ttft)
@@ -136,37 +147,236 @@ def measure(engine, prompt_tokens: int, new_tokens: int, contexts: Sequence[int]
     return rows
 
 
+def _decode_seconds_per_token(r, new_tokens: int, cached: int) -> float:
+    """Seconds per decode token of one run asked for new_tokens + 1 tokens (the first comes from
+    the prefill). A run that stopped short (the context filled up) or measured no time is an
+    error naming what happened, never a division by zero or a rate from fewer tokens."""
+    decoded = r.completion_tokens - 1
+    if decoded != new_tokens:
+        raise BenchError(f"decoding {new_tokens} tokens after {cached} produced {decoded}: the engine "
+                         f"stopped early (finish_reason {getattr(r, 'finish_reason', None)!r}); "
+                         "--context or --prompt-tokens plus --new-tokens must fit the model's context")
+    if not r.decode_s > 0:
+        raise BenchError(f"decoding {new_tokens} tokens after {cached} measured {r.decode_s} s")
+    return r.decode_s / decoded
+
+
+BACKENDS = ("auto", "native", "reference")      # qwen_fast.model.BACKENDS (a test keeps them equal);
+                                                # not imported: checking the options loads no model code
+QUANTS = ("none", "int4", "int8")
+TINY = "tiny"                                   # the test suite's 2-layer model: a smoke run in seconds
+
+
+class BenchOptionError(QwenFastError, ValueError):
+    """An option of ``qwen-fast bench`` that cannot run, found before anything is measured or
+    built. The message starts with the option, as argparse's own do: "argument --context: ..."."""
+
+
+class BenchError(QwenFastError, RuntimeError):
+    """A measurement that could not be taken (the engine stopped short, a time of zero)."""
+
+
+@dataclasses.dataclass
+class BenchPlan:
+    """The options as check_args() resolved them: what run() builds and measures."""
+    config: QwenConfig
+    backends: List[str]
+    contexts: List[int]
+    device: torch.device
+
+
 def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="qwen-fast bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="qwen-1.8b-chat",
                    help="built-in config (default: qwen-1.8b-chat; 'tiny' for a smoke run)")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    p.add_argument("--backend", default="auto", help="comma-separated: auto, native, reference")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16",
+                   help="bfloat16, float16 or float32 (bf16, fp16, fp32; auto: the config's)")
+    p.add_argument("--backend", default="auto",
+                   help="comma-separated, each once: auto, native, reference (default: auto)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help=">= 1 (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=16,
+                   help="decode tokens timed after the first (>= 1; default: 16); with the "
+                        "context and that first token they must fit the model's 32767")
     p.add_argument("--context", type=_contexts, default=[0],
                    help="decode with this many tokens already cached (default: after the prompt); "
                         "a comma-separated list measures each in one run, e.g. 128,2048")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--quant", default="none", choices=["none", "int4", "int8"],
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads, 1 to this machine's CPU count (default: all cores)")
+    p.add_argument("--quant", default="none", choices=QUANTS,
                    help="quantize the layers' weights at load (round-to-nearest, group 128)")
-    p.add_argument("--lm-head-quant", default="none", choices=["none", "int4", "int8"],
+    p.add_argument("--lm-head-quant", default="none", choices=QUANTS,
                    help="quantize lm_head at load too (default: keep it in --dtype)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="prefill and decode runs per backend, each decode between read passes")
-    p.add_argument("--device", default="cpu")
+                   help="prefill and decode runs per backend, each decode between read passes (>= 1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
     return p
 
 
+def _items(text, example: str) -> List[str]:
+    """The items of a comma-separated list: ValueError (a bare message) for an empty list, an
+    empty item or an item given twice."""
+    items = [v.strip() for v in str(text).split(",")]
+    if not any(items):
+        raise ValueError(f"got {text!r}, an empty list; expected a comma-separated list such as {example}")
+    if not all(items):
+        raise ValueError(f"{text!r} has an empty item; expected a comma-separated list such as {example}")
+    twice = [v for i, v in enumerate(items) if v in items[:i]]
+    if twice:
+        raise ValueError(f"{twice[0]!r} is listed twice in {text!r}; expected each item once")
+    return items
+
+
+def _parse_contexts(text) -> List[int]:
+    values = []
+    for v in _items(text, "2048 or 128,2048"):
+        try:
+            n = int(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a token count; expected integers >= 0 such as 2048 or "
+                             "128,2048") from None
+        if n < 0:
+            raise ValueError(f"{n} is negative; expected token counts >= 0 (0: after the prompt)")
+        values.append(n)
+    if len(set(values)) != len(values):            # '128,0128'
+        raise ValueError(f"{text!r} lists a count twice; expected each once")
+    return values
+
+
 def _contexts(text: str) -> List[int]:
     try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--context takes token counts such as 2048 or 128,2048, got {text!r}")
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"--context counts must be >= 0, got {text!r}")
-    return values
+        return _parse_contexts(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _error(option: str, msg: str) -> BenchOptionError:
+    return BenchOptionError(f"argument {option}: {msg}")
+
+
+def _check_int(args, name: str, lo: int, hi: Optional[int] = None, what: str = "") -> Optional[int]:
+    option = "--" + name.replace("_", "-")
+    v = getattr(args, name)
+    if v is None and name == "threads":
+        return None
+    bound = f"in [{lo}, {hi}]{what}" if hi is not None else f">= {lo}"
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _error(option, f"{v!r} is not an integer; expected one {bound}")
+    if v < lo or (hi is not None and v > hi):
+        raise _error(option, f"got {v}; expected an integer {bound}")
+    return v
+
+
+def _check_config(name) -> QwenConfig:
+    names = ", ".join(sorted(BUILTIN_CONFIGS) + [TINY])
+    if isinstance(name, QwenConfig):               # run(args) from code may pass one
+        cfg = dataclasses.replace(name)
+    elif isinstance(name, str) and name.strip().lower() == TINY:
+        from .testing import tiny_config
+        cfg = tiny_config()
+    elif isinstance(name, str) and name.strip().lower() in BUILTIN_CONFIGS:
+        cfg = builtin_config(name.strip())
+    else:
+        raise _error("--config", f"unknown config {name!r}; expected one of {names}")
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise _error("--config", str(e)) from None
+    return cfg
+
+
+def _check_device(text) -> torch.device:
+    """cpu, cuda or cuda:N, and present: the same rule as Engine's device= (qwen_fast.engine),
+    checked here without importing the engine."""
+    expected = "expected cpu, cuda or cuda:N"
+    try:
+        dev = text if isinstance(text, torch.device) else torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise _error("--device", f"{text!r} is not a device; {expected}") from None
+    if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            raise _error("--device", f"{text!r}: a CPU device has no index; expected cpu")
+        return dev
+    if dev.type != "cuda":
+        raise _error("--device", f"device type {dev.type!r} is not supported; {expected}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        why = ("this torch was built without CUDA" if torch.version.cuda is None
+               else "torch sees no CUDA GPU")
+        raise _error("--device", f"{text!r} was asked for but {why} (torch {torch.__version__}); "
+                                 "expected cpu here")
+    if dev.index is not None and dev.index >= n:
+        raise _error("--device", f"{text!r}: this machine has {n} CUDA GPU(s); expected cuda:0 "
+                                 f"to cuda:{n - 1}")
+    return dev
+
+
+def _check_json_path(path) -> None:
+    if path is None:
+        return
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise _error("--json", f"got {path!r}; expected the path of a file to write the results to")
+    if os.path.isdir(path):
+        raise _error("--json", f"{str(path)!r} is a directory; expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise _error("--json", f"the directory {parent!r} does not exist; expected a file in an "
+                               "existing directory")
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise _error("--json", f"{str(path)!r} cannot be written; expected a writable path")
+
+
+def check_args(args) -> BenchPlan:
+    """Every option of ``qwen-fast bench``, checked before anything is measured or built (the
+    bandwidth passes and the full-size model build take minutes): BenchOptionError naming the
+    option, what it got and what it expects. Loads no model code and touches no GPU memory."""
+    cfg = _check_config(args.config)
+    name = args.config if isinstance(args.config, str) else "the config"
+    if args.dtype != "auto":
+        try:
+            parse_dtype(args.dtype)
+        except ConfigError:
+            raise _error("--dtype", f"got {args.dtype!r}; expected bfloat16, float16 or float32 "
+                                    "(bf16, fp16, fp32; auto: the config's)") from None
+    try:
+        backends = _items(args.backend, "auto or auto,reference")
+    except ValueError as e:
+        raise _error("--backend", str(e)) from None
+    for b in backends:
+        if b not in BACKENDS:
+            raise _error("--backend", f"unknown backend {b!r}; expected a comma-separated list of "
+                                      f"{', '.join(BACKENDS)}")
+    limit = cfg.max_context
+    prompt_tokens = _check_int(args, "prompt_tokens", 1, limit - 1,
+                               f" (one token is produced after the prompt; {name}'s maximum "
+                               f"context is {limit})")
+    new_tokens = _check_int(args, "new_tokens", 1)
+    context = args.context
+    if isinstance(context, int) and not isinstance(context, bool):
+        context = [context]
+    try:
+        contexts = (_parse_contexts(",".join(map(str, context))) if isinstance(context, (list, tuple))
+                    else _parse_contexts(context))
+    except ValueError as e:
+        raise _error("--context", str(e)) from None
+    cpus = os.cpu_count()
+    _check_int(args, "threads", 1, cpus, " (this machine's CPUs)" if cpus else "")
+    for option in ("quant", "lm_head_quant"):
+        v = getattr(args, option, "none")
+        if (v or "none") not in QUANTS:
+            raise _error("--" + option.replace("_", "-"), f"got {v!r}; expected one of {', '.join(QUANTS)}")
+    _check_int(args, "repeats", 1)
+    device = _check_device(args.device)
+    _check_json_path(getattr(args, "json_path", None))
+    for c in contexts:      # each run: c (or the prompt) cached + 1 token from the prefill + new_tokens
+        total = (c or prompt_tokens) + 1 + new_tokens
+        if total > limit:
+            what = (f"--context {c}" if c else f"--prompt-tokens {prompt_tokens} (--context 0)")
+            raise _error("--context/--new-tokens" if c else "--prompt-tokens/--new-tokens",
+                         f"{what} + 1 token from the prefill + --new-tokens {new_tokens} = {total} "
+                         f"tokens, beyond {name}'s maximum context of {limit}; expected the "
+                         f"cached tokens + --new-tokens <= {limit - 1}")
+    return BenchPlan(config=cfg, backends=backends, contexts=contexts, device=device)
 
 
 def kv_bytes_per_token(model, context: int) -> int:
@@ -177,33 +387,23 @@ def kv_bytes_per_token(model, context: int) -> int:
             * torch.empty((), dtype=model.dtype).element_size())
 
 
-def run(args) -> dict:
+def run(args, plan: Optional[BenchPlan] = None) -> dict:
+    """Measure what args asks for; the options are checked first (check_args) unless plan is
+    the result of that check."""
+    plan = plan or check_args(args)
     from .engine import Engine
     from .model import resolve_ops
 
-    for name in ("prompt_tokens", "new_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    contexts = args.context if isinstance(args.context, list) else [int(args.context)]
-    if any(c < 0 for c in contexts):
-        raise ValueError(f"--context must be >= 0, got {args.context}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)     # torch and our OpenMP kernels share one runtime
-    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    backends, contexts = plan.backends, plan.contexts
     _progress("measuring memory bandwidth")
     read_gbs = read_bandwidth_gbs(device=args.device)
     copy_gbs = copy_bandwidth_gbs(device=args.device)
     _progress(f"read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s; building random "
               f"{args.config} weights in {args.dtype}")
-    if args.config == "tiny":           # the test suite's 2-layer model: a smoke run in seconds
-        from .testing import tiny_config
-        config = tiny_config()
-    else:
-        config = args.config
     none = lambda v: None if v in (None, "none") else v      # noqa: E731
-    engine = Engine.from_pretrained(load_format="dummy", config=config, dtype=args.dtype,
+    engine = Engine.from_pretrained(load_format="dummy", config=plan.config, dtype=args.dtype,
                                     device=args.device, backend=backends[0],
                                     quant=none(args.quant),
                                     lm_head_quant=none(getattr(args, "lm_head_quant", None)))
@@ -250,8 +450,16 @@ def format_table(out: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None, args=None) -> dict:
-    args = args or build_parser().parse_args(argv)
-    out = run(args)
+    """``qwen-fast bench``: every option is checked first; a bad one exits with argparse's
+    usage and "qwen-fast bench: error: argument --OPTION: ..." (status 2) in a second, before
+    any bandwidth pass or model build."""
+    parser = build_parser()
+    args = args or parser.parse_args(argv)
+    try:
+        plan = check_args(args)
+    except BenchOptionError as e:
+        parser.error(str(e))
+    out = run(args, plan)
     print(format_table(out))
     if args.json_path:
         with open(args.json_path, "w") as f:

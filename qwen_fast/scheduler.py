@@ -43,11 +43,10 @@ class ScheduledSeq:
     req: Request
     start: int          # tokens already in the cache
     count: int          # tokens this step computes: all_ids[start : start + count]
+    samples: bool = False   # the step reaches the last known token: its logits give the next
 
-    @property
-    def samples(self) -> bool:
-        """Whether the step reaches the request's last known token (its logits give the next)."""
-        return self.start + self.count == self.req.num_tokens
+    def __post_init__(self):
+        self.samples = self.start + self.count == self.req.num_tokens
 
 
 @dataclass

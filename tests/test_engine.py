@@ -407,3 +407,11 @@ def test_a_stream_carries_its_result_once_exhausted(tiny_engine_fp32):
     assert text == want.text and s.result is not None
     assert s.result.token_ids == want.token_ids and s.result.finish_reason == "length"
     assert s.result.usage == want.usage
+
+
+@pytest.mark.parametrize("batch", [np.zeros((0, 5), dtype=np.int64), torch.zeros(0, 3, dtype=torch.long)],
+                         ids=["numpy", "torch"])
+def test_an_empty_2d_batch_is_a_request_error(tiny_engine_fp32, batch):
+    from qwen_fast.errors import RequestError
+    with pytest.raises(RequestError, match="empty batch"):
+        tiny_engine_fp32.generate(batch, max_new_tokens=1)

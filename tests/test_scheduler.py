@@ -204,3 +204,118 @@ def test_exiting_with_a_live_stream_is_clean(tiny_ckpt):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert "leaving" in r.stdout and "terminate called" not in r.stderr
+
+
+# ---- the page pool: admission by what is written, preemption, recompute -------------------------
+
+def test_eight_requests_of_8192_new_tokens_run_at_once_in_a_pool_of_8_x_512_positions(tiny_ckpt):
+    """Admission counts the pages a request needs now, not its worst case: eight requests that may
+    each write 8192 tokens all run together in a pool of 4096 positions (the old admission by
+    worst case ran them one at a time, or refused them)."""
+    probe = _engine(tiny_ckpt)
+    e = _engine(tiny_ckpt, kv_cache_budget=8 * 512 * bytes_per_token(probe.cfg, probe.model.dtype))
+    assert e.kv_pool.capacity_tokens == 8 * 512
+    streams = [e.stream(f"request {i}", max_new_tokens=8192, **GREEDY) for i in range(8)]
+    for s in streams:
+        for _ in range(20):
+            next(s)
+    assert len(e.scheduler.running) == 8 and e.scheduler.stats["max_running"] == 8
+    assert e.scheduler.stats["preemptions"] == 0
+    for s in streams:
+        s.close()
+    e.generate("x", max_new_tokens=1)                     # a step retires the closed ones
+    assert not e.scheduler.has_work() and e.kv_pool.num_used == 0
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_a_pool_that_runs_out_preempts_and_resumes_with_identical_output(tiny_ckpt, sampling):
+    """Three requests that need 5 pages each share a pool of 12: some are preempted (their pages
+    freed) and recomputed from their prompt and generated tokens; every output equals the
+    request's uninterrupted run."""
+    kw = dict(max_new_tokens=60, ignore_eos=True)
+    kw.update(temperature=0) if sampling == "greedy" else kw.update(temperature=0.9, top_p=0.9)
+    prompts = [[1000 + 50 * i + t for t in range(20)] for i in range(3)]
+    big = _engine(tiny_ckpt)
+    alone = [big.generate(p, seed=i, **kw).token_ids for i, p in enumerate(prompts)]
+    probe_bytes = bytes_per_token(big.cfg, big.model.dtype)
+    e = _engine(tiny_ckpt, kv_cache_budget=12 * 16 * probe_bytes, kv_page_size=16)
+    got = _run_concurrently([lambda i=i, p=p: e.generate(p, seed=i, **kw)
+                             for i, p in enumerate(prompts)])
+    assert e.scheduler.stats["preemptions"] > 0
+    assert sum(r.num_preemptions for r in got) == e.scheduler.stats["preemptions"]
+    assert [r.token_ids for r in got] == alone
+    assert e.kv_pool.num_used == 0
+
+
+# ---- defects found by a hostile probe ----------------------------------------------------------
+
+def test_closing_a_stream_from_another_thread_cancels_it(tiny_ckpt):
+    """close() from another thread while a consumer is blocked in next(): the consumer stops
+    (no 'generator already executing'), and the request leaves the batch."""
+    e = _engine(tiny_ckpt)
+    s = e.stream("cancel me from elsewhere", max_new_tokens=100000, **GREEDY)
+    got, done = [], threading.Event()
+
+    def consume():
+        for d in s:
+            got.append(d)
+        done.set()
+    t = threading.Thread(target=consume)
+    t.start()
+    e._core.wait_until(lambda: len(s.request.output_ids) >= 5)
+    s.close()
+    assert done.wait(30), "the consumer never stopped"
+    t.join(5)
+    assert s.result.finish_reason == "abort" and s.result.completion_tokens < 100000
+    e.generate("x", max_new_tokens=1)
+    assert not e.scheduler.has_work() and e.kv_pool.num_used == 0
+
+
+def test_a_non_finite_row_fails_only_its_own_request(tiny_ckpt, monkeypatch):
+    """Rows are independent: the request whose logits are NaN gets NumericalError; the others in
+    the same steps finish with what they get alone."""
+    from qwen_fast.errors import NumericalError
+    e = _engine(tiny_ckpt)
+    poison = 4242
+    good = [e.tokenizer.encode(f"fine {i}") for i in range(2)]
+    alone = [e.generate(p, max_new_tokens=8, **GREEDY).token_ids for p in good]
+    forward = e.model.forward
+
+    def poisoned(ids, *a, logits_rows=None, **k):
+        out = forward(ids, *a, logits_rows=logits_rows, **k).clone()
+        for j, row in enumerate(logits_rows):
+            if int(ids[row]) == poison:
+                out[j] = float("nan")
+        return out
+    monkeypatch.setattr(e.model, "forward", poisoned)
+
+    rec = Recorder(e)
+    with e._core.cond:                  # all three queued before the step thread plans
+        streams = [e.stream([1, 2, poison], max_new_tokens=8, **GREEDY)]
+        streams += [e.stream(p, max_new_tokens=8, **GREEDY) for p in good]
+    with pytest.raises(NumericalError, match="non-finite"):
+        list(streams[0])
+    for s, want in zip(streams[1:], alone):
+        "".join(s)
+        assert s.result.token_ids == want
+    assert len(rec.calls[0]) == 3                         # the bad row shared a step with them
+
+
+def test_cancelling_a_waiting_request_removes_it_at_once(tiny_ckpt):
+    e = _engine(tiny_ckpt, max_batch_size=1)
+    first = e.stream("occupies the only row", max_new_tokens=100000, **GREEDY)
+    next(first)
+    waiting = e.stream("waits for a row", max_new_tokens=50, **GREEDY)
+    assert list(e.scheduler.waiting) == [waiting.request]
+    waiting.close()
+    assert not e.scheduler.waiting and waiting.request.finished   # no step needed
+    first.close()
+    e.generate("x", max_new_tokens=1)
+    assert waiting.request.num_computed == 0 and not waiting.request.output_ids   # never ran
+
+
+def test_a_stream_runs_from_the_moment_it_is_made(tiny_ckpt):
+    e = _engine(tiny_ckpt)
+    s = e.stream("nobody reads me yet", max_new_tokens=5, **GREEDY)
+    assert e._core.wait_until(lambda: s.request.finished, timeout=60)   # decoded unread
+    assert len("".join(s)) > 0 and s.result.completion_tokens == 5

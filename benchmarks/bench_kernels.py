@@ -175,7 +175,7 @@ def linear_cases(dtype, device) -> Iterator[Case]:
             # bytes: read the weight (and bias) once, read x, write y
             nbytes = n * k * e + (n * e if has_bias else 0) + m * k * e + m * n * e
             flops = 2 * m * n * k + (m * n if has_bias else 0)
-            # Past the decode sizes ops.linear may hand bf16 / fp32 to torch (csrc/ops.cpp):
+            # Past the decode sizes ops.linear may hand bf16 / fp32 to torch (csrc/ops/linear.cpp):
             # time our kernel there too, forced, to show where the crossover lies.
             forced = ((("kernel, forced", lambda: ops._C.linear(x, w, b, isa=best)),)
                       if m > 16 and torch.device(device).type == "cpu" else ())

@@ -58,7 +58,7 @@ at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,
                   const OptTensor& out);
 
 // y = x . weight^T + bias. isa: "auto" (decode sizes run our kernel at the best level this CPU
-// has; prefill sizes go wherever is fastest, see ops.cpp) or one of linear_isas(), which forces
+// has; prefill sizes go wherever is fastest, see ops/linear.cpp) or one of linear_isas(), which forces
 // our kernel at that level for every size (the tests use it to reach each path). CUDA: our GEMV
 // up to 16 rows of x, torch's at::linear (cuBLAS) beyond; isa must be "auto".
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,

@@ -234,7 +234,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Returns a new contiguous [..., N] tensor in x.dtype: products and sums in fp32, the bias
     added in fp32, rounded once. On the CPU our kernel streams the weights once (decode,
     small batches); above 48-128 rows of x (by dtype and K) torch's blocked GEMM is faster in
-    bf16 and fp32 and runs instead; fp16 always runs ours (measurements in csrc/ops.cpp).
+    bf16 and fp32 and runs instead; fp16 always runs ours (measurements in csrc/ops/linear.cpp).
     CUDA tensors run our weight-streaming GEMV (csrc/cuda/linear.cu) up to 16 rows of x, torch's
     GEMM (cuBLAS) beyond, on the current stream.
     out: write the result there instead (contiguous, [..., N], x's dtype, overlapping no input).

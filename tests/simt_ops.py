@@ -14,7 +14,7 @@ except ImportError as e:  # the package was built before the emulator existed, o
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as a 2-D [rows, hidden] view with unit last stride and one row stride, as ops.cpp
+    """x as a 2-D [rows, hidden] view with unit last stride and one row stride, as csrc/ops/
     passes it: a strided view of a wider buffer is kept as it is; leading dims that do not
     collapse are copied."""
     if x.dim() == 1:
@@ -50,7 +50,7 @@ def rotary_embedding(x, cos, sin):
 
 def rotary_kv_cache(q, k, v, cos, sin, k_pages, v_pages, page_table, token_seq, token_pos, *,
                     out=None):
-    # The binding checks nothing: the ops.cpp checks (shapes, strides, pages in range) are the
+    # The binding checks nothing: the csrc/ops/ checks (shapes, strides, pages in range) are the
     # CPU path's, tested there. q, k, v must share their strides (views of one qkv buffer).
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype)

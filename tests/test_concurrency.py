@@ -119,15 +119,15 @@ def test_a_call_finishing_in_between_cannot_take_anothers_result(engine, monkeyp
     import qwen_fast.engine as E
     want_a = engine.generate("alpha", max_new_tokens=4, **GREEDY).token_ids
     want_b = engine.generate("beta beta", max_new_tokens=6, ignore_eos=True, **GREEDY).token_ids
-    real_finish, paused, resume = E._finish, threading.Event(), threading.Event()
+    real_result, paused, resume = E._Text.result, threading.Event(), threading.Event()
 
-    def finish_then_pause(run):
-        out = real_finish(run)
+    def result_then_pause(text, page_bytes):
+        out = real_result(text, page_bytes)
         if threading.current_thread().name == "A":
             paused.set()
             resume.wait(60)
         return out
-    monkeypatch.setattr(E, "_finish", finish_then_pause)
+    monkeypatch.setattr(E._Text, "result", result_then_pause)
     got = {}
     a = threading.Thread(name="A", target=lambda: got.setdefault(
         "a", engine.generate("alpha", max_new_tokens=4, **GREEDY)))

@@ -1,5 +1,6 @@
 """Engine: generate / stream / batch / chat / logits, stop logic and bad input, on the tiny
 random-weight checkpoint."""
+import numpy as np
 import pytest
 import torch
 

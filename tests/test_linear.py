@@ -35,14 +35,14 @@ MAX_INEXACT_FRACTION = {torch.bfloat16: 0.01, torch.float16: 0.05}
 # |kernel - reference| / S for fp32 outputs (check 3): measured at most 4.5 u over this grid
 # (the scalar kernel sums in plain k order); a dropped term is ~S / K, ~3000 u at K = 5504.
 FP32_TYPICAL_ERROR = 16 * FP32_UNIT_ROUNDOFF
-# Rows of x up to which ops.linear runs our kernel with isa "auto" in every dtype (csrc/ops.cpp).
+# Rows of x up to which ops.linear runs our kernel with isa "auto" in every dtype (csrc/ops/linear.cpp).
 KERNEL_MAX_ROWS = 48
 
 CUDA_READY = ops.HAVE_C and ops.build_info()["cuda"] and torch.cuda.is_available()
 CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C built with nvcc "
                     f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
                     f"_C cuda={ops.build_info()['cuda']})")
-# Rows of x up to which ops.linear runs our GEMV on CUDA tensors (csrc/ops.cpp); cuBLAS beyond.
+# Rows of x up to which ops.linear runs our GEMV on CUDA tensors (csrc/ops/linear.cpp); cuBLAS beyond.
 CUDA_GEMV_MAX_ROWS = 16
 ISAS = ops._C.linear_isas() if ops.HAVE_C else []
 
@@ -50,7 +50,7 @@ pytestmark = pytest.mark.usefixtures("require_extension")
 
 DEVICES = devices(CUDA_READY, CUDA_SKIP_REASON)
 # Decode (1), small batches (2, 7, 16, 17: every remainder of the 4-row tiles) and prefill
-# blocks (128, 200), where ops.linear runs our kernel or torch by dtype and K (csrc/ops.cpp):
+# blocks (128, 200), where ops.linear runs our kernel or torch by dtype and K (csrc/ops/linear.cpp):
 # both paths are covered, and fp16 at 200 rows runs ours over several activation panels. On CUDA
 # 1..16 rows run our GEMV (panels of 1, 2, 4, 8, 16 rows), 17 and more cuBLAS.
 ROWS = [1, 2, 7, 16, 17, 128, 200]
@@ -294,9 +294,9 @@ def test_ops_linear_gives_the_model_logits(tiny_engine, monkeypatch):
 
     def recording_linear(x, weight, bias=None, *, out=None):
         y = F.linear(x, weight, bias)
-        if out is not None:                 # a decode step's buffer (this test prefills)
-            y = out.copy_(y)
-        calls.append((x, weight, bias, y))
+        if out is not None:                 # the step's buffer, reused by the next layer:
+            y = out.copy_(y)                # the call is recorded by value
+        calls.append((x.clone(), weight, bias, y.clone()))
         return y
 
     monkeypatch.setitem(tiny_engine.model.ops, "linear", recording_linear)  # the reference's F.linear
@@ -304,7 +304,7 @@ def test_ops_linear_gives_the_model_logits(tiny_engine, monkeypatch):
     monkeypatch.undo()
     assert len(calls) == 5 * tiny_engine.cfg.num_hidden_layers + 1
     x, w, b, y = calls[-1]
-    assert w is tiny_engine.model.lm_head and torch.equal(y[0].float(), logits)
+    assert w is tiny_engine.model.lm_head and torch.equal(y.float(), logits)
     # Per layer: c_attn (the one with a bias), c_proj, w1, w2, mlp.c_proj; then lm_head.
     has_bias = [b is not None for _, _, b, _ in calls]
     assert has_bias == [i % 5 == 0 for i in range(len(calls) - 1)] + [False]

@@ -36,7 +36,7 @@ CUDA_READY = ops.HAVE_C and ops.build_info()["cuda"] and torch.cuda.is_available
 CUDA_SKIP_REASON = ("needs a CUDA GPU, a CUDA build of torch and qwen_fast._C built with nvcc "
                     f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
                     f"_C cuda={ops.build_info()['cuda']})")
-# Rows of x up to which ops.quant_linear runs our GEMV on CUDA tensors (csrc/ops.cpp).
+# Rows of x up to which ops.quant_linear runs our GEMV on CUDA tensors (csrc/ops/linear.cpp).
 CUDA_GEMV_MAX_ROWS = 16
 # The CUDA kernel's devices: the GPU, and the emulator (the CPU kernel has its own bound, above).
 GPU_KERNEL_DEVICES = [p for p in devices(CUDA_READY, CUDA_SKIP_REASON, simt=True)

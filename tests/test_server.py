@@ -307,13 +307,14 @@ def test_wrong_key_with_client(server):
 
 
 def test_engine_errors_mapped(tiny_engine):
-    """Errors the Engine raises: CapacityError (here its KV-cache budget) is a 400, a
-    NumericalError (the model failed) a 500 server_error, streamed or not."""
+    """Errors the Engine raises: CapacityError (here a prompt longer than its whole KV page pool
+    of 64 positions) is a 400, a NumericalError (the model failed) a 500 server_error, streamed
+    or not."""
     from qwen_fast import Engine
     from qwen_fast.errors import NumericalError
 
     small = Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.generation_config,
-                   kv_cache_budget=4096)
+                   kv_cache_budget=64 * 512)        # one page of 64 positions of 512 bytes
 
     class Broken(RecordingEngine):
         def generate(self, *a, **k):
@@ -328,7 +329,7 @@ def test_engine_errors_mapped(tiny_engine):
     with BackgroundServer(create_app(small, model_name=MODEL)) as srv:
         cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.BadRequestError) as e:
-            cl.chat.completions.create(model=MODEL, messages=_user("hi"), max_tokens=500)
+            cl.chat.completions.create(model=MODEL, messages=_user("hi " * 80), max_tokens=5)
         assert _error(e, 400)["code"] == "context_length_exceeded"
         assert "kv_cache_budget" in e.value.body["message"]
     with BackgroundServer(create_app(Broken(tiny_engine), model_name=MODEL)) as srv:

@@ -1,5 +1,5 @@
 // Status codes returned by every launcher (CPU and CUDA). Launchers never throw: the binding
-// (csrc/ops.cpp) turns a non-ok status into a Python exception. Torch-free and CUDA-free.
+// (csrc/ops/common.h) turns a non-ok status into a Python exception. Torch-free and CUDA-free.
 #pragma once
 
 namespace qf {

@@ -10,7 +10,7 @@
 // j of sequence s on page page_table[s, j / P]; out [N, H, D] contiguous. Parallelisation: OpenMP
 // over (i, h) rows; a static schedule for decode steps (rows of equal work per sequence), a
 // dynamic one when a sequence has several tokens (causal rows grow longer with the position).
-// Constraints: 1 <= D <= kMaxHeadDim; the caller checks the page ids (ops.cpp).
+// Constraints: 1 <= D <= kMaxHeadDim; the caller checks the page ids (ops/common.h).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>

@@ -368,7 +368,7 @@ struct Avx512<bf16> : Avx512PairFma {
 
 // bf16 weights and activations fed to vdpbf16ps as they are: each fp32 lane accumulates the two
 // exact bf16 x bf16 products of its pair. (Activations of another dtype would have to be rounded
-// to bf16 first; ops.cpp only passes bf16 x with bf16 weights, so nothing is rounded.) The
+// to bf16 first; ops/linear.cpp only passes bf16 x with bf16 weights, so nothing is rounded.) The
 // instruction treats bf16 denormal inputs (|v| < 2^-126) as zero, far below the fp32 error bound.
 struct Avx512Bf16 {
   using Elem = bf16;

@@ -1,4 +1,4 @@
-// Every CUDA launcher on one screen. Torch-free host declarations (also included by ops.cpp,
+// Every CUDA launcher on one screen. Torch-free host declarations (also included by ops/common.h,
 // compiled by the host compiler): raw device pointers, sizes, row strides in elements, and the
 // stream to launch on. Launchers return a qf::Status (a CUDA error comes back as
 // cuda_error_status(err)), never throw, never allocate, never synchronise.
@@ -100,7 +100,7 @@ Status linear(T* y,           // [M, ld_y], the first N columns are written
 // W[n, k] = s * q - s * z dequantized exactly in fp32 in registers, fp32 products and sums with
 // x[m, perm[k]] (perm: the act-order permutation, or nullptr for none), the bias added in fp32,
 // rounded once to T. Streams the weights once per 16 rows of x (decode); correct for any M.
-// perm values outside [0, K) read x as 0 (ops.cpp checks them on the CPU only: no sync here).
+// perm values outside [0, K) read x as 0 (ops/linear.cpp checks them on the CPU only: no sync here).
 template <typename T>
 Status quant_linear(T* y,                 // [M, ld_y], the first N columns are written
                     const T* x,           // [M, ld_x], the first K columns are read

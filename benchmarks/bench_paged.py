@@ -211,14 +211,20 @@ def part_decode(args) -> dict:
             got = {}
             for name, tree in (("paged", ROOT), ("contiguous", args.baseline)):
                 res = _bench_json(tree, dtype, quant, Path(f"/tmp/bench_paged_{name}.json"))
-                got[name] = {r["context"]: r["decode_tokens_per_s"] for r in res["results"]}
+                # tok/s, and the bytes a token reads (weights + KV) x tok/s as a share of the
+                # read pass measured around that run: the machine's bandwidth moves between runs.
+                got[name] = {r["context"]: (r["decode_tokens_per_s"], 100 * r["decode_tokens_per_s"]
+                                            * (r["weight_bytes_per_token"] + r["kv_bytes_per_token"])
+                                            / 1e9 / r["read_gb_s"]) for r in res["results"]}
             for ctx in sorted(got["paged"]):
+                (tp, sp), (tc, sc) = got["paged"][ctx], got["contiguous"][ctx]
                 row = {"round": rnd, "weights": "int4" if quant else dtype, "context": ctx,
-                       "paged_tok_s": got["paged"][ctx], "contiguous_tok_s": got["contiguous"][ctx]}
-                row["ratio"] = row["paged_tok_s"] / row["contiguous_tok_s"]
+                       "paged_tok_s": tp, "contiguous_tok_s": tc, "ratio": tp / tc,
+                       "paged_pct_of_read": sp, "contiguous_pct_of_read": sc, "share_ratio": sp / sc}
                 rows.append(row)
-                print(f"round {rnd} {row['weights']:8s} ctx {ctx:5d}: paged {row['paged_tok_s']:6.2f} "
-                      f"contiguous {row['contiguous_tok_s']:6.2f} tok/s  ratio {row['ratio']:.3f}", flush=True)
+                print(f"round {rnd} {row['weights']:8s} ctx {ctx:5d}: paged {tp:6.2f} tok/s ({sp:4.1f}% "
+                      f"of read), contiguous {tc:6.2f} ({sc:4.1f}%): ratio {tp / tc:.3f}, of shares "
+                      f"{sp / sc:.3f}", flush=True)
     return {"rows": rows}
 
 

@@ -61,6 +61,7 @@ class GenerationResult:
     decode_s: float = 0.0               # time for the remaining tokens
     kv_cache_bytes: int = 0             # peak KV cache pages this request held, in bytes
     num_preemptions: int = 0            # times the pool ran out and it was recomputed
+    cached_tokens: int = 0              # prompt tokens read from the prefix cache, not computed
 
     @property
     def completion_tokens(self) -> int:
@@ -166,7 +167,7 @@ class _Text:
             stop_reason=self.stop_string if stopped else r.stop_reason,
             prompt_tokens=len(r.prompt_ids), prefill_s=t_first - r.t_submit,
             decode_s=max(0.0, t_done - t_first), kv_cache_bytes=r.peak_pages * page_bytes,
-            num_preemptions=r.num_preemptions)
+            num_preemptions=r.num_preemptions, cached_tokens=r.cached_tokens)
 
 
 class TextStream:
@@ -242,7 +243,7 @@ class Engine:
     def __init__(self, model: QwenModel, tokenizer: QwenTokenizer,
                  generation_config: Optional[GenerationConfig] = None,
                  kv_cache_budget: Union[int, str, None] = "auto", max_batch_size: int = 8,
-                 kv_page_size: int = DEFAULT_PAGE_SIZE):
+                 kv_page_size: int = DEFAULT_PAGE_SIZE, prefix_caching: bool = True):
         """Every call's requests run in one shared batch (continuous batching over a paged KV
         cache: qwen_fast/core.py), at most max_batch_size at a time; the others wait for a row.
 
@@ -254,7 +255,11 @@ class Engine:
         device when the engine is built (after the weights); an int = that many bytes; None =
         room for max_batch_size sequences of the model's whole context (bounded by the memory
         available). The pool never holds more than that either way.
-        kv_page_size: positions per page (qwen_fast/kv_cache.py says how it was chosen)."""
+        kv_page_size: positions per page (qwen_fast/kv_cache.py says how it was chosen).
+        prefix_caching: keep the full pages of finished and running requests indexed by their
+        tokens (and NTK alpha, dtype, cache format), so that a request whose prompt starts the
+        same way (a chat's history, a shared system prompt) computes only the rest. Cached pages
+        nobody holds are evicted, least recently used first, when the pool needs room."""
         self.model = model
         self.cfg: QwenConfig = model.cfg
         self.tokenizer = tokenizer
@@ -291,8 +296,13 @@ class Engine:
         self._pool = PagePool.for_budget(self.cfg, self.kv_cache_budget, page_size, self.dtype,
                                          self.device, max_pages=max_pages)
         model.buffer_rows = int(max_batch_size)
-        self.scheduler = Scheduler(self._pool, int(max_batch_size), self.PREFILL_CHUNK,
-                                   self.PREFILL_TOKENS)
+        if not isinstance(prefix_caching, bool):
+            raise ConfigError(f"prefix_caching must be True or False, got {prefix_caching!r}")
+        cfg = self.cfg
+        self.scheduler = Scheduler(
+            self._pool, int(max_batch_size), self.PREFILL_CHUNK, self.PREFILL_TOKENS,
+            prefix_caching=prefix_caching,
+            alpha_of=lambda n: ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1)
         self._core = EngineCore(self.scheduler, Runner(model, self._pool, len(tokenizer)))
         # The steps run on the core's thread: this (loading) thread's OpenMP team would only
         # slow them down (qwen_fast/core.py).
@@ -305,6 +315,11 @@ class Engine:
         """The KV page pool (its size, page size and use)."""
         return self._pool
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (pages held by running requests stay theirs)."""
+        with self._core.cond:
+            self.scheduler.clear_cache()
+
     # ---- construction --------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike, None] = None, *, device: str = "cpu",
@@ -316,7 +331,8 @@ class Engine:
                         quant: Optional[str] = None,
                         lm_head_quant: Optional[str] = None,
                         max_batch_size: int = 8,
-                        kv_page_size: int = DEFAULT_PAGE_SIZE) -> "Engine":
+                        kv_page_size: int = DEFAULT_PAGE_SIZE,
+                        prefix_caching: bool = True) -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
@@ -326,6 +342,7 @@ class Engine:
         kv_cache_budget: bytes of the KV page pool (see Engine).
         max_batch_size: sequences decoded together at most (see Engine).
         kv_page_size: positions per KV page (see Engine).
+        prefix_caching: reuse the cached pages of a prompt's prefix (see Engine).
         check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
@@ -422,7 +439,8 @@ class Engine:
                    for k, v in weights.items()}
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
         return cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget,
-                   max_batch_size=max_batch_size, kv_page_size=kv_page_size)
+                   max_batch_size=max_batch_size, kv_page_size=kv_page_size,
+                   prefix_caching=prefix_caching)
 
     def close(self) -> None:
         """Stop the engine: running and waiting requests fail (their callers get a RuntimeError)

@@ -19,8 +19,10 @@ once, on CUDA) and shared by every layer.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -51,8 +53,13 @@ def format_bytes(n: float) -> str:
 
 
 class PagePool:
-    """The pages of every layer and the free list. Not thread-safe: the scheduler (under its
-    engine's lock) takes and returns pages."""
+    """The pages of every layer, their reference counts, the free list and the prefix cache's
+    index. Not thread-safe: the scheduler (under its engine's lock) takes and returns pages.
+
+    A page is free, held (by one or more requests: its reference count), or cached: published
+    under a key (prefix_cache.py) and held by nobody, kept until the pool needs room and then
+    evicted, least recently released first. Cached pages count as available (num_free): they
+    never make a request wait, preempt one or refuse one."""
 
     def __init__(self, cfg: QwenConfig, num_pages: int, page_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
@@ -69,7 +76,12 @@ class PagePool:
         # Popped from the end: the lowest ids are handed out first, so that a light load keeps
         # to the start of the pool (memory the OS has already committed).
         self._free: List[int] = list(range(num_pages - 1, -1, -1))
+        self._ref = [0] * num_pages
+        self._cached: Dict[bytes, int] = {}         # key -> page
+        self._key_of: Dict[int, bytes] = {}         # page -> key
+        self._evictable: "OrderedDict[int, None]" = OrderedDict()   # cached, unheld; LRU first
         self.peak_used = 0
+        self.evictions = 0
 
     @classmethod
     def for_budget(cls, cfg: QwenConfig, budget: int, page_size: int, dtype: torch.dtype,
@@ -90,11 +102,18 @@ class PagePool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages a request can take now: free ones and cached ones nobody holds."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self._free)
+        """Pages held by requests."""
+        return self.num_pages - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Pages published in the prefix cache (held or not)."""
+        return len(self._cached)
 
     @property
     def capacity_tokens(self) -> int:
@@ -104,15 +123,82 @@ class PagePool:
         return -(-tokens // self.page_size)
 
     def take(self, n: int) -> List[int]:
-        """n free pages (the caller checked num_free)."""
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV pages with {len(self._free)} free")
-        out = [self._free.pop() for _ in range(n)]
+        """n pages for one request (the caller checked num_free): free ones first, then the
+        least recently released cached ones, evicted from the cache."""
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV pages with {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                page = self._free.pop()
+            else:
+                page, _ = self._evictable.popitem(last=False)
+                del self._cached[self._key_of.pop(page)]
+                self.evictions += 1
+            self._ref[page] = 1
+            out.append(page)
         self.peak_used = max(self.peak_used, self.num_used)
         return out
 
     def give_back(self, pages: Sequence[int]) -> None:
-        self._free.extend(reversed(pages))
+        """A request lets go of its pages: a cached page nobody else holds becomes evictable
+        (the most recently released last), any other unheld page free."""
+        for page in reversed(pages):
+            self._ref[page] -= 1
+            if self._ref[page] == 0:
+                if page in self._key_of:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
+
+    # ---- the prefix cache's index ---------------------------------------------------------------
+    def match(self, keys: Sequence[bytes]) -> List[int]:
+        """The cached pages of the longest prefix of `keys`."""
+        out = []
+        for key in keys:
+            page = self._cached.get(key)
+            if page is None:
+                break
+            out.append(page)
+        return out
+
+    def is_evictable(self, page: int) -> bool:
+        return page in self._evictable
+
+    def share(self, pages: Sequence[int]) -> None:
+        """Another request holds these cached pages (found by match)."""
+        for page in pages:
+            if self._ref[page] == 0:
+                del self._evictable[page]
+            self._ref[page] += 1
+        self.peak_used = max(self.peak_used, self.num_used)
+
+    def publish(self, page: int, key: bytes) -> None:
+        """Index a full page under its key (a page already published, or a key already cached
+        with another page, is left as it is)."""
+        if key not in self._cached and page not in self._key_of:
+            self._cached[key] = page
+            self._key_of[page] = key
+
+    def clear_cache(self) -> None:
+        """Forget every key; cached pages nobody holds become free."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._key_of.clear()
+
+
+def page_keys(tokens: Sequence[int], page_size: int, salt: bytes,
+              prev: Sequence[bytes] = ()) -> List[bytes]:
+    """Chained keys of the full pages of `tokens`: key i = blake2b(key i-1, the page's token ids),
+    key -1 = salt (what else changes the page's contents: NTK alpha, dtype, cache format). prev:
+    keys already computed for the first pages."""
+    out = list(prev)
+    for i in range(len(out), len(tokens) // page_size):
+        h = hashlib.blake2b(out[-1] if out else salt, digest_size=16)
+        h.update(torch.tensor(tokens[i * page_size:(i + 1) * page_size], dtype=torch.int64).numpy().tobytes())
+        out.append(h.digest())
+    return out
 
 
 @dataclass

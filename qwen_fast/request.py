@@ -51,7 +51,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed = 0
         self.pages: List[int] = []
-        self.alpha: Optional[int] = None        # dynamic-NTK alpha, fixed at the first prefill
+        self.alpha: Optional[int] = None        # dynamic-NTK alpha, from the prompt's length
+        self.page_keys: List[bytes] = []        # prefix-cache keys of its full pages (so far)
+        self.num_published = 0                  # its first pages published in the prefix cache
+        self.cached_tokens = 0                  # prompt tokens found in the prefix cache
         self.finish_reason: Optional[str] = None    # "stop", "length" or "abort"
         self.stop_reason = None                 # the stop token id (a stop string: the caller's)
         self.error: Optional[BaseException] = None

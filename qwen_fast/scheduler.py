@@ -31,10 +31,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Mapping, Optional
+from typing import Callable, Deque, Dict, List, Mapping, Optional
 
 from .errors import CapacityError
-from .kv_cache import PagePool, format_bytes
+from .kv_cache import PagePool, format_bytes, page_keys
 from .request import Request, RequestStatus
 
 
@@ -65,7 +65,9 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, pool: PagePool, max_batch_size: int = 8, prefill_chunk: int = 256,
-                 prefill_tokens: int = 4096):
+                 prefill_tokens: int = 4096, prefix_caching: bool = False,
+                 alpha_of: Callable[[int], int] = lambda prompt_tokens: 1,
+                 cache_format: str = "paged"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 1 <= prefill_chunk <= prefill_tokens:
@@ -75,9 +77,12 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
         self.prefill_tokens = prefill_tokens
+        self.prefix_caching = prefix_caching
+        self.alpha_of = alpha_of
+        self.cache_format = cache_format
         self.waiting: Deque[Request] = deque()
         self.running: List[Request] = []        # in admission order
-        self.stats = {"steps": 0, "preemptions": 0, "max_running": 0}
+        self.stats = {"steps": 0, "preemptions": 0, "max_running": 0, "cached_tokens": 0}
 
     # ---- requests in and out -----------------------------------------------------------------
     def check_fits(self, prompt_tokens: int, what: str = "the prompt") -> None:
@@ -93,8 +98,40 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.check_fits(len(req.prompt_ids))
+        if req.alpha is None:
+            req.alpha = self.alpha_of(len(req.prompt_ids))
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
+
+    # ---- the prefix cache ----------------------------------------------------------------------
+    def _keys(self, r: Request, pages: int) -> List[bytes]:
+        """r's prefix-cache keys of its first `pages` full pages (computed once, extended as
+        its tokens grow). Everything that changes a page's contents is in the chain's salt."""
+        if len(r.page_keys) < pages:
+            salt = f"{self.cache_format}|{self.pool.dtype}|alpha={r.alpha}".encode()
+            r.page_keys = page_keys(r.token_ids(0, pages * self.pool.page_size),
+                                    self.pool.page_size, salt, r.page_keys)
+        return r.page_keys[:pages]
+
+    def _cache_hit(self, r: Request) -> List[int]:
+        """The cached pages r can start from: the longest cached prefix of its full pages,
+        leaving at least one token to compute (its logits give the next token)."""
+        if not self.prefix_caching:
+            return []
+        return self.pool.match(self._keys(r, (r.num_tokens - 1) // self.pool.page_size))
+
+    def _publish(self, r: Request) -> None:
+        """Index r's pages that are full and computed (never a page partly written)."""
+        if not self.prefix_caching:
+            return
+        full = r.num_computed // self.pool.page_size
+        if full > r.num_published:
+            for i, key in enumerate(self._keys(r, full)[r.num_published:], r.num_published):
+                self.pool.publish(r.pages[i], key)
+            r.num_published = full
+
+    def clear_cache(self) -> None:
+        self.pool.clear_cache()
 
     def abort(self, req: Request) -> bool:
         """Cancel a request: a waiting one leaves the queue now (True); a running one is marked
@@ -135,12 +172,21 @@ class Scheduler:
             i += 1
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             r = self.waiting[0]
-            need = self.pool.pages_for(r.num_tokens)
-            if self.running and self.pool.num_free < need + len(self.running):
+            hit = self._cache_hit(r)
+            need = self.pool.pages_for(r.num_tokens) - len(hit)
+            free = self.pool.num_free - sum(self.pool.is_evictable(p) for p in hit)
+            if self.running and free < need + len(self.running):
                 break               # waits for room; nobody behind it jumps the queue
-            if not self.running and self.pool.num_free < need:
+            if not self.running and free < need:
                 break
             self.waiting.popleft()
+            self.pool.share(hit)
+            r.pages = list(hit)
+            r.num_computed = len(hit) * self.pool.page_size
+            r.num_published = len(hit)
+            if r.num_preemptions == 0:
+                r.cached_tokens = r.num_computed
+                self.stats["cached_tokens"] += r.num_computed
             r.status = RequestStatus.RUNNING
             self.running.append(r)
             count = min(r.num_tokens - r.num_computed, budget)
@@ -174,7 +220,7 @@ class Scheduler:
         self.running.remove(r)
         self.pool.give_back(r.pages)
         r.pages = []
-        r.num_computed = 0
+        r.num_computed = r.num_published = 0
         r.status = RequestStatus.PREEMPTED
         r.num_preemptions += 1
         self.stats["preemptions"] += 1
@@ -206,6 +252,7 @@ class Scheduler:
                 done.append(r)
                 continue
             r.num_computed = s.start + s.count
+            self._publish(r)
             if s.samples:
                 r.append_token(sampled[r])
                 if r.finish_reason is not None:

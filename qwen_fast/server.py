@@ -394,6 +394,13 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _usage(result) -> dict:
+    """OpenAI's usage object, with the prompt tokens the prefix cache supplied."""
+    usage = dict(result.usage)
+    usage["prompt_tokens_details"] = {"cached_tokens": result.cached_tokens}
+    return usage
+
+
 class _StreamRenderer:
     """Turns deltas into chat.completion.chunk / text_completion SSE events."""
 
@@ -428,7 +435,7 @@ class _StreamRenderer:
         return [_sse(self._chunk({"content": d}) if self.chat else self._chunk(text=d))]
 
     def end(self, result) -> List[bytes]:
-        reason, usage = result.finish_reason, dict(result.usage)
+        reason, usage = result.finish_reason, _usage(result)
         out = [_sse(self._chunk(finish_reason=reason))]
         if self.include_usage:
             obj = self._chunk()
@@ -674,7 +681,7 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name, "choices": [choice],
-                "usage": dict(result.usage)}
+                "usage": _usage(result)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -1,0 +1,161 @@
+"""The prefix cache (kv_cache.PagePool's index, scheduler.Scheduler's lookup and publication): a
+prompt that starts like an earlier one (a chat's history, a shared system prompt) computes only
+the rest, with the same greedy tokens as without the cache (fp32); pages are keyed by their
+tokens and the NTK alpha; a partly written page is never published; cached pages are evicted
+before anyone waits or is preempted."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from qwen_fast import Engine
+from qwen_fast.chat import make_context
+from qwen_fast.kv_cache import PagePool, bytes_per_token
+from qwen_fast.request import Request
+from qwen_fast.sampling import SamplingParams
+from qwen_fast.scheduler import Scheduler
+from qwen_fast.testing import tiny_config
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """fp32, the compiled kernels, and a seq_length of 4096 so that these prompts all share NTK
+    alpha 1 (test_keys_include_the_ntk_alpha crosses the boundary on purpose)."""
+    cfg = tiny_config(seq_length=4096, max_position_embeddings=4096)
+    on = Engine.from_pretrained(load_format="dummy", config=cfg, dtype="float32", backend="auto")
+    off = Engine(on.model, on.tokenizer, on.generation_config, prefix_caching=False)
+    yield on, off
+    off.close()
+
+
+def _ids(n, first=1000):
+    return list(range(first, first + n))
+
+
+def test_a_longer_prompt_reuses_the_full_pages_of_an_earlier_one(engines):
+    on, off = engines
+    on.clear_prefix_cache()
+    p = _ids(200)
+    first = on.generate(p, max_new_tokens=8, **GREEDY)
+    assert first.cached_tokens == 0
+    second = on.generate(p + [7, 8, 9], max_new_tokens=8, **GREEDY)
+    assert second.cached_tokens == 192                       # 3 full pages of 64
+    assert second.token_ids == off.generate(p + [7, 8, 9], max_new_tokens=8, **GREEDY).token_ids
+    same = on.generate(p, max_new_tokens=8, **GREEDY)        # all 200 cached but the last page
+    assert same.cached_tokens == 192 and same.token_ids == first.token_ids
+
+
+def test_a_prefix_that_ends_mid_page_reuses_only_the_full_pages(engines):
+    on, off = engines
+    on.clear_prefix_cache()
+    on.generate(_ids(100), max_new_tokens=2, **GREEDY)
+    other = _ids(100)[:90] + _ids(40, first=5000)            # shares 90 tokens: one full page
+    r = on.generate(other, max_new_tokens=8, **GREEDY)
+    assert r.cached_tokens == 64
+    assert r.token_ids == off.generate(other, max_new_tokens=8, **GREEDY).token_ids
+
+
+def test_multi_turn_chat_prefills_only_the_new_turn(engines):
+    on, off = engines
+    on.clear_prefix_cache()
+    tok = on.tokenizer
+    history, turns = [], ["Tell me about the sea. " * 6, "And the mountains? " * 6, "Why? " * 5]
+    for i, q in enumerate(turns):
+        _, ids = make_context(tok, q, history)
+        r = on.generate(ids, max_new_tokens=12, **GREEDY)
+        assert r.token_ids == off.generate(ids, max_new_tokens=12, **GREEDY).token_ids
+        if i:
+            assert r.cached_tokens >= prev_len // 64 * 64 - 64     # the history's full pages
+        prev_len = len(ids)
+        history.append((q, tok.decode(r.token_ids)))
+
+
+def test_a_system_prompt_shared_by_concurrent_requests(engines):
+    on, off = engines
+    on.clear_prefix_cache()
+    system = _ids(150, first=3000)
+    on.generate(system + [1], max_new_tokens=1, **GREEDY)    # the system prompt, cached
+    questions = [system + _ids(20, first=6000 + 100 * i) for i in range(4)]
+    out = [None] * 4
+
+    def run(i):
+        out[i] = on.generate(questions[i], max_new_tokens=8, **GREEDY)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r.cached_tokens for r in out] == [128] * 4
+    assert [r.token_ids for r in out] == [off.generate(q, max_new_tokens=8, **GREEDY).token_ids
+                                          for q in questions]
+    assert on.kv_pool.num_used == 0                          # shared pages all given back
+
+
+def test_keys_include_the_ntk_alpha():
+    """tiny config: seq_length 32, so a 32-token prompt has alpha 1 and a 40-token one alpha 3:
+    the longer prompt never reuses keys computed under the other alpha."""
+    e = Engine.from_pretrained(load_format="dummy", config=tiny_config(), dtype="float32",
+                               kv_page_size=8)
+    off = Engine(e.model, e.tokenizer, e.generation_config, prefix_caching=False, kv_page_size=8)
+    base = _ids(32)
+    e.generate(base, max_new_tokens=1, **GREEDY)             # alpha 1: 4 pages published
+    longer = base + _ids(8, first=9000)                      # alpha 3
+    r = e.generate(longer, max_new_tokens=6, **GREEDY)
+    assert r.cached_tokens == 0
+    assert r.token_ids == off.generate(longer, max_new_tokens=6, **GREEDY).token_ids
+    again = e.generate(base[:31] + [5], max_new_tokens=6, **GREEDY)   # alpha 1 again: reused
+    assert again.cached_tokens == 24
+    assert again.token_ids == off.generate(base[:31] + [5], max_new_tokens=6, **GREEDY).token_ids
+
+
+def test_cached_pages_are_evicted_before_anyone_waits_or_is_preempted(tiny_ckpt):
+    probe = Engine.from_pretrained(tiny_ckpt, dtype="float32")
+    per = bytes_per_token(probe.cfg, probe.model.dtype)
+    e = Engine.from_pretrained(tiny_ckpt, dtype="float32", kv_page_size=16,
+                               kv_cache_budget=10 * 16 * per)            # 10 pages
+    off = Engine(e.model, e.tokenizer, e.generation_config, prefix_caching=False, kv_page_size=16)
+    for i in range(6):                                       # 6 x 3 full pages: evictions
+        p = _ids(50, first=1000 + 100 * i)
+        r = e.generate(p, max_new_tokens=4, **GREEDY)
+        assert r.token_ids == off.generate(p, max_new_tokens=4, **GREEDY).token_ids
+        assert e.kv_pool.num_used == 0 and e.kv_pool.num_cached <= 10
+    assert e.kv_pool.evictions > 0 and e.scheduler.stats["preemptions"] == 0
+    # the most recent prompt is still cached, the first was evicted
+    assert e.generate(_ids(50, first=1500), max_new_tokens=1, **GREEDY).cached_tokens == 48
+    assert e.generate(_ids(50, first=1000), max_new_tokens=1, **GREEDY).cached_tokens == 0
+
+
+def test_off_and_cleared():
+    e = Engine.from_pretrained(load_format="dummy", config=tiny_config(), dtype="float32",
+                               prefix_caching=False)
+    e.generate(_ids(130), max_new_tokens=1, **GREEDY)
+    assert e.generate(_ids(130), max_new_tokens=1, **GREEDY).cached_tokens == 0
+    assert e.kv_pool.num_cached == 0
+    on = Engine(e.model, e.tokenizer, e.generation_config)
+    on.generate(_ids(130), max_new_tokens=1, **GREEDY)
+    assert on.kv_pool.num_cached == 2
+    on.clear_prefix_cache()
+    assert on.kv_pool.num_cached == 0
+    assert on.generate(_ids(130), max_new_tokens=1, **GREEDY).cached_tokens == 0
+
+
+def test_a_request_cancelled_mid_prefill_publishes_no_partly_written_page():
+    pool = PagePool(tiny_config(), 20, 16, torch.float32)
+    sched = Scheduler(pool, prefill_chunk=40, prefill_tokens=40, prefix_caching=True)
+    r = Request(_ids(100), SamplingParams(), 10)
+    sched.add(r)
+    plan = sched.schedule()                                  # 40 of 100 prompt tokens
+    assert [(s.start, s.count) for s in plan.seqs] == [(0, 40)]
+    sched.update(plan, {})
+    assert pool.num_cached == 2                              # pages 0-1 full; page 2 has 8 of 16
+    sched.abort(r)
+    sched.schedule()                                         # r leaves, its pages go back
+    assert r.finished and pool.num_cached == 2 and pool.num_used == 0
+    again = Request(_ids(100), SamplingParams(), 10)
+    sched.add(again)
+    plan = sched.schedule()
+    assert again.cached_tokens == 32 and [(s.start, s.count) for s in plan.seqs] == [(32, 40)]

@@ -159,3 +159,37 @@ def test_a_request_cancelled_mid_prefill_publishes_no_partly_written_page():
     sched.add(again)
     plan = sched.schedule()
     assert again.cached_tokens == 32 and [(s.start, s.count) for s in plan.seqs] == [(32, 40)]
+
+
+def test_fp32_rows_are_invariant_so_a_cached_prefix_is_exact(engines):
+    """fp32 on the CPU: every op gives a token the same bits however the step's tokens are
+    batched or chunked (linear always runs our kernel in fp32; attention's blocks follow the
+    pages), so a prompt's logits from one 200-token prefill, from chunks of 64 + 136, beside
+    another sequence's tokens, and through the engine with its prefix cached, are equal bit for
+    bit."""
+    from qwen_fast.testing import PagedBatch
+    on, off = engines
+    m, ids = on.model, _ids(200, first=7000)
+    one = PagedBatch(m, 1, 256, page_size=64).forward([ids])
+    b = PagedBatch(m, 1, 256, page_size=64, seed=3)
+    b.forward([ids[:64]])
+    assert torch.equal(b.forward([ids[64:]]), one)
+    mixed = PagedBatch(m, 2, 256, page_size=64).forward([_ids(37, first=20000), ids])
+    assert torch.equal(mixed[1:], one)
+    on.clear_prefix_cache()
+    on.generate(ids[:150], max_new_tokens=1, **GREEDY)
+    logits = {}
+    for name, e in (("on", on), ("off", off)):
+        forward = e.model.forward
+
+        def record(*a, **k):
+            out = forward(*a, **k)
+            logits.setdefault(name, out.clone())
+            return out
+        e.model.forward = record
+        try:
+            r = e.generate(ids, max_new_tokens=1, **GREEDY)
+        finally:
+            del e.model.forward
+        assert r.cached_tokens == (128 if name == "on" else 0)
+    assert torch.equal(logits["on"], logits["off"]) and torch.equal(logits["on"], one)

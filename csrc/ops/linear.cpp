@@ -19,8 +19,15 @@ namespace {
 //         (medians in bench_kernels.py at M=128: 1.17 1.20 0.80)
 //   fp16  M=16: 4.04 4.16 3.95  M=128: 4.04 3.94 3.86  M=512: 4.02 4.00 3.88: torch's CPU fp16
 //         GEMM is slow at every size, so fp16 always runs ours.
+// fp32 also always runs ours, so that a row's result never depends on how many rows are computed
+// with it (our kernel sums each row the same way at any M; torch's blocked GEMM does not): a
+// prompt prefilled in chunks, or from the prefix cache, gives the logits of a one-shot prefill
+// bit for bit (tests/test_prefix_cache.py). The cost measured for it (torch time / ours, same run):
+//   fp32  M=256: 1.11 1.15 1.22  M=1024: 0.90 0.95 1.03  (c_attn, w1, mlp.c_proj as above)
+// bf16 would cost more (M=256: 0.89 0.97 0.87, M=1024: 0.96 0.98 0.82) and keeps torch's GEMM
+// past its threshold: bf16 prefill chunks are not row-invariant (README "Prefix caching").
 int64_t linear_kernel_max_rows(at::ScalarType t, int64_t K) {
-  if (t == at::kHalf) return std::numeric_limits<int64_t>::max();
+  if (t == at::kHalf || t == at::kFloat) return std::numeric_limits<int64_t>::max();
   const bool rows_fit_l1 = 4 * K * static_cast<int64_t>(c10::elementSize(t)) <= 32 * 1024;
   if (!rows_fit_l1) return 48;
   return t == at::kBFloat16 ? 96 : 128;

@@ -229,11 +229,11 @@ class TextStream:
             self._core.cond.notify_all()
 
     def __del__(self) -> None:
-        try:
-            if not self._closed and self.result is None:
-                self.close()
-        except Exception:       # interpreter shutdown
-            pass
+        # Only a flag, no lock: the garbage collector may run this on any thread, the step
+        # thread too, in the middle of planning. The next plan retires the request.
+        if not self._closed and self.result is None:
+            self._closed = True
+            self._text.req.cancelled = True
 
 
 class Engine:

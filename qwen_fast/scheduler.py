@@ -151,7 +151,9 @@ class Scheduler:
     # ---- planning ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        for r in [r for r in self.running if r.cancelled]:
+        for r in [r for r in self.running if r.cancelled] + [r for r in self.waiting if r.cancelled]:
+            if r in self.waiting:
+                self.waiting.remove(r)
             self._finish(r, "abort")
             plan.finished.append(r)
         decoding = any(r.num_tokens - r.num_computed == 1 for r in self.running)

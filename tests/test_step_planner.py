@@ -202,3 +202,14 @@ def test_random_workload_keeps_every_page_accounted_for(seed):
         _check_pages(sched)
     assert all(r.finished for r in reqs) and sched.pool.num_free == 12
     assert sched.stats["preemptions"] > 0
+
+
+def test_a_request_only_flagged_cancelled_is_retired_at_the_next_plan_even_while_waiting():
+    """A dropped stream's finalizer only sets the flag (it may run on any thread, mid-plan)."""
+    sched = Scheduler(_pool(10), max_batch_size=1)
+    a, b = _req(3), _req(3, first=2000)
+    sched.add(a), sched.add(b)
+    _step(sched)
+    b.cancelled = True
+    plan = sched.schedule()
+    assert b in plan.finished and b.finish_reason == "abort" and not sched.waiting

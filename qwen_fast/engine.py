@@ -295,7 +295,6 @@ class Engine:
         self.kv_cache_budget: int = int(kv_cache_budget)
         self._pool = PagePool.for_budget(self.cfg, self.kv_cache_budget, page_size, self.dtype,
                                          self.device, max_pages=max_pages)
-        model.buffer_rows = int(max_batch_size)
         if not isinstance(prefix_caching, bool):
             raise ConfigError(f"prefix_caching must be True or False, got {prefix_caching!r}")
         cfg = self.cfg
@@ -303,7 +302,8 @@ class Engine:
             self._pool, int(max_batch_size), self.PREFILL_CHUNK, self.PREFILL_TOKENS,
             prefix_caching=prefix_caching,
             alpha_of=lambda n: ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1)
-        self._core = EngineCore(self.scheduler, Runner(model, self._pool, len(tokenizer)))
+        self._core = EngineCore(self.scheduler, Runner(model, self._pool, len(tokenizer),
+                                                       buffer_rows=int(max_batch_size)))
         # The steps run on the core's thread: this (loading) thread's OpenMP team would only
         # slow them down (qwen_fast/core.py).
         from . import ops

@@ -88,8 +88,9 @@ class QwenModel:
         # whenever every op of the table is the compiled one; False forces the Python loop.
         self.fused_decode = True
         self._decode_layers = None
-        self.buffer_rows = 8                # steps of up to this many tokens reuse their buffers
-        self._step_buffers: Optional[Dict[str, torch.Tensor]] = None
+        # The activation buffers of forward calls that bring none (an engine's runner brings its
+        # own, so that engines sharing a model never share buffers).
+        self.step_buffers = StepBuffers(8)
 
     # ---- rotary tables -------------------------------------------------------------------
     def _rope_table(self, alpha: int, needed: int):
@@ -126,7 +127,8 @@ class QwenModel:
     def forward(self, input_ids: torch.Tensor, pool: PagePool, meta: StepMetadata,
                 positions: torch.Tensor, alphas: Sequence[int], counts: Sequence[int],
                 logits_rows: Optional[Sequence[int]] = None,
-                logits_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                logits_dtype: Optional[torch.dtype] = None,
+                buffers: Optional["StepBuffers"] = None) -> torch.Tensor:
         """One forward over a step's packed tokens, writing their keys and values into the pool.
 
         input_ids: [N] int64, the tokens of the step's sequences one after another (counts[b] of
@@ -137,7 +139,8 @@ class QwenModel:
         Returns the logits [len(logits_rows), vocab] of the tokens logits_rows (default: every
         token, LOGITS_CHUNK at a time into the output, so that the only full-size tensor is the
         one returned), rounded to the model dtype (as the release), stored as logits_dtype
-        (default: the model dtype).
+        (default: the model dtype). buffers: where a step's activations go (default: the
+        model's own step_buffers).
         """
         cfg, ops = self.cfg, self.ops
         N = input_ids.shape[0]
@@ -148,9 +151,9 @@ class QwenModel:
         logn = None
         if cfg.use_logn_attn and int(positions.max()) >= cfg.seq_length:
             logn = self._logn[positions.to(self.device)].to(self.dtype)[:, None, None]   # [N, 1, 1]
-        # Steps of up to buffer_rows tokens (decode) write every activation into buffers made
+        # Steps of up to buffers.rows tokens (decode) write every activation into buffers made
         # once; a longer step (prefill) allocates its own, freed when it ends.
-        ws = self._buffers(N)
+        ws = self._buffers(N, buffers or self.step_buffers)
         h = torch.index_select(self.wte, 0, ids, out=ws["h"])                  # [N, hidden]
         x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon, out=ws["x"])
         linear = ops["linear"]
@@ -215,10 +218,10 @@ class QwenModel:
                 cfg.head_dim, cfg.layer_norm_epsilon) for L in self.layers]
         return self._decode_layers
 
-    def _buffers(self, N: int) -> Dict[str, torch.Tensor]:
-        """The activations of a step of N tokens: views of buffers made once for buffer_rows
-        tokens when N fits (decode steps: nothing the size of an activation is allocated), else
-        new tensors for this step (the logits are never among them: each step returns its own)."""
+    def _buffers(self, N: int, ws: "StepBuffers") -> Dict[str, torch.Tensor]:
+        """The activations of a step of N tokens: views of ws's buffers (made on first use) when
+        N fits (decode steps: nothing the size of an activation is allocated), else new tensors
+        for this step (the logits are never among them: each step returns its own)."""
         cfg, L = self.cfg, self.layers[0]
         sizes = {"h": cfg.hidden_size, "x": cfg.hidden_size, "o": cfg.hidden_size,
                  "qkv": L["attn.c_attn.weight"].shape[0], "up": L["mlp.w1.weight"].shape[0],
@@ -230,8 +233,17 @@ class QwenModel:
             for k in ("q", "a"):
                 bufs[k] = torch.empty(n, H, D, dtype=self.dtype, device=self.device)
             return bufs
-        if N > self.buffer_rows:
+        if N > ws.rows:
             return make(N)
-        if self._step_buffers is None:
-            self._step_buffers = make(self.buffer_rows)
-        return {k: t[:N] for k, t in self._step_buffers.items()}
+        if ws.bufs is None:
+            ws.bufs = make(ws.rows)
+        return {k: t[:N] for k, t in ws.bufs.items()}
+
+
+class StepBuffers:
+    """Activation buffers for steps of up to `rows` tokens, made on first use and kept (one set
+    per engine runner: a step thread writes them, nothing else)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.bufs: Optional[Dict[str, torch.Tensor]] = None

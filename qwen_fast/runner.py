@@ -15,16 +15,18 @@ import torch
 from .config import ntk_alpha
 from .errors import NumericalError
 from .kv_cache import PagePool, StepMetadata
+from .model import StepBuffers
 from .request import Request
 from .sampling import sample_next
 from .scheduler import StepPlan
 
 
 class Runner:
-    def __init__(self, model, pool: PagePool, valid_vocab: int):
+    def __init__(self, model, pool: PagePool, valid_vocab: int, buffer_rows: int = 8):
         self.model = model
         self.pool = pool
         self.valid_vocab = valid_vocab
+        self.buffers = StepBuffers(buffer_rows)     # this runner's: engines may share a model
 
     def alpha(self, r: Request) -> int:
         """The request's dynamic-NTK alpha: from its prompt's length, fixed at its first prefill
@@ -51,7 +53,8 @@ class Runner:
         positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, counts)])
         samplers = [i for i, s in enumerate(plan.seqs) if s.samples]
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pool, meta, positions,
-                                    alphas, counts, logits_rows=[last[i] for i in samplers])
+                                    alphas, counts, logits_rows=[last[i] for i in samplers],
+                                    buffers=self.buffers)
         sampled: Dict[Request, int] = {}
         errors: Dict[Request, BaseException] = {}
         for j, i in enumerate(samplers):

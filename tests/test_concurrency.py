@@ -165,3 +165,21 @@ def test_a_call_that_fails_midway_releases_the_engine(tiny_ckpt, failure):
     t.start()
     assert done.wait(60)
     t.join()
+
+
+def test_engines_sharing_a_model_run_at_the_same_time(engine):
+    """Two engines over one model (as the tests and the server's helpers make them) each have
+    their own step thread, pages and activation buffers: running both at once changes nothing."""
+    other = Engine(engine.model, engine.tokenizer, engine.generation_config)
+    prompts = [f"shared model {i}" for i in range(4)]
+    want = engine.generate(prompts, max_new_tokens=24, **GREEDY)
+    got = {}
+    threads = [threading.Thread(target=lambda k=k, e=e: got.setdefault(k, e.generate(
+        prompts, max_new_tokens=24, **GREEDY))) for k, e in (("a", engine), ("b", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    other.close()
+    assert [r.token_ids for r in got["a"]] == [r.token_ids for r in want]
+    assert [r.token_ids for r in got["b"]] == [r.token_ids for r in want]

@@ -1,5 +1,5 @@
 """The lean decode loop: a decode step writes its activations into buffers made once per model
-(QwenModel._buffers, for steps of up to buffer_rows tokens), the ops' out= arguments that it
+(model.StepBuffers, for steps of up to its rows tokens), the ops' out= arguments that it
 uses, and the in-place residual stream; the fused layers (_C.DecodeLayer) equal the Python loop
 on decode steps and on steps that pack a prefill chunk with decode tokens."""
 from __future__ import annotations
@@ -30,17 +30,18 @@ def test_a_decode_step_allocates_only_its_logits(tiny_ckpt, dtype):
     no buffers, is the control: it does allocate activations."""
     m = Engine.from_pretrained(tiny_ckpt, dtype=dtype, backend="auto").model
     act_bytes = 2 * m.cfg.hidden_size * torch.empty((), dtype=m.dtype).element_size()     # 2 rows decode
-    m.buffer_rows = 3
+    from qwen_fast.model import StepBuffers
+    m.step_buffers = StepBuffers(3)
     batch = PagedBatch(m, 3, 64)
-    prefill = _allocations(lambda: batch.forward([[1, 2, 3]] * 3))     # 9 tokens > buffer_rows
+    prefill = _allocations(lambda: batch.forward([[1, 2, 3]] * 3))     # 9 tokens > 3 rows
     assert any(n >= act_bytes for _, n in prefill)
     batch.forward([[4], [5]], rows=[0, 2])
-    made = {k: t.data_ptr() for k, t in m._step_buffers.items()}
+    made = {k: t.data_ptr() for k, t in m.step_buffers.bufs.items()}
     step = _allocations(lambda: batch.forward([[6], [7]], rows=[0, 2]))
     logits_bytes = 2 * m.cfg.vocab_size * torch.empty((), dtype=m.dtype).element_size()
     big = [(name, n) for name, n in step if n >= act_bytes]
     assert [n for _, n in big] == [logits_bytes], big
-    assert {k: t.data_ptr() for k, t in m._step_buffers.items()} == made
+    assert {k: t.data_ptr() for k, t in m.step_buffers.bufs.items()} == made
 
 
 def test_decode_with_buffers_equals_the_reference_step(tiny_ckpt):

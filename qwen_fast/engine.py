@@ -613,9 +613,7 @@ class Engine:
             pool = PagePool(self.cfg, self._pool.pages_for(n), self._pool.page_size, self.dtype,
                             self.device)
             meta = StepMetadata.build([list(range(pool.num_pages))], [0], [n], self.device)
-            cfg = self.cfg
-            alpha = ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1
-            return self.model.forward(torch.tensor(ids), pool, meta, torch.arange(n), [alpha], [n],
+            return self.model.forward(torch.tensor(ids), pool, meta, [self.scheduler.alpha_of(n)],
                                       logits_dtype=torch.float32)
         return self._core.exclusive(run)
 

@@ -207,11 +207,14 @@ class StepMetadata:
 
     page_table: [sequences, max_pages] int32 (-1 past a sequence's pages); token_seq, token_pos:
     [N] int32, each packed token's sequence (a row of page_table) and absolute position;
-    max_keys: max(token_pos) + 1. All on the model's device."""
+    max_keys: max(token_pos) + 1. All on the model's device. positions ([N] int64) and counts
+    (tokens of each sequence) stay on the host, for the rotary tables and the logits rows."""
     page_table: torch.Tensor
     token_seq: torch.Tensor
     token_pos: torch.Tensor
     max_keys: int
+    positions: torch.Tensor
+    counts: List[int]
 
     @classmethod
     def build(cls, pages: Sequence[Sequence[int]], starts: Sequence[int], counts: Sequence[int],
@@ -228,11 +231,12 @@ class StepMetadata:
         pos = host[S * width + N:]
         seq.copy_(torch.repeat_interleave(torch.arange(S, dtype=torch.int32),
                                           torch.tensor(counts, dtype=torch.long)))
-        pos.copy_(torch.cat([torch.arange(s, s + n, dtype=torch.int32) for s, n in zip(starts, counts)]))
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
+        pos.copy_(positions)
         max_keys = max(s + n for s, n in zip(starts, counts))
         if torch.device(device).type != "cpu":
             host = host.pin_memory().to(device, non_blocking=True)   # one copy for all three
             table = host[:S * width].view(S, width)
             seq = host[S * width:S * width + N]
             pos = host[S * width + N:]
-        return cls(table, seq, pos, max_keys)
+        return cls(table, seq, pos, max_keys, positions, list(counts))

@@ -125,17 +125,16 @@ class QwenModel:
     # ---- forward -------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, pool: PagePool, meta: StepMetadata,
-                positions: torch.Tensor, alphas: Sequence[int], counts: Sequence[int],
-                logits_rows: Optional[Sequence[int]] = None,
+                alphas: Sequence[int], logits_rows: Optional[Sequence[int]] = None,
                 logits_dtype: Optional[torch.dtype] = None,
                 buffers: Optional["StepBuffers"] = None) -> torch.Tensor:
         """One forward over a step's packed tokens, writing their keys and values into the pool.
 
-        input_ids: [N] int64, the tokens of the step's sequences one after another (counts[b] of
-        sequence b: a prefill chunk, or one decode token); positions: [N] int64 on the CPU, each
-        token's absolute position; alphas[b]: sequence b's dynamic-NTK alpha (chosen from its
-        prompt's length when it was first prefilled, as the release does); meta: the step's
-        page table and per-token metadata (kv_cache.StepMetadata, shared by every layer).
+        input_ids: [N] int64, the tokens of the step's sequences one after another
+        (meta.counts[b] of sequence b: a prefill chunk, or one decode token); meta: the step's
+        page table and per-token metadata (kv_cache.StepMetadata, shared by every layer, with
+        each token's position on the host); alphas[b]: sequence b's dynamic-NTK alpha (chosen
+        from its prompt's length when it was first prefilled, as the release does).
         Returns the logits [len(logits_rows), vocab] of the tokens logits_rows (default: every
         token, LOGITS_CHUNK at a time into the output, so that the only full-size tensor is the
         one returned), rounded to the model dtype (as the release), stored as logits_dtype
@@ -146,7 +145,8 @@ class QwenModel:
         N = input_ids.shape[0]
         H, D = cfg.num_attention_heads, cfg.head_dim
         ids = input_ids.to(self.device)
-        cos, sin = self._rope(positions, alphas, counts)
+        positions = meta.positions
+        cos, sin = self._rope(positions, alphas, meta.counts)
         cos, sin = cos.to(self.device), sin.to(self.device)
         logn = None
         if cfg.use_logn_attn and int(positions.max()) >= cfg.seq_length:

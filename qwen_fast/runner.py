@@ -12,7 +12,6 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .config import ntk_alpha
 from .errors import NumericalError
 from .kv_cache import PagePool, StepMetadata
 from .model import StepBuffers
@@ -28,14 +27,6 @@ class Runner:
         self.valid_vocab = valid_vocab
         self.buffers = StepBuffers(buffer_rows)     # this runner's: engines may share a model
 
-    def alpha(self, r: Request) -> int:
-        """The request's dynamic-NTK alpha: from its prompt's length, fixed at its first prefill
-        (a recompute after preemption keeps it)."""
-        if r.alpha is None:
-            cfg = self.model.cfg
-            r.alpha = ntk_alpha(len(r.prompt_ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1
-        return r.alpha
-
     def execute(self, plan: StepPlan) -> Tuple[Dict[Request, int], Dict[Request, BaseException]]:
         """Run the plan; returns the sampled token of each request that samples, and the errors
         of rows that failed (their requests only)."""
@@ -47,13 +38,12 @@ class Runner:
             starts.append(s.start)
             counts.append(s.count)
             pages.append(r.pages)
-            alphas.append(self.alpha(r))
+            alphas.append(r.alpha)          # set by Scheduler.add from the prompt's length
             last.append(len(ids) - 1)
         meta = StepMetadata.build(pages, starts, counts, self.model.device)
-        positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, counts)])
         samplers = [i for i, s in enumerate(plan.seqs) if s.samples]
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pool, meta, positions,
-                                    alphas, counts, logits_rows=[last[i] for i in samplers],
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pool, meta, alphas,
+                                    logits_rows=[last[i] for i in samplers],
                                     buffers=self.buffers)
         sampled: Dict[Request, int] = {}
         errors: Dict[Request, BaseException] = {}

@@ -43,8 +43,8 @@ class ScheduledSeq:
     req: Request
     start: int          # tokens already in the cache
     count: int          # tokens this step computes: all_ids[start : start + count]
-    samples: bool = False   # the step reaches the last known token: its logits give the next
-
+    samples: bool = field(init=False)   # the step reaches the last known token: its logits
+                                        # give the next
     def __post_init__(self):
         self.samples = self.start + self.count == self.req.num_tokens
 

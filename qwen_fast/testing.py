@@ -182,11 +182,10 @@ class PagedBatch:
                 self.alpha[r] = ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1
         starts = [self.lengths[r] for r in rows]
         meta = StepMetadata.build([self.pages[r] for r in rows], starts, counts, self.model.device)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
         ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
         last = list(itertools.accumulate(counts))
-        out = self.model.forward(ids, self.pool, meta, positions, [self.alpha[r] for r in rows],
-                                 counts, logits_rows=None if all_logits else [n - 1 for n in last],
+        out = self.model.forward(ids, self.pool, meta, [self.alpha[r] for r in rows],
+                                 logits_rows=None if all_logits else [n - 1 for n in last],
                                  logits_dtype=logits_dtype)
         for i, r in enumerate(rows):
             self.lengths[r] += counts[i]

@@ -62,6 +62,15 @@ CpuIsa parse_linear_isa(const std::string& name) {
 }
 
 
+// bias of linear / quant_linear: [N] (out_features), x's dtype and device, contiguous.
+void check_bias(const char* op, const at::Tensor& bias, int64_t N, const at::Tensor& x) {
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, op, ": bias must have shape [", N,
+              "] (out_features = weight.size(0)), got ", shape_str(bias.sizes()));
+  check_dtype_device_as_x(op, "bias", bias, x);
+  TORCH_CHECK(N <= 1 || bias.stride(0) == 1, op, ": bias must be contiguous (stride 1), got stride ",
+              bias.stride(0));
+}
+
 }  // namespace
 
 std::vector<std::string> linear_isas() {
@@ -87,13 +96,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous (row-major [N, K]), got "
               "strides ", shape_str(weight.strides()), "; call .contiguous() first");
   const int64_t N = weight.size(0);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
-                "] (out_features = weight.size(0)), got ", shape_str(bias->sizes()));
-    check_dtype_device_as_x(op, "bias", *bias, x);
-    TORCH_CHECK(N <= 1 || bias->stride(0) == 1, op,
-                ": bias must be contiguous (stride 1), got stride ", bias->stride(0));
-  }
+  if (bias.has_value()) check_bias(op, *bias, N, x);
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
   const at::Tensor no_bias;
@@ -185,12 +188,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t b
   // The GPU kernel reads the layout in 16-byte pieces (its records are multiples of 16 bytes).
   TORCH_CHECK(!x.is_cuda() || reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0, op,
               ": weight must start at a 16-byte aligned address on the GPU");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N,
-                "] (out_features), got ", shape_str(bias->sizes()));
-    check_dtype_device_as_x(op, "bias", *bias, x);
-    TORCH_CHECK(N <= 1 || bias->stride(0) == 1, op, ": bias must be contiguous (stride 1)");
-  }
+  if (bias.has_value()) check_bias(op, *bias, N, x);
   at::Tensor p;
   if (perm.has_value()) {
     TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->scalar_type() == at::kLong, op,

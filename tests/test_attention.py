@@ -49,6 +49,10 @@ CASES = [
     ("one_key", 2, 16, 16, [(0, 1)]),
     ("d256_P16", 2, 256, 16, [(6, 3)]),
     ("unaligned_q_P16", 4, 64, 16, [(30, 4), (90, 1)], "unaligned"),
+    # bf16 x 128 runs chunks in tiles of 8 tokens: tiles cut short, blocks of 128 in a page.
+    ("tiles_P64", 4, 128, 64, [(70, 21), (0, 3), (127, 2)]),
+    ("tiles_P256", 2, 128, 256, [(300, 19)]),
+    ("tiles_P5", 2, 128, 5, [(33, 11)]),
 ]
 # On the GPU also: Qwen's shape at 4096 cached tokens, P = 64.
 GPU_CASES = [
@@ -134,6 +138,33 @@ def test_attention_matches_reference(request, device, dtype, H, D, P, seqs, layo
                                          step.token_pos)
     assert got.device == q.device
     _check(got, q, kp, vp, step, dtype, request.node.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,D,P,cached,new", [(2, 128, 64, 150, 45), (2, 128, 5, 20, 23),
+                                              (3, 24, 16, 40, 19)])
+def test_attention_gives_a_token_the_same_bits_however_the_step_is_chunked(request, dtype, H, D,
+                                                                          P, cached, new):
+    """The prefix cache's exactness rests on this (README "Prefix caching"): a token's output is
+    the same bits whether its chunk is computed at once, in chunks of any size, one token at a
+    time (a decode step), or packed with other sequences' tokens."""
+    g = case_generator(request)
+    (q, kp, vp), step = _inputs(H, D, P, [(cached, new), (7, 1)], dtype, g)
+    seq, pos = step.token_seq, step.token_pos
+    whole = ops.attention(q, kp, vp, step.page_table, seq, pos)
+    mine = seq == 0
+    for sizes in ([1] * new, [int(c) for c in torch.randint(1, 12, (new,), generator=g)]):
+        parts, at = [], 0
+        idx = torch.nonzero(mine).flatten()
+        for c in sizes:
+            if at >= new:
+                break
+            rows = idx[at:at + c]
+            parts.append(ops.attention(q[rows], kp, vp, step.page_table, seq[rows], pos[rows]))
+            at += c
+        got = torch.cat(parts)
+        assert torch.equal(got, whole[mine]), (request.node.name, sizes[:8],
+                                               (got.float() - whole[mine].float()).abs().max())
 
 
 @pytest.mark.parametrize("device", devices(CUDA_READY, CUDA_SKIP_REASON, simt=True))

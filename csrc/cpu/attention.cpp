@@ -10,10 +10,14 @@
 // j of sequence s on page page_table[s, j / P]; out [N, H, D] contiguous. Parallelisation: OpenMP
 // over (i, h) rows; a static schedule for decode steps (rows of equal work per sequence), a
 // dynamic one when a sequence has several tokens (causal rows grow longer with the position).
+// bf16 with head dim 128 on AVX-512 BF16 runs a prefill chunk in tiles of up to kTile tokens
+// (one key read serves the tile), with the same bits per token as one token alone.
 // Constraints: 1 <= D <= kMaxHeadDim; the caller checks the page ids (ops/common.h).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "../common/simd.h"
 #include "../common/sleef_expf.h"
@@ -131,14 +135,25 @@ QF_CPU_CLONES void attend_row(T* out,      // [D]
 }
 
 #if QF_X86_INTRINSICS
-// bf16 with a head dim of 128 (Qwen's) on AVX-512 BF16, the decode hot path: q . k by vdpbf16ps
-// on the bf16 values as they are (each product exact in fp32, sums in fp32), four keys' sums
-// reduced together; p * v in fp32 FMAs on v widened from bf16, the 128 accumulators in eight
-// registers. The widening splits each 32 values into even and odd elements, so acc holds them in
-// that order (even 0..15, odd 0..15 for each 32) until the output is written.
+// bf16 with a head dim of 128 (Qwen's) on AVX-512 BF16, the hot path: q . k by vdpbf16ps on the
+// bf16 values as they are (each product exact in fp32, sums in fp32), four keys' sums reduced
+// together; p * v in fp32 FMAs on v widened from bf16, the 128 accumulators in eight registers.
+// The widening splits each 32 values into even and odd elements, so acc holds them in that order
+// (even 0..15, odd 0..15 for each 32) until the output is written.
+//
+// Two kernels share this arithmetic: attend_row_bf16_d128 (one token and head: decode) and
+// attend_tile_bf16_d128 (up to kTile consecutive tokens of one sequence and head: a prefill
+// chunk, each key block read once for the tile). They give a token the same bits, whichever runs
+// it and however the step's tokens are chunked (the prefix cache relies on it; tested):
+//   - a key's score is a function of that key alone: every key's sum goes through hsum4 (a
+//     short group is padded with zeros, never a different reduction);
+//   - the key blocks follow the pages for every token (PagedRow::block_len), and each block's
+//     softmax update is one non-inlined function (softmax_block) that both kernels call;
+//   - p * v accumulates in key order per lane, with FMAs on the same widened values.
 constexpr int kBf16Dim = 128;
 constexpr int64_t kPrefetchKeys = 32;       // near prefetch (prefetcht1), 8 KiB ahead
 constexpr int64_t kFarPrefetchKeys = 128;   // far prefetch (prefetcht2), 32 KiB ahead
+constexpr int kTile = 8;                    // tokens per tile (16 accumulators per column pair)
 
 QF_TARGET_AVX512_BF16 inline __m512 dot_bf16_d128(const __m512bh (&q)[4], const bf16* k) {
   __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(_mm512_loadu_si512(k)), q[0]);
@@ -154,6 +169,114 @@ QF_TARGET_AVX512_BF16 inline void scores_bf16_d128(float* s, const __m512bh (&qv
         dot_bf16_d128(qv, k + (j + 2) * ld_k), dot_bf16_d128(qv, k + (j + 3) * ld_k), s + j);
 }
 
+// Scores of the n keys at kb into s: groups of four, the last one padded with zero sums (the
+// same reduction as a full group: each key's lanes are summed alone inside hsum4).
+QF_TARGET_AVX512_BF16 inline void score_keys_bf16_d128(float* s, const __m512bh (&qv)[4],
+                                                      const bf16* kb, int64_t n) {
+  constexpr int64_t ld = kBf16Dim;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) scores_bf16_d128(s, qv, kb, j, ld);
+  if (j < n) {
+    __m512 d[4];
+    for (int r = 0; r < 4; ++r)
+      d[r] = j + r < n ? dot_bf16_d128(qv, kb + (j + r) * ld) : _mm512_setzero_ps();
+    alignas(16) float t[4];
+    hsum4(d[0], d[1], d[2], d[3], t);
+    for (int64_t r = 0; j + r < n; ++r) s[j + r] = t[r];
+  }
+}
+
+// exp(d) for 16 lanes: sleef_expf's operations (common/sleef_expf.h) in AVX-512.
+QF_TARGET_AVX512_BF16 inline __m512 exp16(__m512 d) {
+  const __m512 qf = _mm512_roundscale_ps(
+      _mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934f)),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 in_range = _mm512_cmp_ps_mask(qf, _mm512_set1_ps(-1000.0f), _CMP_GT_OQ) &
+                             _mm512_cmp_ps_mask(qf, _mm512_set1_ps(1000.0f), _CMP_LT_OQ);
+  const __m512i q = _mm512_maskz_cvtps_epi32(in_range, qf);
+  const __m512 qq = _mm512_cvtepi32_ps(q);
+  __m512 s = _mm512_fmadd_ps(qq, _mm512_set1_ps(-0.693145751953125f), d);
+  s = _mm512_fmadd_ps(qq, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+  u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+  const __m512i q_half = _mm512_srai_epi32(q, 1);
+  const __m512i bias = _mm512_set1_epi32(0x7f);
+  const __m512 p0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q_half, bias), 23));
+  const __m512 p1 = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(q, q_half), bias), 23));
+  u = _mm512_mul_ps(_mm512_mul_ps(u, p0), p1);
+  u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), u,
+                           _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), d, _CMP_LT_OQ), u,
+                              _mm512_set1_ps(INFINITY));
+}
+
+// score_keys_bf16_d128 for two tokens at once (each key row loaded once for both): the same
+// chains of vdpbf16ps and the same hsum4 for each key, so the same sums as one token alone.
+QF_TARGET_AVX512_BF16 inline void score_keys2_bf16_d128(float* s0, float* s1,
+                                                       const __m512bh (&q0)[4],
+                                                       const __m512bh (&q1)[4],
+                                                       const bf16* kb, int64_t n) {
+  constexpr int64_t ld = kBf16Dim;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    __m512 a[4], b[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m512bh k = reinterpret_cast<__m512bh>(_mm512_loadu_si512(kb + (j + r) * ld));
+      a[r] = _mm512_dpbf16_ps(_mm512_setzero_ps(), k, q0[0]);
+      b[r] = _mm512_dpbf16_ps(_mm512_setzero_ps(), k, q1[0]);
+    }
+    for (int c = 1; c < 4; ++c)
+      for (int r = 0; r < 4; ++r) {
+        const __m512bh k = reinterpret_cast<__m512bh>(
+            _mm512_loadu_si512(kb + (j + r) * ld + 32 * c));
+        a[r] = _mm512_dpbf16_ps(a[r], k, q0[c]);
+        b[r] = _mm512_dpbf16_ps(b[r], k, q1[c]);
+      }
+    hsum4(a[0], a[1], a[2], a[3], s0 + j);
+    hsum4(b[0], b[1], b[2], b[3], s1 + j);
+  }
+  if (j < n) {
+    score_keys_bf16_d128(s0 + j, q0, kb + j * ld, n - j);
+    score_keys_bf16_d128(s1 + j, q1, kb + j * ld, n - j);
+  }
+}
+
+// One key block's online-softmax update of one token: scales its n scores s, updates the
+// running max m and sum l, and leaves the block's unnormalised probabilities in s; returns the
+// factor to rescale the accumulator by. The row and the tile kernels both call it (the same
+// instructions, so the same bits for a token in both).
+QF_TARGET_AVX512_BF16 __attribute__((noinline)) float softmax_block(float* s, int64_t n,
+                                                                   float scale, float& m,
+                                                                   float& l) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vscale);
+    _mm512_mask_storeu_ps(s + j, k, x);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+  const float correction = std::exp(m - m_new);  // 0 for the first block (m = -inf)
+  const __m512 vm = _mm512_set1_ps(m_new);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), vm));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    vsum = _mm512_mask_add_ps(vsum, k, vsum, e);
+  }
+  l = l * correction + _mm512_reduce_add_ps(vsum);
+  m = m_new;
+  return correction;
+}
+
 // acc += s[j] * v[j] for one key (acc in the even/odd order of the widening).
 QF_TARGET_AVX512_BF16 inline void accumulate_bf16_d128(__m512 (&acc)[8], float p_j, const bf16* vr) {
   const __m512 p = _mm512_set1_ps(p_j);
@@ -162,6 +285,20 @@ QF_TARGET_AVX512_BF16 inline void accumulate_bf16_d128(__m512 (&acc)[8], float p
     const __m512i w = _mm512_loadu_si512(vr + 32 * i);
     acc[2 * i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), p, acc[2 * i]);
     acc[2 * i + 1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, high)), p, acc[2 * i + 1]);
+  }
+}
+
+// out = acc / l in bf16 (acc in the even/odd order).
+QF_TARGET_AVX512_BF16 inline void store_out_bf16_d128(bf16* out, const float* acc, float l) {
+  const __m512 inv = _mm512_set1_ps(1.0f / l);
+  alignas(64) float even[16], odd[16];
+  for (int i = 0; i < 4; ++i) {
+    _mm512_store_ps(even, _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * i), inv));
+    _mm512_store_ps(odd, _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * i + 16), inv));
+    for (int e = 0; e < 16; ++e) {
+      out[32 * i + 2 * e] = from_float<bf16>(even[e]);
+      out[32 * i + 2 * e + 1] = from_float<bf16>(odd[e]);
+    }
   }
 }
 
@@ -206,15 +343,8 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_bf16_d128(
   for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
   float m = -INFINITY, l = 0.0f;
   alignas(64) float buf[2][kKeyBlock];
-  // Scores of the n keys at kb into s (unscaled).
-  auto score_block = [&](float* s, const bf16* kb, int64_t n) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) scores_bf16_d128(s, qv, kb, j, ld);
-    for (; j < n; ++j) s[j] = hsum(dot_bf16_d128(qv, kb + j * ld));
-  };
   int64_t n = row.block_len(0);
-  const bf16* kb = row.k(0);
-  score_block(buf[0], kb, n);
+  score_keys_bf16_d128(buf[0], qv, row.k(0), n);
   for (int64_t j0 = 0, b = 0; j0 < n_keys; j0 += n, b ^= 1) {
     float* s = buf[b];
     float* s_next = buf[b ^ 1];
@@ -222,22 +352,7 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_bf16_d128(
     const int64_t j1 = j0 + n;
     const int64_t n_next = j1 < n_keys ? row.block_len(j1) : 0;
     const bf16* k_next = n_next > 0 ? row.k(j1) : nullptr;
-    float block_max = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] *= scale;
-      block_max = std::max(block_max, s[j]);
-    }
-    const float m_new = std::max(m, block_max);
-    const float correction = std::exp(m - m_new);  // 0 for the first block (m = -inf)
-    float block_sum = 0.0f;
-#pragma omp simd reduction(+ : block_sum)
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = sleef_expf(s[j] - m_new);
-      block_sum += s[j];
-    }
-    l = l * correction + block_sum;
-    m = m_new;
-    const __m512 c = _mm512_set1_ps(correction);
+    const __m512 c = _mm512_set1_ps(softmax_block(s, n, scale, m, l));
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_mul_ps(acc[i], c);
     const bf16* vb = row.v(j0);
     int64_t j = 0;
@@ -251,18 +366,117 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_bf16_d128(
       for (int r = 0; r < 4; ++r) accumulate_bf16_d128(acc, s[j + r], vb + (j + r) * ld);
     }
     for (int64_t i = j; i < n; ++i) accumulate_bf16_d128(acc, s[i], vb + i * ld);
-    if (n_next > j) score_block(s_next + j, k_next + j * ld, n_next - j);
+    if (n_next > j) score_keys_bf16_d128(s_next + j, qv, k_next + j * ld, n_next - j);
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / l);
-  alignas(64) float even[16], odd[16];
+  alignas(64) float accs[kBf16Dim];
+  for (int i = 0; i < 8; ++i) _mm512_store_ps(accs + 16 * i, acc[i]);
+  store_out_bf16_d128(out, accs, l);
+}
+
+// p * v of one key block for the nt tokens of a tile, column pair by column pair (32 of the 128
+// values: their even and odd halves), each value row loaded and widened once for every token.
+// Token t takes the block's keys j < nk[t] (probabilities p[t]); acc[t] is its accumulator in
+// memory (even/odd order), rescaled by corr[t] first. kMasked: some token takes fewer keys than
+// the block has (the block on the diagonal); a masked FMA leaves the others' sums untouched.
+template <int kNt, bool kMasked>
+QF_TARGET_AVX512_BF16 inline void tile_pv_bf16_d128(float (*acc)[kBf16Dim],
+                                                   const float (*p)[kKeyBlock],
+                                                   const float* corr, const int64_t* nk,
+                                                   const bf16* vb, int64_t n) {
+  constexpr int64_t ld = kBf16Dim;
+  const __m512i high = _mm512_set1_epi32(-65536);
   for (int i = 0; i < 4; ++i) {
-    _mm512_store_ps(even, _mm512_mul_ps(acc[2 * i], inv));
-    _mm512_store_ps(odd, _mm512_mul_ps(acc[2 * i + 1], inv));
-    for (int e = 0; e < 16; ++e) {
-      out[32 * i + 2 * e] = from_float<bf16>(even[e]);
-      out[32 * i + 2 * e + 1] = from_float<bf16>(odd[e]);
+    __m512 ae[kNt], ao[kNt];
+    for (int t = 0; t < kNt; ++t) {
+      const __m512 c = _mm512_set1_ps(corr[t]);
+      ae[t] = _mm512_mul_ps(_mm512_load_ps(acc[t] + 32 * i), c);
+      ao[t] = _mm512_mul_ps(_mm512_load_ps(acc[t] + 32 * i + 16), c);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512i w = _mm512_loadu_si512(vb + j * ld + 32 * i);
+      const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+      const __m512 o = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+      for (int t = 0; t < kNt; ++t) {
+        const __m512 pj = _mm512_set1_ps(p[t][j]);
+        if constexpr (kMasked) {
+          const __mmask16 k = j < nk[t] ? 0xFFFF : 0;
+          ae[t] = _mm512_mask3_fmadd_ps(e, pj, ae[t], k);
+          ao[t] = _mm512_mask3_fmadd_ps(o, pj, ao[t], k);
+        } else {
+          ae[t] = _mm512_fmadd_ps(e, pj, ae[t]);
+          ao[t] = _mm512_fmadd_ps(o, pj, ao[t]);
+        }
+      }
+    }
+    for (int t = 0; t < kNt; ++t) {
+      _mm512_store_ps(acc[t] + 32 * i, ae[t]);
+      _mm512_store_ps(acc[t] + 32 * i + 16, ao[t]);
     }
   }
+}
+
+template <int kNt>
+QF_TARGET_AVX512_BF16 inline void tile_pv_dispatch(float (*acc)[kBf16Dim],
+                                                  const float (*p)[kKeyBlock],
+                                                  const float* corr, const int64_t* nk,
+                                                  const bf16* vb, int64_t n) {
+  bool full = true;
+  for (int t = 0; t < kNt; ++t) full = full && nk[t] == n;
+  if (full)
+    tile_pv_bf16_d128<kNt, false>(acc, p, corr, nk, vb, n);
+  else
+    tile_pv_bf16_d128<kNt, true>(acc, p, corr, nk, vb, n);
+}
+
+// nt (1 .. kTile) consecutive tokens of one sequence and head, token t at position
+// last.n_keys - nt + t: q_t = q + t * sq_n, out_t = out + t * so_n; `last` is the row of the
+// tile's last token. The key blocks are that token's (the others' are the same blocks, their
+// last one cut shorter): each block's keys are scored for every token, two tokens at a time, and
+// its values are read once for all of them.
+// Measured (24 layers of 16 heads, 240 tokens after 1472 cached, pages of 64, 2 threads, one
+// run): 18.4 ms a layer with the tile (one token's scores at a time) against 38 ms token by
+// token; 14.6 ms with two tokens' scores at a time. p * v is then about 60% of the time, at about
+// 75% of the FMA rate.
+QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_tile_bf16_d128(
+    bf16* out, int64_t so_n, const bf16* q, int64_t sq_n, const PagedRow<bf16>& last, int nt,
+    float scale) {
+  alignas(64) float acc[kTile][kBf16Dim];
+  alignas(64) float p[kTile][kKeyBlock];
+  float m[kTile], l[kTile], corr[kTile];
+  int64_t nk[kTile];
+  __m512bh qv[kTile][4];
+  for (int t = 0; t < nt; ++t) {
+    for (int i = 0; i < 4; ++i)
+      qv[t][i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + t * sq_n + 32 * i));
+    for (int64_t d = 0; d < kBf16Dim; ++d) acc[t][d] = 0.0f;
+    m[t] = -INFINITY, l[t] = 0.0f;
+  }
+  const int64_t n_keys = last.n_keys, first_keys = n_keys - (nt - 1);
+  for (int64_t j0 = 0, n; j0 < n_keys; j0 += n) {
+    n = last.block_len(j0);
+    const bf16* kb = last.k(j0);
+    const bf16* vb = last.v(j0);
+    // Token t's block: the keys j0 .. its own n_keys (block_len of its row); two tokens' scores
+    // at a time.
+    for (int t = 0; t < nt; ++t) nk[t] = std::max<int64_t>(0, std::min(n, first_keys + t - j0));
+    int t = 0;
+    for (; t + 2 <= nt; t += 2)
+      score_keys2_bf16_d128(p[t], p[t + 1], qv[t], qv[t + 1], kb, nk[t + 1]);
+    if (t < nt) score_keys_bf16_d128(p[t], qv[t], kb, nk[t]);
+    for (t = 0; t < nt; ++t)       // a token with no key here keeps its sums as they are
+      corr[t] = nk[t] > 0 ? softmax_block(p[t], nk[t], scale, m[t], l[t]) : 1.0f;
+    switch (nt) {
+      case 1: tile_pv_dispatch<1>(acc, p, corr, nk, vb, n); break;
+      case 2: tile_pv_dispatch<2>(acc, p, corr, nk, vb, n); break;
+      case 3: tile_pv_dispatch<3>(acc, p, corr, nk, vb, n); break;
+      case 4: tile_pv_dispatch<4>(acc, p, corr, nk, vb, n); break;
+      case 5: tile_pv_dispatch<5>(acc, p, corr, nk, vb, n); break;
+      case 6: tile_pv_dispatch<6>(acc, p, corr, nk, vb, n); break;
+      case 7: tile_pv_dispatch<7>(acc, p, corr, nk, vb, n); break;
+      default: tile_pv_dispatch<8>(acc, p, corr, nk, vb, n); break;
+    }
+  }
+  for (int t = 0; t < nt; ++t) store_out_bf16_d128(out + t * so_n, acc[t], l[t]);
 }
 #endif  // QF_X86_INTRINSICS
 
@@ -314,10 +528,42 @@ Status attention(T* out, const T* q, const T* k_pages, const T* v_pages,
     // 64 against 33-40 us a layer at 150 cached tokens, 24 layers' caches, 2 threads.)
 #pragma omp parallel for schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; ++r) attend(r);
-  } else {
-#pragma omp parallel for schedule(dynamic, 4) if (rows > 1)
-    for (int64_t r = 0; r < rows; ++r) attend(r);
+    return Status::kOk;
   }
+#if QF_X86_INTRINSICS
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (fn == attend_row_bf16_d128) {
+      // Tiles: runs of up to kTile consecutive tokens of one sequence at consecutive positions
+      // (a prefill chunk), times the heads; a tile's key blocks are read once for its tokens.
+      std::vector<std::pair<int64_t, int>> tiles;
+      for (int64_t i = 0; i < N;) {
+        int nt = 1;
+        while (nt < kTile && i + nt < N && token_seq[i + nt] == token_seq[i] &&
+               token_pos[i + nt] == token_pos[i + nt - 1] + 1)
+          ++nt;
+        tiles.emplace_back(i, nt);
+        i += nt;
+      }
+      const int64_t items = static_cast<int64_t>(tiles.size()) * H;
+      // The longest rows first (tiles later in a chunk read more keys): dynamic, from the end.
+#pragma omp parallel for schedule(dynamic, 1) if (items > 1)
+      for (int64_t w = items - 1; w >= 0; --w) {
+        const auto [i0, nt] = tiles[w / H];
+        const int64_t h = w % H, last = i0 + nt - 1;
+        const PagedRow<bf16> row{k_pages, v_pages, page_table + token_seq[i0] * ld_pt, h, H, P,
+                                 D, int64_t{token_pos[last]} + 1};
+        if (nt == 1)
+          attend_row_bf16_d128(out + (i0 * H + h) * D, q + i0 * sq_n + h * sq_h, row, scale);
+        else
+          attend_tile_bf16_d128(out + (i0 * H + h) * D, H * D, q + i0 * sq_n + h * sq_h, sq_n,
+                                row, nt, scale);
+      }
+      return Status::kOk;
+    }
+  }
+#endif
+#pragma omp parallel for schedule(dynamic, 4) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) attend(r);
   return Status::kOk;
 }
 

@@ -6,7 +6,8 @@ tensors (keys after RoPE). A page holds ``page_size`` consecutive positions of o
 head's positions contiguous (attention streams them: 16 KiB a head for 64 bf16 positions of 128
 dims). Position ``p`` of a sequence lives on page ``pages[p // page_size]`` at offset
 ``p % page_size``. Pages are taken as positions are written and given back when a sequence ends
-or is preempted; nothing cached is ever copied or moved.
+or is preempted; nothing cached is ever moved (the one copy: a tail page's positions, into the
+page of a request that continues them; PagePool.release_tail).
 
 The pool is one allocation per layer made when the engine is built, sized by ``kv_cache_budget``.
 On the CPU it is ``torch.empty``: the operating system commits its memory as pages are first
@@ -80,6 +81,12 @@ class PagePool:
         self._cached: Dict[bytes, int] = {}         # key -> page
         self._key_of: Dict[int, bytes] = {}         # page -> key
         self._evictable: "OrderedDict[int, None]" = OrderedDict()   # cached, unheld; LRU first
+        # Tail pages: the last, partly computed page of a finished sequence, kept under the key
+        # of the full pages before it (its parent) with the token ids it holds. A request whose
+        # prompt continues a tail's parent with some of its tokens copies those positions into
+        # a page of its own (a tail is never written again, nor held).
+        self._tails: Dict[bytes, Dict[int, tuple]] = {}   # parent key -> {page: token ids}
+        self._tail_of: Dict[int, bytes] = {}               # page -> parent key
         self.peak_used = 0
         self.evictions = 0
 
@@ -133,7 +140,10 @@ class PagePool:
                 page = self._free.pop()
             else:
                 page, _ = self._evictable.popitem(last=False)
-                del self._cached[self._key_of.pop(page)]
+                if page in self._key_of:
+                    del self._cached[self._key_of.pop(page)]
+                else:
+                    self._drop_tail(page)
                 self.evictions += 1
             self._ref[page] = 1
             out.append(page)
@@ -146,7 +156,7 @@ class PagePool:
         for page in reversed(pages):
             self._ref[page] -= 1
             if self._ref[page] == 0:
-                if page in self._key_of:
+                if page in self._key_of or page in self._tail_of:
                     self._evictable[page] = None
                 else:
                     self._free.append(page)
@@ -181,11 +191,67 @@ class PagePool:
             self._key_of[page] = key
 
     def clear_cache(self) -> None:
-        """Forget every key; cached pages nobody holds become free."""
+        """Forget every key and tail; cached pages nobody holds become free."""
         self._free.extend(self._evictable)
         self._evictable.clear()
         self._cached.clear()
         self._key_of.clear()
+        self._tails.clear()
+        self._tail_of.clear()
+
+    # ---- tail pages ----------------------------------------------------------------------------
+    @property
+    def num_tails(self) -> int:
+        return len(self._tail_of)
+
+    def release_tail(self, page: int, parent: bytes, tokens: Sequence[int]) -> None:
+        """A finishing request lets go of its last page, which holds the computed positions of
+        `tokens` (fewer than page_size) after the full pages keyed `parent`: it becomes a tail
+        (evictable like a cached page; release it before the request's other pages, so that it
+        goes before them), unless a tail of the same parent already holds these tokens; tails
+        that hold a prefix of them are dropped."""
+        tokens = tuple(tokens)
+        if not 0 < len(tokens) < self.page_size or self._ref[page] != 1:
+            raise RuntimeError(f"page {page} cannot become a tail ({len(tokens)} tokens, "
+                               f"{self._ref[page]} holders)")
+        for other, held in list(self._tails.get(parent, {}).items()):
+            if held[:len(tokens)] == tokens:        # already there: this page is not needed
+                self.give_back([page])
+                return
+            if tokens[:len(held)] == held and self._ref[other] == 0:   # this one holds more
+                del self._evictable[other]
+                self._drop_tail(other)
+                self._free.append(other)
+        self._tails.setdefault(parent, {})[page] = tokens
+        self._tail_of[page] = parent
+        self._ref[page] = 0
+        self._evictable[page] = None
+
+    def match_tail(self, parent: bytes, tokens: Sequence[int]) -> tuple[Optional[int], int]:
+        """The tail of `parent` that shares the longest run of leading ids with `tokens`, and
+        that run's length (None, 0 when no tail shares one)."""
+        best, best_n = None, 0
+        for page, held in self._tails.get(parent, {}).items():
+            n = 0
+            for a, b in zip(held, tokens):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = page, n
+        return best, best_n
+
+    def copy_positions(self, src: int, dst: int, n: int) -> None:
+        """Positions 0 .. n - 1 of page src into page dst, in every layer (keys and values)."""
+        for pool in (*self.k, *self.v):
+            pool[dst, :, :n].copy_(pool[src, :, :n])
+
+    def _drop_tail(self, page: int) -> None:
+        parent = self._tail_of.pop(page)
+        kin = self._tails[parent]
+        del kin[page]
+        if not kin:
+            del self._tails[parent]
 
 
 def page_keys(tokens: Sequence[int], page_size: int, salt: bytes,

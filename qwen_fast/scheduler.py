@@ -82,7 +82,8 @@ class Scheduler:
         self.cache_format = cache_format
         self.waiting: Deque[Request] = deque()
         self.running: List[Request] = []        # in admission order
-        self.stats = {"steps": 0, "preemptions": 0, "max_running": 0, "cached_tokens": 0}
+        self.stats = {"steps": 0, "preemptions": 0, "max_running": 0, "cached_tokens": 0,
+                      "tail_hits": 0}
 
     # ---- requests in and out -----------------------------------------------------------------
     def check_fits(self, prompt_tokens: int, what: str = "the prompt") -> None:
@@ -108,10 +109,27 @@ class Scheduler:
         """r's prefix-cache keys of its first `pages` full pages (computed once, extended as
         its tokens grow). Everything that changes a page's contents is in the chain's salt."""
         if len(r.page_keys) < pages:
-            salt = f"{self.cache_format}|{self.pool.dtype}|alpha={r.alpha}".encode()
             r.page_keys = page_keys(r.token_ids(0, pages * self.pool.page_size),
-                                    self.pool.page_size, salt, r.page_keys)
+                                    self.pool.page_size, self._salt(r), r.page_keys)
         return r.page_keys[:pages]
+
+    def _salt(self, r: Request) -> bytes:
+        return f"{self.cache_format}|{self.pool.dtype}|alpha={r.alpha}".encode()
+
+    def _parent(self, r: Request, full: int) -> bytes:
+        """The key a tail after r's first `full` pages is kept under."""
+        return self._keys(r, full)[full - 1] if full else self._salt(r)
+
+    def _tail_hit(self, r: Request, full: int) -> tuple:
+        """(page, n): a tail page whose first n positions continue r's `full` cached pages with
+        r's own next ids (n < r's tokens left, so that one is computed), or (None, 0)."""
+        if not self.prefix_caching:
+            return None, 0
+        start = full * self.pool.page_size
+        n = min(r.num_tokens - 1 - start, self.pool.page_size - 1)
+        if n <= 0:
+            return None, 0
+        return self.pool.match_tail(self._parent(r, full), r.token_ids(start, start + n))
 
     def _cache_hit(self, r: Request) -> List[int]:
         """The cached pages r can start from: the longest cached prefix of its full pages,
@@ -175,8 +193,11 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             r = self.waiting[0]
             hit = self._cache_hit(r)
+            tail, tail_n = self._tail_hit(r, len(hit))
             need = self.pool.pages_for(r.num_tokens) - len(hit)
-            free = self.pool.num_free - sum(self.pool.is_evictable(p) for p in hit)
+            # Cached pages it will hold, and the tail it copies from, are not room for it.
+            free = (self.pool.num_free - sum(self.pool.is_evictable(p) for p in hit)
+                    - (tail is not None))
             if self.running and free < need + len(self.running):
                 break               # waits for room; nobody behind it jumps the queue
             if not self.running and free < need:
@@ -184,7 +205,7 @@ class Scheduler:
             self.waiting.popleft()
             self.pool.share(hit)
             r.pages = list(hit)
-            r.num_computed = len(hit) * self.pool.page_size
+            r.num_computed = len(hit) * self.pool.page_size + tail_n
             r.num_published = len(hit)
             if r.num_preemptions == 0:
                 r.cached_tokens = r.num_computed
@@ -192,7 +213,14 @@ class Scheduler:
             r.status = RequestStatus.RUNNING
             self.running.append(r)
             count = min(r.num_tokens - r.num_computed, budget)
-            self._grow(r, r.num_computed + count, plan)
+            if tail is not None:
+                self.pool.share([tail])           # not evicted by the pages taken for r
+                self._grow(r, r.num_computed + count, plan)
+                self.pool.copy_positions(tail, r.pages[len(hit)], tail_n)
+                self.pool.give_back([tail])
+                self.stats["tail_hits"] += 1
+            else:
+                self._grow(r, r.num_computed + count, plan)
             budget -= count
             plan.seqs.append(ScheduledSeq(r, r.num_computed, count))
         self.stats["steps"] += 1
@@ -232,10 +260,17 @@ class Scheduler:
     def _finish(self, r: Request, reason: Optional[str] = None) -> None:
         if r in self.running:
             self.running.remove(r)
-        self.pool.give_back(r.pages)
-        r.pages = []
         if r.finish_reason is None:
             r.finish_reason = reason
+        full, part = divmod(r.num_computed, self.pool.page_size)
+        if (self.prefix_caching and part and full < len(r.pages) and r.error is None
+                and not r.cancelled and r.finish_reason in ("stop", "length")):
+            # Its last page, partly computed, is kept as a tail (released first: evicted first).
+            start = full * self.pool.page_size
+            self.pool.release_tail(r.pages.pop(full), self._parent(r, full),
+                                   r.token_ids(start, r.num_computed))
+        self.pool.give_back(r.pages)
+        r.pages = []
         r.status = RequestStatus.FINISHED
         r.t_done = time.perf_counter()
 

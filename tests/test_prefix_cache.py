@@ -1,8 +1,9 @@
 """The prefix cache (kv_cache.PagePool's index, scheduler.Scheduler's lookup and publication): a
 prompt that starts like an earlier one (a chat's history, a shared system prompt) computes only
 the rest, with the same greedy tokens as without the cache (fp32); pages are keyed by their
-tokens and the NTK alpha; a partly written page is never published; cached pages are evicted
-before anyone waits or is preempted."""
+tokens and the NTK alpha; a partly written page is never published (a finished request's last
+page is kept as a tail, whose computed positions a continuing prompt copies); cached pages are
+evicted before anyone waits or is preempted."""
 from __future__ import annotations
 
 import threading
@@ -43,33 +44,37 @@ def test_a_longer_prompt_reuses_the_full_pages_of_an_earlier_one(engines):
     first = on.generate(p, max_new_tokens=8, **GREEDY)
     assert first.cached_tokens == 0
     second = on.generate(p + [7, 8, 9], max_new_tokens=8, **GREEDY)
-    assert second.cached_tokens == 192                       # 3 full pages of 64
+    assert first.token_ids[0] != 7
+    assert second.cached_tokens == 200                       # 3 full pages of 64, 8 of a tail
     assert second.token_ids == off.generate(p + [7, 8, 9], max_new_tokens=8, **GREEDY).token_ids
-    same = on.generate(p, max_new_tokens=8, **GREEDY)        # all 200 cached but the last page
-    assert same.cached_tokens == 192 and same.token_ids == first.token_ids
+    same = on.generate(p, max_new_tokens=8, **GREEDY)        # all cached but the last token
+    assert same.cached_tokens == 199 and same.token_ids == first.token_ids
 
 
-def test_a_prefix_that_ends_mid_page_reuses_only_the_full_pages(engines):
+def test_a_prefix_that_ends_mid_page_reuses_the_full_pages_and_the_tail(engines):
     on, off = engines
     on.clear_prefix_cache()
-    on.generate(_ids(100), max_new_tokens=2, **GREEDY)
-    other = _ids(100)[:90] + _ids(40, first=5000)            # shares 90 tokens: one full page
+    on.generate(_ids(100), max_new_tokens=2, **GREEDY)       # computes 101: page 0, a tail of 37
+    assert on.kv_pool.num_cached == 1 and on.kv_pool.num_tails == 1
+    other = _ids(100)[:90] + _ids(40, first=5000)            # shares 90 tokens: 64 + 26
     r = on.generate(other, max_new_tokens=8, **GREEDY)
-    assert r.cached_tokens == 64
+    assert r.cached_tokens == 90
     assert r.token_ids == off.generate(other, max_new_tokens=8, **GREEDY).token_ids
 
 
-def test_multi_turn_chat_prefills_only_the_new_turn(engines):
+@pytest.mark.parametrize("sampling", [GREEDY, dict(temperature=0.9, top_p=0.9, seed=11,
+                                                      ignore_eos=True)], ids=["greedy", "seeded"])
+def test_multi_turn_chat_prefills_only_the_new_turn(engines, sampling):
     on, off = engines
     on.clear_prefix_cache()
     tok = on.tokenizer
     history, turns = [], ["Tell me about the sea. " * 6, "And the mountains? " * 6, "Why? " * 5]
     for i, q in enumerate(turns):
         _, ids = make_context(tok, q, history)
-        r = on.generate(ids, max_new_tokens=12, **GREEDY)
-        assert r.token_ids == off.generate(ids, max_new_tokens=12, **GREEDY).token_ids
+        r = on.generate(ids, max_new_tokens=12, **sampling)
+        assert r.token_ids == off.generate(ids, max_new_tokens=12, **sampling).token_ids
         if i:
-            assert r.cached_tokens >= prev_len // 64 * 64 - 64     # the history's full pages
+            assert r.cached_tokens >= prev_len                  # the whole previous prompt
         prev_len = len(ids)
         history.append((q, tok.decode(r.token_ids)))
 
@@ -89,7 +94,7 @@ def test_a_system_prompt_shared_by_concurrent_requests(engines):
         t.start()
     for t in threads:
         t.join(120)
-    assert [r.cached_tokens for r in out] == [128] * 4
+    assert [r.cached_tokens for r in out] == [150] * 4       # 2 full pages, 22 of a tail
     assert [r.token_ids for r in out] == [off.generate(q, max_new_tokens=8, **GREEDY).token_ids
                                           for q in questions]
     assert on.kv_pool.num_used == 0                          # shared pages all given back
@@ -124,8 +129,8 @@ def test_cached_pages_are_evicted_before_anyone_waits_or_is_preempted(tiny_ckpt)
         assert r.token_ids == off.generate(p, max_new_tokens=4, **GREEDY).token_ids
         assert e.kv_pool.num_used == 0 and e.kv_pool.num_cached <= 10
     assert e.kv_pool.evictions > 0 and e.scheduler.stats["preemptions"] == 0
-    # the most recent prompt is still cached, the first was evicted
-    assert e.generate(_ids(50, first=1500), max_new_tokens=1, **GREEDY).cached_tokens == 48
+    # the most recent prompt is still cached (3 pages and its tail), the first was evicted
+    assert e.generate(_ids(50, first=1500), max_new_tokens=1, **GREEDY).cached_tokens == 49
     assert e.generate(_ids(50, first=1000), max_new_tokens=1, **GREEDY).cached_tokens == 0
 
 
@@ -137,9 +142,9 @@ def test_off_and_cleared():
     assert e.kv_pool.num_cached == 0
     on = Engine(e.model, e.tokenizer, e.generation_config)
     on.generate(_ids(130), max_new_tokens=1, **GREEDY)
-    assert on.kv_pool.num_cached == 2
+    assert on.kv_pool.num_cached == 2 and on.kv_pool.num_tails == 1
     on.clear_prefix_cache()
-    assert on.kv_pool.num_cached == 0
+    assert on.kv_pool.num_cached == 0 and on.kv_pool.num_tails == 0
     assert on.generate(_ids(130), max_new_tokens=1, **GREEDY).cached_tokens == 0
 
 
@@ -154,7 +159,7 @@ def test_a_request_cancelled_mid_prefill_publishes_no_partly_written_page():
     assert pool.num_cached == 2                              # pages 0-1 full; page 2 has 8 of 16
     sched.abort(r)
     sched.schedule()                                         # r leaves, its pages go back
-    assert r.finished and pool.num_cached == 2 and pool.num_used == 0
+    assert r.finished and pool.num_cached == 2 and pool.num_used == 0 and pool.num_tails == 0
     again = Request(_ids(100), SamplingParams(), 10)
     sched.add(again)
     plan = sched.schedule()
@@ -191,5 +196,5 @@ def test_fp32_rows_are_invariant_so_a_cached_prefix_is_exact(engines):
             r = e.generate(ids, max_new_tokens=1, **GREEDY)
         finally:
             del e.model.forward
-        assert r.cached_tokens == (128 if name == "on" else 0)
+        assert r.cached_tokens == (150 if name == "on" else 0)    # 128 + a tail of 22
     assert torch.equal(logits["on"], logits["off"]) and torch.equal(logits["on"], one)

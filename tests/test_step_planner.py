@@ -3,6 +3,7 @@ token budget, admission by the pages a request needs now, preemption when the po
 the page accounting, checked after every step of a random workload."""
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
@@ -35,8 +36,11 @@ def _step(sched, token=7, tokens=None):
 
 
 def _check_pages(sched):
-    held = [p for r in sched.running for p in r.pages]
-    assert len(held) == len(set(held)), "a page held twice"
+    held = collections.Counter(p for r in sched.running for p in r.pages)
+    for r in sched.running:
+        assert len(set(r.pages)) == len(r.pages), "a page held twice by one request"
+    for page, holders in held.items():       # shared: cached pages several requests hold
+        assert sched.pool._ref[page] == holders, "a reference count is off"
     assert len(held) + sched.pool.num_free == sched.pool.num_pages, "a page lost"
     for r in sched.running:
         assert len(r.pages) >= sched.pool.pages_for(r.num_computed)
@@ -179,16 +183,42 @@ def test_a_stop_id_or_the_limit_finishes_and_frees_and_a_failed_row_fails_alone(
     assert sched.pool.num_free == 10
 
 
+def _check_cache(pool):
+    """The prefix cache's index agrees with the pages' states: an evictable page is cached or a
+    tail (one of the two), unheld and not free; a tail is never held between plans."""
+    assert not set(pool._free) & set(pool._evictable)
+    for page in pool._evictable:
+        assert pool._ref[page] == 0 and (page in pool._key_of) != (page in pool._tail_of)
+    for page, parent in pool._tail_of.items():
+        assert page in pool._evictable and page in pool._tails[parent]
+        assert 0 < len(pool._tails[parent][page]) < pool.page_size
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["no_cache", "prefix_cache"])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_workload_keeps_every_page_accounted_for(seed):
+def test_random_workload_keeps_every_page_accounted_for(seed, caching):
     """Random arrivals, lengths, stops and cancellations on a small pool: after every step no page
-    is lost or held twice, every request ends, and preemptions happened."""
+    is lost or held twice, every request ends, and preemptions happened. With the prefix cache,
+    prompts share prefixes of three bases or continue the latest answer (a chat): pages and tails
+    are reused, evicted, and stay consistent with the index and the reference counts."""
     rng = random.Random(seed)
-    sched = Scheduler(_pool(12, page_size=4), max_batch_size=4, prefill_chunk=5, prefill_tokens=9)
+    pages = 16 if caching else 12
+    sched = Scheduler(_pool(pages, page_size=4), max_batch_size=4, prefill_chunk=5,
+                      prefill_tokens=9, prefix_caching=caching)
+    bases = [list(range(100 * b, 100 * b + 20)) for b in range(3)]
     reqs = []
     for step in range(600):
         if len(reqs) < 40 and rng.random() < 0.3:
-            r = _req(rng.randint(1, 20), limit=rng.randint(1, 30), first=1000 * len(reqs))
+            done = [r for r in reqs if r.finish_reason in ("stop", "length") and r.num_tokens < 30]
+            if caching and done and rng.random() < 0.7:      # a chat's next turn
+                prev = max(done, key=lambda r: r.t_done)       # the latest answer
+                prompt = prev.token_ids(0, prev.num_tokens) + [9000 + len(reqs)] * rng.randint(1, 3)
+                r = Request(prompt, SamplingParams(), rng.randint(1, 6), stop_ids=[EOS])
+            elif caching:
+                prompt = rng.choice(bases)[:rng.randint(1, 20)] + [9000 + len(reqs)] * rng.randint(0, 3)
+                r = Request(prompt, SamplingParams(), rng.randint(1, 30), stop_ids=[EOS])
+            else:
+                r = _req(rng.randint(1, 20), limit=rng.randint(1, 30), first=1000 * len(reqs))
             sched.add(r)
             reqs.append(r)
         if reqs and rng.random() < 0.03:
@@ -197,11 +227,15 @@ def test_random_workload_keeps_every_page_accounted_for(seed):
         assert plan.num_tokens <= 4 + 9
         sched.update(plan, {s.req: EOS if rng.random() < 0.02 else 7 for s in plan.seqs if s.samples})
         _check_pages(sched)
+        _check_cache(sched.pool)
     while sched.has_work():
         _step(sched)
         _check_pages(sched)
-    assert all(r.finished for r in reqs) and sched.pool.num_free == 12
+        _check_cache(sched.pool)
+    assert all(r.finished for r in reqs) and sched.pool.num_free == pages
     assert sched.stats["preemptions"] > 0
+    if caching:
+        assert sched.stats["cached_tokens"] > 0 and sched.pool.evictions > 0
 
 
 def test_a_request_only_flagged_cancelled_is_retired_at_the_next_plan_even_while_waiting():
@@ -213,3 +247,49 @@ def test_a_request_only_flagged_cancelled_is_retired_at_the_next_plan_even_while
     b.cancelled = True
     plan = sched.schedule()
     assert b in plan.finished and b.finish_reason == "abort" and not sched.waiting
+
+
+def test_a_finished_requests_last_partial_page_is_a_tail_that_the_next_turn_copies():
+    """A request's last page, partly computed, is kept as a tail; a prompt that continues it
+    copies its positions into a page of its own (the tail is never written), and computes from
+    there. The same tail twice is kept once; an aborted or failed request leaves none."""
+    sched = Scheduler(_pool(12), max_batch_size=2, prefix_caching=True)
+    pool = sched.pool
+    a = Request(list(range(10)), SamplingParams(), 2, stop_ids=[EOS])
+    sched.add(a)
+    while sched.has_work():
+        _step(sched)
+    assert a.num_computed == 11 and pool.num_tails == 1 and pool.num_cached == 2   # 8 + 3
+    (tail,) = pool._tail_of
+    for layer in range(len(pool.k)):
+        pool.k[layer][tail] = torch.arange(pool.k[layer][tail].numel()).view_as(pool.k[layer][tail]) + layer
+        pool.v[layer][tail] = -pool.k[layer][tail]
+    before = [t[tail].clone() for t in pool.k + pool.v]
+    b = Request(a.token_ids(0, a.num_tokens) + [5, 6], SamplingParams(), 1, stop_ids=[EOS])
+    sched.add(b)
+    plan = sched.schedule()
+    assert b.cached_tokens == 11 and [(s.start, s.count) for s in plan.seqs] == [(11, 3)]
+    own = b.pages[2]
+    assert own != tail and sched.stats["tail_hits"] == 1
+    for t, was in zip(pool.k + pool.v, before):
+        assert torch.equal(t[own][:, :3], was[:, :3]) and torch.equal(t[tail], was)
+    sched.update(plan, {b: 7})
+    assert b.finished and pool.num_tails == 2                # b's own: ids 12, 13 of page 3
+    c = Request(list(range(10)), SamplingParams(), 2, stop_ids=[EOS])
+    sched.add(c)
+    while sched.has_work():
+        _step(sched)
+    assert c.cached_tokens == 9 and pool.num_tails == 2     # a's tail again: kept once
+    for how in ("abort", "error"):
+        d = Request(list(range(50, 57)), SamplingParams(), 3, stop_ids=[EOS])
+        sched.add(d)
+        plan = sched.schedule()
+        if how == "abort":
+            sched.update(plan, {d: 7})
+            sched.abort(d)
+            sched.schedule()
+        else:
+            sched.update(plan, {}, errors={d: RuntimeError("nan")})
+        assert d.finished and pool.num_tails == 2, how
+    pool.take(pool.num_free)                                 # pressure: the tail is evicted too
+    assert pool.num_tails == 0 and not pool._tails

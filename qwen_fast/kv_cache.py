@@ -13,6 +13,20 @@ The pool is one allocation per layer made when the engine is built, sized by ``k
 On the CPU it is ``torch.empty``: the operating system commits its memory as pages are first
 written, so an engine with a large budget costs only what its sequences really write.
 
+The prefix cache lives in the same pool. A full page is published under a chained key: blake2b
+of the previous page's key and this page's token ids, the chain starting from a salt that holds
+everything else that changes a page's contents (the sequence's dynamic-NTK alpha, since keys are
+stored after RoPE; the dtype; the cache format). A key so names the whole prefix up to the end of
+its page, and a request finds its longest cached prefix by looking up its own keys in order: one
+dict lookup per page. Chained hashes rather than a radix tree (SGLang's) because the page is
+already the unit that requests share, reference-count and evict: a flat dict of page keys needs
+no tree to keep balanced, split or walk, and eviction is an LRU list of pages nobody holds. What
+a tree gives beyond that, reuse at token granularity, matters at one place: the last, partly
+filled page of a finished sequence, which the next turn of a chat continues. Those pages are kept
+as tails (PagePool.release_tail): under the key of the full pages before them, with their token
+ids; a request that continues one copies the matching positions into a page of its own (one page
+copy, about 12 MiB for 1.8B in bf16, against recomputing up to 63 tokens).
+
 StepMetadata is what the kernels read for one forward over a step's packed tokens (prefill chunks
 and decode rows together): the page table of the step's sequences, each token's sequence and
 position, and the most keys any token reads. It is built once per step (and copied to the device
@@ -58,9 +72,9 @@ class PagePool:
     index. Not thread-safe: the scheduler (under its engine's lock) takes and returns pages.
 
     A page is free, held (by one or more requests: its reference count), or cached: published
-    under a key (prefix_cache.py) and held by nobody, kept until the pool needs room and then
-    evicted, least recently released first. Cached pages count as available (num_free): they
-    never make a request wait, preempt one or refuse one."""
+    under a key (module docstring), or kept as a tail, and held by nobody, kept until the pool
+    needs room and then evicted, least recently released first. Cached pages count as available
+    (num_free): they never make a request wait, preempt one or refuse one."""
 
     def __init__(self, cfg: QwenConfig, num_pages: int, page_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):

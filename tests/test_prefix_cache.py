@@ -198,3 +198,35 @@ def test_fp32_rows_are_invariant_so_a_cached_prefix_is_exact(engines):
             del e.model.forward
         assert r.cached_tokens == (150 if name == "on" else 0)    # 128 + a tail of 22
     assert torch.equal(logits["on"], logits["off"]) and torch.equal(logits["on"], one)
+
+
+@pytest.mark.parametrize("dtype,quant", [("bfloat16", "int4"), ("float16", "int8")])
+def test_quantized_16_bit_rows_are_invariant_too(dtype, quant):
+    """int4/int8 weights run our quant_linear at every row count (per row), and 16-bit attention
+    gives a token the same bits in any chunk (bf16 x 128 through the tile kernel): a prompt whose
+    first 170 tokens are cached, 128 in pages and 42 in a tail, gets the same logits bit for bit
+    as with no cache."""
+    cfg = tiny_config(hidden_size=256, num_attention_heads=2, kv_channels=128,
+                      intermediate_size=1024, seq_length=4096, max_position_embeddings=4096)
+    on = Engine.from_pretrained(load_format="dummy", config=cfg, dtype=dtype, quant=quant,
+                                lm_head_quant=quant)
+    off = Engine(on.model, on.tokenizer, on.generation_config, prefix_caching=False)
+    ids = _ids(300)
+    on.generate(ids[:170], max_new_tokens=1, **GREEDY)
+    logits = {}
+    for name, e in (("on", on), ("off", off)):
+        forward = e.model.forward
+
+        def record(*a, _name=name, _forward=forward, **k):
+            out = _forward(*a, **k)
+            logits.setdefault(_name, out.clone())
+            return out
+        e.model.forward = record
+        try:
+            r = e.generate(ids, max_new_tokens=1, **GREEDY)
+        finally:
+            del e.model.forward
+        assert r.cached_tokens == (170 if name == "on" else 0)
+    assert torch.equal(logits["on"], logits["off"])
+    off.close()
+    on.close()

@@ -160,6 +160,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="dummy = random weights from the built-in qwen-1.8b-chat config")
     p.add_argument("--lm-head-quant", choices=["int8", "int4"],
                    help="quantize lm_head at load (a GPTQ checkpoint's layers are quantized anyway)")
+    p.add_argument("--quant", choices=["int8", "int4"],
+                   help="with --load-format dummy: quantize the random layers as they are drawn "
+                        "(round-to-nearest, group 128), for benchmarks")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +191,8 @@ def _load(args):
         extra["max_batch_size"] = args.max_batch_size
     return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                   backend=args.backend, load_format=args.load_format,
-                                  lm_head_quant=getattr(args, "lm_head_quant", None), **extra)
+                                  lm_head_quant=getattr(args, "lm_head_quant", None),
+                                  quant=getattr(args, "quant", None), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,14 +196,17 @@ def build_llama_cpp(build_dir: Path, sdist_arg: Optional[str], cache: Path,
 
 
 def ensure_tools(names: Sequence[str], args) -> Path:
-    """The build dir holding ``names``, building them there first when needed (and allowed)."""
+    """The build dir holding ``names``, building them there first when needed (and allowed):
+    every tool of ALL_TARGETS, and ``names`` that are not among them (bench_prefix.py's
+    llama-server)."""
     build_dir = Path(args.llama_cpp_dir).expanduser() if args.llama_cpp_dir else \
         default_build_dir(Path(args.cache_dir) if args.cache_dir else None)
     missing = missing_tools(names, build_dir)
     user_build = bool(args.llama_cpp_dir or os.environ.get("LLAMA_CPP_DIR"))
     if (missing or args.build) and not args.no_build and not user_build:
         cache = Path(args.cache_dir) if args.cache_dir else cache_dir()
-        build_llama_cpp(build_dir, args.sdist, cache, targets=ALL_TARGETS, jobs=args.jobs)
+        targets = tuple(dict.fromkeys((*ALL_TARGETS, *names)))
+        build_llama_cpp(build_dir, args.sdist, cache, targets=targets, jobs=args.jobs)
         missing = missing_tools(names, build_dir)
     if missing:
         how = ("build them there (cmake --build <dir> --target " + " ".join(missing) + ")"

@@ -8,14 +8,21 @@
     .venv/bin/python benchmarks/bench_prefix.py [--quant int4] [--turns 8] [--json out.json]
 
   (c) workload (a) over HTTP against llama.cpp's llama-server (one slot, its prompt cache on:
-      cache_prompt) and our server (prefix caching on), one after the other, on the same random
-      weights (the GGUF of bench_llamacpp.py: Q4_0 for int4, Q8_0 for int8, F16 for none): the
-      client's time for a one-token reply to each turn, and the tokens each server computed.
-      llama-server is built from the llama-cpp-python sdist as bench_llamacpp.py builds its
-      tools (--llama-cpp-dir to use an existing build); without a compiler or the sdist, (c)
-      says why and is skipped.
+      cache_prompt) and our server (qwen-fast serve, prefix caching on), one after the other,
+      each a subprocess, on the same random weights (ours: --load-format dummy, seed 0, --quant
+      for the layers and lm_head; llama-server: the GGUF bench_llamacpp.py writes of them: Q4_0
+      for int4, Q8_0 for int8, else our dtype's F16/BF16/F32). Each turn is sent as token ids,
+      greedy, --answer-tokens tokens with EOS ignored, streamed: TTFT is the client's time from
+      sending the request to the first streamed chunk; the next turn's history is the prompt
+      plus that server's own answer (token ids). It reports the prompt tokens each server
+      computed. llama-server is built from the llama-cpp-python sdist as bench_llamacpp.py
+      builds its tools (--llama-cpp-dir or $LLAMA_CPP_DIR: an existing build); when it cannot
+      be built (no compiler, no sdist, a failed build), (c) says why in one line and is skipped.
 
-    .venv/bin/python benchmarks/bench_prefix.py --parts c     # (c) alone
+    .venv/bin/python benchmarks/bench_prefix.py --parts c [--md c.md] [--json c.json]
+
+  --config tiny is a smoke run of (a) and (b) on the test-size model; --md writes the tables of
+  the parts that ran (the sections of benchmarks/results/prefix-latest.md).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,11 +40,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from qwen_fast import Engine
+from qwen_fast.tokenizer import IncrementalDecoder, QwenTokenizer, default_vocab_path, \
+    load_tiktoken_bpe
 
 
 def _prompt(engine, n, g):
@@ -97,14 +107,172 @@ def shared_prompt(on, off, args) -> dict:
 
 
 # ---- (c) over HTTP, against llama.cpp's llama-server ---------------------------------------------
-def _post(url: str, body: dict, timeout: float = 600.0) -> Tuple[dict, float]:
-    """POST JSON, return (the JSON reply, seconds from sending to the whole reply)."""
+#: The GGUF llama-server gets for our --quant (and, unquantized, our --dtype): the same weights.
+GGUF_TYPE = {"int4": "q4_0", "int8": "q8_0"}
+GGUF_DENSE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+REPLACEMENT = "\ufffd".encode()
+PLAIN_VOCAB = 151643                                    # ids below this are plain BPE tokens
+
+
+def gguf_type(quant: str, dtype: str) -> str:
+    """llama.cpp's weight type for ours: Q4_0 for int4, Q8_0 for int8, else our dtype's own."""
+    return GGUF_TYPE[quant] if quant in GGUF_TYPE else GGUF_DENSE[dtype]
+
+
+def parse_parts(text: str) -> List[str]:
+    """'a,c' -> ['a', 'c'] (each of a, b, c; in the order a, b, c)."""
+    parts = {p.strip().lower() for p in text.split(",") if p.strip()}
+    bad = parts - {"a", "b", "c"}
+    if bad or not parts:
+        raise ValueError(f"--parts: {text!r}: give some of a, b, c separated by commas")
+    return sorted(parts)
+
+
+DONE = "[DONE]"
+
+
+def parse_sse_line(line) -> Optional[object]:
+    """One line of a server-sent event stream: its JSON object for 'data: {...}', DONE for
+    'data: [DONE]', None for anything else (blank lines, comments, other fields)."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", "replace")
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return DONE
+    return json.loads(data)
+
+
+def tokens_before_text(ids: List[int], push) -> Optional[int]:
+    """How many of ``ids`` a streaming detokenizer (``push(id) -> text delta``) takes before
+    its first text: 1 unless the first token is an incomplete UTF-8 character (or empty)."""
+    for i, t in enumerate(ids):
+        if push(t):
+            return i + 1
+    return None
+
+
+def is_subsequence(part: List[int], whole: List[int]) -> bool:
+    """Whether ``part`` is ``whole`` with some ids left out (in order)."""
+    it = iter(whole)
+    return all(x in it for x in part)
+
+
+def ours_turn(events: List[Tuple[float, dict]], prompt_tokens: int) -> dict:
+    """Our /v1/completions stream (return_token_ids, include_usage) -> the turn's numbers. A
+    chunk is sent once the text has a whole character: the first chunk is the first token's,
+    unless that token is held back (tokens_before_text says how many it waited for)."""
+    chunks = [(t, e) for t, e in events if e.get("choices")]
+    if not chunks:
+        raise RuntimeError(f"our server sent no completion chunk: {events[-1:]}")
+    ids = next((e["choices"][0]["token_ids"] for _, e in chunks
+                if "token_ids" in e["choices"][0]), None)
+    usage = next((e["usage"] for _, e in events if e.get("usage")), None) or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    return {"ttft_s": chunks[0][0], "total_s": events[-1][0], "answer": ids,
+            "cached": cached, "computed": None if cached is None else prompt_tokens - cached,
+            "prompt_tokens_seen": usage.get("prompt_tokens")}
+
+
+def split_tokens(data: bytes, k: int, ranks: Dict[bytes, int]) -> Optional[List[int]]:
+    """The ids of the one way to cut ``data`` into ``k`` tokens of ``ranks`` (bytes -> id);
+    None when there is no way or more than one."""
+    found: List[List[int]] = []
+
+    def walk(i: int, left: int, acc: List[int]) -> None:
+        if len(found) > 1:
+            return
+        if left == 0:
+            if i == len(data):
+                found.append(list(acc))
+            return
+        for j in range(i + 1, len(data) - left + 2):
+            t = ranks.get(data[i:j])
+            if t is not None:
+                walk(j, left - 1, acc + [t])
+
+    walk(0, k, [])
+    return found[0] if len(found) == 1 else None
+
+
+def llama_turn(events: List[Tuple[float, dict]], ranks: Optional[Dict[bytes, int]] = None,
+               pieces: Optional[Dict[int, bytes]] = None) -> dict:
+    """llama-server's /completion stream -> the turn's numbers. Each token's chunk carries
+    its id (``tokens``) and the count so far (``tokens_predicted``); a token that ends inside a
+    UTF-8 character gets no chunk of its own: its bytes come in the next chunk's ``content``,
+    its id never. With the vocabulary (``ranks``: bytes -> id, ``pieces``: id -> bytes; the
+    GGUF's ids are ours) such ids are rebuilt from those bytes when only one cut fits and no
+    byte was lost (invalid UTF-8 comes as U+FFFD) (``rebuilt`` counts them); ``complete`` says
+    whether every id is there. The last event
+    (``stop``) has the timings: prompt_n = prompt tokens evaluated, cache_n = reused."""
+    ids: List[int] = []
+    first, first_n, final, rebuilt, lost = None, None, None, 0, False
+    for t, e in events:
+        if e.get("stop"):
+            final = e
+            continue
+        toks = e.get("tokens") or []
+        if first is None and (toks or e.get("content")):
+            first, first_n = t, e.get("tokens_predicted")
+        held = (e.get("tokens_predicted") or 0) - len(ids) - len(toks)
+        if held > 0:
+            data = (e.get("content") or "").encode("utf-8")
+            cur = (pieces or {}).get(toks[0], b"") if toks and toks[0] < PLAIN_VOCAB else b""
+            part = data[:len(data) - len(cur)]
+            # Bytes that are no UTF-8 at all reach the client as U+FFFD: those are lost.
+            cut = split_tokens(part, held, ranks) if ranks is not None and len(toks) == 1 \
+                and data.endswith(cur) and REPLACEMENT not in part else None
+            if cut is None:
+                lost = True
+            else:
+                ids += cut
+                rebuilt += held
+        ids += toks
+    if final is None:
+        raise RuntimeError(f"llama-server's stream has no final event: {events[-1:]}")
+    timings = final.get("timings") or {}
+    n = timings.get("predicted_n", final.get("tokens_predicted"))
+    return {"ttft_s": first if first is not None else events[-1][0], "total_s": events[-1][0],
+            "answer": ids, "complete": not lost and len(ids) == n, "rebuilt": rebuilt,
+            "first_chunk_tokens": first_n,
+            "computed": timings.get("prompt_n"), "cached": timings.get("cache_n"),
+            "tokens_cached": final.get("tokens_cached"),
+            "prompt_tokens_seen": final.get("tokens_evaluated")}
+
+
+def _stream(url: str, body: dict, timeout: float = 600.0) -> List[Tuple[float, dict]]:
+    """POST ``body`` and read the reply's server-sent events: [(seconds from sending the
+    request to the event's arrival, event)], up to [DONE] or the end of the stream."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Accept": "text/event-stream"})
+    events = []
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=timeout) as r:
-        out = json.loads(r.read())
-    return out, time.perf_counter() - t0
+        for line in r:
+            ev = parse_sse_line(line)
+            if ev is DONE:
+                break
+            if ev is not None:
+                events.append((time.perf_counter() - t0, ev))
+    if not events:
+        raise RuntimeError(f"{url}: an empty event stream")
+    return events
+
+
+def _post(url: str, body: dict, timeout: float = 600.0) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900.0) -> None:
@@ -117,12 +285,14 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900.0) -> Non
                 if r.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, OSError):
-            pass
+            pass                                        # not listening yet, or 503 (loading)
         time.sleep(1.0)
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(60)
@@ -131,116 +301,251 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def http_turns(args, ours: bool, port: int, tool: Optional[Path] = None,
+def http_turns(args, ours: bool, tool: Optional[Path] = None,
                gguf: Optional[Path] = None) -> List[dict]:
-    """Workload (a) over HTTP against one server, started here and stopped after: each turn
-    sends the history plus a new question as token ids, greedy, one new token (so the reply's
-    time is its TTFT, as the client sees it); the history then grows by the question and a fixed
-    answer of --answer-tokens ids (the same for both servers, so both see the same prompts)."""
-    g = torch.Generator().manual_seed(0)
-    vocab = 151643                                      # plain BPE ids: no special tokens
-    log = open(Path(tempfile.gettempdir()) / f"bench_prefix_{'ours' if ours else 'llama'}.log", "w")
+    """Workload (a) over HTTP against one server, started here and stopped after. Each turn
+    sends the history plus --turn-tokens new ids (the same draws for both servers) as token
+    ids, streamed, greedy, --answer-tokens new tokens with EOS ignored; TTFT is the client's
+    time from sending the request to the first streamed chunk. The next turn's history is
+    this prompt plus this server's own answer (its token ids). Turn 0, a short prompt, warms
+    the server up and is not reported."""
+    name = "ours" if ours else "llama-server"
+    port = args.port or _free_port()
+    base = f"http://127.0.0.1:{port}"
+    logpath = Path(tempfile.gettempdir()) / f"bench_prefix_{'ours' if ours else 'llama'}.log"
     if ours:
         cmd = [sys.executable, "-m", "qwen_fast.cli", "serve", "--load-format", "dummy",
                "--dtype", args.dtype, "--port", str(port), "--log-level", "warning"]
         if args.quant != "none":
             cmd += ["--quant", args.quant, "--lm-head-quant", args.quant]
-        health = f"http://127.0.0.1:{port}/health"
+        tok = QwenTokenizer(default_vocab_path())
     else:
-        cmd = [str(tool), "-m", str(gguf), "-t", str(args.threads), "-c", "8192", "-np", "1",
-               "--port", str(port), "--host", "127.0.0.1", "-b", "2048", "-ub", "512"]
-        health = f"http://127.0.0.1:{port}/health"
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        ranks = load_tiktoken_bpe(default_vocab_path())     # the GGUF's ids 0..151642 are these
+        pieces = {i: b for b, i in ranks.items()}
+        cmd = [str(tool), "-m", str(gguf), "-t", str(args.threads), "-tb", str(args.threads),
+               "-c", str(args.ctx), "-np", "1", "--host", "127.0.0.1", "--port", str(port)]
+    print(f"(c) {name}: {' '.join(cmd[1:] if ours else [tool.name] + cmd[1:])} (log: {logpath})",
+          flush=True)
+    g = torch.Generator().manual_seed(0)
+    warm = torch.randint(0, PLAIN_VOCAB, (8,), generator=torch.Generator().manual_seed(9)).tolist()
     rows = []
-    try:
-        _wait_ready(health, proc)
-        history: List[int] = []
-        warm = torch.randint(0, vocab, (8,), generator=torch.Generator().manual_seed(9)).tolist()
-        for turn in range(0, args.turns + 1):            # turn 0: a warm-up, not reported
-            question = torch.randint(0, vocab, (args.turn_tokens,), generator=g).tolist()
-            ids = history + question if turn else warm
-            if ours:
-                out, dt = _post(f"http://127.0.0.1:{port}/v1/completions",
-                                {"model": "qwen-1.8b-chat", "prompt": ids, "max_tokens": 1,
-                                 "temperature": 0})
-                usage = out.get("usage", {})
-                computed = len(ids) - ((usage.get("prompt_tokens_details") or {})
-                                       .get("cached_tokens") or 0)
-            else:
-                out, dt = _post(f"http://127.0.0.1:{port}/completion",
-                                {"prompt": ids, "n_predict": 1, "temperature": 0,
-                                 "cache_prompt": True})
-                computed = (out.get("timings") or {}).get("prompt_n")
-            if turn:
-                rows.append({"turn": turn, "prompt_tokens": len(ids), "ttft_s": dt,
-                             "computed": computed})
-                print(f"  {'ours' if ours else 'llama-server'} turn {turn}: {len(ids)} tokens, "
-                      f"{computed} computed, {dt:.2f} s", flush=True)
-                answer = torch.randint(0, vocab, (args.answer_tokens,), generator=g).tolist()
-                history = ids + answer
-    finally:
-        _stop(proc)
-        log.close()
+    with open(logpath, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        try:
+            t0 = time.perf_counter()
+            _wait_ready(base + "/health", proc)
+            print(f"(c) {name} ready after {time.perf_counter() - t0:.0f} s", flush=True)
+            history: List[int] = []
+            for turn in range(0, args.turns + 1):
+                if turn:            # the same questions as (a): its seed, its draws
+                    question = torch.randint(0, PLAIN_VOCAB, (args.turn_tokens,), generator=g)
+                    ids = history + question.tolist()
+                else:
+                    ids = warm
+                if ours:
+                    body = {"model": "qwen-1.8b-chat", "prompt": ids,
+                            "max_tokens": args.answer_tokens, "temperature": 0,
+                            "repetition_penalty": 1.0, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True},
+                            "return_token_ids": True}
+                    r = ours_turn(_stream(base + "/v1/completions", body), len(ids))
+                    r["first_chunk_tokens"] = tokens_before_text(r["answer"] or [],
+                                                                 IncrementalDecoder(tok).push)
+                else:
+                    body = {"prompt": ids, "n_predict": args.answer_tokens, "temperature": 0,
+                            "repeat_penalty": 1.0, "ignore_eos": True, "cache_prompt": True,
+                            "stream": True, "return_tokens": True}
+                    r = llama_turn(_stream(base + "/completion", body), ranks, pieces)
+                    r["refetched"] = not r.pop("complete")
+                    if r["refetched"]:
+                        # An id held back with a UTF-8 character could not be rebuilt: ask
+                        # again, whole (not timed); its answer is what the slot's cache holds.
+                        whole = _post(base + "/completion", {**body, "stream": False})
+                        r["streamed_ids"], r["answer"] = r["answer"], whole["tokens"]
+                        r["refetch_agrees"] = is_subsequence(r["streamed_ids"], r["answer"])
+                if len(r["answer"] or []) != args.answer_tokens:
+                    raise RuntimeError(f"{name} answered {len(r['answer'] or [])} tokens, not "
+                                       f"{args.answer_tokens}: {r}")
+                if turn:
+                    rows.append({"turn": turn, "prompt_tokens": len(ids), **r})
+                    print(f"  {name} turn {turn}: {len(ids)} prompt tokens, {r['computed']} "
+                          f"computed, TTFT {r['ttft_s']:.2f} s", flush=True)
+                    history = ids + r["answer"]
+        finally:
+            _stop(proc)
+    return rows
+
+
+def compare_turns(ours: List[dict], llama: List[dict]) -> List[dict]:
+    """The two servers' turns side by side, with ours / llama-server of the TTFT."""
+    rows = []
+    for a, b in zip(ours, llama):
+        rows.append({"turn": a["turn"], "prompt_tokens": a["prompt_tokens"],
+                     "ttft_ours_s": a["ttft_s"], "cached_ours": a["cached"],
+                     "computed_ours": a["computed"],
+                     "ttft_llama_s": b["ttft_s"], "computed_llama": b["computed"],
+                     "cached_llama": b["cached"],
+                     "ratio": a["ttft_s"] / b["ttft_s"] if b["ttft_s"] else None})
     return rows
 
 
 def against_llama_server(args) -> Optional[dict]:
-    """Part (c): both servers, one after the other; None (with a line saying why) when
-    llama.cpp's llama-server cannot be found or built."""
+    """Part (c): llama-server, then ours, never together. None, after one line saying why,
+    when llama.cpp's llama-server cannot be found or built (or the GGUF cannot be written)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_llamacpp as B
     cache = B.cache_dir()
-    build = Path(args.llama_cpp_dir).expanduser() if args.llama_cpp_dir else B.default_build_dir(cache)
+    ftype = gguf_type(args.quant, args.dtype)
+    opts = argparse.Namespace(llama_cpp_dir=args.llama_cpp_dir, cache_dir=None, build=False,
+                              no_build=args.no_build, sdist=args.sdist, jobs=args.jobs)
     try:
-        if B.missing_tools(["llama-server", "llama-quantize"], build):
-            B.build_llama_cpp(build, args.sdist, cache, targets=["llama-server", "llama-quantize"])
-        ftype = {"int4": "q4_0", "int8": "q8_0", "none": "f16"}[args.quant]
+        build = B.ensure_tools(["llama-server"] + (["llama-quantize"] if ftype in B.QUANT_TYPES
+                                                   else []), opts)
         gguf = B.ensure_gguf(cache, "qwen-1.8b-chat", args.dtype, 0, ftype, build)
-    except B.Missing as e:
-        print(f"(c) skipped: {e}", flush=True)
+    except B.Missing as m:
+        print(f"(c) skipped: {m.what}. To get it: {m.how}", flush=True)
+        return None
+    except RuntimeError as e:                   # the build (or llama-quantize) failed
+        print(f"(c) skipped: llama.cpp could not be built: {e}", flush=True)
         return None
     tool = B.find_tool("llama-server", build)
-    print(f"(c) llama-server {tool} on {gguf.name}", flush=True)
-    llama = http_turns(args, False, args.port, tool=tool, gguf=gguf)
-    ours = http_turns(args, True, args.port + 1)
-    rows = []
-    for a, b in zip(ours, llama):
-        rows.append({"turn": a["turn"], "prompt_tokens": a["prompt_tokens"],
-                     "ttft_ours_s": a["ttft_s"], "computed_ours": a["computed"],
-                     "ttft_llama_s": b["ttft_s"], "computed_llama": b["computed"],
-                     "ratio": a["ttft_s"] / b["ttft_s"]})
-        print(f"turn {a['turn']}: ours {a['ttft_s']:.2f} s ({a['computed']} computed), "
-              f"llama-server {b['ttft_s']:.2f} s ({b['computed']} computed): "
-              f"{a['ttft_s'] / b['ttft_s']:.2f}x", flush=True)
-    return {"gguf": gguf.name, "turns": rows}
+    info = build / "qwen_fast-build.json"
+    version = subprocess.run([str(tool), "--version"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True).stdout.strip().splitlines()
+    load = os.getloadavg()[0]
+    llama = http_turns(args, False, tool=tool, gguf=gguf)
+    ours = http_turns(args, True)
+    rows = compare_turns(ours, llama)
+    for r in rows:
+        print(f"turn {r['turn']}: {r['prompt_tokens']} tokens: ours {r['ttft_ours_s']:.2f} s "
+              f"({r['computed_ours']} computed), llama-server {r['ttft_llama_s']:.2f} s "
+              f"({r['computed_llama']} computed): {r['ratio']:.2f}x", flush=True)
+    return {"gguf": gguf.name, "llama_server": [v for v in version if v.startswith("version")],
+            "llama_cpp_build": json.loads(info.read_text()).get("sdist") if info.is_file() else None,
+            "threads": args.threads, "ctx": args.ctx, "answer_tokens": args.answer_tokens,
+            "turn_tokens": args.turn_tokens, "loadavg_1min_before": round(load, 2),
+            "loadavg_1min_after": round(os.getloadavg()[0], 2),
+            "turns": rows, "ours": ours, "llama": llama}
 
 
-def main() -> None:
+# ---- markdown ------------------------------------------------------------------------------------
+def _f(x, fmt="{:.2f}") -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def markdown_c(c: dict) -> str:
+    """Part (c)'s table (and what the runs had in common) as markdown."""
+    lines = [f"Workload (a) over HTTP, token-id prompts, greedy {c['answer_tokens']}-token "
+             f"answers (EOS ignored), streamed; TTFT = the client's time from sending the request "
+             f"to the first streamed chunk. llama-server ({', '.join(c['llama_server']) or '?'}, "
+             f"{c.get('llama_cpp_build') or 'own build'}): {c['gguf']}, one slot (-np 1), "
+             f"cache_prompt, -t {c['threads']}, -c {c['ctx']}. Ours: qwen-fast serve on the same "
+             f"random weights, prefix caching on. One after the other; 1-min load average "
+             f"{c['loadavg_1min_before']} before, {c['loadavg_1min_after']} after.",
+             "",
+             "| turn | prompt tokens | TTFT ours (s) | cached ours | TTFT llama-server (s) | "
+             "evaluated by llama-server (cached) | ours / llama-server |",
+             "|---|---|---|---|---|---|---|"]
+    for r in c["turns"]:
+        lines.append(f"| {r['turn']} | {r['prompt_tokens']} | {_f(r['ttft_ours_s'])} | "
+                     f"{_f(r['cached_ours'], '{}')} | {_f(r['ttft_llama_s'])} | "
+                     f"{_f(r['computed_llama'], '{}')} ({_f(r['cached_llama'], '{}')}) | "
+                     f"{_f(r['ratio'])} |")
+    notes = []
+    rebuilt = [f"{t['turn']} ({t['rebuilt']} id{'s' if t['rebuilt'] > 1 else ''})"
+               for t in c["llama"] if t.get("rebuilt")]
+    if rebuilt:
+        notes.append("llama-server streams no id for a token that ends inside a UTF-8 "
+                     "character; such ids were rebuilt from the bytes of the next chunk (one cut "
+                     f"into vocabulary tokens fits) in turn(s) {', '.join(rebuilt)}")
+    for who, turns in (("ours", c["ours"]), ("llama-server", c["llama"])):
+        held = [f"{t['turn']} ({t['first_chunk_tokens']})" for t in turns
+                if t.get("first_chunk_tokens") not in (None, 1)]
+        if held:
+            notes.append(f"{who}'s first chunk came after more than one token (an incomplete "
+                         f"UTF-8 character held back) in turn(s) {', '.join(held)}")
+        again = [t for t in turns if t.get("refetched")]
+        if again:
+            notes.append(
+                f"{who}: ids it did not stream could not be rebuilt, so the answer was asked "
+                f"for again, whole and not timed (the same prompt: {who} then recomputes only "
+                f"its last token, and the next turn's history has this answer), in turn(s) "
+                f"{', '.join(str(t['turn']) for t in again)}; the ids streamed "
+                + ("agree with the answer fetched" if all(t.get("refetch_agrees") for t in again)
+                   else "differ from the answer fetched (probably: the last prompt token "
+                   "recomputed alone gets other bits than in the whole prompt's batch, and the "
+                   "random weights' logits are close) in turn(s) " + ", ".join(
+                       str(t["turn"]) for t in again if not t.get("refetch_agrees"))))
+    t = c["turns"]
+    if t:
+        lines += ["", f"TTFT(turn {t[-1]['turn']}) / TTFT(turn 1): ours "
+                  f"{t[-1]['ttft_ours_s'] / t[0]['ttft_ours_s']:.2f}, llama-server "
+                  f"{t[-1]['ttft_llama_s'] / t[0]['ttft_llama_s']:.2f}."]
+    if notes:
+        lines += [""] + [f"Note: {n}." for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(out: dict) -> str:
+    """The parts that ran, as the sections of benchmarks/results/prefix-latest.md."""
+    parts = []
+    if out.get("multi_turn"):
+        rows = ["## (a) A multi-turn chat", "",
+                "| turn | prompt tokens | TTFT on (s) | cached | TTFT off (s) | off / on |",
+                "|---|---|---|---|---|---|"]
+        rows += [f"| {r['turn']} | {r['prompt_tokens']} | {r['ttft_on_s']:.2f} | {r['cached_on']} | "
+                 f"{r['ttft_off_s']:.2f} | {r['ratio']:.1f} |" for r in out["multi_turn"]]
+        parts.append("\n".join(rows) + "\n")
+    if out.get("shared"):
+        s = out["shared"]
+        rows = ["## (b) Requests sharing a system prompt, sent together", "",
+                "| | total (s) | TTFT p50 (s) | TTFT p99 (s) |", "|---|---|---|---|"]
+        rows += [f"| {k} | {s[k]['total_s']:.1f} | {s[k]['ttft_p50_s']:.2f} | "
+                 f"{s[k]['ttft_p99_s']:.2f} |" for k in ("on", "off")]
+        rows += ["", f"TTFT p50 on / off = {s['ttft_p50_ratio']:.2f}"]
+        parts.append("\n".join(rows) + "\n")
+    if out.get("llama_server"):
+        parts.append("## (c) against llama.cpp's llama-server\n\n" + markdown_c(out["llama_server"]))
+    return "\n".join(parts)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="qwen-1.8b-chat")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--config", default="qwen-1.8b-chat", help="qwen-1.8b-chat, or tiny: a smoke "
+                                                             "run of (a) and (b)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(GGUF_DENSE))
     p.add_argument("--quant", default="int4", choices=["none", "int4", "int8"])
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--turn-tokens", type=int, default=200)
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--shared", type=int, default=16)
     p.add_argument("--system-tokens", type=int, default=1000)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--parts", default="a,b,c", help="which of a, b, c to run (default all)")
-    p.add_argument("--threads", type=int, default=2, help="llama-server's threads (part c)")
-    p.add_argument("--port", type=int, default=8351, help="llama-server's port; ours is +1")
-    p.add_argument("--llama-cpp-dir", help="an existing llama.cpp build (its bin/ has llama-server)")
-    p.add_argument("--sdist", help="the llama-cpp-python sdist to build llama.cpp from")
-    args = p.parse_args()
-    parts = set(args.parts.split(","))
+    p.add_argument("--json", type=Path, help="write every number here")
+    p.add_argument("--md", type=Path, help="write the tables of the parts that ran here (markdown)")
+    p.add_argument("--parts", default="a,b,c", help="which of a, b, c to run (default a,b,c)")
+    p.add_argument("--threads", type=int, default=2, help="(c): both servers' threads")
+    p.add_argument("--ctx", type=int, default=4096, help="(c): llama-server's context (-c)")
+    p.add_argument("--port", type=int, default=0, help="(c): the servers' port (default: a free one)")
+    p.add_argument("--llama-cpp-dir", help="(c): an existing llama.cpp build (its bin/ has "
+                                           "llama-server); default $LLAMA_CPP_DIR, else the "
+                                           "bench_llamacpp.py build under the cache")
+    p.add_argument("--sdist", help="(c): the llama-cpp-python sdist to build llama.cpp from")
+    p.add_argument("--no-build", action="store_true", help="(c): never build llama.cpp")
+    p.add_argument("--jobs", type=int, default=2, help="(c): llama.cpp build jobs")
+    args = p.parse_args(argv)
+    try:
+        parts = parse_parts(args.parts)
+    except ValueError as e:
+        p.error(str(e))
     quant = None if args.quant == "none" else args.quant
-    if args.config == "tiny":                   # a smoke run: the test-size model
+    config = args.config
+    if config == "tiny":                        # a smoke run: the test-size model
         from qwen_fast.testing import tiny_config
-        args.config = tiny_config(seq_length=8192, max_position_embeddings=8192)
+        config = tiny_config(seq_length=8192, max_position_embeddings=8192)
     out = {"args": {k: str(v) for k, v in vars(args).items()}}
-    if parts & {"a", "b"}:
-        on = Engine.from_pretrained(load_format="dummy", config=args.config, dtype=args.dtype,
+    if "a" in parts or "b" in parts:
+        on = Engine.from_pretrained(load_format="dummy", config=config, dtype=args.dtype,
                                     quant=quant, lm_head_quant=quant, max_batch_size=16,
                                     kv_cache_budget=4 * 2**30)
         off = Engine(on.model, on.tokenizer, on.generation_config, max_batch_size=16,
@@ -254,12 +559,19 @@ def main() -> None:
         off.close()
         del on, off
     if "c" in parts:
-        if not isinstance(args.config, str) or args.config != "qwen-1.8b-chat":
-            print("(c) runs on the full-size model only", flush=True)
+        if args.config != "qwen-1.8b-chat":
+            print("(c) skipped: it runs on the full-size model only (our server's dummy weights "
+                  "are qwen-1.8b-chat's)", flush=True)
         else:
             out["llama_server"] = against_llama_server(args)
+    md = markdown(out)
+    if md:
+        print("\n" + md, flush=True)
+    if args.md:
+        args.md.write_text(md)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

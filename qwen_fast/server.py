@@ -36,7 +36,9 @@ Design
 Parameters: ``temperature``, ``top_p``, ``max_tokens`` (chat: or ``max_completion_tokens``),
 ``stop`` (a string or up to 16 strings), ``seed``, ``n`` (1 only), ``stream``,
 ``stream_options.include_usage``, and the extensions ``top_k``, ``repetition_penalty``,
-``ignore_eos``, ``stop_token_ids``. Missing ones take the checkpoint's generation_config.json
+``ignore_eos``, ``stop_token_ids`` and ``return_token_ids`` (true: the choice also carries
+``token_ids``, the completion's token ids; streamed, they come once, whole, in the chunk that
+has the ``finish_reason``). Missing ones take the checkpoint's generation_config.json
 values (top_p 0.8, repetition_penalty 1.1, 512 new tokens), not OpenAI's defaults.
 ``presence_penalty``/``frequency_penalty`` other than 0, logprobs, tools, ``echo``,
 ``best_of`` > 1, ``suffix`` and non-text response formats are refused with a 400.
@@ -194,9 +196,10 @@ class _Options:
     """What a request asks for, checked: sampling overrides and how to answer."""
 
     def __init__(self, overrides: dict, stream: bool, include_usage: bool,
-                 max_tokens: Optional[int]):
+                 max_tokens: Optional[int], return_token_ids: bool = False):
         self.overrides, self.stream, self.include_usage = overrides, stream, include_usage
         self.max_tokens = max_tokens
+        self.return_token_ids = return_token_ids
 
 
 def _parse_options(body: dict, chat: bool) -> _Options:
@@ -252,7 +255,7 @@ def _parse_options(body: dict, chat: bool) -> _Options:
         if not isinstance(so, dict):
             raise _bad("stream_options must be an object", param="stream_options")
         include_usage = bool(_get_bool(so, "include_usage"))
-    return _Options(ov, stream, include_usage, mt)
+    return _Options(ov, stream, include_usage, mt, bool(_get_bool(body, "return_token_ids")))
 
 
 def _text_content(i: int, m: dict) -> str:
@@ -404,8 +407,10 @@ def _usage(result) -> dict:
 class _StreamRenderer:
     """Turns deltas into chat.completion.chunk / text_completion SSE events."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool):
+    def __init__(self, chat: bool, model: str, include_usage: bool,
+                 return_token_ids: bool = False):
         self.chat, self.model, self.include_usage = chat, model, include_usage
+        self.return_token_ids = return_token_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = False
@@ -436,7 +441,10 @@ class _StreamRenderer:
 
     def end(self, result) -> List[bytes]:
         reason, usage = result.finish_reason, _usage(result)
-        out = [_sse(self._chunk(finish_reason=reason))]
+        last = self._chunk(finish_reason=reason)
+        if self.return_token_ids:
+            last["choices"][0]["token_ids"] = list(result.token_ids)
+        out = [_sse(last)]
         if self.include_usage:
             obj = self._chunk()
             obj["choices"] = []
@@ -667,7 +675,8 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             raise _engine_error(e) from None
         job = _StreamJob(iterator, asyncio.get_running_loop())
         if opts.stream:
-            renderer = _StreamRenderer(chat, model_name, opts.include_usage)
+            renderer = _StreamRenderer(chat, model_name, opts.include_usage,
+                                       opts.return_token_ids)
             return _SSEResponse(job, renderer, executor)
         result = await _whole(job, request, executor)
         if result is None:                      # the client went away: nobody to answer
@@ -679,6 +688,8 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                       "logprobs": None, "finish_reason": result.finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
+        if opts.return_token_ids:
+            choice["token_ids"] = list(result.token_ids)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name, "choices": [choice],
                 "usage": _usage(result)}

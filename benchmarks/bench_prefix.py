@@ -55,26 +55,50 @@ def _prompt(engine, n, g):
 
 
 def multi_turn(on, off, args) -> list:
+    """Workload (a). The conversation is built once, from the caching engine's greedy answers;
+    caching on then runs it --repeats times (the cache cleared before each: every repeat starts
+    cold), and caching off once, after all of them, over the same prompts. The off turns are long
+    (up to ~7 s of full-load prefill each) and no longer sit between the on turns, whose clock
+    they slowed. Each repeat's answers must equal the first's, and off's must equal on's (greedy,
+    the cache exact): a mismatch is reported in the row."""
     g = torch.Generator().manual_seed(0)
-    tok = on.tokenizer
-    history = []                                 # ids of the conversation so far
+    prompts, answers = [], []
+    history: List[int] = []                      # ids of the conversation so far
+    on_s: List[List[float]] = []                 # [turn][repeat]
+    cached_on: List[int] = []
+    same = []
+    for rep in range(args.repeats):
+        on.clear_prefix_cache()
+        for turn in range(args.turns):
+            if rep == 0:
+                prompts.append(history + _prompt(on, args.turn_tokens, g))
+            r = on.generate(prompts[turn], max_new_tokens=args.answer_tokens, temperature=0,
+                            ignore_eos=True)
+            if rep == 0:
+                answers.append(r.token_ids)
+                history = prompts[turn] + r.token_ids
+                on_s.append([])
+                cached_on.append(r.cached_tokens)
+                same.append(True)
+            else:
+                same[turn] = same[turn] and r.token_ids == answers[turn]
+            on_s[turn].append(r.prefill_s)
+        firsts = [s[rep] for s in on_s]
+        print(f"on, repeat {rep + 1}: TTFT per turn " + " ".join(f"{t:.2f}" for t in firsts)
+              + f" s; turn {args.turns} / turn 1 = {firsts[-1] / firsts[0]:.2f}", flush=True)
     rows = []
-    for turn in range(1, args.turns + 1):
-        question = _prompt(on, args.turn_tokens, g)
-        ids = history + question
-        row = {"turn": turn, "prompt_tokens": len(ids)}
-        for name, e in (("on", on), ("off", off)):
-            r = e.generate(ids, max_new_tokens=args.answer_tokens, temperature=0, ignore_eos=True)
-            row[f"ttft_{name}_s"] = r.prefill_s
-            row[f"cached_{name}"] = r.cached_tokens
-            answer = r.token_ids
-        row["ratio"] = row["ttft_off_s"] / row["ttft_on_s"]
+    for turn, ids in enumerate(prompts):
+        r = off.generate(ids, max_new_tokens=args.answer_tokens, temperature=0, ignore_eos=True)
+        med = statistics.median(on_s[turn])
+        row = {"turn": turn + 1, "prompt_tokens": len(ids), "ttft_on_s": med,
+               "ttft_on_all_s": on_s[turn], "cached_on": cached_on[turn],
+               "ttft_off_s": r.prefill_s, "cached_off": r.cached_tokens,
+               "ratio": r.prefill_s / med, "answers_equal": same[turn] and r.token_ids == answers[turn]}
         rows.append(row)
-        print(f"turn {turn}: {len(ids)} prompt tokens, TTFT on {row['ttft_on_s']:.2f} s "
-              f"({row['cached_on']} cached), off {row['ttft_off_s']:.2f} s: {row['ratio']:.1f}x",
+        print(f"turn {turn + 1}: {len(ids)} prompt tokens, TTFT on {med:.2f} s (median of "
+              f"{len(on_s[turn])}; {row['cached_on']} cached), off {r.prefill_s:.2f} s: "
+              f"{row['ratio']:.1f}x" + ("" if row["answers_equal"] else "; ANSWERS DIFFER"),
               flush=True)
-        history = ids + answer
-    del tok
     return rows
 
 
@@ -494,8 +518,20 @@ def markdown(out: dict) -> str:
         rows = ["## (a) A multi-turn chat", "",
                 "| turn | prompt tokens | TTFT on (s) | cached | TTFT off (s) | off / on |",
                 "|---|---|---|---|---|---|"]
+        mt = out["multi_turn"]
         rows += [f"| {r['turn']} | {r['prompt_tokens']} | {r['ttft_on_s']:.2f} | {r['cached_on']} | "
-                 f"{r['ttft_off_s']:.2f} | {r['ratio']:.1f} |" for r in out["multi_turn"]]
+                 f"{r['ttft_off_s']:.2f} | {r['ratio']:.1f} |" for r in mt]
+        reps = len(mt[0].get("ttft_on_all_s", [mt[0]["ttft_on_s"]]))
+        per = [r["ttft_on_all_s"][i] for r in (mt[-1], mt[0]) for i in range(reps)] \
+            if "ttft_on_all_s" in mt[0] else []
+        rows += ["", f"TTFT on: the median of {reps} runs of the conversation (cache cleared "
+                 f"before each). TTFT(turn {mt[-1]['turn']}) / TTFT(turn 1) = "
+                 f"{mt[-1]['ttft_on_s'] / mt[0]['ttft_on_s']:.2f}"
+                 + (" (each run: " + ", ".join(f"{per[i] / per[reps + i]:.2f}" for i in range(reps))
+                    + ")" if per else "") + "."]
+        bad = [str(r["turn"]) for r in mt if not r.get("answers_equal", True)]
+        rows += ["Greedy answers " + (f"DIFFER in turn(s) {', '.join(bad)}" if bad else
+                                      "identical in every run, on and off") + "."]
         parts.append("\n".join(rows) + "\n")
     if out.get("shared"):
         s = out["shared"]
@@ -519,6 +555,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--turn-tokens", type=int, default=200)
     p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="(a): runs of the conversation with "
+                                                          "caching on (median TTFT per turn)")
     p.add_argument("--shared", type=int, default=16)
     p.add_argument("--system-tokens", type=int, default=1000)
     p.add_argument("--json", type=Path, help="write every number here")

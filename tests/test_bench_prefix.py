@@ -1,6 +1,7 @@
 """The pure helpers of benchmarks/bench_prefix.py part (c): the --parts option, the GGUF type
 for our weights, server-sent events, each server's stream read into a turn's numbers, and the
-markdown table. Nothing here starts a server or builds llama.cpp."""
+markdown table. Nothing here starts a server or builds llama.cpp. Parts (a) and (b) run once on
+the test-size model (--config tiny), a smoke test of their bookkeeping."""
 import importlib.util
 import json
 import sys
@@ -166,3 +167,23 @@ def test_compare_and_markdown():
     assert "in turn(s) 1 (1 id)" in bp.markdown({"llama_server": c})
     json.dumps(c)                                   # what --json writes
     assert bp.markdown({"llama_server": None}) == ""
+
+
+def test_tiny_run_of_a_and_b(tmp_path):
+    out = tmp_path / "out.json"
+    md = tmp_path / "out.md"
+    assert bp.main(["--config", "tiny", "--parts", "a,b", "--turns", "3", "--turn-tokens", "20",
+                    "--answer-tokens", "3", "--repeats", "2", "--shared", "3",
+                    "--system-tokens", "70", "--json", str(out), "--md", str(md)]) == 0
+    res = json.loads(out.read_text())
+    rows = res["multi_turn"]
+    assert [r["prompt_tokens"] for r in rows] == [20, 43, 66]      # + 3 answer tokens a turn
+    # every turn after the first finds all of the history but the last answer token cached
+    assert [r["cached_on"] for r in rows] == [0, 22, 45]
+    assert all(r["cached_off"] == 0 for r in rows)
+    assert all(len(r["ttft_on_all_s"]) == 2 for r in rows)
+    assert all(r["answers_equal"] for r in rows)                   # greedy: on == off, every run
+    shared = res["shared"]
+    assert shared["on"]["cached_tokens"] == [70] * 3 and shared["off"]["cached_tokens"] == [0] * 3
+    text = md.read_text()
+    assert "median of 2 runs" in text and "identical in every run, on and off" in text

@@ -162,7 +162,9 @@ def test_chat_stream(server, client):
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens and 1 <= u.completion_tokens <= 7
     # Without include_usage: no usage chunk.
     _, content2, finish2, usage2 = _chat_stream(client, **kw)
-    assert content2 == content and finish2 == finish and usage2 == []
+    # The same text; how it is cut into chunks depends on how many tokens were ready when the
+    # stream was written (timing), so the chunks themselves are not compared.
+    assert "".join(content2) == "".join(content) and finish2 == finish and usage2 == []
 
 
 def test_chat_history_and_sampling(client, tiny_engine):

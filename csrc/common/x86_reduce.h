@@ -23,6 +23,7 @@ inline void hsum4(float a, float b, float c, float d, float* out) {
 #pragma GCC diagnostic ignored "-Wpsabi"
 // GCC 12's own AVX-512 headers trip it (_mm512_undefined_*: GCC bug 105593, fixed in 13).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace qf::cpu {
 

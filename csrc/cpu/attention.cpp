@@ -10,8 +10,8 @@
 // j of sequence s on page page_table[s, j / P]; out [N, H, D] contiguous. Parallelisation: OpenMP
 // over (i, h) rows; a static schedule for decode steps (rows of equal work per sequence), a
 // dynamic one when a sequence has several tokens (causal rows grow longer with the position).
-// bf16 with head dim 128 on AVX-512 BF16 runs a prefill chunk in tiles of up to kTile tokens
-// (one key read serves the tile), with the same bits per token as one token alone.
+// bf16 and fp16 with head dim 128 on AVX-512 BF16 run a prefill chunk in tiles of up to kTile
+// tokens (one key read serves the tile), with the same bits per token as one token alone.
 // Constraints: 1 <= D <= kMaxHeadDim; the caller checks the page ids (ops/common.h).
 #include <algorithm>
 #include <cmath>
@@ -135,51 +135,130 @@ QF_CPU_CLONES void attend_row(T* out,      // [D]
 }
 
 #if QF_X86_INTRINSICS
-// bf16 with a head dim of 128 (Qwen's) on AVX-512 BF16, the hot path: q . k by vdpbf16ps on the
-// bf16 values as they are (each product exact in fp32, sums in fp32), four keys' sums reduced
-// together; p * v in fp32 FMAs on v widened from bf16, the 128 accumulators in eight registers.
-// The widening splits each 32 values into even and odd elements, so acc holds them in that order
-// (even 0..15, odd 0..15 for each 32) until the output is written.
+// 16-bit keys and values with a head dim of 128 (Qwen's) on AVX-512, the hot path, for bf16 and
+// fp16 alike; what differs is in the element traits below (Bf16D128, Fp16D128):
+//   - bf16: q . k by vdpbf16ps on the bf16 values as they are (each product exact in fp32, sums
+//     in fp32); v widened by shifts, which split each 32 values into their even and odd
+//     elements, so the accumulator holds them in that order until the output is written;
+//   - fp16: k and v widened to fp32 by vcvtph2ps (exact), q . k by fp32 FMAs on q widened once
+//     (each product exact: 11 x 11 significant bits), v's 32 values as their low and high 16.
+// Both: four keys' sums reduced together (hsum4); p * v in fp32 FMAs, the 128 accumulators in
+// eight registers. (AVX-512 BF16 is required for both: the fp16 traits use none of its
+// instructions, but one target attribute covers the shared code.)
 //
-// Two kernels share this arithmetic: attend_row_bf16_d128 (one token and head: decode) and
-// attend_tile_bf16_d128 (up to kTile consecutive tokens of one sequence and head: a prefill
-// chunk, each key block read once for the tile). They give a token the same bits, whichever runs
-// it and however the step's tokens are chunked (the prefix cache relies on it; tested):
-//   - a key's score is a function of that key alone: every key's sum goes through hsum4 (a
-//     short group is padded with zeros, never a different reduction);
+// Two kernels share this arithmetic: attend_row_d128 (one token and head: decode) and
+// attend_tile_d128 (up to kTile consecutive tokens of one sequence and head: a prefill chunk,
+// each key block read once for the tile). They give a token the same bits, whichever runs it and
+// however the step's tokens are chunked (the prefix cache relies on it; tested):
+//   - a key's score is a function of that key alone: every key's sum is the same chain of
+//     instructions and goes through hsum4 (a short group is padded with zeros, never a different
+//     reduction);
 //   - the key blocks follow the pages for every token (PagedRow::block_len), and each block's
 //     softmax update is one non-inlined function (softmax_block) that both kernels call;
 //   - p * v accumulates in key order per lane, with FMAs on the same widened values.
-constexpr int kBf16Dim = 128;
+constexpr int kDim128 = 128;
 constexpr int64_t kPrefetchKeys = 32;       // near prefetch (prefetcht1), 8 KiB ahead
 constexpr int64_t kFarPrefetchKeys = 128;   // far prefetch (prefetcht2), 32 KiB ahead
 constexpr int kTile = 8;                    // tokens per tile (16 accumulators per column pair)
 
-QF_TARGET_AVX512_BF16 inline __m512 dot_bf16_d128(const __m512bh (&q)[4], const bf16* k) {
-  __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(_mm512_loadu_si512(k)), q[0]);
-  a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + 32)), q[1]);
-  a = _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + 64)), q[2]);
-  return _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + 96)), q[3]);
+// Element traits: Q is a token's query as the dot product takes it; a key row is kChunks chunks,
+// chunk(k, c) loads chunk c, step() adds its products to a chain; widen() gives 32 values of a
+// value row as two fp32 vectors; store() writes acc / l in the element type from that order.
+struct Bf16D128 {
+  using T = bf16;
+  static constexpr int kChunks = 4;           // 32 values each
+  struct Q { __m512bh v[4]; };
+  QF_TARGET_AVX512_BF16 static Q load_q(const bf16* q) {
+    Q r;
+    for (int i = 0; i < 4; ++i) r.v[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + 32 * i));
+    return r;
+  }
+  QF_TARGET_AVX512_BF16 static __m512bh chunk(const bf16* k, int c) {
+    return reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + 32 * c));
+  }
+  QF_TARGET_AVX512_BF16 static __m512 step(__m512 a, __m512bh kc, const Q& q, int c) {
+    return _mm512_dpbf16_ps(a, kc, q.v[c]);
+  }
+  QF_TARGET_AVX512_BF16 static void widen(const bf16* v, __m512& e, __m512& o) {
+    const __m512i w = _mm512_loadu_si512(v);
+    e = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    o = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(-65536)));
+  }
+  // out = acc / l (acc in the even/odd order).
+  QF_TARGET_AVX512_BF16 static void store(bf16* out, const float* acc, float l) {
+    const __m512 inv = _mm512_set1_ps(1.0f / l);
+    alignas(64) float even[16], odd[16];
+    for (int i = 0; i < 4; ++i) {
+      _mm512_store_ps(even, _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * i), inv));
+      _mm512_store_ps(odd, _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * i + 16), inv));
+      for (int e = 0; e < 16; ++e) {
+        out[32 * i + 2 * e] = from_float<bf16>(even[e]);
+        out[32 * i + 2 * e + 1] = from_float<bf16>(odd[e]);
+      }
+    }
+  }
+};
+
+struct Fp16D128 {
+  using T = fp16;
+  static constexpr int kChunks = 8;           // 16 values each
+  struct Q { __m512 v[8]; };
+  QF_TARGET_AVX512_BF16 static __m512 load16(const fp16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  QF_TARGET_AVX512_BF16 static Q load_q(const fp16* q) {
+    Q r;
+    for (int i = 0; i < 8; ++i) r.v[i] = load16(q + 16 * i);
+    return r;
+  }
+  QF_TARGET_AVX512_BF16 static __m512 chunk(const fp16* k, int c) { return load16(k + 16 * c); }
+  QF_TARGET_AVX512_BF16 static __m512 step(__m512 a, __m512 kc, const Q& q, int c) {
+    return _mm512_fmadd_ps(kc, q.v[c], a);
+  }
+  QF_TARGET_AVX512_BF16 static void widen(const fp16* v, __m512& e, __m512& o) {
+    e = load16(v);
+    o = load16(v + 16);
+  }
+  // out = acc / l (acc in the natural order), rounded to fp16 by vcvtps2ph (to nearest even,
+  // as from_float<fp16>).
+  QF_TARGET_AVX512_BF16 static void store(fp16* out, const float* acc, float l) {
+    const __m512 inv = _mm512_set1_ps(1.0f / l);
+    for (int i = 0; i < 8; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * i),
+                          _mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), inv),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
+// q . k of one key: the lanes' partial sums, one chain over the chunks.
+template <class E>
+QF_TARGET_AVX512_BF16 inline __m512 dot_d128(const typename E::Q& q, const typename E::T* k) {
+  __m512 a = E::step(_mm512_setzero_ps(), E::chunk(k, 0), q, 0);
+  for (int c = 1; c < E::kChunks; ++c) a = E::step(a, E::chunk(k, c), q, c);
+  return a;
 }
 
 // Scores (unscaled) of keys j .. j + 3 of k into s[j ..].
-QF_TARGET_AVX512_BF16 inline void scores_bf16_d128(float* s, const __m512bh (&qv)[4],
-                                                  const bf16* k, int64_t j, int64_t ld_k) {
-  hsum4(dot_bf16_d128(qv, k + j * ld_k), dot_bf16_d128(qv, k + (j + 1) * ld_k),
-        dot_bf16_d128(qv, k + (j + 2) * ld_k), dot_bf16_d128(qv, k + (j + 3) * ld_k), s + j);
+template <class E>
+QF_TARGET_AVX512_BF16 inline void scores_d128(float* s, const typename E::Q& q,
+                                              const typename E::T* k, int64_t j) {
+  constexpr int64_t ld = kDim128;
+  hsum4(dot_d128<E>(q, k + j * ld), dot_d128<E>(q, k + (j + 1) * ld),
+        dot_d128<E>(q, k + (j + 2) * ld), dot_d128<E>(q, k + (j + 3) * ld), s + j);
 }
 
 // Scores of the n keys at kb into s: groups of four, the last one padded with zero sums (the
 // same reduction as a full group: each key's lanes are summed alone inside hsum4).
-QF_TARGET_AVX512_BF16 inline void score_keys_bf16_d128(float* s, const __m512bh (&qv)[4],
-                                                      const bf16* kb, int64_t n) {
-  constexpr int64_t ld = kBf16Dim;
+template <class E>
+QF_TARGET_AVX512_BF16 inline void score_keys_d128(float* s, const typename E::Q& q,
+                                                  const typename E::T* kb, int64_t n) {
+  constexpr int64_t ld = kDim128;
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) scores_bf16_d128(s, qv, kb, j, ld);
+  for (; j + 4 <= n; j += 4) scores_d128<E>(s, q, kb, j);
   if (j < n) {
     __m512 d[4];
     for (int r = 0; r < 4; ++r)
-      d[r] = j + r < n ? dot_bf16_d128(qv, kb + (j + r) * ld) : _mm512_setzero_ps();
+      d[r] = j + r < n ? dot_d128<E>(q, kb + (j + r) * ld) : _mm512_setzero_ps();
     alignas(16) float t[4];
     hsum4(d[0], d[1], d[2], d[3], t);
     for (int64_t r = 0; j + r < n; ++r) s[j + r] = t[r];
@@ -216,34 +295,33 @@ QF_TARGET_AVX512_BF16 inline __m512 exp16(__m512 d) {
                               _mm512_set1_ps(INFINITY));
 }
 
-// score_keys_bf16_d128 for two tokens at once (each key row loaded once for both): the same
-// chains of vdpbf16ps and the same hsum4 for each key, so the same sums as one token alone.
-QF_TARGET_AVX512_BF16 inline void score_keys2_bf16_d128(float* s0, float* s1,
-                                                       const __m512bh (&q0)[4],
-                                                       const __m512bh (&q1)[4],
-                                                       const bf16* kb, int64_t n) {
-  constexpr int64_t ld = kBf16Dim;
+// score_keys_d128 for two tokens at once (each key chunk loaded once for both): the same chains
+// and the same hsum4 for each key, so the same sums as one token alone.
+template <class E>
+QF_TARGET_AVX512_BF16 inline void score_keys2_d128(float* s0, float* s1, const typename E::Q& q0,
+                                                   const typename E::Q& q1,
+                                                   const typename E::T* kb, int64_t n) {
+  constexpr int64_t ld = kDim128;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     __m512 a[4], b[4];
     for (int r = 0; r < 4; ++r) {
-      const __m512bh k = reinterpret_cast<__m512bh>(_mm512_loadu_si512(kb + (j + r) * ld));
-      a[r] = _mm512_dpbf16_ps(_mm512_setzero_ps(), k, q0[0]);
-      b[r] = _mm512_dpbf16_ps(_mm512_setzero_ps(), k, q1[0]);
+      const auto k = E::chunk(kb + (j + r) * ld, 0);
+      a[r] = E::step(_mm512_setzero_ps(), k, q0, 0);
+      b[r] = E::step(_mm512_setzero_ps(), k, q1, 0);
     }
-    for (int c = 1; c < 4; ++c)
+    for (int c = 1; c < E::kChunks; ++c)
       for (int r = 0; r < 4; ++r) {
-        const __m512bh k = reinterpret_cast<__m512bh>(
-            _mm512_loadu_si512(kb + (j + r) * ld + 32 * c));
-        a[r] = _mm512_dpbf16_ps(a[r], k, q0[c]);
-        b[r] = _mm512_dpbf16_ps(b[r], k, q1[c]);
+        const auto k = E::chunk(kb + (j + r) * ld, c);
+        a[r] = E::step(a[r], k, q0, c);
+        b[r] = E::step(b[r], k, q1, c);
       }
     hsum4(a[0], a[1], a[2], a[3], s0 + j);
     hsum4(b[0], b[1], b[2], b[3], s1 + j);
   }
   if (j < n) {
-    score_keys_bf16_d128(s0 + j, q0, kb + j * ld, n - j);
-    score_keys_bf16_d128(s1 + j, q1, kb + j * ld, n - j);
+    score_keys_d128<E>(s0 + j, q0, kb + j * ld, n - j);
+    score_keys_d128<E>(s1 + j, q1, kb + j * ld, n - j);
   }
 }
 
@@ -277,41 +355,30 @@ QF_TARGET_AVX512_BF16 __attribute__((noinline)) float softmax_block(float* s, in
   return correction;
 }
 
-// acc += s[j] * v[j] for one key (acc in the even/odd order of the widening).
-QF_TARGET_AVX512_BF16 inline void accumulate_bf16_d128(__m512 (&acc)[8], float p_j, const bf16* vr) {
-  const __m512 p = _mm512_set1_ps(p_j);
-  const __m512i high = _mm512_set1_epi32(-65536);
-  for (int i = 0; i < 4; ++i) {
-    const __m512i w = _mm512_loadu_si512(vr + 32 * i);
-    acc[2 * i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), p, acc[2 * i]);
-    acc[2 * i + 1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, high)), p, acc[2 * i + 1]);
-  }
-}
 
-// out = acc / l in bf16 (acc in the even/odd order).
-QF_TARGET_AVX512_BF16 inline void store_out_bf16_d128(bf16* out, const float* acc, float l) {
-  const __m512 inv = _mm512_set1_ps(1.0f / l);
-  alignas(64) float even[16], odd[16];
+// acc += p_j * v[j] for one key (acc in the order of E::widen).
+template <class E>
+QF_TARGET_AVX512_BF16 inline void accumulate_d128(__m512 (&acc)[8], float p_j,
+                                                  const typename E::T* vr) {
+  const __m512 p = _mm512_set1_ps(p_j);
   for (int i = 0; i < 4; ++i) {
-    _mm512_store_ps(even, _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * i), inv));
-    _mm512_store_ps(odd, _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * i + 16), inv));
-    for (int e = 0; e < 16; ++e) {
-      out[32 * i + 2 * e] = from_float<bf16>(even[e]);
-      out[32 * i + 2 * e + 1] = from_float<bf16>(odd[e]);
-    }
+    __m512 e, o;
+    E::widen(vr + 32 * i, e, o);
+    acc[2 * i] = _mm512_fmadd_ps(e, p, acc[2 * i]);
+    acc[2 * i + 1] = _mm512_fmadd_ps(o, p, acc[2 * i + 1]);
   }
 }
 
 // Prefetches keys pk .. pk + 3 and values pv .. pv + 3 of the row (pv <= pk) with locality
 // kHint, if they exist.
-template <int kHint>
-QF_TARGET_AVX512_BF16 inline void prefetch4(const PagedRow<bf16>& row, int64_t pk, int64_t pv,
+template <int kHint, typename T>
+QF_TARGET_AVX512_BF16 inline void prefetch4(const PagedRow<T>& row, int64_t pk, int64_t pv,
                                             std::integral_constant<int, kHint>) {
   if (pk + 4 > row.n_keys) return;
   for (int r = 0; r < 4; ++r) {
     const char* kp = reinterpret_cast<const char*>(row.k(pk + r));
     const char* vp = reinterpret_cast<const char*>(row.v(pv + r));
-    for (int o = 0; o < kBf16Dim * 2; o += 64) {
+    for (int o = 0; o < kDim128 * 2; o += 64) {
       __builtin_prefetch(kp + o, 0, kHint);
       __builtin_prefetch(vp + o, 0, kHint);
     }
@@ -333,28 +400,29 @@ QF_TARGET_AVX512_BF16 inline void prefetch4(const PagedRow<bf16>& row, int64_t p
 //   prefetcht0 (into L1) 16 ahead:                    0.56-0.58 at 63 GB/s
 // Earlier: splitting the keys into 2 or 4 runs in lockstep, for more streams, lost to the
 // register spills.
-QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_bf16_d128(
-    bf16* out, const bf16* q, const PagedRow<bf16>& row, float scale) {
-  constexpr int64_t ld = kBf16Dim;
+template <class E>
+QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_d128(
+    typename E::T* out, const typename E::T* q, const PagedRow<typename E::T>& row, float scale) {
+  using T = typename E::T;
+  constexpr int64_t ld = kDim128;
   const int64_t n_keys = row.n_keys;
-  __m512bh qv[4];
-  for (int i = 0; i < 4; ++i) qv[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + 32 * i));
+  const typename E::Q qv = E::load_q(q);
   __m512 acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
   float m = -INFINITY, l = 0.0f;
   alignas(64) float buf[2][kKeyBlock];
   int64_t n = row.block_len(0);
-  score_keys_bf16_d128(buf[0], qv, row.k(0), n);
+  score_keys_d128<E>(buf[0], qv, row.k(0), n);
   for (int64_t j0 = 0, b = 0; j0 < n_keys; j0 += n, b ^= 1) {
     float* s = buf[b];
     float* s_next = buf[b ^ 1];
     n = row.block_len(j0);
     const int64_t j1 = j0 + n;
     const int64_t n_next = j1 < n_keys ? row.block_len(j1) : 0;
-    const bf16* k_next = n_next > 0 ? row.k(j1) : nullptr;
+    const T* k_next = n_next > 0 ? row.k(j1) : nullptr;
     const __m512 c = _mm512_set1_ps(softmax_block(s, n, scale, m, l));
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_mul_ps(acc[i], c);
-    const bf16* vb = row.v(j0);
+    const T* vb = row.v(j0);
     int64_t j = 0;
     for (; j + 4 <= n && j + 4 <= n_next; j += 4) {  // both streams
       // The keys a distance on from the ones scored, and the values the same distance on from
@@ -362,29 +430,27 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row_bf16_d128(
       prefetch4(row, j1 + j + kPrefetchKeys, j0 + j + kPrefetchKeys, std::integral_constant<int, 2>());
       prefetch4(row, j1 + j + kFarPrefetchKeys, j0 + j + kFarPrefetchKeys,
                 std::integral_constant<int, 1>());
-      scores_bf16_d128(s_next, qv, k_next, j, ld);
-      for (int r = 0; r < 4; ++r) accumulate_bf16_d128(acc, s[j + r], vb + (j + r) * ld);
+      scores_d128<E>(s_next, qv, k_next, j);
+      for (int r = 0; r < 4; ++r) accumulate_d128<E>(acc, s[j + r], vb + (j + r) * ld);
     }
-    for (int64_t i = j; i < n; ++i) accumulate_bf16_d128(acc, s[i], vb + i * ld);
-    if (n_next > j) score_keys_bf16_d128(s_next + j, qv, k_next + j * ld, n_next - j);
+    for (int64_t i = j; i < n; ++i) accumulate_d128<E>(acc, s[i], vb + i * ld);
+    if (n_next > j) score_keys_d128<E>(s_next + j, qv, k_next + j * ld, n_next - j);
   }
-  alignas(64) float accs[kBf16Dim];
+  alignas(64) float accs[kDim128];
   for (int i = 0; i < 8; ++i) _mm512_store_ps(accs + 16 * i, acc[i]);
-  store_out_bf16_d128(out, accs, l);
+  E::store(out, accs, l);
 }
 
 // p * v of one key block for the nt tokens of a tile, column pair by column pair (32 of the 128
-// values: their even and odd halves), each value row loaded and widened once for every token.
+// values, as E::widen splits them), each value row loaded and widened once for every token.
 // Token t takes the block's keys j < nk[t] (probabilities p[t]); acc[t] is its accumulator in
-// memory (even/odd order), rescaled by corr[t] first. kMasked: some token takes fewer keys than
-// the block has (the block on the diagonal); a masked FMA leaves the others' sums untouched.
-template <int kNt, bool kMasked>
-QF_TARGET_AVX512_BF16 inline void tile_pv_bf16_d128(float (*acc)[kBf16Dim],
-                                                   const float (*p)[kKeyBlock],
-                                                   const float* corr, const int64_t* nk,
-                                                   const bf16* vb, int64_t n) {
-  constexpr int64_t ld = kBf16Dim;
-  const __m512i high = _mm512_set1_epi32(-65536);
+// memory (E::widen's order), rescaled by corr[t] first. kMasked: some token takes fewer keys
+// than the block has (the block on the diagonal); a masked FMA leaves the others' sums untouched.
+template <class E, int kNt, bool kMasked>
+QF_TARGET_AVX512_BF16 inline void tile_pv_d128(float (*acc)[kDim128], const float (*p)[kKeyBlock],
+                                               const float* corr, const int64_t* nk,
+                                               const typename E::T* vb, int64_t n) {
+  constexpr int64_t ld = kDim128;
   for (int i = 0; i < 4; ++i) {
     __m512 ae[kNt], ao[kNt];
     for (int t = 0; t < kNt; ++t) {
@@ -393,9 +459,8 @@ QF_TARGET_AVX512_BF16 inline void tile_pv_bf16_d128(float (*acc)[kBf16Dim],
       ao[t] = _mm512_mul_ps(_mm512_load_ps(acc[t] + 32 * i + 16), c);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const __m512i w = _mm512_loadu_si512(vb + j * ld + 32 * i);
-      const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-      const __m512 o = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+      __m512 e, o;
+      E::widen(vb + j * ld + 32 * i, e, o);
       for (int t = 0; t < kNt; ++t) {
         const __m512 pj = _mm512_set1_ps(p[t][j]);
         if constexpr (kMasked) {
@@ -415,17 +480,17 @@ QF_TARGET_AVX512_BF16 inline void tile_pv_bf16_d128(float (*acc)[kBf16Dim],
   }
 }
 
-template <int kNt>
-QF_TARGET_AVX512_BF16 inline void tile_pv_dispatch(float (*acc)[kBf16Dim],
+template <class E, int kNt>
+QF_TARGET_AVX512_BF16 inline void tile_pv_dispatch(float (*acc)[kDim128],
                                                   const float (*p)[kKeyBlock],
                                                   const float* corr, const int64_t* nk,
-                                                  const bf16* vb, int64_t n) {
+                                                  const typename E::T* vb, int64_t n) {
   bool full = true;
   for (int t = 0; t < kNt; ++t) full = full && nk[t] == n;
   if (full)
-    tile_pv_bf16_d128<kNt, false>(acc, p, corr, nk, vb, n);
+    tile_pv_d128<E, kNt, false>(acc, p, corr, nk, vb, n);
   else
-    tile_pv_bf16_d128<kNt, true>(acc, p, corr, nk, vb, n);
+    tile_pv_d128<E, kNt, true>(acc, p, corr, nk, vb, n);
 }
 
 // nt (1 .. kTile) consecutive tokens of one sequence and head, token t at position
@@ -433,51 +498,57 @@ QF_TARGET_AVX512_BF16 inline void tile_pv_dispatch(float (*acc)[kBf16Dim],
 // tile's last token. The key blocks are that token's (the others' are the same blocks, their
 // last one cut shorter): each block's keys are scored for every token, two tokens at a time, and
 // its values are read once for all of them.
-// Measured (24 layers of 16 heads, 240 tokens after 1472 cached, pages of 64, 2 threads, one
-// run): 18.4 ms a layer with the tile (one token's scores at a time) against 38 ms token by
+// Measured (bf16; 24 layers of 16 heads, 240 tokens after 1472 cached, pages of 64, 2 threads,
+// one run): 18.4 ms a layer with the tile (one token's scores at a time) against 38 ms token by
 // token; 14.6 ms with two tokens' scores at a time. p * v is then about 60% of the time, at about
 // 75% of the FMA rate.
-QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_tile_bf16_d128(
-    bf16* out, int64_t so_n, const bf16* q, int64_t sq_n, const PagedRow<bf16>& last, int nt,
-    float scale) {
-  alignas(64) float acc[kTile][kBf16Dim];
+template <class E>
+QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_tile_d128(
+    typename E::T* out, int64_t so_n, const typename E::T* q, int64_t sq_n,
+    const PagedRow<typename E::T>& last, int nt, float scale) {
+  using T = typename E::T;
+  alignas(64) float acc[kTile][kDim128];
   alignas(64) float p[kTile][kKeyBlock];
   float m[kTile], l[kTile], corr[kTile];
   int64_t nk[kTile];
-  __m512bh qv[kTile][4];
+  typename E::Q qv[kTile];
   for (int t = 0; t < nt; ++t) {
-    for (int i = 0; i < 4; ++i)
-      qv[t][i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + t * sq_n + 32 * i));
-    for (int64_t d = 0; d < kBf16Dim; ++d) acc[t][d] = 0.0f;
+    qv[t] = E::load_q(q + t * sq_n);
+    for (int64_t d = 0; d < kDim128; ++d) acc[t][d] = 0.0f;
     m[t] = -INFINITY, l[t] = 0.0f;
   }
   const int64_t n_keys = last.n_keys, first_keys = n_keys - (nt - 1);
   for (int64_t j0 = 0, n; j0 < n_keys; j0 += n) {
     n = last.block_len(j0);
-    const bf16* kb = last.k(j0);
-    const bf16* vb = last.v(j0);
+    const T* kb = last.k(j0);
+    const T* vb = last.v(j0);
     // Token t's block: the keys j0 .. its own n_keys (block_len of its row); two tokens' scores
     // at a time.
     for (int t = 0; t < nt; ++t) nk[t] = std::max<int64_t>(0, std::min(n, first_keys + t - j0));
     int t = 0;
     for (; t + 2 <= nt; t += 2)
-      score_keys2_bf16_d128(p[t], p[t + 1], qv[t], qv[t + 1], kb, nk[t + 1]);
-    if (t < nt) score_keys_bf16_d128(p[t], qv[t], kb, nk[t]);
+      score_keys2_d128<E>(p[t], p[t + 1], qv[t], qv[t + 1], kb, nk[t + 1]);
+    if (t < nt) score_keys_d128<E>(p[t], qv[t], kb, nk[t]);
     for (t = 0; t < nt; ++t)       // a token with no key here keeps its sums as they are
       corr[t] = nk[t] > 0 ? softmax_block(p[t], nk[t], scale, m[t], l[t]) : 1.0f;
     switch (nt) {
-      case 1: tile_pv_dispatch<1>(acc, p, corr, nk, vb, n); break;
-      case 2: tile_pv_dispatch<2>(acc, p, corr, nk, vb, n); break;
-      case 3: tile_pv_dispatch<3>(acc, p, corr, nk, vb, n); break;
-      case 4: tile_pv_dispatch<4>(acc, p, corr, nk, vb, n); break;
-      case 5: tile_pv_dispatch<5>(acc, p, corr, nk, vb, n); break;
-      case 6: tile_pv_dispatch<6>(acc, p, corr, nk, vb, n); break;
-      case 7: tile_pv_dispatch<7>(acc, p, corr, nk, vb, n); break;
-      default: tile_pv_dispatch<8>(acc, p, corr, nk, vb, n); break;
+      case 1: tile_pv_dispatch<E, 1>(acc, p, corr, nk, vb, n); break;
+      case 2: tile_pv_dispatch<E, 2>(acc, p, corr, nk, vb, n); break;
+      case 3: tile_pv_dispatch<E, 3>(acc, p, corr, nk, vb, n); break;
+      case 4: tile_pv_dispatch<E, 4>(acc, p, corr, nk, vb, n); break;
+      case 5: tile_pv_dispatch<E, 5>(acc, p, corr, nk, vb, n); break;
+      case 6: tile_pv_dispatch<E, 6>(acc, p, corr, nk, vb, n); break;
+      case 7: tile_pv_dispatch<E, 7>(acc, p, corr, nk, vb, n); break;
+      default: tile_pv_dispatch<E, 8>(acc, p, corr, nk, vb, n); break;
     }
   }
-  for (int t = 0; t < nt; ++t) store_out_bf16_d128(out + t * so_n, acc[t], l[t]);
+  for (int t = 0; t < nt; ++t) E::store(out + t * so_n, acc[t], l[t]);
 }
+
+// The traits of T for the head-dim-128 kernels (void: none).
+template <typename T>
+using D128 = std::conditional_t<std::is_same_v<T, bf16>, Bf16D128,
+                                std::conditional_t<std::is_same_v<T, fp16>, Fp16D128, void>>;
 #endif  // QF_X86_INTRINSICS
 
 // The row worker for T and D: the AVX-512 BF16 path where it applies, else the generic one.
@@ -487,9 +558,9 @@ using RowFn = void (*)(T*, const T*, const PagedRow<T>&, float);
 template <typename T>
 RowFn<T> row_fn(int64_t D) {
 #if QF_X86_INTRINSICS
-  if constexpr (std::is_same_v<T, bf16>) {
+  if constexpr (!std::is_void_v<D128<T>>) {
     static const bool bf16_isa = cpu_isa_supported(CpuIsa::kAvx512Bf16);
-    if (D == kBf16Dim && bf16_isa) return attend_row_bf16_d128;
+    if (D == kDim128 && bf16_isa) return attend_row_d128<D128<T>>;
   }
 #endif
   if (D == 128) return attend_row<T, 128>;  // Qwen's head dim: the accumulator unrolled
@@ -531,8 +602,8 @@ Status attention(T* out, const T* q, const T* k_pages, const T* v_pages,
     return Status::kOk;
   }
 #if QF_X86_INTRINSICS
-  if constexpr (std::is_same_v<T, bf16>) {
-    if (fn == attend_row_bf16_d128) {
+  if constexpr (!std::is_void_v<D128<T>>) {
+    if (fn == attend_row_d128<D128<T>>) {
       // Tiles: runs of up to kTile consecutive tokens of one sequence at consecutive positions
       // (a prefill chunk), times the heads; a tile's key blocks are read once for its tokens.
       std::vector<std::pair<int64_t, int>> tiles;
@@ -550,13 +621,13 @@ Status attention(T* out, const T* q, const T* k_pages, const T* v_pages,
       for (int64_t w = items - 1; w >= 0; --w) {
         const auto [i0, nt] = tiles[w / H];
         const int64_t h = w % H, last = i0 + nt - 1;
-        const PagedRow<bf16> row{k_pages, v_pages, page_table + token_seq[i0] * ld_pt, h, H, P,
-                                 D, int64_t{token_pos[last]} + 1};
+        const PagedRow<T> row{k_pages, v_pages, page_table + token_seq[i0] * ld_pt, h, H, P,
+                              D, int64_t{token_pos[last]} + 1};
         if (nt == 1)
-          attend_row_bf16_d128(out + (i0 * H + h) * D, q + i0 * sq_n + h * sq_h, row, scale);
+          attend_row_d128<D128<T>>(out + (i0 * H + h) * D, q + i0 * sq_n + h * sq_h, row, scale);
         else
-          attend_tile_bf16_d128(out + (i0 * H + h) * D, H * D, q + i0 * sq_n + h * sq_h, sq_n,
-                                row, nt, scale);
+          attend_tile_d128<D128<T>>(out + (i0 * H + h) * D, H * D, q + i0 * sq_n + h * sq_h,
+                                    sq_n, row, nt, scale);
       }
       return Status::kOk;
     }

@@ -189,10 +189,14 @@ def _load(args):
     extra = {}
     if getattr(args, "max_batch_size", None) is not None:
         extra["max_batch_size"] = args.max_batch_size
-    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                  backend=args.backend, load_format=args.load_format,
-                                  lm_head_quant=getattr(args, "lm_head_quant", None),
-                                  quant=getattr(args, "quant", None), **extra)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                    backend=args.backend, load_format=args.load_format,
+                                    lm_head_quant=getattr(args, "lm_head_quant", None),
+                                    quant=getattr(args, "quant", None), **extra)
+    if args.dtype == "auto":
+        print(f"dtype: {str(engine.dtype).replace('torch.', '')} ({engine.dtype_reason})",
+              file=sys.stderr)
+    return engine
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,12 +30,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "../common/simd.h"
 #include "../common/x86_reduce.h"
+#include "convert.h"
 #include "kernels.h"
 
 namespace qf::cpu {
@@ -293,7 +295,10 @@ QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, int32_t* xtot, const T* x
   for (int64_t c = 0; c < C; ++c) {
     const int64_t k0 = c * kChunk, n = std::min(kChunk, K - k0);
     float v[kChunk];
-    for (int64_t i = 0; i < n; ++i) v[i] = to_float(x[perm ? perm[k0 + i] : k0 + i]);
+    if (std::is_same_v<T, fp16> && perm == nullptr)
+      to_float_n(v, reinterpret_cast<const fp16*>(x + k0), n);   // convert.h
+    else
+      for (int64_t i = 0; i < n; ++i) v[i] = to_float(x[perm ? perm[k0 + i] : k0 + i]);
     float amax = 0.0f;
     for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
     const float sx = amax / 127.0f;
@@ -314,6 +319,21 @@ QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, int32_t* xtot, const T* x
 // y[n] = acc[n] + bias[n] for n in [n0, n1) of one activation row, rounded to T.
 template <typename T>
 QF_CPU_CLONES void finish_row(T* y, const float* acc, const T* bias, int64_t n0, int64_t n1) {
+  if constexpr (std::is_same_v<T, fp16>) {   // runs through convert.h
+    constexpr int64_t kRun = 256;
+    for (int64_t i0 = n0; i0 < n1; i0 += kRun) {
+      const int64_t n = std::min(kRun, n1 - i0);
+      if (bias == nullptr) {
+        from_float_n(y + i0, acc + i0, n);
+        continue;
+      }
+      float t[kRun];
+      to_float_n(t, bias + i0, n);
+      for (int64_t i = 0; i < n; ++i) t[i] = acc[i0 + i] + t[i];
+      from_float_n(y + i0, t, n);
+    }
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n)
     y[n] = from_float<T>(bias != nullptr ? acc[n] + to_float(bias[n]) : acc[n]);
 }

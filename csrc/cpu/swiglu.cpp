@@ -8,10 +8,13 @@
 // (both vectorise the exp) and baseline x86 (QF_CPU_CLONES). Constraints: cols >= 1.
 #include "../common/fp_contract_off.h"
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "../common/simd.h"
 #include "../common/sleef_expf.h"
+#include "convert.h"
 #include "kernels.h"
 
 namespace qf::cpu {
@@ -25,6 +28,21 @@ QF_CPU_CLONES void swiglu_row(T* __restrict out,         // [cols]
                               const T* __restrict up,    // [cols]
                               const T* __restrict gate,  // [cols]
                               int64_t cols) {
+  if constexpr (std::is_same_v<T, fp16>) {
+    // The same maths on runs widened to fp32 (convert.h: the hardware's conversions).
+    constexpr int64_t kRun = 512;
+    for (int64_t i0 = 0; i0 < cols; i0 += kRun) {
+      const int64_t n = std::min(kRun, cols - i0);
+      float g[kRun], u[kRun];
+      to_float_n(g, gate + i0, n);
+      to_float_n(u, up + i0, n);
+      for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + sleef_expf(-g[i]));
+      round_fp16_n(g, n);
+      for (int64_t i = 0; i < n; ++i) g[i] = u[i] * g[i];
+      from_float_n(out + i0, g, n);
+    }
+    return;
+  }
   for (int64_t i = 0; i < cols; ++i) {
     const float g = to_float(gate[i]);
     // torch rounds silu to the tensor dtype, then multiplies in fp32 and rounds again.

@@ -248,8 +248,8 @@ def auto_dtype(cfg: QwenConfig, device: Union[str, torch.device],
     set), except on a CPU whose kernels compute bf16 natively (AVX-512 BF16: the attention's
     q . k and the unquantized GEMMs run vdpbf16ps), where a checkpoint that asks for fp16 runs
     in bf16: measured on the development machine (Zen 4), 1,400-token prefill of the int4 model
-    took 15-16 s in fp16 against 6 s in bf16 before fp16 had its own attention kernel, and
-    still about 1.15x bf16's time after. The numerics change: activations, the KV cache and
+    took 15-16 s in fp16 against 6 s in bf16 before fp16 had its own attention kernel and
+    hardware conversions, and still 1.07-1.08x bf16's time after (benchmarks/bench_dtype.py). The numerics change: activations, the KV cache and
     the weights that are not quantized (embeddings, norms, an fp16 lm_head) round to bf16's 8
     significant bits instead of fp16's 11, so logits differ from the release's fp16 run by
     about bf16's rounding, and a long greedy generation can take another path. int4/int8

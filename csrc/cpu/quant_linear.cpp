@@ -295,9 +295,14 @@ QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, int32_t* xtot, const T* x
   for (int64_t c = 0; c < C; ++c) {
     const int64_t k0 = c * kChunk, n = std::min(kChunk, K - k0);
     float v[kChunk];
-    if (std::is_same_v<T, fp16> && perm == nullptr)
-      to_float_n(v, reinterpret_cast<const fp16*>(x + k0), n);   // convert.h
-    else
+    bool widened = false;
+    if constexpr (std::is_same_v<T, fp16>) {
+      if (perm == nullptr) {
+        to_float_n(v, x + k0, n);   // convert.h
+        widened = true;
+      }
+    }
+    if (!widened)
       for (int64_t i = 0; i < n; ++i) v[i] = to_float(x[perm ? perm[k0 + i] : k0 + i]);
     float amax = 0.0f;
     for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));

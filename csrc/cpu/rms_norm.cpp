@@ -94,10 +94,7 @@ QF_CPU_CLONES void rms_norm_row(T* out,           // [hidden]
     if (hidden <= kFp16RowMax) {
       float v[kFp16RowMax];
       to_float_n(v, x, hidden);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < hidden; ++i) sum += v[i] * v[i];
-      scale_row_fp16(out, v, weight, hidden, inv_rms(sum, hidden, eps));
+      scale_row_fp16(out, v, weight, hidden, inv_rms(sum_squares(v, hidden), hidden, eps));
       return;
     }
   }
@@ -119,10 +116,7 @@ QF_CPU_CLONES void fused_add_rms_norm_row(T* out,             // [hidden]
       for (int64_t i = 0; i < hidden; ++i) v[i] = v[i] + b[i];
       round_fp16_n(v, hidden);
       from_float_n(residual_out, v, hidden);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < hidden; ++i) sum += v[i] * v[i];
-      scale_row_fp16(out, v, weight, hidden, inv_rms(sum, hidden, eps));
+      scale_row_fp16(out, v, weight, hidden, inv_rms(sum_squares(v, hidden), hidden, eps));
       return;
     }
   }

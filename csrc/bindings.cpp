@@ -184,6 +184,13 @@ the weights dequantized to x.dtype in a scratch tensor, then at::linear (cuBLAS)
 CUDA stream to launch on, as an integer (0 for CPU tensors). isa: "auto", "avx512_vnni", "avx2"
 or "scalar" (forces that CPU path, for tests). out: a buffer to write instead.)");
 
+  m.def("quant_linear_pair", &qf::quant_linear_pair, py::arg("x"), py::arg("w1"), py::arg("w2"),
+        py::arg("bits"), py::arg("n1"), py::arg("n2"), py::arg("out1"), py::arg("out2"),
+        py::call_guard<py::gil_scoped_release>(),
+        R"(Two int4/int8 weights (no bias, no perm) against the same x on the CPU, written into
+out1 [..., n1] and out2 [..., n2] (contiguous, x's dtype): quant_linear's outputs bit for bit,
+with x quantized once and one parallel region for both (the MLP's w1 and w2 in a decode step).)");
+
   m.def("quant_tile_bytes", &qf::quant_tile_bytes, py::arg("bits"), py::arg("in_features"),
         "Bytes of one tile of 16 outputs in quant_linear's weight layout.");
 

@@ -52,8 +52,16 @@ void DecodeLayer::step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tenso
   attention(q, k_pages, v_pages, page_table, token_seq, token_pos, max_keys, scale, stream, a);
   project(c_proj_, std::nullopt, a.view({N, H * D}), o, stream);
   fused_add_rms_norm(o, h, ln_2_, eps_, stream, x, h);
-  project(w1_, std::nullopt, x, up, stream);
-  project(w2_, std::nullopt, x, gate, stream);
+  if (x.is_cpu() && w1_.bits != 0 && w1_.bits == w2_.bits && !w1_.perm && !w2_.perm &&
+      w1_.in_features == w2_.in_features) {
+    // One pass for both (ops.h quant_linear_pair): a fork/join, a quantization of x and a ramp
+    // of the memory streams fewer; the same bits as the two calls.
+    quant_linear_pair(x, w1_.weight, w2_.weight, w1_.bits, w1_.out_features, w2_.out_features,
+                      up, gate);
+  } else {
+    project(w1_, std::nullopt, x, up, stream);
+    project(w2_, std::nullopt, x, gate, stream);
+  }
   swiglu(up, gate, stream, act);
   project(mlp_c_proj_, std::nullopt, act, o, stream);
   fused_add_rms_norm(o, h, next_norm, eps_, stream, x, h);

@@ -79,6 +79,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t b
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& perm, int64_t stream,
                         const std::string& isa, const OptTensor& out);
+// Two int4/int8 weights without bias or perm against the same x on the CPU (the MLP's w1 and
+// w2 in a decode step): x quantized once, one parallel region for both; out1 / out2 (contiguous,
+// [..., n1] / [..., n2], x's dtype) get what quant_linear gives, bit for bit.
+void quant_linear_pair(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                       int64_t bits, int64_t n1, int64_t n2, const at::Tensor& out1,
+                       const at::Tensor& out2);
 int64_t quant_tile_bytes(int64_t bits, int64_t in_features);
 std::vector<std::string> quant_linear_isas();
 

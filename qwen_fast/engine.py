@@ -340,6 +340,16 @@ class Engine:
                                                        buffer_rows=int(max_batch_size)))
         # The steps run on the core's thread: this (loading) thread's OpenMP team would only
         # slow them down (qwen_fast/core.py).
+        self._release_caller_threads()
+
+    def _release_caller_threads(self) -> None:
+        """Release the calling thread's OpenMP team, if it has one (qwen_fast/core.py says why):
+        after loading, and whenever a caller submits work, since torch code the caller ran in
+        between (a benchmark's read pass, the caller's own tensors) makes one again. While it
+        exists, every parallel region of every step pays a wake-up of a sleeping thread: an int4
+        decode step measured 0.80 of the read pass with the team of the thread that had just
+        run a read pass still alive, and 0.9x without (benchmarks/results/decode-share-latest.md).
+        Costs nothing when there is none."""
         from . import ops
         if ops.HAVE_C and self.device.type == "cpu":
             ops._C.release_openmp_threads()
@@ -589,6 +599,7 @@ class Engine:
             if not p.ignore_eos:
                 stop.add(eos)
             reqs.append(Request(ids, p, n, stop, make_generator(p.seed, self.device), self.device))
+        self._release_caller_threads()
         self._core.submit(reqs)
         return reqs
 

@@ -211,6 +211,8 @@ def _greedy(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
         scores.scatter_(0, h, s.float())
         if not bool(torch.isfinite(s).all()):      # the penalty overflowed the dtype
             return int(torch.argmax(process_scores(logits, history, p, valid_vocab, stable=True)))
+    if scores.device.type == "cpu":     # NumPy's argmax (the first maximum too): 11 us where
+        return int(np.argmax(scores.numpy()))   # torch's takes 128 (152K fp32, 2 threads)
     return int(torch.argmax(scores))
 
 

@@ -171,6 +171,38 @@ def test_bad_arguments_are_named():
         QuantWeight(w.data[:, :10], 4, 256, 8)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 3, 40])   # decode (one panel, shared work counter), prefill
+def test_pair_gives_quant_linears_bits(bits, dtype, M):
+    """quant_linear_pair (the MLP's w1 and w2 in one pass) against two quant_linear calls: the
+    same bits, with the threads' blocks spanning both weights (sizes not multiples of 16, and
+    enough tiles that both threads take several blocks of each)."""
+    g = torch.Generator().manual_seed(11)
+    w1 = QuantWeight.quantize(torch.randn(1000, 384, generator=g) * 0.05, bits)
+    w2 = QuantWeight.quantize(torch.randn(536, 384, generator=g) * 0.05, bits)
+    x = torch.randn(M, 384, generator=g).to(dtype)
+    o1, o2 = torch.full((M, 1000), float("nan"), dtype=dtype), torch.full((M, 536), float("nan"), dtype=dtype)
+    ops._C.quant_linear_pair(x, w1.data, w2.data, bits, 1000, 536, o1, o2)
+    assert torch.equal(o1, ops._C.quant_linear(x, w1.data, bits, 384, 1000))
+    assert torch.equal(o2, ops._C.quant_linear(x, w2.data, bits, 384, 536))
+
+
+def test_pair_bad_arguments_are_named():
+    g = torch.Generator().manual_seed(12)
+    w1 = QuantWeight.quantize(torch.randn(32, 256, generator=g), 4)
+    w2 = QuantWeight.quantize(torch.randn(16, 256, generator=g), 4)
+    x, o1, o2 = torch.randn(2, 256), torch.empty(2, 32), torch.empty(2, 16)
+    with pytest.raises(RuntimeError, match=r"w2 must be a contiguous torch.uint8 tensor \[2, 2304\]"):
+        ops._C.quant_linear_pair(x, w1.data, w2.data, 4, 32, 32, o1, torch.empty(2, 32))
+    with pytest.raises(RuntimeError, match=r"out2 must be a contiguous torch.float32 CPU tensor \[\.\.\., 16\]"):
+        ops._C.quant_linear_pair(x, w1.data, w2.data, 4, 32, 16, o1, torch.empty(2, 16).bfloat16())
+    with pytest.raises(RuntimeError, match=r"out1 must be .* with x's leading dims, got torch.float32 \[3, 32\]"):
+        ops._C.quant_linear_pair(x, w1.data, w2.data, 4, 32, 16, torch.empty(3, 32), o2)
+    with pytest.raises(RuntimeError, match=r"bits must be 4 or 8, got 5"):
+        ops._C.quant_linear_pair(x, w1.data, w2.data, 5, 32, 16, o1, o2)
+
+
 def test_to_moves_data_and_perm():
     g = torch.Generator().manual_seed(5)
     q, zeros, scales, _ = _components(16, 256, 4, g)

@@ -110,5 +110,14 @@ Status quant_linear(T* y,               // [M, ld_y], the first N columns are wr
                     int64_t M, int64_t N, int64_t K, int bits, int64_t ld_y, int64_t ld_x,
                     void* workspace,    // quant_workspace_bytes(M, N, K), 64-byte aligned
                     int num_threads, CpuIsa isa);
+// Two weights against the same x (the MLP's w1 and w2), no bias, no perm: x quantized once and
+// one parallel region for both, whose threads take blocks of either (a decode step pays one
+// fork/join and one ramp of the memory streams fewer). workspace: quant_workspace_bytes(M,
+// 16 * (ceil(N1 / 16) + ceil(N2 / 16)), K). The outputs are quant_linear's, bit for bit.
+template <typename T>
+Status quant_linear_pair(T* y1, T* y2, const T* x, const uint8_t* w1, const uint8_t* w2,
+                         int64_t M, int64_t N1, int64_t N2, int64_t K, int bits, int64_t ld_y1,
+                         int64_t ld_y2, int64_t ld_x, void* workspace, int num_threads,
+                         CpuIsa isa);
 
 }  // namespace qf::cpu

@@ -10,6 +10,8 @@
 // values widened to fp32, then FMA) and plain C++, picked at run time or forced by the caller.
 // Constraints: M, N, K >= 0, any row strides; each output is one thread's fixed-order sum, so
 // results do not depend on the thread count.
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #ifdef _OPENMP
@@ -43,6 +45,8 @@ constexpr int64_t kPanelBytes = 256 * 1024;
 constexpr int64_t kPrefetchMinRows = 3;
 // Below this many multiply-adds the OpenMP fork/join costs more than it saves.
 constexpr int64_t kParallelMinMacs = int64_t{1} << 16;
+// The smallest share of a decode GEMV a thread takes at a time (kRows-row blocks).
+constexpr int64_t kMinGrabBlocks = 16;
 
 template <typename T>
 struct Args {
@@ -447,6 +451,23 @@ Status linear(T* y, const T* x, const T* w, const T* bias, int64_t M, int64_t N,
   if (M * N * K < kParallelMinMacs) threads = 1;
   if (threads == 1) {
     work(a, 0, N);
+    return Status::kOk;
+  }
+  if (M <= kMinPanelRows) {
+    // Decode (one panel): blocks taken from a shared counter, each a share of what is left
+    // (as quant_linear.cpp, which says why), so neither thread waits long for the other.
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    for (;;) {
+      int64_t cur = next.load(std::memory_order_relaxed), take = 0;
+      do {
+        const int64_t rem = blocks - cur;
+        if (rem <= 0) break;
+        take = std::min(rem, std::max(kMinGrabBlocks, rem / (2 * threads)));
+      } while (!next.compare_exchange_weak(cur, cur + take, std::memory_order_relaxed));
+      if (cur >= blocks) break;
+      work(a, cur * kRows, std::min(N, (cur + take) * kRows));
+    }
     return Status::kOk;
   }
 #pragma omp parallel num_threads(static_cast<int>(threads))

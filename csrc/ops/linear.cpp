@@ -133,6 +133,20 @@ void* quant_workspace(int64_t bytes) {
   return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
 }
 
+// weight (named `name`): N `bits`-bit outputs of K inputs in the kernel layout, on x's device.
+void check_quant_weight(const char* op, const char* name, const at::Tensor& weight, int64_t bits,
+                        int64_t K, int64_t N, const at::Tensor& x) {
+  const int64_t tiles = (N + 15) / 16;
+  const int64_t tile = cpu::quant_tile_bytes(static_cast<int>(bits), K);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == tiles && weight.size(1) == tile &&
+                  weight.scalar_type() == at::kByte && weight.is_contiguous(),
+              op, ": ", name, " must be a contiguous torch.uint8 tensor [", tiles, ", ", tile,
+              "] (the kernel layout of ", N, " ", bits, "-bit outputs in tiles of 16, ", K,
+              " inputs), got ", dtype_str(weight.scalar_type()), " ", shape_str(weight.sizes()));
+  TORCH_CHECK(weight.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+              " (the device of x), got ", weight.device());
+}
+
 CpuIsa parse_quant_isa(const std::string& name) {
   for (CpuIsa isa : {CpuIsa::kAuto, CpuIsa::kAvx512Vnni, CpuIsa::kAvx2, CpuIsa::kScalar}) {
     if (name != cpu_isa_name(isa)) continue;
@@ -176,15 +190,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t b
               ", x has ", K, " features (its last dim)");
   const int64_t N = out_features;
   TORCH_CHECK(N >= 1, op, ": out_features must be >= 1, got ", N);
-  const int64_t tiles = (N + 15) / 16;
-  const int64_t tile = cpu::quant_tile_bytes(static_cast<int>(bits), K);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == tiles && weight.size(1) == tile &&
-                  weight.scalar_type() == at::kByte && weight.is_contiguous(),
-              op, ": weight must be a contiguous torch.uint8 tensor [", tiles, ", ", tile,
-              "] (the kernel layout of ", N, " ", bits, "-bit outputs in tiles of 16, ", K,
-              " inputs), got ", dtype_str(weight.scalar_type()), " ", shape_str(weight.sizes()));
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(),
-              " (the device of x), got ", weight.device());
+  check_quant_weight(op, "weight", weight, bits, K, N, x);
   // The GPU kernel reads the layout in 16-byte pieces (its records are multiples of 16 bytes).
   TORCH_CHECK(!x.is_cuda() || reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0, op,
               ": weight must start at a 16-byte aligned address on the GPU");
@@ -251,6 +257,37 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t b
                  op);
   });
   return y;
+}
+
+void quant_linear_pair(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                       int64_t bits, int64_t n1, int64_t n2, const at::Tensor& out1,
+                       const at::Tensor& out2) {
+  const char* op = "quant_linear_pair";
+  check_x(op, x);
+  TORCH_CHECK(x.is_cpu(), op, ": runs on the CPU only, x is on ", x.device());
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(n1 >= 1 && n2 >= 1, op, ": out_features must be >= 1, got ", n1, " and ", n2);
+  const int64_t K = x.size(-1);
+  check_quant_weight(op, "w1", w1, bits, K, n1, x);
+  check_quant_weight(op, "w2", w2, bits, K, n2, x);
+  const Rows in = as_rows(x);
+  for (const auto& [name, o, n] : {std::tuple{"out1", &out1, n1}, std::tuple{"out2", &out2, n2}}) {
+    TORCH_CHECK(o->scalar_type() == x.scalar_type() && o->is_cpu() && o->is_contiguous() &&
+                    o->dim() == x.dim() && o->size(-1) == n && o->numel() == in.rows * n,
+                op, ": ", name, " must be a contiguous ", dtype_str(x.scalar_type()),
+                " CPU tensor [..., ", n, "] with x's leading dims, got ",
+                dtype_str(o->scalar_type()), " ", shape_str(o->sizes()), " on ", o->device());
+  }
+  if (in.rows == 0) return;
+  void* ws = quant_workspace(cpu::quant_workspace_bytes(in.rows, 16 * ((n1 + 15) / 16 + (n2 + 15) / 16), K));
+  dispatch_float_storage(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    check_status(cpu::quant_linear_pair<T>(data<T>(out1), data<T>(out2), data<T>(in.t),
+                                           w1.data_ptr<uint8_t>(), w2.data_ptr<uint8_t>(),
+                                           in.rows, n1, n2, K, static_cast<int>(bits), n1, n2,
+                                           in.ld, ws, at::get_num_threads(), CpuIsa::kAuto),
+                 op);
+  });
 }
 
 }  // namespace qf

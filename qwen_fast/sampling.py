@@ -201,6 +201,8 @@ def _greedy(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
     the first index in both). Falls back to the float64 maths when the penalty overflows."""
     valid = logits[:valid_vocab]
     scores = valid.to(torch.float32, copy=True)       # ours to write into
+    if scores.device.type == "cpu":
+        return _greedy_cpu(valid, scores.numpy(), history, p, logits, valid_vocab)
     lo, hi = torch.aminmax(scores)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         _check_finite_logits(valid)
@@ -211,9 +213,42 @@ def _greedy(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
         scores.scatter_(0, h, s.float())
         if not bool(torch.isfinite(s).all()):      # the penalty overflowed the dtype
             return int(torch.argmax(process_scores(logits, history, p, valid_vocab, stable=True)))
-    if scores.device.type == "cpu":     # NumPy's argmax (the first maximum too): 11 us where
-        return int(np.argmax(scores.numpy()))   # torch's takes 128 (152K fp32, 2 threads)
     return int(torch.argmax(scores))
+
+
+def _round_like(v: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """fp32 values rounded to `dtype` as torch rounds an op's fp32 result (to nearest, ties to
+    even), returned as fp32."""
+    if dtype == torch.float32:
+        return v
+    if dtype == torch.float16:
+        return v.astype(np.float16).astype(np.float32)
+    if dtype == torch.bfloat16:                  # c10::BFloat16's rounding: add 0x7fff + the
+        u = v.view(np.uint32)                    # kept part's lowest bit, drop the low half
+        return ((u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    raise TypeError(f"logits dtype {dtype} is not bfloat16, float16 or float32")
+
+
+def _greedy_cpu(valid: torch.Tensor, a: np.ndarray, history: torch.Tensor, p: SamplingParams,
+                logits: torch.Tensor, valid_vocab: Optional[int]) -> int:
+    """_greedy's maths in NumPy on the fp32 copy `a` of the valid logits: the same token, in
+    about a tenth of the time torch's small ops take on the step thread, whose caches the
+    step's weights have just swept (each torch call costs 50-90 us there, measured).
+    The penalty is the release's: fp32 products or quotients of the logits (as the dtype's
+    ops compute them), rounded to the dtype."""
+    if not (math.isfinite(a.min()) and math.isfinite(a.max())):    # NaN propagates
+        _check_finite_logits(valid)
+    if p.repetition_penalty != 1.0 and history.numel():
+        h = history.numpy()
+        h = h[h < a.shape[0]]
+        v = a[h]
+        pf = np.float32(p.repetition_penalty)
+        with np.errstate(over="ignore", under="ignore"):
+            s = _round_like(np.where(v < 0, v * pf, v / pf), valid.dtype)
+        if not np.isfinite(s).all():             # the penalty overflowed the dtype
+            return int(torch.argmax(process_scores(logits, history, p, valid_vocab, stable=True)))
+        a[h] = s
+    return int(np.argmax(a))      # the first maximum, as torch.argmax
 
 
 def sample_next(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,

@@ -1,6 +1,7 @@
 """The sampler: the release's processor order and maths, seeding, and parameter checks."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,22 @@ def test_greedy_fast_path_is_the_release_argmax(dtype, penalty):
         want = int(torch.argmax(process_scores(logits, history, p, 990)))
         assert sample_next(logits, history, p, None, 990) == want
         assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_cpu_penalty_values_are_torchs_bits(dtype):
+    """The CPU greedy path computes the release's penalty in NumPy (fp32 maths, then the
+    dtype's rounding): every penalized value must be the one torch's dtype ops give, bit for
+    bit, over values of every magnitude (overflow to inf included) and awkward penalties."""
+    from qwen_fast.sampling import _round_like
+    g = torch.Generator().manual_seed(8)
+    big = torch.finfo(dtype).max
+    s = torch.cat([torch.randn(20000, generator=g) * 10 ** torch.randint(-6, 5, (20000,), generator=g),
+                   torch.tensor([big, -big, 0.0, -0.0, 1e-30, -1e-30])]).to(dtype)
+    for penalty in (1.1, 0.7, 3.0, 1.0001, 1.37, 1e-3, 250.0):
+        want = torch.where(s < 0, s * penalty, s / penalty).float().numpy()
+        v = s.float().numpy()
+        pf = np.float32(penalty)
+        with np.errstate(over="ignore", under="ignore"):
+            got = _round_like(np.where(v < 0, v * pf, v / pf), dtype)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), penalty

@@ -188,6 +188,28 @@ def test_pair_gives_quant_linears_bits(bits, dtype, M):
     assert torch.equal(o2, ops._C.quant_linear(x, w2.data, bits, 384, 536))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_vector_activation_quantization_is_the_scalar_loops(dtype):
+    """Without perm, the AVX-512 path quantizes x with vector code; with perm (the identity
+    here) it runs the scalar loop. The tiles and the epilogue are the same, so the outputs must
+    be equal bit for bit: over a partial last chunk, a zero row, huge and tiny values, inf."""
+    if "avx512_vnni" not in ops._C.quant_linear_isas():
+        pytest.skip("this CPU has no AVX-512 VNNI path")
+    g = torch.Generator().manual_seed(13)
+    K = 264                                              # two chunks and 8 inputs
+    w = QuantWeight.quantize(torch.randn(48, K, generator=g) * 0.05, 4)
+    big = 6e4 if dtype == torch.float16 else 1e30
+    x = torch.randn(6, K, generator=g) * torch.tensor([[1.0], [0.0], [big], [1e-6], [3.0], [1.0]])
+    x[4, 7] = float("inf")                               # its chunk: NaN outputs in both
+    x[5, 200:] = 0.0                                     # an all-zero partial chunk
+    x = x.to(dtype)
+    ident = torch.arange(K)
+    for m in (1, 6):
+        a = ops._C.quant_linear(x[:m], w.data, 4, K, 48, isa="avx512_vnni")
+        b = ops._C.quant_linear(x[:m], w.data, 4, K, 48, None, ident, isa="avx512_vnni")
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 def test_pair_bad_arguments_are_named():
     g = torch.Generator().manual_seed(12)
     w1 = QuantWeight.quantize(torch.randn(32, 256, generator=g), 4)

@@ -326,6 +326,61 @@ QF_CPU_CLONES void quantize_row(int8_t* x8, float* xs, int32_t* xtot, const T* x
   }
 }
 
+#if QF_X86_INTRINSICS
+// quantize_row without perm, 16 values a vector: the same operations in the same order per
+// element (the widening is exact, max ignores NaN as std::max(amax, |v|) does, the rounding is
+// to nearest even as nearbyint's default mode, a NaN converts to INT32_MIN and clamps to -127 as
+// the scalar cast does on x86), so the bytes, scales and sums are the scalar loop's. It runs
+// between two GEMVs on one thread while the other waits: 1.1 ns an element before (1.7% of an
+// int4 decode step).
+template <typename T>
+QF_TARGET_AVX512_VNNI __m512 widen16(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<T, fp16>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  } else {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+}
+
+template <typename T>
+QF_TARGET_AVX512_VNNI void quantize_row_avx512(int8_t* x8, float* xs, int32_t* xtot, const T* x,
+                                               int64_t K, int64_t C) {
+  constexpr int kVecs = kChunk / 16;
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t k0 = c * kChunk, n = std::min(kChunk, K - k0);
+    __m512 v[kVecs];
+    __m512 amax = _mm512_setzero_ps();
+    for (int j = 0; j < kVecs; ++j) {
+      const int64_t left = n - 16 * j;
+      const __mmask16 m = left >= 16 ? __mmask16(0xffff)
+                          : left <= 0 ? __mmask16(0)
+                                      : static_cast<__mmask16>((1u << left) - 1);
+      v[j] = widen16(x + k0 + 16 * j, m);
+      amax = _mm512_max_ps(_mm512_and_ps(v[j], sign), amax);   // NaN: keeps amax
+    }
+    const float a = _mm512_reduce_max_ps(amax);
+    const float sx = a / 127.0f;
+    const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+    const __m512 invv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    __m512i total = _mm512_setzero_si512();
+    for (int j = 0; j < kVecs; ++j) {
+      const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v[j], invv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i q = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(r), lo), hi);
+      total = _mm512_add_epi32(total, q);        // padding lanes are 0 * inv = 0
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(x8 + k0 + 16 * j), _mm512_cvtepi32_epi8(q));
+    }
+    xs[c] = sx;
+    xtot[c] = _mm512_reduce_add_epi32(total);
+  }
+}
+#endif
+
 // y[n] = acc[n] + bias[n] for n in [n0, n1) of one activation row, rounded to T.
 template <typename T>
 QF_CPU_CLONES void finish_row(T* y, const float* acc, const T* bias, int64_t n0, int64_t n1) {
@@ -397,8 +452,12 @@ Status run_jobs(const Job<T>* jobs, int n_jobs, const T* x, const int64_t* perm,
   const int threads = num_threads < 1 ? 1 : num_threads;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 1 && M * K >= 4096)
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(x8 + m * C * kChunk, xs + m * C, xtot + m * C, x + m * ld_x, perm,
-                 K, C);
+#if QF_X86_INTRINSICS
+    if (perm == nullptr && isa == CpuIsa::kAvx512Vnni)
+      quantize_row_avx512(x8 + m * C * kChunk, xs + m * C, xtot + m * C, x + m * ld_x, K, C);
+    else
+#endif
+      quantize_row(x8 + m * C * kChunk, xs + m * C, xtot + m * C, x + m * ld_x, perm, K, C);
 
   QArgs args[kMaxJobs];
   int64_t first_tile[kMaxJobs + 1] = {0};

@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -548,6 +549,67 @@ def best_rows(rounds: List[dict], types: Sequence[str], args) -> List[dict]:
     return rows + [llama[t] for t in types]
 
 
+def llama_bytes_per_token(path: Path) -> int:
+    """Bytes a llama.cpp decode token reads from a GGUF: every tensor but token_embd, of which it
+    reads one row (counted)."""
+    reader = _gguf().GGUFReader(str(path))
+    total = 0
+    for t in reader.tensors:
+        n = int(t.n_bytes)
+        total += n // int(t.shape[-1]) if t.name == "token_embd.weight" else n
+    return total
+
+
+def round_table(out: dict) -> List[dict]:
+    """Per round and pair (each llama.cpp type with our configuration quantized alike, measured
+    back to back): both engines' decode tokens/s, the GB/s of weights each read, and each as a
+    share of the read pass qwen_fast.bench measured around our run of that round (the nearest
+    one to llama-bench's run; llama.cpp's bytes: llama_bytes_per_token)."""
+    rows = []
+    llama_bytes = out.get("llama_bytes_per_token", {})
+    for k, rnd in enumerate(out["rounds"]):
+        for t, recs in rnd["llama_cpp"].items():
+            match = [c for c in rnd["ours"] if c.split(":")[0] == LAYER_QUANT[t]]
+            if not match:
+                continue
+            ours = rnd["ours"][match[0]]["results"][0]
+            tg = llama_rates(recs, out["prompt_tokens"], out["new_tokens"])["tg"]
+            read = ours["read_gb_s"]
+            row = {"round": k + 1, "type": t.upper(), "config": match[0], "read_gb_s": read,
+                   "ours_tok_s": ours["decode_tokens_per_s"], "ours_pct_of_read": ours["pct_of_read"],
+                   "llama_tok_s": tg, "ratio": ours["decode_tokens_per_s"] / tg if tg else None}
+            if t in llama_bytes and tg == tg:
+                row["llama_pct_of_read"] = 100 * llama_bytes[t] * tg / 1e9 / read
+            rows.append(row)
+    return rows
+
+
+def format_rounds(out: dict) -> str:
+    """Every round's pair, and the median round's ratio per type."""
+    rows = round_table(out)
+    if not rows:
+        return ""
+    pct = lambda x: f"{x:.0f}%" if x is not None else "?"      # noqa: E731
+    lines = ["", "Every round (ours right after llama.cpp of the same quantization; shares of the "
+             "read pass measured around our run; llama.cpp's bytes: every GGUF tensor but "
+             "token_embd, of which one row):", "",
+             "| round | pair | read GB/s | ours tok/s | ours % of read | llama.cpp tok/s | "
+             "llama.cpp % of read | ours / llama.cpp |", "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['round']} | {r['config']} vs {r['type']} | {r['read_gb_s']:.1f} | "
+                     f"{r['ours_tok_s']:.2f} | {pct(r['ours_pct_of_read'])} | {r['llama_tok_s']:.2f} | "
+                     f"{pct(r.get('llama_pct_of_read'))} | {r['ratio']:.2f} |")
+    lines.append("")
+    for t in dict.fromkeys(r["type"] for r in rows):
+        ratios = sorted(r["ratio"] for r in rows if r["type"] == t and r["ratio"])
+        shares = sorted(r["ours_pct_of_read"] for r in rows if r["type"] == t)
+        if ratios:
+            lines.append(f"- vs {t}: median round ratio {statistics.median(ratios):.2f} "
+                         f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}); our share of the read pass "
+                         f"{shares[0]:.0f}-{shares[-1]:.0f}% (median {statistics.median(shares):.0f}%)")
+    return "\n".join(lines) + "\n"
+
+
 def format_table(out: dict) -> str:
     gbs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)       # noqa: E731
     n = out["rounds_run"]
@@ -582,7 +644,7 @@ def format_table(out: dict) -> str:
                  f"before our configurations quantized alike, and the last column gives each "
                  f"round's ratio of that back-to-back pair; every round is in the JSON."
                  if n > 1 else "")]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + format_rounds(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -619,11 +681,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="default $QWEN_FAST_CACHE or ~/.cache/qwen_fast")
     p.add_argument("--jobs", type=int, default=2, help="build jobs (default 2)")
     p.add_argument("--results", default=str(RESULTS), help="where JSON + markdown go")
+    p.add_argument("--report", metavar="JSON",
+                   help="print the tables of a saved run's JSON (llama.cpp's bytes from the cached "
+                        "GGUFs it names, when they are there) and exit; runs nothing")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.report:
+        out = json.loads(Path(args.report).read_text())
+        if "llama_bytes_per_token" not in out:
+            cache = Path(args.cache_dir).expanduser() if args.cache_dir else cache_dir()
+            files = {t: cache / "gguf" / g["file"] for t, g in out["llama_cpp"]["gguf"].items()}
+            out["llama_bytes_per_token"] = {t: llama_bytes_per_token(f) for t, f in files.items()
+                                            if f.is_file()}
+        print(format_table(out))
+        return 0
     if args.seed != 0:
         raise SystemExit("--seed: qwen_fast.bench always uses seed 0, so the GGUF must too")
     types = [t.strip().lower() for t in args.quant.split(",") if t.strip()]
@@ -695,7 +769,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "build_info": info, "backends": rec.get("backends"),
                          "gguf": {t: {"file": p.name, "bytes": p.stat().st_size}
                                   for t, p in paths.items()}},
-           "ours_machine": best_ours["machine"], "rows": rows, "rounds": rounds}
+           "ours_machine": best_ours["machine"], "rows": rows, "rounds": rounds,
+           "llama_bytes_per_token": {t: llama_bytes_per_token(p) for t, p in paths.items()}}
     md = format_table(out)
     print(md)
     res = Path(args.results)

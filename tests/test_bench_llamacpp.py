@@ -197,3 +197,26 @@ def test_greedy_decode_matches(tools, model, ftype):
     tb = engine.tokenizer.id_to_bytes
     want = b"".join(tb(i) for i in prompt_ids + r.token_ids) + b"\n"
     assert out == want, (f"ours {r.token_ids}: {want!r}\nllama.cpp: {out!r}")
+
+
+def test_round_table_pairs_ratios_and_shares():
+    """The per-round table of a run (no llama.cpp needed): each llama.cpp type is paired with
+    our configuration quantized alike, the ratio is ours over theirs, and each share is the
+    engine's weight bytes x tokens/s over the read pass of that round; the median round is the
+    middle ratio."""
+    def llama(tg):
+        return [{"n_prompt": 128, "n_gen": 0, "avg_ts": 100.0, "stddev_ts": 1.0},
+                {"n_prompt": 0, "n_gen": 16, "avg_ts": tg, "stddev_ts": 0.1}]
+
+    def ours(tok_s, read, pct):
+        return {"results": [{"decode_tokens_per_s": tok_s, "read_gb_s": read, "pct_of_read": pct}]}
+
+    out = {"prompt_tokens": 128, "new_tokens": 16, "llama_bytes_per_token": {"q4_0": 10 ** 9},
+           "rounds": [{"llama_cpp": {"q4_0": llama(tg)}, "ours": {"int4:int4": ours(o, 40.0, 70.0)}}
+                      for tg, o in ((20.0, 30.0), (25.0, 25.0), (30.0, 24.0))]}
+    rows = bench.round_table(out)
+    assert [r["ratio"] for r in rows] == [1.5, 1.0, 0.8]
+    assert [round(r["llama_pct_of_read"], 6) for r in rows] == [50.0, 62.5, 75.0]
+    assert all(r["config"] == "int4:int4" and r["type"] == "Q4_0" for r in rows)
+    text = bench.format_rounds(out)
+    assert "vs Q4_0: median round ratio 1.00 (range 0.80-1.50)" in text

@@ -62,20 +62,21 @@ C = ceil(K / 128) chunks of 128 inputs it holds
     q    the 16 x 128 values as 64-byte vectors whose 32-bit lane r holds four consecutive
          inputs of output r (int4: 1024 bytes, the low nibbles inputs 0..63 of the chunk, the
          high nibbles 64..127; int8: 2048 bytes)
-    s    16 fp32 scales (the chunk's group's, one per output)
-    s*z  16 fp32 products of scale and real zero
+    s    16 fp16 scales (the chunk's group's, one per output, as GPTQ stores them)
+    z    16 real zeros, uint8 (int4) or uint16 (int8: GPTQ v1's real zeros reach 256)
 
 so a tile's weights are one sequential read, and one vpdpbusd adds four products to each of
-16 outputs with no horizontal sums. Per weight that is 4.5 bits (0.5625 bytes) for
-int4 and 8.5 bits (1.0625 bytes) for int8: fp32 scale and offset per 128 inputs instead of
-GPTQ's fp16 scale and packed zero per group (4.16 / 8.19 bits), in exchange for no zero to
-unpack and no fp16 conversion in the inner loop. For Qwen-1.8B's 24 blocks that is 683 MB (int4)
-and 1.29 GB (int8); lm_head adds 175 MB (int4), 331 MB (int8) or 622 MB (bf16).
+16 outputs with no horizontal sums; per chunk the kernel widens s and forms s * z in fp32
+(exact). Per weight that is 4.19 bits (0.5234 bytes) for int4 and 8.25 bits (1.031 bytes)
+for int8, against GPTQ's 4.16 / 8.19 bits per group of 128. (The first layout stored s and
+s * z in fp32, 4.5 and 8.5 bits, with the same results bit for bit.) For Qwen-1.8B's 24 blocks
+that is 636 MB (int4) and 1.25 GB (int8); lm_head adds 163 MB (int4), 321 MB (int8) or 622 MB
+(bf16).
 
 Worked example (int4, the same W[1, 9] as above, K = 16 so C = 1 chunk, padded to 128 inputs
 with q = 0, N = 8 padded to one tile of 16 with zero rows): the tile's chunk record is 1024
 bytes of q, in which lane r = 1 of vector j holds q[1, 4j .. 4j + 3] (| q[1, 64 + 4j ..] << 4),
-then s with s[1] = scales[g, 1], then s*z. Because
+then s with s[1] = scales[g, 1], then z. Because
 a chunk has one scale, a group must cover whole chunks: group_size a multiple of 128 (or -1);
 the example's group_size 8 is refused by the kernel layout (QuantWeight.from_components says
 so), though this module reads and writes it. Act-order checkpoints (desc_act, g_idx not

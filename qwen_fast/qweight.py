@@ -9,15 +9,18 @@ C = ceil(K / 128) chunks, one row per tile, each chunk's record being
         int8: 32 vectors, vector j, lane r = q[r, 4j .. 4j+3]                  (2048 bytes)
         int4: 16 vectors, vector j, lane r = q[r, 4j .. 4j+3] | q[r, 64+4j .. 64+4j+3] << 4
                                                                               (1024 bytes)
-    16 fp32 scales s[r, c]                                                   (64 bytes)
-    16 fp32 products s[r, c] * z[r, c]                                       (64 bytes)
+    16 fp16 scales s[r, c] (GPTQ's scales are fp16)                           (32 bytes)
+    16 zeros z[r, c]: uint8 for int4, uint16 for int8 (GPTQ v1's real zeros
+    reach 2^bits)                                                      (16 / 32 bytes)
 
 (r is the output within the tile; K is padded to whole chunks with q = 0, which the kernel
 multiplies by zeros.) One instruction (vpdpbusd) multiplies a vector by four activation bytes
 broadcast to every lane, adding four products to each of 16 outputs, and the scales load as a
-vector: the kernel needs no horizontal sums. Bytes per weight: int4 0.5625 (4.5 bits: 4 + 64 bits
-of scale and offset per 128), int8 1.0625. A GPTQ group (128, or -1 = all of K) covers whole
-chunks, so a chunk has one scale and one zero; a group size that is not a multiple of 128 is
+vector: the kernel needs no horizontal sums; it forms s * z in fp32, exactly (an fp16 scale times
+an integer below 2^9 needs at most 20 bits). Bytes per weight: int4 0.5234 (4.19 bits: 4 + 24
+bits of scale and zero per 128; llama.cpp's Q4_0 reads 4.5), int8 1.03 (8.25 bits). The first
+layout stored s and s * z in fp32 (4.5 and 8.5 bits) and gave the same results bit for bit.
+A GPTQ group (128, or -1 = all of K) covers whole chunks, so a chunk has one scale and one zero; a group size that is not a multiple of 128 is
 refused. Act-order checkpoints (desc_act, g_idx not k // group) are permuted at load: the inputs
 are sorted by group, ``perm`` [K] records the order, and the kernel reads x[..., perm] (gathered
 while it quantizes the activations). Nothing here keeps a dequantized copy: ``dequantize`` builds
@@ -33,9 +36,19 @@ CHUNK = 128
 TILE = 16
 
 
+def zero_bytes(bits: int) -> int:
+    """Bytes of one stored zero: uint8 for int4, uint16 for int8."""
+    return 1 if bits == 4 else 2
+
+
+def record_bytes(bits: int) -> int:
+    """Bytes of one chunk's record: q, 16 fp16 scales, 16 zeros."""
+    return TILE * CHUNK * bits // 8 + 2 * TILE + zero_bytes(bits) * TILE
+
+
 def tile_bytes(bits: int, in_features: int) -> int:
     """Bytes of one tile of 16 outputs (one row of ``QuantWeight.data``)."""
-    return -(-in_features // CHUNK) * (TILE * CHUNK * bits // 8 + 2 * 4 * TILE)
+    return -(-in_features // CHUNK) * record_bytes(bits)
 
 
 class QuantWeight:
@@ -112,10 +125,23 @@ class QuantWeight:
                              f"multiple of 128, or -1); this weight's groups hold {sorted(set(sizes))} "
                              f"inputs")
         T = -(-N // TILE)
-        s = torch.zeros(T * TILE, chunks)
-        s[:N] = scales.float()[first].t()                                      # [N, C]
-        sz = s.clone()
-        sz[:N] *= zeros.float()[first].t()                   # exact: see dequantize
+        s16 = scales[first].t().to(torch.float16)                              # [N, C]
+        if not torch.equal(s16.float(), scales.float()[first].t()):
+            raise ValueError("scales must be fp16 values (GPTQ stores them as fp16); these do not "
+                             "round-trip through fp16")
+        zmax = 255 if bits == 4 else 65535
+        zr = zeros[first].t()
+        if zr.is_floating_point() and not torch.equal(zr.round(), zr):
+            raise ValueError(f"zeros must be integers, got {zr[zr.round() != zr][:3].tolist()}")
+        zr = zr.to(torch.int64)
+        if zr.numel() and (zr.min() < 0 or zr.max() > zmax):
+            raise ValueError(f"zeros must be integers in [0, {zmax}] for {bits}-bit weights, got "
+                             f"values in [{float(zr.min())}, {float(zr.max())}]")
+        s = torch.zeros(T * TILE, chunks, dtype=torch.float16)
+        s[:N] = s16
+        z = torch.zeros(T * TILE, chunks, dtype=torch.int32)
+        z[:N] = zr
+        z = z.to(torch.uint8) if bits == 4 else z.to(torch.int16)   # int16 bits = uint16 < 2^16
         qp = torch.zeros(T * TILE, chunks * CHUNK, dtype=torch.uint8)
         qp[:N, :K] = q.to(torch.uint8)
         # [tile, r, chunk, j, b] -> [tile, chunk, j, r, b]: vector j, lane r, byte b
@@ -125,10 +151,10 @@ class QuantWeight:
         else:
             qv = qp.view(T, TILE, chunks, 32, 4).permute(0, 2, 3, 1, 4)
 
-        def lanes(v):  # [T * 16, C] fp32 -> [T, C, 64] bytes
+        def lanes(v):  # [T * 16, C] -> [T, C, 16 * itemsize] bytes
             return v.view(T, TILE, chunks).transpose(1, 2).contiguous().view(torch.uint8)
 
-        data = torch.cat([qv.reshape(T, chunks, -1), lanes(s), lanes(sz)], dim=2)
+        data = torch.cat([qv.reshape(T, chunks, -1), lanes(s), lanes(z)], dim=2)
         return cls(data.reshape(T, -1), bits, K, N, perm)
 
     @classmethod
@@ -166,7 +192,7 @@ class QuantWeight:
         N, K, C = self.out_features, self.in_features, -(-self.in_features // CHUNK)
         T = self.data.shape[0]
         qb = TILE * CHUNK * self.bits // 8
-        rec = self.data.view(T, C, qb + 8 * TILE)
+        rec = self.data.view(T, C, record_bytes(self.bits))
         if self.bits == 4:
             qv = rec[:, :, :qb].reshape(T, C, 16, TILE, 4).permute(0, 3, 1, 2, 4)  # [T, r, C, j, b]
             q = torch.stack([qv & 15, qv >> 4], dim=3)                         # [T, r, C, 2, j, b]
@@ -174,11 +200,13 @@ class QuantWeight:
             q = rec[:, :, :qb].reshape(T, C, 32, TILE, 4).permute(0, 3, 1, 2, 4)
         q = q.reshape(T * TILE, C * CHUNK)
 
-        def rows(v):  # [T, C, 64] bytes -> [T * 16, C] fp32
-            return v.contiguous().view(torch.float32).transpose(1, 2).reshape(T * TILE, C)
+        def rows(v, dtype):  # [T, C, 16 * itemsize] bytes -> [T * 16, C]
+            return v.contiguous().view(dtype).transpose(1, 2).reshape(T * TILE, C)
 
-        s = rows(rec[:, :, qb:qb + 4 * TILE])
-        sz = rows(rec[:, :, qb + 4 * TILE:])
+        s = rows(rec[:, :, qb:qb + 2 * TILE], torch.float16).float()
+        zb = rows(rec[:, :, qb + 2 * TILE:], torch.uint8 if self.bits == 4 else torch.int16)
+        z = zb.to(torch.int32) & (0xFF if self.bits == 4 else 0xFFFF)
+        sz = s * z.float()                                   # exact: see dequantize
         return q[:N, :K], s[:N], sz[:N]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -153,9 +153,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match=r"the weight has in_features = 256, x has 255"):
         ops._C.quant_linear(torch.randn(2, 255), w.data, 4, 256, 8)
     with pytest.raises(RuntimeError, match=r"weight must be a contiguous torch.uint8 tensor "
-                                           r"\[1, 2304\] \(the kernel layout of 8 4-bit outputs"):
+                                           r"\[1, 2144\] \(the kernel layout of 8 4-bit outputs"):
         ops._C.quant_linear(x, w.data[:, :100], 4, 256, 8)
-    with pytest.raises(RuntimeError, match=r"weight must be .* \[2, 2304\]"):
+    with pytest.raises(RuntimeError, match=r"weight must be .* \[2, 2144\]"):
         ops._C.quant_linear(x, w.data, 4, 256, 17)
     with pytest.raises(RuntimeError, match=r"bits must be 4 or 8, got 3"):
         ops._C.quant_linear(x, w.data, 3, 256, 8)
@@ -167,7 +167,7 @@ def test_bad_arguments_are_named():
         ops._C.quant_linear(x, w.data, 4, 256, 8, None, torch.full((256,), 300))
     with pytest.raises(RuntimeError, match=r'isa must be "auto", "avx512_vnni", "avx2" or "scalar", got "avx"'):
         ops._C.quant_linear(x, w.data, 4, 256, 8, isa="avx")
-    with pytest.raises(ValueError, match=r"data must be a uint8 tensor \[1, 2304\] for 8 4-bit outputs"):
+    with pytest.raises(ValueError, match=r"data must be a uint8 tensor \[1, 2144\] for 8 4-bit outputs"):
         QuantWeight(w.data[:, :10], 4, 256, 8)
 
 
@@ -215,7 +215,7 @@ def test_pair_bad_arguments_are_named():
     w1 = QuantWeight.quantize(torch.randn(32, 256, generator=g), 4)
     w2 = QuantWeight.quantize(torch.randn(16, 256, generator=g), 4)
     x, o1, o2 = torch.randn(2, 256), torch.empty(2, 32), torch.empty(2, 16)
-    with pytest.raises(RuntimeError, match=r"w2 must be a contiguous torch.uint8 tensor \[2, 2304\]"):
+    with pytest.raises(RuntimeError, match=r"w2 must be a contiguous torch.uint8 tensor \[2, 2144\]"):
         ops._C.quant_linear_pair(x, w1.data, w2.data, 4, 32, 32, o1, torch.empty(2, 32))
     with pytest.raises(RuntimeError, match=r"out2 must be a contiguous torch.float32 CPU tensor \[\.\.\., 16\]"):
         ops._C.quant_linear_pair(x, w1.data, w2.data, 4, 32, 16, o1, torch.empty(2, 16).bfloat16())

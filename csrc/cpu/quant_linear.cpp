@@ -11,8 +11,8 @@
 // each output by it).
 //
 // Weight layout: outputs in tiles of 16 (N padded with zero rows), one tile a contiguous record
-// of C chunks, each chunk the q of its 16 outputs x 128 inputs then 16 fp32 scales s and 16 fp32
-// s * z. The q are stored as 64-byte vectors whose 32-bit lane r holds four consecutive inputs
+// of C chunks, each chunk the q of its 16 outputs x 128 inputs then 16 fp16 scales s and 16 zeros
+// z (uint8 for int4, uint16 for int8; s * z is formed in fp32, exactly). The q are stored as 64-byte vectors whose 32-bit lane r holds four consecutive inputs
 // of output r:
 //   int8: vector j < 32, lane r = q[r, 4j .. 4j + 3]
 //   int4: vector j < 16, lane r = q[r, 4j .. 4j + 3] in the low nibbles, q[r, 64 + 4j ..] in
@@ -52,7 +52,29 @@ constexpr int64_t kParallelMinMacs = int64_t{1} << 16;
 constexpr int64_t kMinGrabTiles = 16;  // the smallest block of tiles a thread takes at a time
 
 constexpr int64_t q_bytes(int bits) { return kTile * kChunk * bits / 8; }  // per chunk record
-constexpr int64_t record_bytes(int bits) { return q_bytes(bits) + 2 * kTile * 4; }
+constexpr int64_t zero_bytes(int bits) { return bits == 4 ? 1 : 2; }         // uint8 / uint16
+// q, then 16 fp16 scales, then 16 zeros (qwen_fast/qweight.py)
+constexpr int64_t record_bytes(int bits) { return q_bytes(bits) + 2 * kTile + zero_bytes(bits) * kTile; }
+
+// Output r's scale and s * z of a chunk record whose q take qb bytes: s in fp32 exactly, s * z
+// exactly (an fp16 scale times an integer below 2^16 needs at most 27 bits; GPTQ's below 2^9 at
+// most 20), the values the first layout stored in fp32.
+template <int BITS>
+inline void scale_and_offset(const uint8_t* rec, int r, float& s, float& sz) {
+  constexpr int64_t qb = q_bytes(BITS);
+  uint16_t h;
+  std::memcpy(&h, rec + qb + 2 * r, 2);
+  s = to_float(fp16{h});
+  uint32_t z;
+  if constexpr (BITS == 4) {
+    z = rec[qb + 2 * kTile + r];
+  } else {
+    uint16_t z16;
+    std::memcpy(&z16, rec + qb + 2 * kTile + 2 * r, 2);
+    z = z16;
+  }
+  sz = s * static_cast<float>(z);
+}
 
 struct QArgs {
   const int8_t* x8;     // [M, C * 128]
@@ -74,7 +96,8 @@ QF_CPU_CLONES void tiles_portable(const QArgs& a, int64_t m0, int64_t m1, int64_
       float y[kTile] = {};
       for (int64_t c = 0; c < a.C; ++c) {
         const uint8_t* q = wt + c * rec;
-        const float* s = reinterpret_cast<const float*>(q + qb);
+        float s[2 * kTile];                      // the 16 scales, then the 16 s * z
+        for (int r = 0; r < kTile; ++r) scale_and_offset<BITS>(q, r, s[r], s[kTile + r]);
         const int8_t* xc = a.x8 + (m * a.C + c) * kChunk;
         int32_t isum[kTile] = {};
         if constexpr (BITS == 4) {
@@ -150,8 +173,13 @@ QF_TARGET_AVX512_VNNI inline void tile_vnni(const QArgs& a, int64_t t0, int64_t 
         }
     }
     for (int g = 0; g < G; ++g) {
-      const float* s = reinterpret_cast<const float*>(wt[g] + c * rec + qb);
-      const __m512 sv = _mm512_loadu_ps(s), szv = _mm512_loadu_ps(s + kTile);
+      const __m512 sv = _mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt[g] + c * rec + qb)));
+      const uint8_t* zp = wt[g] + c * rec + qb + 2 * kTile;
+      const __m512i zi =
+          BITS == 4 ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp)))
+                    : _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zp)));
+      const __m512 szv = _mm512_mul_ps(sv, _mm512_cvtepi32_ps(zi));   // exact, as scale_and_offset
       for (int m = 0; m < MB; ++m) {
         const int64_t i = (m0 + m) * a.C + c;
         const __m512i hi_sum =
@@ -252,9 +280,14 @@ QF_TARGET_AVX2 inline void tile_avx2(const QArgs& a, int64_t t, int64_t m0) {
           }
         }
       }
-    const float* s = reinterpret_cast<const float*>(q + qb);
     for (int h = 0; h < 2; ++h) {
-      const __m256 sv = _mm256_loadu_ps(s + 8 * h), szv = _mm256_loadu_ps(s + kTile + 8 * h);
+      const __m256 sv = _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + qb + 16 * h)));
+      const uint8_t* zp = q + qb + 2 * kTile + zero_bytes(BITS) * 8 * h;
+      const __m256i zi =
+          BITS == 4 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zp)))
+                    : _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp)));
+      const __m256 szv = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(zi));
       for (int m = 0; m < MB; ++m) {
         const int64_t i = (m0 + m) * a.C + c;
         __m256i total = acc[h][m];

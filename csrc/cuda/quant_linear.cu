@@ -2,7 +2,7 @@
 // of x, W[n, k] = s * q - s * z (exact in fp32) formed in registers, fp32 products and sums, the
 // bias added in fp32, rounded once to T. Layout (the CPU kernel's, qwen_fast/qweight.py): tiles of
 // 16 outputs, per 128-input chunk the q as 64-byte vectors j (lane r = 4 inputs of output r),
-// then 16 fp32 s and 16 fp32 s*z. Parallelisation: a block per tile (and 16 rows of x), its warps
+// then 16 fp16 s and 16 zeros (uint8 / uint16; s * z formed in fp32, exact). Parallelisation: a block per tile (and 16 rows of x), its warps
 // striding over the chunks; lane L reads the 16-byte pieces L, L + 32, ... of a chunk's q (a warp
 // reads 512 contiguous bytes at a time): piece 4j + g holds outputs 4g..4g+3 of vector j, so lane
 // L owns outputs 4(L % 4)..+3 and vectors j = L / 4 + 8i; the 8 lanes of one g, then the block's
@@ -26,7 +26,8 @@ constexpr int kPieceBytes = 16;
 template <int BITS>
 struct Layout {
   static constexpr int kQBytes = kTile * kChunk * BITS / 8;      // q of one chunk of a tile
-  static constexpr int kRecord = kQBytes + 2 * kTile * 4;        // + 16 s + 16 s*z (fp32)
+  static constexpr int kZeroBytes = BITS == 4 ? 1 : 2;           // uint8 / uint16 zeros
+  static constexpr int kRecord = kQBytes + 2 * kTile + kZeroBytes * kTile;  // + 16 fp16 s, 16 z
   static constexpr int kPieces = kQBytes / kPieceBytes;          // 16-byte pieces of q
   static constexpr int kLanePieces = kPieces / kWarpSize;        // per lane: 2 (int4), 4 (int8)
 };
@@ -35,6 +36,27 @@ struct Layout {
 template <int MT>
 constexpr int max_warps() {
   return MT <= 4 ? 16 : 8;
+}
+
+// Outputs 4g .. 4g + 3 of a chunk record: their scales (fp16, widened exactly) and s * z, exact in
+// fp32 (an fp16 scale times an integer below 2^16), as the CPU kernel and QuantWeight.dequantize.
+template <int BITS>
+__device__ __forceinline__ void scales_of(float4& s4, float4& sz4, const uint8_t* rec, int g) {
+  using L = Layout<BITS>;
+  const __half* sh = reinterpret_cast<const __half*>(rec + L::kQBytes) + 4 * g;
+  float s[4], z[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    s[e] = to_f32(__ldg(sh + e));
+    if constexpr (BITS == 4)
+      z[e] = static_cast<float>(__ldg(rec + L::kQBytes + 2 * kTile + 4 * g + e));
+    else
+      z[e] = static_cast<float>(
+          __ldg(reinterpret_cast<const unsigned short*>(rec + L::kQBytes + 2 * kTile) + 4 * g + e));
+  }
+  s4.x = s[0], s4.y = s[1], s4.z = s[2], s4.w = s[3];
+  sz4.x = __fmul_rn(s[0], z[0]), sz4.y = __fmul_rn(s[1], z[1]);
+  sz4.z = __fmul_rn(s[2], z[2]), sz4.w = __fmul_rn(s[3], z[3]);
 }
 
 // What one lane reads of a chunk: its pieces of q and the s, s*z of its four outputs.
@@ -52,9 +74,7 @@ __device__ __forceinline__ void load_chunk(LaneChunk<BITS>& d,
 #pragma unroll
   for (int p = 0; p < L::kLanePieces; ++p)
     d.q[p] = __ldg(reinterpret_cast<const uint4*>(rec + (p * kWarpSize + lane) * kPieceBytes));
-  const int g = lane % 4;
-  d.s = __ldg(reinterpret_cast<const float4*>(rec + L::kQBytes) + g);
-  d.sz = __ldg(reinterpret_cast<const float4*>(rec + L::kQBytes + kTile * 4) + g);
+  scales_of<BITS>(d.s, d.sz, rec, lane % 4);
 }
 
 // Adds the products of four consecutive inputs k0..k0+3 (bits kShift.. of each byte of the four
@@ -230,8 +250,8 @@ __global__ void quant_linear_dequantize_kernel(T* __restrict__ out,             
     const int j = piece / 4, g = piece % 4;
     const uint8_t* rec = w + chunk * L::kRecord;
     const uint4 q = *reinterpret_cast<const uint4*>(rec + piece * kPieceBytes);
-    const float4 s4 = reinterpret_cast<const float4*>(rec + L::kQBytes)[g];
-    const float4 sz4 = reinterpret_cast<const float4*>(rec + L::kQBytes + kTile * 4)[g];
+    float4 s4, sz4;
+    scales_of<BITS>(s4, sz4, rec, g);
     const unsigned words[4] = {q.x, q.y, q.z, q.w};
     const float s[4] = {s4.x, s4.y, s4.z, s4.w};
     const float sz[4] = {sz4.x, sz4.y, sz4.z, sz4.w};

@@ -225,6 +225,28 @@ def test_pair_bad_arguments_are_named():
         ops._C.quant_linear_pair(x, w1.data, w2.data, 5, 32, 16, o1, o2)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_record_holds_fp16_scales_and_integer_zeros(bits):
+    """The record keeps GPTQ's fp16 scales and integer zeros (up to 2^bits: GPTQ v1's real zeros)
+    and gives them back exactly; values it could not hold are refused, naming what was wrong."""
+    g = torch.Generator().manual_seed(14)
+    q, zeros, scales, g_idx = _components(32, 256, bits, g)
+    zeros[0, :3] = torch.tensor([0, 2 ** bits, 1])
+    w = QuantWeight.from_components(q, zeros, scales, g_idx, bits)
+    assert w.data.shape[1] == 2 * (16 * 128 * bits // 8 + 32 + 16 * (1 if bits == 4 else 2))
+    q2, s, sz = w.components()
+    assert torch.equal(q2, q.to(torch.uint8)) and torch.equal(s, scales.float().t()[:, [0, 1]])
+    assert torch.equal(sz, (scales.float() * zeros.float()).t()[:, [0, 1]])
+    with pytest.raises(ValueError, match=r"scales must be fp16 values"):
+        QuantWeight.from_components(q, zeros, scales.float() * (1 + 2 ** -20), g_idx, bits)
+    bad = zeros.clone()
+    bad[1, 5] = -1
+    with pytest.raises(ValueError, match=r"zeros must be integers in \[0, \d+\] for \d-bit weights, got values in \[-1"):
+        QuantWeight.from_components(q, bad, scales, g_idx, bits)
+    with pytest.raises(ValueError, match=r"zeros must be integers, got \[2.5\]"):
+        QuantWeight.from_components(q, zeros.float().index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(2.5)), scales, g_idx, bits)
+
+
 def test_to_moves_data_and_perm():
     g = torch.Generator().manual_seed(5)
     q, zeros, scales, _ = _components(16, 256, 4, g)

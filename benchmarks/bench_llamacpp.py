@@ -453,9 +453,12 @@ def ensure_gguf(cache: Path, config: str, dtype: str, seed: int, ftype: str,
 # ---- the runs --------------------------------------------------------------------------------
 
 def run_llama_bench(bench: Path, model: Path, threads: int, prompt: int, new: int,
-                    reps: int) -> List[dict]:
+                    reps: int, depth: int = 0) -> List[dict]:
+    """llama-bench's pp<prompt> and tg<new> records; with depth > 0 every test also runs with
+    that many tokens already in the cache (-d 0,depth), so that its decode can be taken where
+    ours decodes: after the prompt."""
     cmd = [str(bench), "-m", str(model), "-p", str(prompt), "-n", str(new), "-t", str(threads),
-           "-r", str(reps), "-o", "json"]
+           "-r", str(reps), "-o", "json"] + (["-d", f"0,{depth}"] if depth > 0 else [])
     progress("$ " + " ".join([bench.name] + cmd[1:]))
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
@@ -467,11 +470,14 @@ def run_llama_bench(bench: Path, model: Path, threads: int, prompt: int, new: in
     return records
 
 
-def llama_rates(records: List[dict], prompt: int, new: int) -> Dict[str, float]:
-    """llama-bench's mean and standard deviation of tokens/s for pp<prompt> and tg<new>."""
+def llama_rates(records: List[dict], prompt: int, new: int, depth: int = 0) -> Dict[str, float]:
+    """llama-bench's mean and standard deviation of tokens/s for pp<prompt> (from an empty
+    cache) and tg<new> (at `depth` cached tokens)."""
     nan = float("nan")
-    pp = [x for x in records if x.get("n_prompt") == prompt and x.get("n_gen") == 0]
-    tg = [x for x in records if x.get("n_gen") == new and x.get("n_prompt") == 0]
+    pp = [x for x in records if x.get("n_prompt") == prompt and x.get("n_gen") == 0
+          and x.get("n_depth", 0) == 0]
+    tg = [x for x in records if x.get("n_gen") == new and x.get("n_prompt") == 0
+          and x.get("n_depth", 0) == depth]
     return {"pp": pp[0]["avg_ts"] if pp else nan, "pp_std": pp[0]["stddev_ts"] if pp else nan,
             "tg": tg[0]["avg_ts"] if tg else nan, "tg_std": tg[0]["stddev_ts"] if tg else nan}
 
@@ -513,7 +519,8 @@ def best_rows(rounds: List[dict], types: Sequence[str], args) -> List[dict]:
     with the llama.cpp type whose layers are quantized alike (int4 with Q4_0, ...)."""
     llama = {}
     for t in types:
-        rates = [llama_rates(r["llama_cpp"][t], args.prompt_tokens, args.new_tokens)
+        rates = [llama_rates(r["llama_cpp"][t], args.prompt_tokens, args.new_tokens,
+                             getattr(args, "tg_depth", 0))
                  for r in rounds]
         bp = max(rates, key=lambda x: x["pp"] if x["pp"] == x["pp"] else -1)
         bt = max(rates, key=lambda x: x["tg"] if x["tg"] == x["tg"] else -1)
@@ -573,7 +580,8 @@ def round_table(out: dict) -> List[dict]:
             if not match:
                 continue
             ours = rnd["ours"][match[0]]["results"][0]
-            tg = llama_rates(recs, out["prompt_tokens"], out["new_tokens"])["tg"]
+            tg = llama_rates(recs, out["prompt_tokens"], out["new_tokens"],
+                             out.get("tg_depth", 0))["tg"]
             read = ours["read_gb_s"]
             row = {"round": k + 1, "type": t.upper(), "config": match[0], "read_gb_s": read,
                    "ours_tok_s": ours["decode_tokens_per_s"], "ours_pct_of_read": ours["pct_of_read"],
@@ -639,7 +647,8 @@ def format_table(out: dict) -> str:
               f"token; median of {out['ours_repeats']}), llama.cpp = llama-bench pp (prompt "
               f"only; mean ± sd of {out['llama_reps']}). decode: qwen_fast = per-token decode "
               f"after the prompt (median), llama.cpp = llama-bench tg{out['new_tokens']} (mean ± "
-              f"sd, from an empty cache). Ratios > 1: qwen_fast is faster."
+              f"sd, " + (f"after {out['tg_depth']} cached tokens, -d" if out.get("tg_depth")
+                         else "from an empty cache") + "). Ratios > 1: qwen_fast is faster."
               + (f" Best of {n} rounds per engine and metric; each llama.cpp type runs right "
                  f"before our configurations quantized alike, and the last column gives each "
                  f"round's ratio of that back-to-back pair; every round is in the JSON."
@@ -668,6 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="our backend (qwen_fast.bench --backend)")
     p.add_argument("--repeats", type=int, default=2, help="qwen_fast.bench --repeats")
     p.add_argument("--llama-reps", type=int, default=3, help="llama-bench -r")
+    p.add_argument("--tg-depth", type=int, default=None,
+                   help="tokens in llama.cpp's cache when its decode is timed (llama-bench -d; "
+                        "default: --prompt-tokens, where ours decodes; 0: from an empty cache, "
+                        "as runs before 2026-12-05 did)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run both engines this many times, alternating, and report each one's "
                         "best round (for a shared, noisy machine)")
@@ -689,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tg_depth is None:
+        args.tg_depth = args.prompt_tokens
     if args.report:
         out = json.loads(Path(args.report).read_text())
         if "llama_bytes_per_token" not in out:
@@ -738,7 +753,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for kind, what in order:
             if kind == "llama":
                 llama[what] = run_llama_bench(bench, paths[what], args.threads, args.prompt_tokens,
-                                              args.new_tokens, args.llama_reps)
+                                              args.new_tokens, args.llama_reps, args.tg_depth)
             else:
                 progress(f"round {k + 1}/{args.rounds}: qwen_fast.bench: {args.dtype} {what}, "
                          f"backend {args.backend}, {args.threads} threads")
@@ -757,7 +772,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = {"config": args.config, "seed": args.seed, "dtype": args.dtype,
            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
            "threads": args.threads, "ours_repeats": args.repeats, "llama_reps": args.llama_reps,
-           "rounds_run": args.rounds,
+           "rounds_run": args.rounds, "tg_depth": args.tg_depth,
            "machine": f"{platform.machine()} {rec.get('cpu_info', platform.processor())}",
            "read_gb_s": [o["read_gb_s"] for o in first],
            "copy_gb_s": [o["copy_gb_s"] for o in first],

@@ -12,7 +12,6 @@ medians; --config tiny is a smoke run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import List, Optional
 import torch
 
 from qwen_fast import Engine
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # harness, also when loaded by path
+from harness import write_outputs  # noqa: E402
 
 DTYPES = ("bfloat16", "float16")
 
@@ -100,10 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "median_decode_time_ratio": statistics.median(r["decode_time_ratio"] for r in rounds)}
     md = markdown(res)
     print("\n" + md, flush=True)
-    if args.md:
-        args.md.write_text(md)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
+    write_outputs(md, res, args.md, args.json)
     return 0
 
 

@@ -47,6 +47,8 @@ import torch
 from qwen_fast import Engine
 from qwen_fast.tokenizer import IncrementalDecoder, QwenTokenizer, default_vocab_path, \
     load_tiktoken_bpe
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # harness, also when loaded by path
+from harness import write_outputs  # noqa: E402
 
 
 def _prompt(engine, n, g):
@@ -605,10 +607,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     md = markdown(out)
     if md:
         print("\n" + md, flush=True)
-    if args.md:
-        args.md.write_text(md)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+    write_outputs(md, out, args.md, args.json)
     return 0
 
 

@@ -124,6 +124,14 @@ def machine() -> dict:
     return info
 
 
+def write_outputs(md: str, data: dict, md_path: Optional[Path], json_path: Optional[Path]) -> None:
+    """A benchmark's markdown and JSON to the paths it was given (either may be None)."""
+    if md_path:
+        Path(md_path).write_text(md)
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=1))
+
+
 def report(name: str, rows: List[Row], meta: dict, out_dir: Path = RESULTS) -> Path:
     """Print a markdown table and write JSON + markdown to benchmarks/results/."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -249,11 +249,12 @@ def auto_dtype(cfg: QwenConfig, device: Union[str, torch.device],
     q . k and the unquantized GEMMs run vdpbf16ps), where a checkpoint that asks for fp16 runs
     in bf16: measured on the development machine (Zen 4), 1,400-token prefill of the int4 model
     took 15-16 s in fp16 against 6 s in bf16 before fp16 had its own attention kernel and
-    hardware conversions, and still 1.07-1.08x bf16's time after (benchmarks/bench_dtype.py). The numerics change: activations, the KV cache and
-    the weights that are not quantized (embeddings, norms, an fp16 lm_head) round to bf16's 8
-    significant bits instead of fp16's 11, so logits differ from the release's fp16 run by
-    about bf16's rounding, and a long greedy generation can take another path. int4/int8
-    weights are unaffected (their scales are kept in fp32). Pass dtype="float16" to keep fp16.
+    hardware conversions, and still 1.07-1.08x bf16's time after (benchmarks/bench_dtype.py).
+    The numerics change: activations, the KV cache and the weights that are not quantized
+    (embeddings, norms, an fp16 lm_head) round to bf16's 8 significant bits instead of fp16's
+    11, so logits differ from the release's fp16 run by about bf16's rounding, and a long greedy
+    generation can take another path. int4/int8 weights are unaffected (their fp16 scales are
+    widened to fp32 exactly). Pass dtype="float16" to keep fp16.
     fp32 checkpoints stay fp32 (a request for the most exact maths), and GPUs and the
     reference backend keep the release's choice."""
     release = cfg.default_dtype()
@@ -348,7 +349,7 @@ class Engine:
         between (a benchmark's read pass, the caller's own tensors) makes one again. While it
         exists, every parallel region of every step pays a wake-up of a sleeping thread: an int4
         decode step measured 0.80 of the read pass with the team of the thread that had just
-        run a read pass still alive, and 0.9x without (benchmarks/results/decode-share-latest.md).
+        run a read pass still alive, and 0.87-0.88 without (benchmarks/results/decode-share-latest.md).
         Costs nothing when there is none."""
         from . import ops
         if ops.HAVE_C and self.device.type == "cpu":

@@ -21,6 +21,7 @@
 #include "../common/simd.h"
 #include "../common/x86_reduce.h"
 #include "kernels.h"
+#include "shared_blocks.h"
 
 #if QF_X86_INTRINSICS
 #include <immintrin.h>
@@ -454,20 +455,12 @@ Status linear(T* y, const T* x, const T* w, const T* bias, int64_t M, int64_t N,
     return Status::kOk;
   }
   if (M <= kMinPanelRows) {
-    // Decode (one panel): blocks taken from a shared counter, each a share of what is left
-    // (as quant_linear.cpp, which says why), so neither thread waits long for the other.
+    // Decode (one panel): blocks of rows taken from a shared counter (shared_blocks.h).
     std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(static_cast<int>(threads))
-    for (;;) {
-      int64_t cur = next.load(std::memory_order_relaxed), take = 0;
-      do {
-        const int64_t rem = blocks - cur;
-        if (rem <= 0) break;
-        take = std::min(rem, std::max(kMinGrabBlocks, rem / (2 * threads)));
-      } while (!next.compare_exchange_weak(cur, cur + take, std::memory_order_relaxed));
-      if (cur >= blocks) break;
-      work(a, cur * kRows, std::min(N, (cur + take) * kRows));
-    }
+    take_shared_blocks(
+        next, blocks, kMinGrabBlocks, threads, [&](int64_t) { return blocks; },
+        [&](int64_t b0, int64_t b1) { work(a, b0 * kRows, std::min(N, b1 * kRows)); });
     return Status::kOk;
   }
 #pragma omp parallel num_threads(static_cast<int>(threads))

@@ -40,6 +40,7 @@
 #include "../common/x86_reduce.h"
 #include "convert.h"
 #include "kernels.h"
+#include "shared_blocks.h"
 
 namespace qf::cpu {
 namespace {
@@ -515,9 +516,7 @@ Status run_jobs(const Job<T>* jobs, int n_jobs, const T* x, const int64_t* perm,
   int64_t nt = std::min<int64_t>(threads, all_tiles);
   if (M * all_n * K < kParallelMinMacs) nt = 1;
   // One panel (decode): the threads take blocks of tiles from a shared counter over every
-  // job's tiles, each block a share of what is left (half of it split over the threads, at
-  // least kMinGrabTiles, never across two weights), so the blocks shrink toward the end and a
-  // thread that the memory system serves more slowly, or that came late, takes less. A static
+  // job's tiles (shared_blocks.h; at least kMinGrabTiles, never across two weights). A static
   // half each left one thread waiting at the join: int4 decode, 2 threads, libgomp's spin was
   // 14.7% of the step's thread time (perf), 10.7% after (the rest is the other thread waiting
   // through the step's serial parts), and the step's share of the read pass went from 0.74 to
@@ -525,26 +524,21 @@ Status run_jobs(const Job<T>* jobs, int n_jobs, const T* x, const int64_t* perm,
   // results do not change.
   if (M <= panel && nt > 1) {
     std::atomic<int64_t> next{0};
+    const auto job_of = [&](int64_t tile) {   // the job whose tiles hold global tile `tile`
+      int j = 0;
+      while (first_tile[j + 1] <= tile) ++j;
+      return j;
+    };
 #pragma omp parallel num_threads(static_cast<int>(nt))
-    {
-      for (;;) {
-        int64_t cur = next.load(std::memory_order_relaxed), take = 0;
-        do {
-          const int64_t rem = all_tiles - cur;
-          if (rem <= 0) break;
-          int64_t end = 0;
-          while (end < n_jobs && first_tile[end + 1] <= cur) ++end;
-          take = std::min({rem, std::max<int64_t>(kMinGrabTiles, rem / (2 * nt)),
-                           first_tile[end + 1] - cur});
-        } while (!next.compare_exchange_weak(cur, cur + take, std::memory_order_relaxed));
-        if (cur >= all_tiles) break;
-        int j = 0;
-        while (first_tile[j + 1] <= cur) ++j;
-        const int64_t t0 = cur - first_tile[j];
-        run(args[j], 0, M, t0, t0 + take);
-        finish(j, t0, t0 + take, 0, M);
-      }
-    }
+    take_shared_blocks(
+        next, all_tiles, kMinGrabTiles, nt,
+        [&](int64_t cur) { return first_tile[job_of(cur) + 1]; },   // never across two weights
+        [&](int64_t g0, int64_t g1) {
+          const int j = job_of(g0);
+          const int64_t t0 = g0 - first_tile[j], t1 = g1 - first_tile[j];
+          run(args[j], 0, M, t0, t1);
+          finish(j, t0, t1, 0, M);
+        });
     return Status::kOk;
   }
   for (int j = 0; j < n_jobs; ++j) {

@@ -23,6 +23,7 @@ _LAZY = {
     "RequestError": ("errors", "RequestError"),
     "CapacityError": ("errors", "CapacityError"),
     "NumericalError": ("errors", "NumericalError"),
+    "OverloadedError": ("errors", "OverloadedError"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -226,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streams run at the same time; more wait (default: 64)")
     s.add_argument("--max-batch-size", type=int, default=8,
                    help="sequences decoded together in one batch; more wait for a slot (default: 8)")
+    s.add_argument("--max-waiting", type=int, default=128,
+                   help="requests that may wait for a batch slot; more get 503 with Retry-After "
+                        "(default: 128)")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="default deadline of a request in seconds: still queued then -> 503, "
+                        "generating -> 504 (default: none; a request's request_timeout field "
+                        "overrides it)")
+    s.add_argument("--allowed-origins", default=None,
+                   help="CORS: comma-separated origins allowed to call the API from a browser "
+                        "('*' = any; default: none, no CORS headers)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     b = sub.add_parser("bench", help="decode benchmark on full-size random weights")
     from .bench import build_parser as bench_parser
@@ -243,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _missing_server_deps() -> List[str]:
     missing = []
-    for name in ("fastapi", "uvicorn"):
+    for name in ("fastapi", "uvicorn", "prometheus_client"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -257,15 +267,31 @@ def _serve(args) -> int:
         print(f"error: qwen-fast serve needs {' and '.join(missing)}, which are not installed; "
               'install the server extra: pip install "qwen_fast[server]"', file=sys.stderr)
         return 1
-    from .server import serve
+    from .server import ServerOptions, serve
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else
                                       "qwen-1.8b-chat")
+    # Every option is checked before the (slow) model load.
+    origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()] \
+        if args.allowed_origins else None
+    try:
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {args.port}")
+        if args.max_batch_size is not None and args.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {args.max_batch_size}")
+        opts = ServerOptions(name, args.api_key, args.max_body_bytes, args.max_concurrency,
+                             args.max_waiting, args.request_timeout, origins)
+    except ValueError as e:
+        opt = str(e).split(" ", 1)[0].replace("_", "-")
+        print(f"error: --{opt}: {e}", file=sys.stderr)
+        return 2
     engine = _load(args)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can "
               "use it", file=sys.stderr)
-    serve(engine, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
-          max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
+    serve(engine, host=args.host, port=args.port, model_name=opts.model_name,
+          api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
+          max_concurrency=opts.max_concurrency, max_waiting=opts.max_waiting,
+          request_timeout=opts.request_timeout, allowed_origins=opts.allowed_origins,
           log_level=args.log_level)
     return 0
 

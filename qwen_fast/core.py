@@ -28,6 +28,7 @@ from typing import Callable, Deque, Optional, Sequence
 
 import torch
 
+from .errors import OverloadedError
 from .request import Request
 from .runner import Runner
 from .scheduler import Scheduler
@@ -73,13 +74,23 @@ class EngineCore:
         _LIVE.add(self)
 
     # ---- the callers' side -------------------------------------------------------------------
-    def submit(self, reqs: Sequence[Request]) -> None:
-        """Queue requests (all or none: one that can never fit raises CapacityError first)."""
+    def submit(self, reqs: Sequence[Request], max_waiting: Optional[int] = None) -> None:
+        """Queue requests (all or none: one that can never fit raises CapacityError first).
+        max_waiting: refuse them (OverloadedError, nothing queued) if more than that many
+        requests would then wait for a batch row; checked under the lock, so that concurrent
+        submissions never overshoot it."""
         with self.cond:
             if self._closed:
                 raise RuntimeError("the engine was closed")
             for r in reqs:
                 self.scheduler.check_fits(len(r.prompt_ids))
+            if max_waiting is not None:
+                waiting = self.scheduler.waiting_beyond_batch(len(reqs))
+                if waiting > max_waiting:
+                    raise OverloadedError(
+                        f"the engine is full: {waiting} requests would wait for a batch row "
+                        f"(max_waiting={max_waiting}, {self.scheduler.max_batch_size} rows, all "
+                        "busy); nothing was queued, retry later")
             for r in reqs:
                 self.scheduler.add(r)
             self._ensure_thread()
@@ -91,6 +102,11 @@ class EngineCore:
         with self.cond:
             self.scheduler.abort(req)
             self.cond.notify_all()
+
+    def snapshot(self) -> dict:
+        """Scheduler.snapshot() under the lock."""
+        with self.cond:
+            return self.scheduler.snapshot()
 
     def wait_until(self, ready: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         """Block until ready() (called under the lock, after every step) is true."""

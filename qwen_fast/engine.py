@@ -591,8 +591,11 @@ class Engine:
 
     # ---- requests through the serving core ----------------------------------------------------
     def _requests(self, prompts: List[List[int]], params: List[SamplingParams],
-                  extra_stop_ids: Sequence[int] = ()) -> List[Request]:
+                  extra_stop_ids: Sequence[int] = (), max_waiting: Optional[int] = None) -> List[Request]:
         """Checked prompts -> submitted requests (all or none)."""
+        if max_waiting is not None and (not isinstance(max_waiting, numbers.Integral)
+                                        or isinstance(max_waiting, bool) or max_waiting < 0):
+            raise RequestError(f"max_waiting must be None or an int >= 0, got {max_waiting!r}")
         reqs = []
         eos = self.generation_config.eos_token_id
         for ids, p, n in zip(prompts, params, self._limits(prompts, params)):
@@ -601,7 +604,7 @@ class Engine:
                 stop.add(eos)
             reqs.append(Request(ids, p, n, stop, make_generator(p.seed, self.device), self.device))
         self._release_caller_threads()
-        self._core.submit(reqs)
+        self._core.submit(reqs, max_waiting)
         return reqs
 
     def _collect(self, reqs: List[Request]) -> List[GenerationResult]:
@@ -630,7 +633,8 @@ class Engine:
 
     # ---- public API ----------------------------------------------------------------------
     def generate(self, prompt: Union[Prompt, Sequence[Prompt]],
-                 params: Union[SamplingParams, Mapping, None] = None,
+                 params: Union[SamplingParams, Mapping, None] = None, *,
+                 max_waiting: Optional[int] = None,
                  **overrides) -> Union[GenerationResult, List[GenerationResult]]:
         """Complete a prompt, or a batch of prompts (a list/tuple of them, or a 2-D tensor).
 
@@ -638,22 +642,31 @@ class Engine:
         (defaults from generation_config.json): max_new_tokens, temperature (0 = greedy), top_p,
         top_k, repetition_penalty, seed, stop (strings), stop_token_ids, ignore_eos; as keywords,
         or params= a SamplingParams or a dict. Generation stops at <|endoftext|> unless ignore_eos.
+        max_waiting: refuse the call (OverloadedError, before anything is queued) if more than
+        that many requests would then wait for a row of the engine's batch.
         """
         p = self.sampling_params(params, **overrides)
         prompts, many = self._batch(prompt)
-        results = self._collect(self._requests(prompts, [p] * len(prompts), self._config_stop_ids()))
+        results = self._collect(self._requests(prompts, [p] * len(prompts), self._config_stop_ids(),
+                                               max_waiting))
         return results if many else results[0]
 
-    def stream(self, prompt: Prompt, params: Union[SamplingParams, Mapping, None] = None,
-               **overrides) -> TextStream:
+    def stream(self, prompt: Prompt, params: Union[SamplingParams, Mapping, None] = None, *,
+               max_waiting: Optional[int] = None, **overrides) -> TextStream:
         """Like generate() for one prompt, yielding text deltas as they become final (never a
         broken UTF-8 character, never a piece of a stop string); once exhausted, the stream's
         ``result`` is the GenerationResult. The request is checked and submitted when stream()
         is called (it runs whether or not the stream is read); close the stream (from any
         thread) or drop it to stop early."""
         p = self.sampling_params(params, **overrides)
-        (req,) = self._requests([self._token_ids(prompt)], [p], self._config_stop_ids())
+        (req,) = self._requests([self._token_ids(prompt)], [p], self._config_stop_ids(), max_waiting)
         return TextStream(self, req)
+
+    def stats(self) -> Dict[str, int]:
+        """The serving state now: requests running, waiting for a batch row (and how many of
+        those were preempted), KV pages total / used / free / cached, and the running totals of
+        steps, preemptions and prefix-cache hits (requests, and prompt tokens they were spared)."""
+        return self._core.snapshot()
 
     @torch.inference_mode()
     def logits(self, token_ids: Prompt) -> torch.Tensor:

@@ -7,17 +7,19 @@
     │   │                            prompt, sampling parameter, history, messages
     │   └── CapacityError            a request that cannot fit: longer than the context, or
     │                                more memory than the engine's budget
-    └── NumericalError (RuntimeError) the model itself produced NaN/Inf logits (broken weights
-                                     or an fp16 overflow), whatever the request
+    ├── NumericalError (RuntimeError) the model itself produced NaN/Inf logits (broken weights
+    │                                or an fp16 overflow), whatever the request
+    └── OverloadedError (RuntimeError) the engine's waiting queue is full (a submission's
+                                     max_waiting): nothing was queued, retry later
 
 Every message names the file, tensor, field or parameter that was wrong and what was expected.
-All but NumericalError are ValueError subclasses because the caller passed a bad value; ``except QwenFastError``
+All but NumericalError and OverloadedError are ValueError subclasses because the caller passed a bad value; ``except QwenFastError``
 catches all of them and nothing else.
 """
 from __future__ import annotations
 
 __all__ = ["QwenFastError", "ConfigError", "CheckpointError", "RequestError", "CapacityError",
-           "NumericalError"]
+           "NumericalError", "OverloadedError"]
 
 
 class QwenFastError(Exception):
@@ -47,3 +49,8 @@ class CapacityError(RequestError):
 class NumericalError(QwenFastError, RuntimeError):
     """The model produced NaN or Inf logits: broken weights (load with check_finite=True) or
     an overflow of the compute dtype; no sampling parameter causes it."""
+
+
+class OverloadedError(QwenFastError, RuntimeError):
+    """More requests would wait for a batch row than the submission allowed (max_waiting).
+    Nothing was queued or computed; the same call may succeed later."""

@@ -62,8 +62,10 @@ class Request:
         self.num_preemptions = 0
         self.peak_pages = 0
         self.t_submit = time.perf_counter()
+        self.t_admitted: Optional[float] = None  # first admitted to the batch
         self.t_first: Optional[float] = None
         self.t_done: Optional[float] = None
+        self.t_tokens: List[float] = []         # when each sampled token (a stop id too) arrived
         self.lock = threading.Lock()            # guards output_ids against the reading caller
 
     # ---- token ids ---------------------------------------------------------------------------
@@ -92,6 +94,7 @@ class Request:
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first = now
+        self.t_tokens.append(now)
         if tok in self.stop_ids:
             self.finish_reason, self.stop_reason = "stop", tok
             return

@@ -83,7 +83,7 @@ class Scheduler:
         self.waiting: Deque[Request] = deque()
         self.running: List[Request] = []        # in admission order
         self.stats = {"steps": 0, "preemptions": 0, "max_running": 0, "cached_tokens": 0,
-                      "tail_hits": 0}
+                      "tail_hits": 0, "prefix_hits": 0}
 
     # ---- requests in and out -----------------------------------------------------------------
     def check_fits(self, prompt_tokens: int, what: str = "the prompt") -> None:
@@ -163,6 +163,25 @@ class Scheduler:
             return True
         return False
 
+    def waiting_beyond_batch(self, extra: int = 0) -> int:
+        """Requests that would wait for a batch row if `extra` more arrived now: the queue less
+        the rows the running requests leave free (the next plan admits that many at most)."""
+        free_rows = max(0, self.max_batch_size - len(self.running))
+        return max(0, len(self.waiting) + extra - free_rows)
+
+    def snapshot(self) -> Dict[str, int]:
+        """The queue, the batch and the page pool now, with the running totals (for metrics)."""
+        pool = self.pool
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "preempted": sum(r.status is RequestStatus.PREEMPTED for r in self.waiting),
+                "max_batch_size": self.max_batch_size,
+                "kv_pages_total": pool.num_pages, "kv_pages_used": pool.num_used,
+                "kv_pages_free": pool.num_free, "kv_pages_cached": pool.num_cached,
+                "kv_page_size": pool.page_size, "steps": self.stats["steps"],
+                "preemptions": self.stats["preemptions"],
+                "prefix_cache_hits": self.stats["prefix_hits"],
+                "prefix_cache_hit_tokens": self.stats["cached_tokens"]}
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -210,7 +229,10 @@ class Scheduler:
             if r.num_preemptions == 0:
                 r.cached_tokens = r.num_computed
                 self.stats["cached_tokens"] += r.num_computed
+                self.stats["prefix_hits"] += r.num_computed > 0
             r.status = RequestStatus.RUNNING
+            if r.t_admitted is None:
+                r.t_admitted = time.perf_counter()
             self.running.append(r)
             count = min(r.num_tokens - r.num_computed, budget)
             if tail is not None:

@@ -6,8 +6,30 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
     client.chat.completions.create(model="Qwen-1_8B-Chat", messages=[{"role": "user", "content": "Hi"}])
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
-GET /health (never needs the key).
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id};
+and, never needing the key: GET|HEAD /health (liveness), GET|HEAD /ready (readiness: 503 with
+Retry-After while the queue is full or the server shuts down), GET /metrics (Prometheus,
+qwen_fast/metrics.py).
+
+Operations
+----------
+* Every response carries ``X-Request-Id`` (the client's, if it sent a sane one, else a new one),
+  and gets one log line with that id, the route, the status and the duration.
+* Overload: at most ``max_waiting`` requests wait for a row of the engine's batch (checked
+  atomically when the engine queues the request); beyond it a request gets 503
+  ``server_overloaded`` with ``Retry-After`` before anything of it is queued.
+* Deadlines: ``request_timeout`` (the server's default, or the request's own field, in seconds
+  from arrival). A request still waiting for a batch row at its deadline is dropped with 503
+  (nothing was computed: safe to retry elsewhere); one already generating is stopped with 504,
+  or, streamed, an error event ``request_timeout``.
+* POST bodies must be ``Content-Type: application/json`` (415 otherwise: a text/plain POST is a
+  cross-origin request any web page could send). CORS is off unless ``allowed_origins`` is set.
+* Fields: the ones read here and the ones that only describe the caller (``user``,
+  ``metadata``, ...) are accepted; other servers' sampling fields that would change the answer
+  (``min_p``, ``typical_p``, ``min_tokens``, guided decoding, ...) are refused with 400 by
+  name; any other unknown field is accepted, logged as a warning and named in the response's
+  ``X-Ignored-Fields`` header (clients and frameworks add fields of their own, and refusing
+  those would break them for nothing).
 
 Design
 ------
@@ -25,18 +47,20 @@ Design
   that iterates the Engine's stream and hands each delta to the event loop through an
   asyncio.Queue. The response listens for the client's ``http.disconnect`` while it waits for
   deltas; on a disconnect (or a failed write, or the server shutting down) it tells the thread
-  to stop, and the thread closes the Engine's stream after at most one more delta, which
-  cancels the generation and frees the engine. A stream still queued for a thread is just
-  dropped.
+  to stop and closes the Engine's stream at once (TextStream.close is thread-safe): a request
+  still waiting for a batch row leaves the queue then, one generating leaves the batch before
+  the next step.
 * Every error is an OpenAI error object ``{"error": {"message", "type", "param", "code"}}``:
   400 for bad JSON, bad parameters and prompts that do not fit the context, 401 for a missing
-  or wrong key, 404 for an unknown model or route, 413 for a body over ``max_body_bytes``; a
-  500 only for a failure of the server or the model itself (``NumericalError``).
+  or wrong key, 404 for an unknown model or route, 405 (with ``Allow``) for a wrong method, 413
+  for a body over ``max_body_bytes``, 415 for a body that is not JSON, 503 for overload or
+  shutdown, 504 past a deadline; a 500 only for a failure of the server or the model itself
+  (``NumericalError``).
 
-Parameters: ``temperature``, ``top_p``, ``max_tokens`` (chat: or ``max_completion_tokens``),
+Parameters: ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``, which wins),
 ``stop`` (a string or up to 16 strings), ``seed``, ``n`` (1 only), ``stream``,
 ``stream_options.include_usage``, and the extensions ``top_k``, ``repetition_penalty``,
-``ignore_eos``, ``stop_token_ids`` and ``return_token_ids`` (true: the choice also carries
+``ignore_eos``, ``stop_token_ids``, ``request_timeout`` and ``return_token_ids`` (true: the choice also carries
 ``token_ids``, the completion's token ids; streamed, they come once, whole, in the chunk that
 has the ``finish_reason``). Missing ones take the checkpoint's generation_config.json
 values (top_p 0.8, repetition_penalty 1.1, 512 new tokens), not OpenAI's defaults.
@@ -73,16 +97,24 @@ except ImportError as e:    # pragma: no cover - exercised through the CLI's own
                       'pip install "qwen_fast[server]"') from e
 
 from . import chat as chatml
-from .errors import CapacityError, NumericalError, QwenFastError, RequestError
+from .errors import CapacityError, NumericalError, OverloadedError, QwenFastError, RequestError
 
-__all__ = ["create_app", "serve", "BackgroundServer", "APIError", "INSTALL_HINT",
-           "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MODEL_NAME"]
+try:
+    from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+except ImportError as e:    # pragma: no cover - exercised through the CLI's own check
+    raise ImportError(f"qwen_fast.server needs prometheus_client ({e}); install it with: "
+                      'pip install "qwen_fast[server]"') from e
+
+__all__ = ["create_app", "serve", "BackgroundServer", "APIError", "ServerOptions", "INSTALL_HINT",
+           "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_WAITING", "DEFAULT_MODEL_NAME"]
 
 log = logging.getLogger("qwen_fast.server")
 
 INSTALL_HINT = 'pip install "qwen_fast[server]"'
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20      # a 32k-token prompt is ~100-200 KB of JSON
 DEFAULT_MODEL_NAME = "qwen-1.8b-chat"
+DEFAULT_MAX_WAITING = 128               # requests queued beyond the batch before 503s
+RETRY_AFTER_S = 1                       # the Retry-After of a 503 (overloaded, shutting down)
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**32 - 1
@@ -192,17 +224,64 @@ def _refuse_unsupported(body: dict) -> None:
                        code="unsupported_parameter")
 
 
+# ---- which body fields a request may carry -------------------------------------------------
+# Fields of both endpoints that this server reads, or that only describe the caller and change
+# nothing in the answer (user, metadata, store, service_tier, ...): accepted.
+_COMMON_FIELDS = frozenset({
+    "model", "temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "stop", "seed",
+    "stream", "stream_options", "presence_penalty", "frequency_penalty", "logprobs",
+    "logit_bias", "user", "metadata", "store", "service_tier",
+    # extensions (vLLM's names where vLLM has them)
+    "top_k", "repetition_penalty", "ignore_eos", "stop_token_ids", "return_token_ids",
+    "request_timeout"})
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "top_logprobs", "tools", "functions", "tool_choice",
+                                 "function_call", "parallel_tool_calls", "response_format",
+                                 "modalities", "reasoning_effort"}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+# Other servers' sampling and decoding fields that would change the answer: refused by name
+# rather than ignored, so a client that relies on one learns that it had no effect.
+_REFUSED_EXTENSIONS = frozenset({
+    "min_p", "typical_p", "top_a", "tfs_z", "min_tokens", "length_penalty", "use_beam_search",
+    "early_stopping", "mirostat", "mirostat_tau", "mirostat_eta", "repeat_penalty",
+    "repeat_last_n", "penalize_nl", "dry_multiplier", "xtc_probability", "n_probs", "grammar",
+    "json_schema", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_decoding_backend", "structured_outputs", "prompt_logprobs", "bad_words",
+    "allowed_token_ids", "include_stop_str_in_output", "truncate_prompt_tokens",
+    "skip_special_tokens", "spaces_between_special_tokens", "logits_processors",
+    "min_new_tokens", "do_sample", "num_beams", "no_repeat_ngram_size"})
+
+
+def _check_fields(body: dict, chat: bool) -> List[str]:
+    """Refuse known fields this server cannot honour; return the unknown ones (accepted, and
+    named in a warning and the X-Ignored-Fields header). Why accept unknown fields: clients
+    and frameworks add fields of their own (tracing ids, newer OpenAI options that describe the
+    caller), and refusing them would break those clients for nothing; the fields that would
+    change an answer are the ones refused above."""
+    known = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
+    for name in body:
+        if name in _REFUSED_EXTENSIONS:
+            raise _bad(f"{name} is not supported by this server (it would change the answer, so "
+                       "it is refused rather than ignored)", param=name,
+                       code="unsupported_parameter")
+    return sorted(name for name in body if name not in known)
+
+
 class _Options:
     """What a request asks for, checked: sampling overrides and how to answer."""
 
     def __init__(self, overrides: dict, stream: bool, include_usage: bool,
-                 max_tokens: Optional[int], return_token_ids: bool = False):
+                 max_tokens: Optional[int], return_token_ids: bool = False,
+                 timeout: Optional[float] = None, ignored: Optional[List[str]] = None):
         self.overrides, self.stream, self.include_usage = overrides, stream, include_usage
         self.max_tokens = max_tokens
+        self.max_tokens_param = "max_tokens"
         self.return_token_ids = return_token_ids
+        self.timeout = timeout              # seconds from arrival, or None
+        self.ignored = ignored or []        # unknown fields, accepted and named in a warning
 
 
-def _parse_options(body: dict, chat: bool) -> _Options:
+def _parse_options(body: dict, chat: bool, default_timeout: Optional[float] = None) -> _Options:
+    ignored = _check_fields(body, chat)
     _refuse_unsupported(body)
     n = _get_int(body, "n", lo=1)
     if n is not None and n != 1:
@@ -220,10 +299,12 @@ def _parse_options(body: dict, chat: bool) -> _Options:
     rp = _get_num(body, "repetition_penalty", "a number > 0 (1 = off)", lambda v: v > 0)
     if rp is not None:
         ov["repetition_penalty"] = rp
+    # max_completion_tokens (OpenAI's newer name) wins over max_tokens, on both endpoints.
     mt = _get_int(body, "max_tokens", lo=1)
-    if chat:
-        mct = _get_int(body, "max_completion_tokens", lo=1)
-        mt = mct if mct is not None else mt
+    mct = _get_int(body, "max_completion_tokens", lo=1)
+    mt_param = "max_tokens"
+    if mct is not None:
+        mt, mt_param = mct, "max_completion_tokens"
     if mt is not None:
         ov["max_new_tokens"] = mt
     seed = _get_int(body, "seed", lo=0, hi=MAX_SEED)
@@ -255,7 +336,11 @@ def _parse_options(body: dict, chat: bool) -> _Options:
         if not isinstance(so, dict):
             raise _bad("stream_options must be an object", param="stream_options")
         include_usage = bool(_get_bool(so, "include_usage"))
-    return _Options(ov, stream, include_usage, mt, bool(_get_bool(body, "return_token_ids")))
+    timeout = _get_num(body, "request_timeout", "a number of seconds > 0", lambda v: v > 0)
+    opts = _Options(ov, stream, include_usage, mt, bool(_get_bool(body, "return_token_ids")),
+                    timeout if timeout is not None else default_timeout, ignored)
+    opts.max_tokens_param = mt_param
+    return opts
 
 
 def _text_content(i: int, m: dict) -> str:
@@ -309,8 +394,8 @@ def _prepare(engine, ids: List[int], opts: _Options, extra_stop_ids: List[int]) 
     if opts.max_tokens is not None and n + opts.max_tokens > ctx:
         raise APIError(400, f"This model's maximum context length is {ctx} tokens, but "
                             f"{n + opts.max_tokens} were requested ({n} in the prompt, "
-                            f"{opts.max_tokens} for the completion); lower max_tokens",
-                       param="max_tokens", code="context_length_exceeded")
+                            f"{opts.max_tokens} for the completion); lower {opts.max_tokens_param}",
+                       param=opts.max_tokens_param, code="context_length_exceeded")
     ov = dict(opts.overrides)
     if extra_stop_ids:
         ov["stop_token_ids"] = list(ov.get("stop_token_ids", [])) + extra_stop_ids
@@ -353,14 +438,20 @@ def _prepare_completion(engine, prompt, opts: _Options) -> _Prepared:
 
 # ---- streaming ---------------------------------------------------------------------------
 class _StreamJob:
-    """Iterates an Engine stream in a worker thread, handing deltas to the event loop."""
+    """Iterates an Engine stream in a worker thread, handing deltas to the event loop.
 
-    def __init__(self, iterator, loop: asyncio.AbstractEventLoop):
+    on_end(job, finish_reason) is called once when the job is over, however it ended (the
+    metrics): at the stream's end, on an error, or when it is cancelled."""
+
+    def __init__(self, iterator, loop: asyncio.AbstractEventLoop, on_end=None):
         self.iterator = iterator
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stop_event = threading.Event()
         self.future = None
+        self._on_end = on_end
+        self._ended = threading.Lock()
+        self.timed_out = False
 
     def start(self, executor: ThreadPoolExecutor) -> None:
         self.future = executor.submit(self._work)
@@ -371,8 +462,16 @@ class _StreamJob:
         except RuntimeError:            # the loop is closed: nobody is listening any more
             self.stop_event.set()
 
+    def _end(self, finish_reason: Optional[str]) -> None:
+        if self._on_end is not None and self._ended.acquire(blocking=False):
+            try:
+                self._on_end(self, finish_reason)
+            except Exception:           # metrics must never break an answer
+                log.exception("recording a finished request failed")
+
     def _work(self) -> None:
         it = self.iterator
+        reason = "abort"
         try:
             for delta in it:
                 if self.stop_event.is_set():
@@ -380,17 +479,38 @@ class _StreamJob:
                 self._put(("delta", delta))
                 if self.stop_event.is_set():
                     return
-            self._put(("end", getattr(it, "result", None)))
+            result = getattr(it, "result", None)
+            reason = getattr(result, "finish_reason", None) or "abort"
+            self._put(("end", result))
         except Exception as e:          # reported to the client as an error event
+            reason = "error"
             self._put(("error", e))
         finally:
             it.close()                  # cancels the generation if it was not finished
+            self._end(reason)
 
     def cancel(self) -> None:
-        """Stop the generation: at once if it has not started, else after at most one more delta."""
+        """Stop the generation now, whether it runs, waits for a batch row, or has not started:
+        the Engine's stream is closed from here (TextStream.close is safe from any thread, and
+        wakes the worker blocked on it), so a queued request leaves the queue at once."""
         self.stop_event.set()
-        if self.future is not None and self.future.cancel():
-            self.iterator.close()       # never started: nothing runs it, close it here
+        never_started = self.future is None or self.future.cancel()
+        self.iterator.close()
+        if never_started:
+            self._end("abort")
+
+def _timeout_error(job: _StreamJob, timeout: float) -> APIError:
+    """The error of a request past its deadline: 503 (retry elsewhere) if it never reached the
+    batch, 504 if it had started generating."""
+    job.timed_out = True
+    req = getattr(job.iterator, "request", None)
+    started = req is None or getattr(req, "t_admitted", None) is not None
+    if started:
+        return APIError(504, f"the request ran past its deadline of {timeout:g} s and was "
+                             "stopped", type="server_error", code="request_timeout")
+    return APIError(503, f"the request waited {timeout:g} s (its deadline) for a batch row "
+                         "and was dropped before it started", type="server_error",
+                    code="request_timeout", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _sse(obj) -> bytes:
@@ -464,9 +584,14 @@ class _SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, job: _StreamJob, renderer: _StreamRenderer, executor: ThreadPoolExecutor):
+    def __init__(self, job: _StreamJob, renderer: _StreamRenderer, executor: ThreadPoolExecutor,
+                 timeout: Optional[float] = None, headers: Optional[Dict[str, str]] = None):
         super().__init__(status_code=200, media_type=self.media_type)
         self.job, self.renderer, self.executor = job, renderer, executor
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.extra_headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                              for k, v in (headers or {}).items()]
 
     async def __call__(self, scope, receive, send) -> None:
         async def wait_disconnect():
@@ -481,12 +606,23 @@ class _SSEResponse(Response):
             self.job.start(self.executor)
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"),
-                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+                + self.extra_headers})
             for event in self.renderer.head():
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             while True:
                 getter = asyncio.ensure_future(self.job.queue.get())
-                done, _ = await asyncio.wait({getter, listener}, return_when=asyncio.FIRST_COMPLETED)
+                left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+                done, _ = await asyncio.wait({getter, listener}, timeout=left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:                    # past the deadline: an error event, then [DONE]
+                    err = _timeout_error(self.job, self.timeout)
+                    self.job.cancel()
+                    log.info("%s: %s", self.renderer.id, err.message)
+                    for event in self.renderer.error(err):
+                        await send({"type": "http.response.body", "body": event, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
                 if getter not in done:          # the client went away
                     log.info("client disconnected from %s; generation stopped", self.renderer.id)
                     return
@@ -512,9 +648,12 @@ class _SSEResponse(Response):
                 getter.cancel()
 
 
-async def _whole(job: _StreamJob, request: Request, executor: ThreadPoolExecutor):
+async def _whole(job: _StreamJob, request: Request, executor: ThreadPoolExecutor,
+                 timeout: Optional[float] = None):
     """Run a job to its end and return its GenerationResult, or None if the client disconnects
-    first (the generation is then cancelled). Deltas are dropped: the result holds the text."""
+    first (the generation is then cancelled). Deltas are dropped: the result holds the text.
+    Past `timeout` seconds the generation is cancelled and the timeout's APIError raised."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     async def wait_disconnect():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -525,7 +664,13 @@ async def _whole(job: _StreamJob, request: Request, executor: ThreadPoolExecutor
     try:
         while True:
             getter = asyncio.ensure_future(job.queue.get())
-            done, _ = await asyncio.wait({getter, listener}, return_when=asyncio.FIRST_COMPLETED)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait({getter, listener}, timeout=left,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                err = _timeout_error(job, timeout)
+                job.cancel()
+                raise err
             if getter not in done:
                 log.info("client disconnected before its completion; generation stopped")
                 return None
@@ -543,7 +688,18 @@ async def _whole(job: _StreamJob, request: Request, executor: ThreadPoolExecutor
 
 
 # ---- the app -----------------------------------------------------------------------------
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 async def _read_json(request: Request, limit: int) -> dict:
+    # Only JSON: a text/plain or form POST is a "simple" cross-origin request that any web page
+    # can send without a CORS preflight, so accepting it would let pages drive a local server.
+    mt = _media_type(request)
+    if mt != "application/json" and not (mt.startswith("application/") and mt.endswith("+json")):
+        raise APIError(415, f"the request body must be JSON sent with 'Content-Type: "
+                            f"application/json', got {json.dumps(mt or None)}",
+                       code="unsupported_media_type")
     cl = request.headers.get("content-length")
     if cl is not None:
         try:
@@ -570,55 +726,173 @@ async def _read_json(request: Request, limit: int) -> dict:
     return body
 
 
-def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[str] = None,
-               max_body_bytes: Optional[int] = None, max_concurrency: int = 64) -> FastAPI:
-    """The FastAPI app serving ``engine`` under ``model_name``.
+class ServerOptions:
+    """The server's settings, checked before anything is loaded (the CLI checks them before
+    the model load; create_app again).
 
-    api_key: if set, every /v1 route needs ``Authorization: Bearer <api_key>`` (401 otherwise).
+    api_key: if set, every /v1 route needs ``Authorization: Bearer <api_key>``. Printable ASCII
+        only: HTTP header values are bytes that servers read as Latin-1, so a key with other
+        characters could never match what a client sends.
     max_body_bytes: larger request bodies are refused with 413 (default 4 MiB).
-    max_concurrency: threads that run streams at the same time (more wait their turn)."""
-    if not isinstance(model_name, str) or not model_name:
-        raise ValueError("model_name must be a non-empty string")
-    if max_body_bytes is None:
-        max_body_bytes = DEFAULT_MAX_BODY_BYTES
-    if not _is_int(max_body_bytes) or max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
-    if not _is_int(max_concurrency) or max_concurrency < 1:
-        raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
-    if api_key is not None and (not isinstance(api_key, str) or not api_key):
-        raise ValueError("api_key must be a non-empty string or None")
-    executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="qwen-fast-stream")
+    max_concurrency: threads that run engine streams at the same time.
+    max_waiting: requests that may wait for a row of the engine's batch; more get 503 with
+        Retry-After (None: no limit).
+    request_timeout: the default deadline of a request in seconds (None: none); a request's own
+        ``request_timeout`` field overrides it.
+    allowed_origins: origins allowed by CORS (["*"] for any); None or [] = no CORS headers (a
+        browser page on another origin cannot read the answers)."""
+
+    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[str] = None,
+                 max_body_bytes: Optional[int] = None, max_concurrency: int = 64,
+                 max_waiting: Optional[int] = DEFAULT_MAX_WAITING,
+                 request_timeout: Optional[float] = None,
+                 allowed_origins: Optional[List[str]] = None):
+        if not isinstance(model_name, str) or not model_name:
+            raise ValueError("model_name must be a non-empty string")
+        if max_body_bytes is None:
+            max_body_bytes = DEFAULT_MAX_BODY_BYTES
+        if not _is_int(max_body_bytes) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
+        if not _is_int(max_concurrency) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        if max_waiting is not None and (not _is_int(max_waiting) or max_waiting < 0):
+            raise ValueError(f"max_waiting must be None or an integer >= 0, got {max_waiting!r}")
+        if request_timeout is not None and (not _is_num(request_timeout) or request_timeout <= 0):
+            raise ValueError(f"request_timeout must be None or a number of seconds > 0, got "
+                             f"{request_timeout!r}")
+        if api_key is not None:
+            if not isinstance(api_key, str) or not api_key:
+                raise ValueError("api_key must be a non-empty string or None")
+            bad = [c for c in api_key if not 0x21 <= ord(c) <= 0x7E]
+            if bad:
+                raise ValueError(f"api_key must be printable ASCII without spaces (HTTP headers "
+                                 f"carry nothing else reliably); it has {bad[0]!r}")
+        origins = list(allowed_origins or [])
+        for o in origins:
+            if not isinstance(o, str) or not (o == "*" or o.startswith(("http://", "https://"))):
+                raise ValueError(f"allowed_origins entries must be '*' or origins like "
+                                 f"'https://example.com', got {o!r}")
+        self.model_name, self.api_key = model_name, api_key
+        self.max_body_bytes, self.max_concurrency = max_body_bytes, max_concurrency
+        self.max_waiting, self.request_timeout = max_waiting, request_timeout
+        self.allowed_origins = origins
+
+
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready",
+              "/metrics")
+
+
+def _request_id(scope) -> str:
+    """The client's X-Request-Id if it is a sane token (1-128 of [A-Za-z0-9-_.:]), else a new one."""
+    for k, v in scope.get("headers", ()):
+        if k == b"x-request-id":
+            try:
+                text = v.decode("ascii")
+            except UnicodeDecodeError:
+                break
+            if 0 < len(text) <= 128 and set(text) <= _REQUEST_ID_CHARS:
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+class _RequestIdMiddleware:
+    """Every HTTP response carries X-Request-Id (the client's, or a new one), is counted in the
+    metrics by endpoint, method and status, and gets one log line with its id and duration."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = rid
+        status = [0]
+        t0 = time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = dict(message, headers=list(message.get("headers", []))
+                               + [(b"x-request-id", rid.encode())])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:
+            if status[0]:
+                raise                   # the answer had started: nothing more to send
+            status[0] = 500
+            await _engine_error(e).response()(scope, receive, send_with_id)
+        finally:
+            path, method = scope.get("path", ""), scope.get("method", "")
+            endpoint = path if path in _ENDPOINTS else (
+                "/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+            self.metrics.http_requests.labels(endpoint, method, str(status[0] or 500)).inc()
+            log.info("%s %s %s %d %.3fs", rid, method, path, status[0] or 500,
+                     time.perf_counter() - t0)
+
+
+def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[str] = None,
+               max_body_bytes: Optional[int] = None, max_concurrency: int = 64,
+               max_waiting: Optional[int] = DEFAULT_MAX_WAITING,
+               request_timeout: Optional[float] = None,
+               allowed_origins: Optional[List[str]] = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``model_name`` (the settings: ServerOptions)."""
+    o = ServerOptions(model_name, api_key, max_body_bytes, max_concurrency, max_waiting,
+                      request_timeout, allowed_origins)
+    executor = ThreadPoolExecutor(max_workers=o.max_concurrency, thread_name_prefix="qwen-fast-stream")
+    metrics = ServerMetrics(engine)
     created = int(time.time())
+    state = {"shutting_down": False}
 
     @asynccontextmanager
     async def lifespan(app):
         yield
+        state["shutting_down"] = True
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="qwen_fast", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine = engine
-    app.state.model_name = model_name
+    app.state.model_name = o.model_name
+    app.state.metrics = metrics
+    app.state.options = o
+    app.state.begin_shutdown = lambda: state.update(shutting_down=True)   # _Server calls it
+    if o.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=o.allowed_origins,
+                           allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "X-Ignored-Fields", "Retry-After"],
+                           max_age=600)
+    app.add_middleware(_RequestIdMiddleware, metrics=metrics)     # outermost: sees every answer
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
+        if exc.code == "server_overloaded":
+            metrics.rejected.labels("overloaded").inc()
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        return APIError(exc.status_code, str(exc.detail), code=code,
+                        headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc: Exception):
         return _engine_error(exc).response()
 
     def check_auth(request: Request) -> None:
-        if api_key is None:
+        if o.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode("latin-1", "replace"), o.api_key.encode()):
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -628,16 +902,41 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             return                      # lenient: the one model this server has
         if not isinstance(m, str):
             raise _bad("model must be a string", param="model")
-        if m != model_name:
-            raise APIError(404, f"The model {m!r} does not exist; this server serves {model_name!r}",
+        if m != o.model_name:
+            raise APIError(404, f"The model {m!r} does not exist; this server serves {o.model_name!r}",
                            param="model", code="model_not_found")
 
     def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "qwen_fast"}
+        return {"id": o.model_name, "object": "model", "created": created, "owned_by": "qwen_fast"}
 
-    @app.get("/health")
+    def overloaded(message: str) -> APIError:
+        return APIError(503, message, type="server_error", code="server_overloaded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        return {"status": "ok", "model": model_name}
+        """Liveness: the process answers (never needs the key)."""
+        return {"status": "ok", "model": o.model_name}
+
+    @app.api_route("/ready", methods=["GET", "HEAD"])
+    async def ready():
+        """Readiness for a load balancer: 200 while the server takes new requests, 503 (with
+        Retry-After) while its queue is full or it is shutting down (never needs the key)."""
+        s = engine.stats()
+        body = {"status": "ready", "model": o.model_name, "running": s["running"],
+                "waiting": s["waiting"], "max_waiting": o.max_waiting}
+        headers = None
+        if state["shutting_down"]:
+            body["status"], headers = "shutting_down", {"Retry-After": str(RETRY_AFTER_S)}
+        elif (o.max_waiting is not None
+              and s["waiting"] - max(0, s["max_batch_size"] - s["running"]) >= o.max_waiting):
+            body["status"], headers = "overloaded", {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse(body, status_code=200 if headers is None else 503, headers=headers)
+
+    @app.get("/metrics")
+    async def metrics_route():
+        """Prometheus metrics (qwen_fast/metrics.py); never needs the key, like /health."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -647,25 +946,40 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         check_auth(request)
-        if model_id != model_name:
+        if model_id != o.model_name:
             raise APIError(404, f"The model {model_id!r} does not exist", param="model",
                            code="model_not_found")
         return model_card()
 
+    def on_end(job: _StreamJob, finish_reason) -> None:
+        if job.timed_out:
+            metrics.rejected.labels("timeout").inc()
+        metrics.observe_request(getattr(job.iterator, "request", None), finish_reason)
+
     async def complete(request: Request, chat: bool):
         check_auth(request)
-        body = await _read_json(request, max_body_bytes)
+        if state["shutting_down"]:
+            raise overloaded("the server is shutting down; retry on another replica")
+        body = await _read_json(request, o.max_body_bytes)
         check_model(body)
-        opts = _parse_options(body, chat)
+        opts = _parse_options(body, chat, o.request_timeout)
+        rid = request.scope.get("state", {}).get("request_id", "-")
+        headers = {}
+        if opts.ignored:
+            log.warning("%s: ignored unknown fields %s", rid, ", ".join(opts.ignored))
+            headers["X-Ignored-Fields"] = ",".join(opts.ignored)[:1024]
         try:
             if chat:
                 messages = _chat_messages(body)
                 prep = await run_in_threadpool(_prepare_chat, engine, messages, opts)
             else:
                 prep = await run_in_threadpool(_prepare_completion, engine, body.get("prompt"), opts)
-            iterator = await run_in_threadpool(engine.stream, prep.ids, params=prep.params)
+            iterator = await run_in_threadpool(engine.stream, prep.ids, params=prep.params,
+                                               max_waiting=o.max_waiting)
         except APIError:
             raise
+        except OverloadedError as e:
+            raise overloaded(str(e)) from None
         except RequestError as e:
             err = _engine_error(e)
             if chat and err.param is None and not isinstance(e, CapacityError):
@@ -673,16 +987,16 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             raise err from None
         except Exception as e:
             raise _engine_error(e) from None
-        job = _StreamJob(iterator, asyncio.get_running_loop())
+        job = _StreamJob(iterator, asyncio.get_running_loop(), on_end)
         if opts.stream:
-            renderer = _StreamRenderer(chat, model_name, opts.include_usage,
+            renderer = _StreamRenderer(chat, o.model_name, opts.include_usage,
                                        opts.return_token_ids)
-            return _SSEResponse(job, renderer, executor)
-        result = await _whole(job, request, executor)
+            return _SSEResponse(job, renderer, executor, opts.timeout, headers)
+        result = await _whole(job, request, executor, opts.timeout)
         if result is None:                      # the client went away: nobody to answer
             return Response(status_code=499)
         text = result.text.lstrip() if chat else result.text
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": result.finish_reason}
@@ -690,9 +1004,9 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
         if opts.return_token_ids:
             choice["token_ids"] = list(result.token_ids)
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": model_name, "choices": [choice],
-                "usage": _usage(result)}
+        return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": o.model_name,
+                             "choices": [choice], "usage": _usage(result)}, headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -707,13 +1021,36 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
 
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = DEFAULT_MODEL_NAME,
           api_key: Optional[str] = None, max_body_bytes: Optional[int] = None,
-          max_concurrency: int = 64, log_level: str = "info") -> None:
+          max_concurrency: int = 64, max_waiting: Optional[int] = DEFAULT_MAX_WAITING,
+          request_timeout: Optional[float] = None, allowed_origins: Optional[List[str]] = None,
+          log_level: str = "info") -> None:
     """Serve ``engine`` until interrupted (uvicorn, one process, one event loop)."""
     app = create_app(engine, model_name=model_name, api_key=api_key,
-                     max_body_bytes=max_body_bytes, max_concurrency=max_concurrency)
+                     max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
+                     max_waiting=max_waiting, request_timeout=request_timeout,
+                     allowed_origins=allowed_origins)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(log_level.upper())
     # On Ctrl-C, streams still running get 10 s to finish, then they are cancelled (and with
-    # them their generations).
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    # them their generations). The per-request log line (with its X-Request-Id) replaces
+    # uvicorn's access log.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=10, access_log=False)
+    _Server(config).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app when shutdown begins (Ctrl-C, SIGTERM), so that /ready
+    turns 503 and new requests on open connections get 503 while running streams finish."""
+
+    def handle_exit(self, sig, frame) -> None:
+        begin = getattr(getattr(self.config.app, "state", None), "begin_shutdown", None)
+        if begin is not None:
+            begin()
+        super().handle_exit(sig, frame)
 
 
 class BackgroundServer:
@@ -728,7 +1065,7 @@ class BackgroundServer:
                  start_timeout: float = 30.0):
         self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                      lifespan="on", access_log=False, timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(self.config)
+        self.server = _Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name="qwen-fast-server", daemon=True)
         self.start_timeout = start_timeout
         self.host = host

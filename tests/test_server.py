@@ -20,57 +20,12 @@ httpx = pytest.importorskip("httpx")
 
 from qwen_fast import chat as chatml                          # noqa: E402
 from qwen_fast.server import BackgroundServer, create_app     # noqa: E402
+from server_helpers import RecordingEngine                    # noqa: E402
 
 MODEL = "qwen-tiny"
 KEY = "sk-test-key"
 MAX_BODY = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class RecordedStream:
-    """An Engine stream that records how far it was iterated and whether it was closed."""
-
-    def __init__(self, it):
-        self.it = it
-        self.deltas = 0
-        self.exhausted = False
-        self.closed = threading.Event()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        try:
-            d = next(self.it)
-        except StopIteration:
-            self.exhausted = True
-            raise
-        self.deltas += 1
-        return d
-
-    @property
-    def result(self):
-        return self.it.result
-
-    def close(self):
-        self.it.close()
-        self.closed.set()
-
-
-class RecordingEngine:
-    """The tiny Engine, keeping a record of every stream the server asks it for."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.streams = []
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def stream(self, *args, **kwargs):
-        rec = RecordedStream(self._engine.stream(*args, **kwargs))
-        self.streams.append(rec)
-        return rec
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +236,8 @@ def test_too_long(client):
 
 
 def test_raw_http_errors(server):
-    url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
+    url = server.url
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
     def check(r, status, code=None):
         assert r.status_code == status, r.text
@@ -312,9 +268,21 @@ def test_raw_http_errors(server):
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
         check(httpx.post(chat, json={"messages": _user("x")}, headers=headers), 401, "invalid_api_key")
         check(httpx.get(url + "/v1/models", headers=headers), 401, "invalid_api_key")
-    # Unknown routes and methods.
+    # Unknown routes and methods (a 405 names the methods that are allowed).
     check(httpx.get(url + "/v1/nothing", headers=auth), 404)
-    check(httpx.get(chat, headers=auth), 405)
+    r = httpx.get(chat, headers=auth)
+    check(r, 405)
+    assert r.headers["allow"] == "POST"
+    # Bodies that are not declared JSON: 415, before the key or the body is looked at.
+    body = json.dumps({"messages": _user("x")}).encode()
+    for ctype in (None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        headers = {"Authorization": f"Bearer {KEY}"} | ({"Content-Type": ctype} if ctype else {})
+        err = check(httpx.post(chat, content=body, headers=headers), 415, "unsupported_media_type")
+        assert "application/json" in err["message"]
+    r = httpx.post(chat, content=json.dumps({"messages": _user("x"), "max_tokens": 1}).encode(),
+                   headers={"Authorization": f"Bearer {KEY}",
+                            "Content-Type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
 
 
 def test_wrong_key_with_client(server):
@@ -396,6 +364,12 @@ def test_concurrent_streams(server, client):
     print(f"16 concurrent streams: {elapsed:.1f} s")
 
 
+def _aborted(rec):
+    """The stream ended by being closed, not by running to its end (closing it makes the
+    worker's next() stop at once, with finish_reason "abort")."""
+    return rec.result is None or rec.result.finish_reason == "abort"
+
+
 def _wait(pred, timeout):
     deadline = time.monotonic() + timeout
     while not pred():
@@ -421,7 +395,7 @@ def test_disconnect_stops_generation(server, client):
     assert len(engine.streams) == before + 1
     rec = engine.streams[before]
     assert _wait(rec.closed.is_set, 10), "the server did not close the engine's stream"
-    assert not rec.exhausted and rec.deltas < 100, rec.deltas
+    assert _aborted(rec) and rec.deltas < 100, rec.deltas
     # The engine is free: the next request is answered at once.
     t0 = time.perf_counter()
     r = client.chat.completions.create(model=MODEL, messages=_user("next"), max_tokens=3)
@@ -445,7 +419,7 @@ def test_disconnect_while_waiting(server, client):
     a.close()
     rec_a, rec_b = engine.streams[before:before + 2]
     assert _wait(lambda: rec_a.closed.is_set() and rec_b.closed.is_set(), 10)
-    assert rec_b.deltas <= 1 and not rec_b.exhausted and not rec_a.exhausted
+    assert rec_b.deltas <= 1 and _aborted(rec_b) and _aborted(rec_a)
 
 
 def test_disconnect_stops_a_non_streamed_completion(server):
@@ -462,7 +436,7 @@ def test_disconnect_stops_a_non_streamed_completion(server):
         time.sleep(0.3)                        # generating now
     rec = engine.streams[before]
     assert _wait(rec.closed.is_set, 10), "the server did not cancel the completion"
-    assert not rec.exhausted
+    assert _aborted(rec)
 
 
 # ---- the command line ----------------------------------------------------------------------

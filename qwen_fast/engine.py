@@ -43,7 +43,7 @@ from .kv_cache import DEFAULT_PAGE_SIZE, PagePool, StepMetadata, bytes_per_token
 from .model import BACKENDS, QwenModel
 from .request import Request
 from .runner import Runner
-from .sampling import SamplingParams, make_generator
+from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator, token_logprobs
 from .scheduler import Scheduler
 from .tokenizer import IncrementalDecoder, QwenTokenizer
 
@@ -63,6 +63,7 @@ class GenerationResult:
     kv_cache_bytes: int = 0             # peak KV cache pages this request held, in bytes
     num_preemptions: int = 0            # times the pool ran out and it was recomputed
     cached_tokens: int = 0              # prompt tokens read from the prefix cache, not computed
+    logprobs: Optional[list] = None     # with params.logprobs: a TokenLogprob per token_ids entry
 
     @property
     def completion_tokens(self) -> int:
@@ -168,7 +169,8 @@ class _Text:
             stop_reason=self.stop_string if stopped else r.stop_reason,
             prompt_tokens=len(r.prompt_ids), prefill_s=t_first - r.t_submit,
             decode_s=max(0.0, t_done - t_first), kv_cache_bytes=r.peak_pages * page_bytes,
-            num_preemptions=r.num_preemptions, cached_tokens=r.cached_tokens)
+            num_preemptions=r.num_preemptions, cached_tokens=r.cached_tokens,
+            logprobs=list(r.logprobs[:self.read]) if r.params.logprobs is not None else None)
 
 
 class TextStream:
@@ -190,6 +192,12 @@ class TextStream:
     @property
     def request(self) -> Request:
         return self._text.req
+
+    @property
+    def tokens_read(self) -> int:
+        """Output tokens whose text has been consumed so far (the deltas handed out, and any held
+        back for a possible stop string or an unfinished UTF-8 character, cover them)."""
+        return self._text.read
 
     def __iter__(self) -> "TextStream":
         return self
@@ -661,6 +669,50 @@ class Engine:
         p = self.sampling_params(params, **overrides)
         (req,) = self._requests([self._token_ids(prompt)], [p], self._config_stop_ids(), max_waiting)
         return TextStream(self, req)
+
+    def streams(self, prompts: Sequence[Prompt],
+                params: Union[SamplingParams, Mapping, Sequence, None] = None, *,
+                max_waiting: Optional[int] = None, **overrides) -> List[TextStream]:
+        """stream() for several prompts at once, submitted together (all or none, one
+        max_waiting check for all), so that they decode in the same batch. params: one for all,
+        or a list with one per prompt (each a SamplingParams or a dict; overrides apply to all)."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise RequestError("prompts must be a non-empty list of prompts")
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise RequestError(f"params has {len(params)} entries for {len(prompts)} prompts")
+            ps = [self.sampling_params(p, **overrides) for p in params]
+        else:
+            ps = [self.sampling_params(params, **overrides)] * len(prompts)
+        ids = [self._token_ids(p) for p in prompts]
+        reqs = self._requests(ids, ps, self._config_stop_ids(), max_waiting)
+        return [TextStream(self, r) for r in reqs]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_ids: Prompt, top_logprobs: int = 0) -> List[Optional["TokenLogprob"]]:
+        """The log-probability of each prompt token given the ones before it (None for the
+        first), with the top_logprobs most likely tokens at each position: one prefill of the
+        prompt (as logits()), log-softmax in fp32 over the tokenizer's ids, 256 rows at a time."""
+        if (not isinstance(top_logprobs, numbers.Integral) or isinstance(top_logprobs, bool)
+                or not 0 <= top_logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top_logprobs!r}")
+        ids = self._token_ids(token_ids, "token_ids")
+        n = len(ids)
+        self._check_budget(n * (bytes_per_token(self.cfg, self.dtype) + 2 * self.cfg.vocab_size),
+                           f"{n} tokens of KV cache and their logits")
+
+        def run():
+            pool = PagePool(self.cfg, self._pool.pages_for(n), self._pool.page_size, self.dtype,
+                            self.device)
+            meta = StepMetadata.build([list(range(pool.num_pages))], [0], [n], self.device)
+            return self.model.forward(torch.tensor(ids), pool, meta, [self.scheduler.alpha_of(n)],
+                                      logits_rows=list(range(n - 1)) if n > 1 else [])
+        logits = self._core.exclusive(run) if n > 1 else None
+        out: List[Optional[TokenLogprob]] = [None]
+        for a in range(0, n - 1, 256):
+            b = min(n - 1, a + 256)
+            out += token_logprobs(logits[a:b], ids[a + 1:b + 1], int(top_logprobs), len(self.tokenizer))
+        return out
 
     def stats(self) -> Dict[str, int]:
         """The serving state now: requests running, waiting for a batch row (and how many of

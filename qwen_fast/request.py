@@ -48,6 +48,8 @@ class Request:
         self._ids = torch.empty(len(self.prompt_ids) + limit, dtype=torch.long, device=device)
         self._ids[:len(self.prompt_ids)] = torch.tensor(self.prompt_ids, dtype=torch.long)
         self.output_ids: List[int] = []
+        self.logprobs: list = []                # TokenLogprob of each output id (params.logprobs)
+        self.step_logprob = None                # the runner's, for the token it just sampled
         self.status = RequestStatus.WAITING
         self.num_computed = 0
         self.pages: List[int] = []
@@ -98,8 +100,11 @@ class Request:
         if tok in self.stop_ids:
             self.finish_reason, self.stop_reason = "stop", tok
             return
+        lp, self.step_logprob = self.step_logprob, None
         with self.lock:
             self._ids[self.num_tokens] = tok
+            if lp is not None:
+                self.logprobs.append(lp)
             self.output_ids.append(tok)
         if len(self.output_ids) >= self.limit:
             self.finish_reason = "length"

@@ -16,7 +16,7 @@ from .errors import NumericalError
 from .kv_cache import PagePool, StepMetadata
 from .model import StepBuffers
 from .request import Request
-from .sampling import sample_next
+from .sampling import sample_next, token_logprobs
 from .scheduler import StepPlan
 
 
@@ -49,9 +49,15 @@ class Runner:
         errors: Dict[Request, BaseException] = {}
         for j, i in enumerate(samplers):
             r = plan.seqs[i].req
+            p = r.params
             try:
-                sampled[r] = sample_next(logits[j], r.history, r.params, r.generator,
-                                         self.valid_vocab)
+                history = r.history
+                output = history[len(r.prompt_ids):] if p.extended else None
+                tok = sample_next(logits[j], history, p, r.generator, self.valid_vocab, output)
+                if p.logprobs is not None:      # handed to Request.append_token by update()
+                    r.step_logprob = token_logprobs(logits[j:j + 1], [tok], p.logprobs,
+                                                    self.valid_vocab)[0]
+                sampled[r] = tok
             except NumericalError as e:
                 errors[r] = e
         return sampled, errors

@@ -6,6 +6,21 @@
    tokens whose cumulative probability is <= 1 - top_p, keep at least one);
 5. softmax and one multinomial draw from a per-request generator.
 
+Extensions of the OpenAI API, each skipped at its default so that the release's path above is
+untouched, applied in this order:
+
+1a. presence_penalty and frequency_penalty, after the repetition penalty, over the tokens
+    generated so far (not the prompt), as OpenAI defines them: score - frequency * count -
+    presence * (count > 0);
+1b. logit_bias: score + bias for each listed id (a bias of -100 bans a token in practice);
+    greedy decoding takes its argmax here;
+4b. min_p, after top-p: tokens whose probability is below min_p times the most likely one's are
+    dropped (a ratio test, so its place among the masks matters only against top-p).
+
+These extensions compute in fp32 and round the changed scores back to the logits' dtype once.
+Log-probabilities (``logprobs``) are those of the model's own distribution: log-softmax of the
+raw logits in fp32, before any of the steps above (as vLLM reports by default).
+
 Like transformers 4.3x, the scores stay in the logits' dtype (bf16 for the release) through all
 steps. temperature == 0 means greedy: the repetition penalty, then argmax.
 
@@ -30,6 +45,8 @@ from .errors import NumericalError, RequestError
 #: Seeds are taken modulo nothing: torch's CPU generator (mt19937) uses only the low 32 bits of
 #: a seed, so larger seeds would silently repeat smaller ones; they are refused instead.
 MAX_SEED = 2**32 - 1
+#: Most alternatives a token's log-probabilities list (OpenAI's top_logprobs allows 20).
+MAX_LOGPROBS = 20
 
 
 def _show(v) -> str:
@@ -62,6 +79,16 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=list)
     stop_token_ids: Sequence[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+    logprobs: Optional[int] = None      # None: none; k >= 0: the sampled token's + the top k
+
+    @property
+    def extended(self) -> bool:
+        """Whether any extension beyond the release's sampling is on."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_p)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -122,6 +149,33 @@ class SamplingParams:
                 raise RequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise RequestError(f"ignore_eos must be True or False, got {_show(self.ignore_eos)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not -2.0 <= v <= 2.0:
+                raise RequestError(f"{name} must be a number in [-2, 2] (0 = off), got {_show(v)}")
+            setattr(self, name, float(v))
+        if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p must be a number in [0, 1] (0 = off), got {_show(self.min_p)}")
+        self.min_p = float(self.min_p)
+        if self.logit_bias is None:
+            self.logit_bias = {}
+        if not isinstance(self.logit_bias, Mapping):
+            raise RequestError(f"logit_bias must be a mapping of token id to bias, got "
+                               f"{_show(self.logit_bias)}")
+        bias = {}
+        for k, v in self.logit_bias.items():
+            tid = int(k) if isinstance(k, str) and k.isdigit() and len(k) < 10 else k
+            if not _is_int(tid) or tid < 0 or (vocab_size is not None and tid >= vocab_size):
+                raise RequestError(f"logit_bias keys must be token ids"
+                                   f"{f' in [0, {vocab_size})' if vocab_size else ''}, got {_show(k)}")
+            if not _is_num(v) or not -100.0 <= v <= 100.0:
+                raise RequestError(f"logit_bias[{tid}] must be a number in [-100, 100], got {_show(v)}")
+            bias[int(tid)] = float(v)
+        self.logit_bias = bias
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (how many "
+                               f"most likely tokens to report beside the chosen one), got "
+                               f"{_show(self.logprobs)}")
         self.ignore_eos = bool(self.ignore_eos)
         self.max_new_tokens, self.top_k = int(self.max_new_tokens), int(self.top_k)
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
@@ -144,8 +198,28 @@ def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalt
     return scores.scatter(0, history, s)
 
 
+def apply_extensions(scores: torch.Tensor, output: Optional[torch.Tensor], p: SamplingParams) -> torch.Tensor:
+    """Steps 1a-1b of the module docstring on [V] scores: presence and frequency penalties over
+    `output` (the generated ids), then logit_bias. A new tensor when anything changes."""
+    if (p.presence_penalty or p.frequency_penalty) and output is not None and output.numel():
+        ids, counts = torch.unique(output, return_counts=True)
+        ids, counts = ids[ids < scores.shape[0]], counts[ids < scores.shape[0]]
+        pen = p.frequency_penalty * counts.float() + p.presence_penalty
+        scores = scores.clone()
+        scores[ids] = (scores[ids].float() - pen).to(scores.dtype)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=scores.device)
+        keep = ids < scores.shape[0]
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=scores.device)
+        ids, bias = ids[keep], bias[keep]
+        scores = scores.clone()
+        scores[ids] = (scores[ids].float() + bias).to(scores.dtype)
+    return scores
+
+
 def process_scores(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
-                   valid_vocab: Optional[int] = None, stable: bool = False) -> torch.Tensor:
+                   valid_vocab: Optional[int] = None, stable: bool = False,
+                   output: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The release's logits processors and warpers on one row: [V] -> [V] scores (same dtype),
     -inf where a token cannot be drawn.
 
@@ -161,6 +235,8 @@ def process_scores(logits: torch.Tensor, history: torch.Tensor, p: SamplingParam
     scores = apply_repetition_penalty(scores, history, p.repetition_penalty)
     if stable:      # a penalty below ~1e-270 can still overflow float64: saturate, not NaN
         scores = scores.clamp(max=torch.finfo(torch.float64).max)
+    if p.extended:
+        scores = apply_extensions(scores, output, p)
     if p.greedy:
         return scores
     if p.temperature != 1.0:
@@ -175,6 +251,9 @@ def process_scores(logits: torch.Tensor, history: torch.Tensor, p: SamplingParam
         remove = cum <= (1 - p.top_p)
         remove[-1] = False
         scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    if p.min_p > 0.0:
+        probs = torch.softmax(scores.float(), dim=-1)
+        scores = scores.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     return scores
 
 
@@ -252,20 +331,50 @@ def _greedy_cpu(valid: torch.Tensor, a: np.ndarray, history: torch.Tensor, p: Sa
 
 
 def sample_next(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
-                generator: Optional[torch.Generator], valid_vocab: Optional[int] = None) -> int:
-    """Next token id for one sequence. logits [V] in the model dtype; history [n] int64.
+                generator: Optional[torch.Generator], valid_vocab: Optional[int] = None,
+                output: Optional[torch.Tensor] = None) -> int:
+    """Next token id for one sequence. logits [V] in the model dtype; history [n] int64 (prompt
+    and output); output: the generated ids alone (for presence and frequency penalties).
 
     The release's maths in the logits dtype first (bit-exact seeded sampling); only when that
     overflows does the float64 fallback of process_scores run. Non-finite logits (a broken
     model, not a parameter) raise NumericalError."""
-    if p.greedy:
+    if p.greedy and not p.extended:
         return _greedy(logits, history, p, valid_vocab)
     _check_finite_logits(logits[:valid_vocab])
-    scores = process_scores(logits, history, p, valid_vocab)
+    scores = process_scores(logits, history, p, valid_vocab, output=output)
+    if p.greedy:
+        if not _drawable(scores):
+            scores = process_scores(logits, history, p, valid_vocab, stable=True, output=output)
+        return int(torch.argmax(scores))
     probs = torch.softmax(scores, dim=-1)
     if not _drawable(scores) or not bool(torch.isfinite(probs).all()):
-        probs = torch.softmax(process_scores(logits, history, p, valid_vocab, stable=True), dim=-1)
+        probs = torch.softmax(process_scores(logits, history, p, valid_vocab, stable=True,
+                                             output=output), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, and the `top` most likely tokens at its
+    position (id, log-probability), most likely first."""
+    token_id: int
+    logprob: float
+    top: list
+
+
+def token_logprobs(logits: torch.Tensor, ids: Sequence[int], k: int,
+                   valid_vocab: Optional[int] = None) -> list:
+    """TokenLogprob of ids[i] under row i of logits [n, V] (any dtype; fp32 log-softmax over the
+    valid vocabulary), with the k most likely tokens of each row."""
+    lp = torch.log_softmax(logits[:, :valid_vocab].float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(list(ids), dtype=torch.long, device=lp.device)[:, None])[:, 0]
+    if k > 0:
+        vals, idx = torch.topk(lp, min(k, lp.shape[1]), dim=-1)
+        tops = [list(zip(i.tolist(), v.tolist())) for i, v in zip(idx, vals)]
+    else:
+        tops = [[] for _ in ids]
+    return [TokenLogprob(int(t), float(c), top) for t, c, top in zip(ids, chosen.tolist(), tops)]
 
 
 def make_generator(seed: Optional[int], device: torch.device | str = "cpu") -> torch.Generator:

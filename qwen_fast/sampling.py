@@ -321,8 +321,8 @@ def _greedy_cpu(valid: torch.Tensor, a: np.ndarray, history: torch.Tensor, p: Sa
         h = history.numpy()
         h = h[h < a.shape[0]]
         v = a[h]
-        pf = np.float32(p.repetition_penalty)
         with np.errstate(over="ignore", under="ignore"):
+            pf = np.float32(p.repetition_penalty)       # inf for > 3.4e38: the fallback below
             s = _round_like(np.where(v < 0, v * pf, v / pf), valid.dtype)
         if not np.isfinite(s).all():             # the penalty overflowed the dtype
             return int(torch.argmax(process_scores(logits, history, p, valid_vocab, stable=True)))

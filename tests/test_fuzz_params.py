@@ -41,6 +41,12 @@ valid = {
     "stop_token_ids": st.one_of(st.lists(st.integers(0, 151935), max_size=4),
                                 st.integers(0, 151935)),
     "ignore_eos": st.one_of(st.booleans(), st.sampled_from([np.bool_(True)])),
+    "presence_penalty": st.one_of(st.floats(-2, 2), st.sampled_from([2, -2.0, np.float32(0.5)])),
+    "frequency_penalty": st.one_of(st.floats(-2, 2), st.sampled_from([0, 1e-300, np.float64(-1.5)])),
+    "logit_bias": st.dictionaries(st.one_of(st.integers(0, 151850), st.sampled_from(["17", "0"])),
+                                  st.floats(-100, 100), max_size=3),
+    "min_p": st.one_of(st.floats(0, 1), st.sampled_from([1.0, 5e-324])),
+    "logprobs": st.one_of(st.none(), st.integers(0, 20)),
 }
 assert set(valid) == set(NAMES)
 # Each parameter present or not; when present, mostly a valid value, so that about half of

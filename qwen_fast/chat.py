@@ -38,21 +38,21 @@ def validate_history(history: Any) -> list[tuple[str, str]]:
     if history is None:
         return []
     if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
-        raise RequestError(f"history must be a list of (query, response) pairs or None, got "
+        raise RequestError.of("history", f"history must be a list of (query, response) pairs or None, got "
                         f"{type(history).__name__}")
     out = []
     for i, turn in enumerate(history):
         if isinstance(turn, (str, bytes)) or not isinstance(turn, (tuple, list)):
-            raise RequestError(f"history[{i}] must be a (query, response) tuple or 2-list, got "
+            raise RequestError.of("history", f"history[{i}] must be a (query, response) tuple or 2-list, got "
                             f"{type(turn).__name__}")
         if len(turn) != 2:
-            raise RequestError(f"history[{i}] must have exactly 2 items (query, response), got "
+            raise RequestError.of("history", f"history[{i}] must have exactly 2 items (query, response), got "
                              f"{len(turn)}")
         q, r = turn
         if not isinstance(q, str):
-            raise RequestError(f"history[{i}][0] (query) must be str, got {type(q).__name__}")
+            raise RequestError.of("history", f"history[{i}][0] (query) must be str, got {type(q).__name__}")
         if not isinstance(r, str):
-            raise RequestError(f"history[{i}][1] (response) must be str, got {type(r).__name__}")
+            raise RequestError.of("history", f"history[{i}][1] (response) must be str, got {type(r).__name__}")
         out.append((q, r))
     return out
 
@@ -129,28 +129,28 @@ def messages_to_chat(messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[t
     alternating ``user`` / ``assistant`` messages, ending with a ``user`` message.
     """
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise RequestError(f"messages must be a list of {{'role', 'content'}} dicts, got "
+        raise RequestError.of("messages", f"messages must be a list of {{'role', 'content'}} dicts, got "
                         f"{type(messages).__name__}")
     if len(messages) == 0:
-        raise RequestError("messages is empty; expected at least one 'user' message")
+        raise RequestError.of("messages", "messages is empty; expected at least one 'user' message")
 
     roles: list[str] = []
     contents: list[str] = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise RequestError(f"messages[{i}] must be a dict with 'role' and 'content', got "
+            raise RequestError.of("messages", f"messages[{i}] must be a dict with 'role' and 'content', got "
                              f"{type(m).__name__}")
         if "role" not in m:
-            raise RequestError(f"messages[{i}] has no 'role'")
+            raise RequestError.of("messages", f"messages[{i}] has no 'role'")
         role = m["role"]
         if role not in _ROLES:
-            raise RequestError(f"messages[{i}] has unknown role {role!r}; expected one of "
+            raise RequestError.of("messages", f"messages[{i}] has unknown role {role!r}; expected one of "
                              f"{', '.join(_ROLES)}")
         if "content" not in m:
-            raise RequestError(f"messages[{i}] ({role}) has no 'content'")
+            raise RequestError.of("messages", f"messages[{i}] ({role}) has no 'content'")
         content = m["content"]
         if not isinstance(content, str):
-            raise RequestError(f"messages[{i}] ({role}) content must be a str, got "
+            raise RequestError.of("messages", f"messages[{i}] ({role}) content must be a str, got "
                              f"{type(content).__name__}")
         roles.append(role)
         contents.append(content)
@@ -162,18 +162,18 @@ def messages_to_chat(messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[t
         first = 1
     for i in range(first, len(roles)):
         if roles[i] == "system":
-            raise RequestError(f"messages[{i}] is a 'system' message; a system message is only "
+            raise RequestError.of("messages", f"messages[{i}] is a 'system' message; a system message is only "
                              f"allowed as the first message (index 0)")
         expected = "user" if (i - first) % 2 == 0 else "assistant"
         if roles[i] != expected:
             prev = f"after the {roles[i - 1]!r} message at index {i - 1}" if i > first \
                 else "as the first non-system message"
-            raise RequestError(f"messages[{i}]: expected role {expected!r} {prev}, got "
+            raise RequestError.of("messages", f"messages[{i}]: expected role {expected!r} {prev}, got "
                              f"{roles[i]!r} (roles must alternate user/assistant)")
     if len(roles) == first:
-        raise RequestError("messages has only a system message; expected a final 'user' message")
+        raise RequestError.of("messages", "messages has only a system message; expected a final 'user' message")
     if roles[-1] != "user":
-        raise RequestError(f"messages[{len(roles) - 1}]: the last message must be from 'user', "
+        raise RequestError.of("messages", f"messages[{len(roles) - 1}]: the last message must be from 'user', "
                          f"got {roles[-1]!r}")
 
     history = [(contents[i], contents[i + 1]) for i in range(first, len(roles) - 1, 2)]

@@ -546,25 +546,25 @@ class Engine:
                        not (prompt.dtype.is_floating_point or prompt.dtype.is_complex
                             or prompt.dtype == torch.bool))
             if prompt.ndim != 1 or not integer:
-                raise RequestError(f"{name} must be a 1-D integer tensor of token ids, got shape "
+                raise RequestError.of(name, f"{name} must be a 1-D integer tensor of token ids, got shape "
                                    f"{tuple(prompt.shape)} and dtype {prompt.dtype}")
             ids = [int(t) for t in prompt.tolist()]
         elif isinstance(prompt, (list, tuple)):
             ids = []
             for i, t in enumerate(prompt):
                 if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                    raise RequestError(f"{name}[{i}] must be a token id (an int), got "
+                    raise RequestError.of(name, f"{name}[{i}] must be a token id (an int), got "
                                        f"{type(t).__name__} {t!r:.40}")
                 ids.append(int(t))
         else:
-            raise RequestError(f"{name} must be a str, a list of token ids or a 1-D integer tensor,"
+            raise RequestError.of(name, f"{name} must be a str, a list of token ids or a 1-D integer tensor,"
                                f" got {type(prompt).__name__}")
         if not ids:
-            raise RequestError(f"{name} is empty: give at least one token")
+            raise RequestError.of(name, f"{name} is empty: give at least one token")
         V = self.cfg.vocab_size
         bad = [t for t in ids if not 0 <= t < V]
         if bad:
-            raise RequestError(f"{name}: token ids must be integers in [0, {V}); got {bad[:5]}")
+            raise RequestError.of(name, f"{name}: token ids must be integers in [0, {V}); got {bad[:5]}")
         if len(ids) >= self.cfg.max_context:
             raise CapacityError(f"{name} has {len(ids)} tokens; this model handles at most "
                                 f"{self.cfg.max_context} tokens in all (prompt + output)")
@@ -576,7 +576,7 @@ class Engine:
         one prompt is anything _token_ids takes."""
         if isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim == 2:
             if prompt.shape[0] == 0:
-                raise RequestError(f"prompt is an empty batch (shape {tuple(prompt.shape)}): give "
+                raise RequestError.of("prompt", f"prompt is an empty batch (shape {tuple(prompt.shape)}): give "
                                    "at least one prompt")
             items = list(prompt)
         elif (isinstance(prompt, (list, tuple)) and prompt
@@ -603,7 +603,7 @@ class Engine:
         """Checked prompts -> submitted requests (all or none)."""
         if max_waiting is not None and (not isinstance(max_waiting, numbers.Integral)
                                         or isinstance(max_waiting, bool) or max_waiting < 0):
-            raise RequestError(f"max_waiting must be None or an int >= 0, got {max_waiting!r}")
+            raise RequestError.of("max_waiting", f"max_waiting must be None or an int >= 0, got {max_waiting!r}")
         reqs = []
         eos = self.generation_config.eos_token_id
         for ids, p, n in zip(prompts, params, self._limits(prompts, params)):
@@ -677,10 +677,10 @@ class Engine:
         max_waiting check for all), so that they decode in the same batch. params: one for all,
         or a list with one per prompt (each a SamplingParams or a dict; overrides apply to all)."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise RequestError("prompts must be a non-empty list of prompts")
+            raise RequestError.of("prompt", "prompts must be a non-empty list of prompts")
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
-                raise RequestError(f"params has {len(params)} entries for {len(prompts)} prompts")
+                raise RequestError.of("params", f"params has {len(params)} entries for {len(prompts)} prompts")
             ps = [self.sampling_params(p, **overrides) for p in params]
         else:
             ps = [self.sampling_params(params, **overrides)] * len(prompts)
@@ -695,7 +695,7 @@ class Engine:
         prompt (as logits()), log-softmax in fp32 over the tokenizer's ids, 256 rows at a time."""
         if (not isinstance(top_logprobs, numbers.Integral) or isinstance(top_logprobs, bool)
                 or not 0 <= top_logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top_logprobs!r}")
+            raise RequestError.of("top_logprobs", f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top_logprobs!r}")
         ids = self._token_ids(token_ids, "token_ids")
         n = len(ids)
         self._check_budget(n * (bytes_per_token(self.cfg, self.dtype) + 2 * self.cfg.vocab_size),

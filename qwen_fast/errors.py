@@ -38,7 +38,16 @@ class CheckpointError(QwenFastError, ValueError):
 
 class RequestError(QwenFastError, ValueError):
     """A bad argument to a generation call: the prompt, a sampling parameter, the history or
-    the messages. Nothing has been computed when it is raised."""
+    the messages. Nothing has been computed when it is raised. ``param`` names the argument
+    (a SamplingParams field, "prompt", "messages", ...) when one is to blame, else None."""
+
+    def __init__(self, message: str = "", param: "str | None" = None):
+        super().__init__(message)
+        self.param = param
+
+    @classmethod
+    def of(cls, param: str, message: str) -> "RequestError":
+        return cls(message, param=param)
 
 
 class CapacityError(RequestError):

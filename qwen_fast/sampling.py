@@ -106,7 +106,7 @@ class SamplingParams:
         """A copy with overrides applied and checked; an unknown name raises RequestError."""
         unknown = sorted(set(overrides) - set(self.names()), key=str)
         if unknown:
-            raise RequestError(f"unknown generation parameter(s) {unknown}; valid ones are "
+            raise RequestError.of(str(unknown[0]), f"unknown generation parameter(s) {unknown}; valid ones are "
                                f"{self.names()}")
         p = dataclasses.replace(self, **overrides)
         p.validate()
@@ -116,64 +116,64 @@ class SamplingParams:
         """Check every field (RequestError naming it) and normalise in place: numpy scalars
         become int/float, a single stop string or id becomes a list."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be an integer >= 1, got {_show(self.max_new_tokens)}")
+            raise RequestError.of("max_new_tokens", f"max_new_tokens must be an integer >= 1, got {_show(self.max_new_tokens)}")
         if not _is_num(self.temperature) or self.temperature < 0:
-            raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+            raise RequestError.of("temperature", f"temperature must be a finite number >= 0 (0 = greedy), got "
                                f"{_show(self.temperature)}")
         if not _is_num(self.top_p) or not (0 < self.top_p <= 1):
-            raise RequestError(f"top_p must be a number in (0, 1], got {_show(self.top_p)}")
+            raise RequestError.of("top_p", f"top_p must be a number in (0, 1], got {_show(self.top_p)}")
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise RequestError(f"top_k must be an integer >= 0 (0 or -1 = disabled), got {_show(self.top_k)}")
+            raise RequestError.of("top_k", f"top_k must be an integer >= 0 (0 or -1 = disabled), got {_show(self.top_k)}")
         if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise RequestError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got "
+            raise RequestError.of("repetition_penalty", f"repetition_penalty must be a finite number > 0 (1.0 = off), got "
                                f"{_show(self.repetition_penalty)}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise RequestError(f"seed must be an integer in [0, 2**32 - 1] or None, got {_show(self.seed)}"
+            raise RequestError.of("seed", f"seed must be an integer in [0, 2**32 - 1] or None, got {_show(self.seed)}"
                                " (torch's CPU generator uses 32 bits of a seed: larger ones would "
                                "repeat smaller ones)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
-            raise RequestError(f"stop must be a string or a list of non-empty strings, got {_show(self.stop)}")
+            raise RequestError.of("stop", f"stop must be a string or a list of non-empty strings, got {_show(self.stop)}")
         if _is_int(self.stop_token_ids):
             self.stop_token_ids = [self.stop_token_ids]
         elif isinstance(self.stop_token_ids, (np.ndarray, torch.Tensor)) and self.stop_token_ids.ndim == 1:
             self.stop_token_ids = self.stop_token_ids.tolist()     # ids as an array, like prompts
         if (not isinstance(self.stop_token_ids, (list, tuple))
                 or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)):
-            raise RequestError(f"stop_token_ids must be a list of non-negative token ids, got "
+            raise RequestError.of("stop_token_ids", f"stop_token_ids must be a list of non-negative token ids, got "
                                f"{_show(self.stop_token_ids)}")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if t >= vocab_size]
             if bad:
-                raise RequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+                raise RequestError.of("stop_token_ids", f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise RequestError(f"ignore_eos must be True or False, got {_show(self.ignore_eos)}")
+            raise RequestError.of("ignore_eos", f"ignore_eos must be True or False, got {_show(self.ignore_eos)}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_num(v) or not -2.0 <= v <= 2.0:
-                raise RequestError(f"{name} must be a number in [-2, 2] (0 = off), got {_show(v)}")
+                raise RequestError.of(name, f"{name} must be a number in [-2, 2] (0 = off), got {_show(v)}")
             setattr(self, name, float(v))
         if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise RequestError(f"min_p must be a number in [0, 1] (0 = off), got {_show(self.min_p)}")
+            raise RequestError.of("min_p", f"min_p must be a number in [0, 1] (0 = off), got {_show(self.min_p)}")
         self.min_p = float(self.min_p)
         if self.logit_bias is None:
             self.logit_bias = {}
         if not isinstance(self.logit_bias, Mapping):
-            raise RequestError(f"logit_bias must be a mapping of token id to bias, got "
+            raise RequestError.of("logit_bias", f"logit_bias must be a mapping of token id to bias, got "
                                f"{_show(self.logit_bias)}")
         bias = {}
         for k, v in self.logit_bias.items():
             tid = int(k) if isinstance(k, str) and k.isdigit() and len(k) < 10 else k
             if not _is_int(tid) or tid < 0 or (vocab_size is not None and tid >= vocab_size):
-                raise RequestError(f"logit_bias keys must be token ids"
+                raise RequestError.of("logit_bias", f"logit_bias keys must be token ids"
                                    f"{f' in [0, {vocab_size})' if vocab_size else ''}, got {_show(k)}")
             if not _is_num(v) or not -100.0 <= v <= 100.0:
-                raise RequestError(f"logit_bias[{tid}] must be a number in [-100, 100], got {_show(v)}")
+                raise RequestError.of("logit_bias", f"logit_bias[{tid}] must be a number in [-100, 100], got {_show(v)}")
             bias[int(tid)] = float(v)
         self.logit_bias = bias
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (how many "
+            raise RequestError.of("logprobs", f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (how many "
                                f"most likely tokens to report beside the chosen one), got "
                                f"{_show(self.logprobs)}")
         self.ignore_eos = bool(self.ignore_eos)

@@ -96,8 +96,9 @@ except ImportError as e:    # pragma: no cover - exercised through the CLI's own
     raise ImportError(f"qwen_fast.server needs fastapi and uvicorn ({e}); install them with: "
                       'pip install "qwen_fast[server]"') from e
 
-from . import chat as chatml
-from .errors import CapacityError, NumericalError, OverloadedError, QwenFastError, RequestError
+from . import api
+from .api import APIError, bad as _bad, engine_error as _engine_error, is_int as _is_int, is_num as _is_num
+from .errors import CapacityError, OverloadedError, RequestError
 
 try:
     from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -110,351 +111,48 @@ __all__ = ["create_app", "serve", "BackgroundServer", "APIError", "ServerOptions
 
 log = logging.getLogger("qwen_fast.server")
 
+
+def _response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
 INSTALL_HINT = 'pip install "qwen_fast[server]"'
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20      # a 32k-token prompt is ~100-200 KB of JSON
 DEFAULT_MODEL_NAME = "qwen-1.8b-chat"
 DEFAULT_MAX_WAITING = 128               # requests queued beyond the batch before 503s
 RETRY_AFTER_S = 1                       # the Retry-After of a 503 (overloaded, shutting down)
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_SEED = 2**32 - 1
-# Engine parameter names that have another name in the OpenAI API (for error objects).
-_API_NAME = {"max_new_tokens": "max_tokens"}
-_ENGINE_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                  "seed", "stop", "stop_token_ids", "ignore_eos")
 
 
-# ---- errors ------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered as an OpenAI error object."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def _engine_error(e: BaseException) -> APIError:
-    """The package's error types -> status and error object."""
-    if isinstance(e, CapacityError):
-        return APIError(400, str(e), code="context_length_exceeded")
-    if isinstance(e, RequestError):
-        first = str(e).split(" ", 1)[0].split("[", 1)[0]
-        param = _API_NAME.get(first, first) if first in _ENGINE_PARAMS else None
-        return APIError(400, str(e), param=param)
-    if isinstance(e, NumericalError):
-        return APIError(500, f"the model failed on this request: {e}", type="server_error")
-    if isinstance(e, QwenFastError):
-        return APIError(500, f"{type(e).__name__}: {e}", type="server_error")
-    log.error("internal error", exc_info=e)
-    return APIError(500, "internal server error", type="server_error")
-
-
-# ---- request parsing ---------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _get_int(body: dict, name: str, lo: Optional[int] = None, hi: Optional[int] = None) -> Optional[int]:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = (f" >= {lo}" if hi is None else f" in [{lo}, {hi}]") if lo is not None else ""
-        raise _bad(f"{name} must be an integer{rng}, got {json.dumps(v)[:60]}", param=name)
-    return v
-
-
-def _get_num(body: dict, name: str, what: str, ok) -> Optional[float]:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_num(v) or not ok(v):
-        raise _bad(f"{name} must be {what}, got {json.dumps(v)[:60]}", param=name)
-    return float(v)
-
-
-def _get_bool(body: dict, name: str) -> Optional[bool]:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, bool):
-        raise _bad(f"{name} must be true or false, got {json.dumps(v)[:60]}", param=name)
-    return v
-
-
-def _refuse_unsupported(body: dict) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = body.get(name)
-        if v is not None and (not _is_num(v) or v != 0):
-            raise _bad(f"{name} is not supported (only 0); use repetition_penalty (the model's "
-                       "own, default 1.1)", param=name, code="unsupported_parameter")
-    unsupported = {
-        "logprobs": lambda v: v not in (None, False, 0),
-        "top_logprobs": lambda v: v not in (None, 0),
-        "logit_bias": lambda v: v not in (None, {}),
-        "tools": lambda v: v not in (None, []),
-        "functions": lambda v: v not in (None, []),
-        "tool_choice": lambda v: v not in (None, "none"),
-        "echo": lambda v: v not in (None, False),
-        "best_of": lambda v: v not in (None, 1),
-        "suffix": lambda v: v not in (None, ""),
-        "response_format": lambda v: v is not None and v != {"type": "text"},
-    }
-    for name, bad in unsupported.items():
-        if bad(body.get(name)):
-            raise _bad(f"{name} is not supported by this server", param=name,
-                       code="unsupported_parameter")
-
-
-# ---- which body fields a request may carry -------------------------------------------------
-# Fields of both endpoints that this server reads, or that only describe the caller and change
-# nothing in the answer (user, metadata, store, service_tier, ...): accepted.
-_COMMON_FIELDS = frozenset({
-    "model", "temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "stop", "seed",
-    "stream", "stream_options", "presence_penalty", "frequency_penalty", "logprobs",
-    "logit_bias", "user", "metadata", "store", "service_tier",
-    # extensions (vLLM's names where vLLM has them)
-    "top_k", "repetition_penalty", "ignore_eos", "stop_token_ids", "return_token_ids",
-    "request_timeout"})
-_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "top_logprobs", "tools", "functions", "tool_choice",
-                                 "function_call", "parallel_tool_calls", "response_format",
-                                 "modalities", "reasoning_effort"}
-_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
-# Other servers' sampling and decoding fields that would change the answer: refused by name
-# rather than ignored, so a client that relies on one learns that it had no effect.
-_REFUSED_EXTENSIONS = frozenset({
-    "min_p", "typical_p", "top_a", "tfs_z", "min_tokens", "length_penalty", "use_beam_search",
-    "early_stopping", "mirostat", "mirostat_tau", "mirostat_eta", "repeat_penalty",
-    "repeat_last_n", "penalize_nl", "dry_multiplier", "xtc_probability", "n_probs", "grammar",
-    "json_schema", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-    "guided_decoding_backend", "structured_outputs", "prompt_logprobs", "bad_words",
-    "allowed_token_ids", "include_stop_str_in_output", "truncate_prompt_tokens",
-    "skip_special_tokens", "spaces_between_special_tokens", "logits_processors",
-    "min_new_tokens", "do_sample", "num_beams", "no_repeat_ngram_size"})
-
-
-def _check_fields(body: dict, chat: bool) -> List[str]:
-    """Refuse known fields this server cannot honour; return the unknown ones (accepted, and
-    named in a warning and the X-Ignored-Fields header). Why accept unknown fields: clients
-    and frameworks add fields of their own (tracing ids, newer OpenAI options that describe the
-    caller), and refusing them would break those clients for nothing; the fields that would
-    change an answer are the ones refused above."""
-    known = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
-    for name in body:
-        if name in _REFUSED_EXTENSIONS:
-            raise _bad(f"{name} is not supported by this server (it would change the answer, so "
-                       "it is refused rather than ignored)", param=name,
-                       code="unsupported_parameter")
-    return sorted(name for name in body if name not in known)
-
-
-class _Options:
-    """What a request asks for, checked: sampling overrides and how to answer."""
-
-    def __init__(self, overrides: dict, stream: bool, include_usage: bool,
-                 max_tokens: Optional[int], return_token_ids: bool = False,
-                 timeout: Optional[float] = None, ignored: Optional[List[str]] = None):
-        self.overrides, self.stream, self.include_usage = overrides, stream, include_usage
-        self.max_tokens = max_tokens
-        self.max_tokens_param = "max_tokens"
-        self.return_token_ids = return_token_ids
-        self.timeout = timeout              # seconds from arrival, or None
-        self.ignored = ignored or []        # unknown fields, accepted and named in a warning
-
-
-def _parse_options(body: dict, chat: bool, default_timeout: Optional[float] = None) -> _Options:
-    ignored = _check_fields(body, chat)
-    _refuse_unsupported(body)
-    n = _get_int(body, "n", lo=1)
-    if n is not None and n != 1:
-        raise _bad(f"n must be 1 (one choice per request), got {n}", param="n")
-    ov: Dict[str, Any] = {}
-    t = _get_num(body, "temperature", "a number >= 0 (0 = greedy)", lambda v: v >= 0)
-    if t is not None:
-        ov["temperature"] = t
-    p = _get_num(body, "top_p", "a number in (0, 1]", lambda v: 0 < v <= 1)
-    if p is not None:
-        ov["top_p"] = p
-    k = _get_int(body, "top_k", lo=-1)
-    if k is not None:
-        ov["top_k"] = max(k, 0)
-    rp = _get_num(body, "repetition_penalty", "a number > 0 (1 = off)", lambda v: v > 0)
-    if rp is not None:
-        ov["repetition_penalty"] = rp
-    # max_completion_tokens (OpenAI's newer name) wins over max_tokens, on both endpoints.
-    mt = _get_int(body, "max_tokens", lo=1)
-    mct = _get_int(body, "max_completion_tokens", lo=1)
-    mt_param = "max_tokens"
-    if mct is not None:
-        mt, mt_param = mct, "max_completion_tokens"
-    if mt is not None:
-        ov["max_new_tokens"] = mt
-    seed = _get_int(body, "seed", lo=0, hi=MAX_SEED)
-    if seed is not None:
-        ov["seed"] = seed
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-                or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
-            raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
-                       f"of them, each at most {MAX_STOP_CHARS} characters", param="stop")
-        if stops:
-            ov["stop"] = list(stops)
-    ie = _get_bool(body, "ignore_eos")
-    if ie is not None:
-        ov["ignore_eos"] = ie
-    sti = body.get("stop_token_ids")
-    if sti is not None:
-        if not isinstance(sti, list) or not all(_is_int(t) and t >= 0 for t in sti):
-            raise _bad("stop_token_ids must be a list of token ids", param="stop_token_ids")
-        ov["stop_token_ids"] = list(sti)
-    stream = bool(_get_bool(body, "stream"))
-    so = body.get("stream_options")
-    include_usage = False
-    if so is not None:
-        if not stream:
-            raise _bad("stream_options is only allowed with stream: true", param="stream_options")
-        if not isinstance(so, dict):
-            raise _bad("stream_options must be an object", param="stream_options")
-        include_usage = bool(_get_bool(so, "include_usage"))
-    timeout = _get_num(body, "request_timeout", "a number of seconds > 0", lambda v: v > 0)
-    opts = _Options(ov, stream, include_usage, mt, bool(_get_bool(body, "return_token_ids")),
-                    timeout if timeout is not None else default_timeout, ignored)
-    opts.max_tokens_param = mt_param
-    return opts
-
-
-def _text_content(i: int, m: dict) -> str:
-    content = m.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):      # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for j, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
-                raise _bad(f"messages[{i}].content[{j}]: only text parts "
-                           '({"type": "text", "text": ...}) are supported', param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise _bad(f"messages[{i}].content must be a string or a list of text parts, got "
-               f"{type(content).__name__ if content is not None else 'null'}", param="messages")
-
-
-def _chat_messages(body: dict) -> List[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages must be a non-empty list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}] must be an object with role and content", param="messages")
-        role = m.get("role")
-        if role == "developer":         # OpenAI's newer name for the system message
-            role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{i}].role must be 'system', 'user' or 'assistant', got "
-                       f"{json.dumps(role)[:40]}", param="messages")
-        out.append({"role": role, "content": _text_content(i, m)})
-    return out
-
-
-# ---- preparing a request (runs in a worker thread: tokenizing a long prompt takes time) ---
-class _Prepared:
-    def __init__(self, ids: List[int], params, limit: int):
-        self.ids, self.params, self.limit = ids, params, limit
-
-
-def _prepare(engine, ids: List[int], opts: _Options, extra_stop_ids: List[int]) -> _Prepared:
-    ctx = engine.cfg.max_context
-    n = len(ids)
-    if n >= ctx:
-        raise APIError(400, f"This model's maximum context length is {ctx} tokens; the prompt has "
-                            f"{n} tokens", param="messages" if extra_stop_ids else "prompt",
-                       code="context_length_exceeded")
-    if opts.max_tokens is not None and n + opts.max_tokens > ctx:
-        raise APIError(400, f"This model's maximum context length is {ctx} tokens, but "
-                            f"{n + opts.max_tokens} were requested ({n} in the prompt, "
-                            f"{opts.max_tokens} for the completion); lower {opts.max_tokens_param}",
-                       param=opts.max_tokens_param, code="context_length_exceeded")
-    ov = dict(opts.overrides)
-    if extra_stop_ids:
-        ov["stop_token_ids"] = list(ov.get("stop_token_ids", [])) + extra_stop_ids
-    params = engine.sampling_params(**ov)
-    return _Prepared(ids, params, min(params.max_new_tokens, ctx - n))
-
-
-def _prepare_chat(engine, messages: List[dict], opts: _Options) -> _Prepared:
-    gc = engine.generation_config
-    if gc.chat_format != "chatml":
-        raise _bad(f"this checkpoint's chat_format is {gc.chat_format!r}, not 'chatml' (a base "
-                   "model?): use /v1/completions", param="messages")
-    query, history, system = chatml.messages_to_chat(messages)
-    _, ids = chatml.make_context(engine.tokenizer, query, history, system=system,
-                                 max_window_size=gc.max_window_size)
-    stop_ids = [t for seq in chatml.STOP_WORDS_IDS for t in seq]
-    return _prepare(engine, ids, opts, stop_ids)
-
-
-def _prompt_ids(engine, prompt) -> List[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]              # a batch of one
-    if isinstance(prompt, str):
-        if not prompt:
-            raise _bad("prompt is empty", param="prompt")
-        return engine.tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        V = engine.cfg.vocab_size
-        if not all(0 <= t < V for t in prompt):
-            raise _bad(f"prompt token ids must be in [0, {V})", param="prompt")
-        return list(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise _bad("one prompt per request: send a batch as separate requests", param="prompt")
-    raise _bad("prompt must be a non-empty string or a list of token ids", param="prompt")
-
-
-def _prepare_completion(engine, prompt, opts: _Options) -> _Prepared:
-    return _prepare(engine, _prompt_ids(engine, prompt), opts, [])
-
-
-# ---- streaming ---------------------------------------------------------------------------
+# ---- running a request's choices ---------------------------------------------------------
 class _StreamJob:
-    """Iterates an Engine stream in a worker thread, handing deltas to the event loop.
+    """Iterates a request's Engine streams (one per choice), each on a worker thread, handing
+    (choice, kind, payload) items to the event loop:
 
-    on_end(job, finish_reason) is called once when the job is over, however it ended (the
-    metrics): at the stream's end, on an error, or when it is cancelled."""
+        ("delta", (text, logprobs)): a text delta and the TokenLogprobs of the tokens consumed
+                                     since the last item (with logprobs on; else [])
+        ("end", (result, logprobs)): the GenerationResult, and the tokens not yet reported
+        ("error", exception)
 
-    def __init__(self, iterator, loop: asyncio.AbstractEventLoop, on_end=None):
-        self.iterator = iterator
+    on_end(job, stream, finish_reason) is called once per stream when it is over, however it
+    ended (the metrics): at its end, on an error, or when it is cancelled."""
+
+    def __init__(self, iterators: list, loop: asyncio.AbstractEventLoop, on_end=None,
+                 logprobs: bool = False):
+        self.iterators = list(iterators)
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stop_event = threading.Event()
-        self.future = None
+        self.futures: list = []
         self._on_end = on_end
-        self._ended = threading.Lock()
+        self._ended = [threading.Lock() for _ in self.iterators]
+        self.logprobs = logprobs
         self.timed_out = False
 
+    @property
+    def iterator(self):                 # the first choice's stream (one-choice callers)
+        return self.iterators[0]
+
     def start(self, executor: ThreadPoolExecutor) -> None:
-        self.future = executor.submit(self._work)
+        self.futures = [executor.submit(self._work, i) for i in range(len(self.iterators))]
 
     def _put(self, item) -> None:
         try:
@@ -462,49 +160,62 @@ class _StreamJob:
         except RuntimeError:            # the loop is closed: nobody is listening any more
             self.stop_event.set()
 
-    def _end(self, finish_reason: Optional[str]) -> None:
-        if self._on_end is not None and self._ended.acquire(blocking=False):
+    def _end(self, i: int, finish_reason: Optional[str]) -> None:
+        if self._on_end is not None and self._ended[i].acquire(blocking=False):
             try:
-                self._on_end(self, finish_reason)
+                self._on_end(self, self.iterators[i], finish_reason)
             except Exception:           # metrics must never break an answer
                 log.exception("recording a finished request failed")
 
-    def _work(self) -> None:
-        it = self.iterator
-        reason = "abort"
+    def _logprobs(self, it, read: int):
+        """The TokenLogprobs of the tokens `it` consumed since `read`, and the new count."""
+        if not self.logprobs:
+            return [], read
+        now = it.tokens_read
+        req = it.request
+        with req.lock:
+            return list(req.logprobs[read:now]), now
+
+    def _work(self, i: int) -> None:
+        it = self.iterators[i]
+        reason, read = "abort", 0
         try:
             for delta in it:
                 if self.stop_event.is_set():
                     return
-                self._put(("delta", delta))
+                lps, read = self._logprobs(it, read)
+                self._put((i, "delta", (delta, lps)))
                 if self.stop_event.is_set():
                     return
             result = getattr(it, "result", None)
             reason = getattr(result, "finish_reason", None) or "abort"
-            self._put(("end", result))
+            lps, read = self._logprobs(it, read)
+            self._put((i, "end", (result, lps)))
         except Exception as e:          # reported to the client as an error event
             reason = "error"
-            self._put(("error", e))
+            self._put((i, "error", e))
         finally:
             it.close()                  # cancels the generation if it was not finished
-            self._end(reason)
+            self._end(i, reason)
 
     def cancel(self) -> None:
-        """Stop the generation now, whether it runs, waits for a batch row, or has not started:
-        the Engine's stream is closed from here (TextStream.close is safe from any thread, and
+        """Stop every choice now, whether it runs, waits for a batch row, or has not started:
+        the Engine's streams are closed from here (TextStream.close is safe from any thread, and
         wakes the worker blocked on it), so a queued request leaves the queue at once."""
         self.stop_event.set()
-        never_started = self.future is None or self.future.cancel()
-        self.iterator.close()
-        if never_started:
-            self._end("abort")
+        for i, it in enumerate(self.iterators):
+            never_started = i >= len(self.futures) or self.futures[i].cancel()
+            it.close()
+            if never_started:
+                self._end(i, "abort")
+
 
 def _timeout_error(job: _StreamJob, timeout: float) -> APIError:
-    """The error of a request past its deadline: 503 (retry elsewhere) if it never reached the
-    batch, 504 if it had started generating."""
+    """The error of a request past its deadline: 503 (retry elsewhere) if none of its choices
+    reached the batch, 504 if one had started generating."""
     job.timed_out = True
-    req = getattr(job.iterator, "request", None)
-    started = req is None or getattr(req, "t_admitted", None) is not None
+    reqs = [getattr(it, "request", None) for it in job.iterators]
+    started = any(r is None or getattr(r, "t_admitted", None) is not None for r in reqs)
     if started:
         return APIError(504, f"the request ran past its deadline of {timeout:g} s and was "
                              "stopped", type="server_error", code="request_timeout")
@@ -517,58 +228,155 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(result) -> dict:
-    """OpenAI's usage object, with the prompt tokens the prefix cache supplied."""
-    usage = dict(result.usage)
-    usage["prompt_tokens_details"] = {"cached_tokens": result.cached_tokens}
-    return usage
+def _usage(results: list, n: int) -> dict:
+    """OpenAI's usage object over a request's choices: each prompt counted once (choices
+    results[i*n : (i+1)*n] share prompt i), every completion token, and the prompt tokens the
+    prefix cache supplied."""
+    firsts = results[::n]
+    prompt = sum(r.prompt_tokens for r in firsts)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}
+
+
+class _Logprobs:
+    """OpenAI's logprobs objects from TokenLogprobs (chat: ``content``; completions: the legacy
+    ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset`` lists). A token's text
+    is its bytes decoded as UTF-8 with replacement characters (a token may hold part of a
+    character); chat entries carry the exact ``bytes`` too."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self._cache: Dict[int, tuple] = {}
+
+    def token(self, tid: int) -> tuple:
+        t = self._cache.get(tid)
+        if t is None:
+            raw = self.tok.id_to_bytes(tid)
+            t = self._cache[tid] = (raw.decode("utf-8", "replace"), list(raw))
+        return t
+
+    def chat(self, entries: list) -> list:
+        out = []
+        for e in entries:
+            text, raw = self.token(e.token_id)
+            out.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": [
+                {"token": self.token(t)[0], "logprob": lp, "bytes": self.token(t)[1]}
+                for t, lp in e.top]})
+        return out
+
+    def completion(self, ids: list, entries: list, offset: int) -> tuple:
+        """(the legacy object of tokens `ids` with their entries (None: no logprob, as a
+        prompt's first token), the text offset after them)."""
+        tokens, lps, tops, offsets = [], [], [], []
+        for tid, e in zip(ids, entries):
+            text = self.token(tid)[0]
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            if e is None:
+                lps.append(None)
+                tops.append(None)
+            else:
+                lps.append(e.logprob)
+                top = {self.token(t)[0]: lp for t, lp in e.top}
+                top.setdefault(text, e.logprob)
+                tops.append(top)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+                "text_offset": offsets}, offset
+
+
+class _Echo:
+    """What /v1/completions with echo puts before each prompt's choices: the prompt's text and,
+    with logprobs, its tokens' log-probabilities (the first has none)."""
+
+    def __init__(self, texts: List[str], ids: List[List[int]], logprobs: Optional[list]):
+        self.texts, self.ids, self.logprobs = texts, ids, logprobs
 
 
 class _StreamRenderer:
-    """Turns deltas into chat.completion.chunk / text_completion SSE events."""
+    """Turns a job's items into chat.completion.chunk / text_completion SSE events."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool,
-                 return_token_ids: bool = False):
+    def __init__(self, chat: bool, model: str, include_usage: bool, n_choices: int, n: int,
+                 return_token_ids: bool = False, fmt: Optional[_Logprobs] = None,
+                 echo: Optional[_Echo] = None):
         self.chat, self.model, self.include_usage = chat, model, include_usage
+        self.n_choices, self.n = n_choices, n
         self.return_token_ids = return_token_ids
+        self.fmt, self.echo = fmt, echo
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.started = False
+        self.started = [False] * n_choices
+        self.offsets = [0] * n_choices
+        self.results: list = [None] * n_choices
 
-    def _chunk(self, delta: Optional[dict] = None, text: str = "", finish_reason=None) -> dict:
+    def _chunk(self, i: int, delta: Optional[dict] = None, text: str = "", finish_reason=None,
+               logprobs=None) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": i, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                    "model": self.model, "choices": [choice]}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = {"id": self.id, "object": "text_completion", "created": self.created,
                    "model": self.model, "choices": [choice]}
         if self.include_usage:
             obj["usage"] = None
         return obj
 
+    def _lp(self, i: int, ids: list, entries: list):
+        if self.fmt is None:
+            return None
+        if self.chat:
+            return {"content": self.fmt.chat(entries), "refusal": None}
+        obj, self.offsets[i] = self.fmt.completion(ids, entries, self.offsets[i])
+        return obj
+
     def head(self) -> List[bytes]:
-        return [_sse(self._chunk({"role": "assistant", "content": ""}))] if self.chat else []
-
-    def delta(self, d: str) -> List[bytes]:
-        if self.chat and not self.started:     # as Engine.chat_stream: no leading whitespace
-            d = d.lstrip()
-        if not d:
+        if self.chat:
+            return [_sse(self._chunk(i, {"role": "assistant", "content": ""}))
+                    for i in range(self.n_choices)]
+        if self.echo is None:
             return []
-        self.started = True
-        return [_sse(self._chunk({"content": d}) if self.chat else self._chunk(text=d))]
+        out = []
+        for i in range(self.n_choices):
+            p = i // self.n
+            lp = None
+            if self.fmt is not None:
+                lp = self._lp(i, self.echo.ids[p], self.echo.logprobs[p])
+            else:
+                self.offsets[i] = len(self.echo.texts[p])
+            out.append(_sse(self._chunk(i, text=self.echo.texts[p], logprobs=lp)))
+        return out
 
-    def end(self, result) -> List[bytes]:
-        reason, usage = result.finish_reason, _usage(result)
-        last = self._chunk(finish_reason=reason)
+    def delta(self, i: int, d: str, entries: list) -> List[bytes]:
+        if self.chat and not self.started[i]:     # as Engine.chat_stream: no leading whitespace
+            d = d.lstrip()
+        if not d and not entries:
+            return []
+        if d:
+            self.started[i] = True
+        lp = self._lp(i, [e.token_id for e in entries], entries) if entries else None
+        if not self.chat and self.fmt is None:
+            self.offsets[i] += len(d)
+        return [_sse(self._chunk(i, {"content": d} if d else {}, logprobs=lp) if self.chat
+                     else self._chunk(i, text=d, logprobs=lp))]
+
+    def end(self, i: int, result, entries: list) -> List[bytes]:
+        self.results[i] = result
+        lp = self._lp(i, [e.token_id for e in entries], entries) if entries else None
+        last = self._chunk(i, finish_reason=result.finish_reason, logprobs=lp)
         if self.return_token_ids:
             last["choices"][0]["token_ids"] = list(result.token_ids)
-        out = [_sse(last)]
+        return [_sse(last)]
+
+    def done(self) -> List[bytes]:
+        out = []
         if self.include_usage:
-            obj = self._chunk()
+            obj = self._chunk(0)
             obj["choices"] = []
-            obj["usage"] = usage
+            obj["usage"] = _usage(self.results, self.n)
             out.append(_sse(obj))
         return out + [b"data: [DONE]\n\n"]
 
@@ -600,8 +408,12 @@ class _SSEResponse(Response):
                 if message["type"] == "http.disconnect":
                     return
 
+        async def body(chunk: bytes, more: bool = True):
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+
         listener = asyncio.ensure_future(wait_disconnect())
         getter = None
+        pending = len(self.job.iterators)
         try:
             self.job.start(self.executor)
             await send({"type": "http.response.start", "status": 200, "headers": [
@@ -609,8 +421,8 @@ class _SSEResponse(Response):
                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
                 + self.extra_headers})
             for event in self.renderer.head():
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            while True:
+                await body(event)
+            while pending:
                 getter = asyncio.ensure_future(self.job.queue.get())
                 left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
                 done, _ = await asyncio.wait({getter, listener}, timeout=left,
@@ -620,25 +432,30 @@ class _SSEResponse(Response):
                     self.job.cancel()
                     log.info("%s: %s", self.renderer.id, err.message)
                     for event in self.renderer.error(err):
-                        await send({"type": "http.response.body", "body": event, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        await body(event)
+                    await body(b"", more=False)
                     return
                 if getter not in done:          # the client went away
                     log.info("client disconnected from %s; generation stopped", self.renderer.id)
                     return
-                kind, payload = getter.result()
+                i, kind, payload = getter.result()
                 getter = None
-                if kind == "delta":
-                    events = self.renderer.delta(payload)
-                elif kind == "end":
-                    events = self.renderer.end(payload)
-                else:
-                    events = self.renderer.error(payload)
-                for event in events:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-                if kind != "delta":
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if kind == "error":
+                    self.job.cancel()
+                    for event in self.renderer.error(payload):
+                        await body(event)
+                    await body(b"", more=False)
                     return
+                if kind == "delta":
+                    events = self.renderer.delta(i, *payload)
+                else:
+                    events = self.renderer.end(i, *payload)
+                    pending -= 1
+                for event in events:
+                    await body(event)
+            for event in self.renderer.done():
+                await body(event)
+            await body(b"", more=False)
         except OSError:                         # the write failed: the client is gone
             log.info("client connection lost on %s; generation stopped", self.renderer.id)
         finally:
@@ -650,19 +467,23 @@ class _SSEResponse(Response):
 
 async def _whole(job: _StreamJob, request: Request, executor: ThreadPoolExecutor,
                  timeout: Optional[float] = None):
-    """Run a job to its end and return its GenerationResult, or None if the client disconnects
-    first (the generation is then cancelled). Deltas are dropped: the result holds the text.
-    Past `timeout` seconds the generation is cancelled and the timeout's APIError raised."""
+    """Run a job's choices to their end and return their GenerationResults, or None if the
+    client disconnects first (the generations are then cancelled). Deltas are dropped: the
+    results hold the text and the logprobs. Past `timeout` seconds the generations are
+    cancelled and the timeout's APIError raised."""
     deadline = None if timeout is None else time.monotonic() + timeout
+
     async def wait_disconnect():
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     listener = asyncio.ensure_future(wait_disconnect())
     getter = None
+    results: list = [None] * len(job.iterators)
+    pending = len(results)
     job.start(executor)
     try:
-        while True:
+        while pending:
             getter = asyncio.ensure_future(job.queue.get())
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = await asyncio.wait({getter, listener}, timeout=left,
@@ -674,17 +495,34 @@ async def _whole(job: _StreamJob, request: Request, executor: ThreadPoolExecutor
             if getter not in done:
                 log.info("client disconnected before its completion; generation stopped")
                 return None
-            kind, payload = getter.result()
+            i, kind, payload = getter.result()
             getter = None
             if kind == "end":
-                return payload
-            if kind == "error":
+                results[i] = payload[0]
+                pending -= 1
+            elif kind == "error":
                 raise payload if isinstance(payload, APIError) else _engine_error(payload)
+        return results
     finally:
         job.cancel()                            # no-op when the job has finished
         listener.cancel()
         if getter is not None:
             getter.cancel()
+
+
+def _echo_only(prep, echo: _Echo, fmt: Optional[_Logprobs], model: str) -> dict:
+    """/v1/completions with echo and max_tokens 0: each prompt's text and, with logprobs, its
+    tokens' log-probabilities; nothing generated."""
+    choices = []
+    for i, ids in enumerate(prep.choice_prompts):
+        p = i // prep.n
+        lp = fmt.completion(ids, echo.logprobs[p], 0)[0] if fmt is not None else None
+        choices.append({"index": i, "text": echo.texts[p], "logprobs": lp, "finish_reason": "length"})
+    prompt = sum(len(ids) for ids in prep.prompts)
+    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt,
+                      "prompt_tokens_details": {"cached_tokens": 0}}}
 
 
 # ---- the app -----------------------------------------------------------------------------
@@ -780,7 +618,7 @@ class ServerOptions:
 
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready",
-              "/metrics")
+              "/metrics", "/tokenize", "/detokenize")
 
 
 def _request_id(scope) -> str:
@@ -825,7 +663,7 @@ class _RequestIdMiddleware:
             if status[0]:
                 raise                   # the answer had started: nothing more to send
             status[0] = 500
-            await _engine_error(e).response()(scope, receive, send_with_id)
+            await _response(_engine_error(e))(scope, receive, send_with_id)
         finally:
             path, method = scope.get("path", ""), scope.get("method", "")
             endpoint = path if path in _ENDPOINTS else (
@@ -874,17 +712,17 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
     async def _api_error(request, exc: APIError):
         if exc.code == "server_overloaded":
             metrics.rejected.labels("overloaded").inc()
-        return exc.response()
+        return _response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code,
-                        headers=getattr(exc, "headers", None)).response()
+        return _response(APIError(exc.status_code, str(exc.detail), code=code,
+                                  headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc: Exception):
-        return _engine_error(exc).response()
+        return _response(_engine_error(exc))
 
     def check_auth(request: Request) -> None:
         if o.api_key is None:
@@ -951,10 +789,32 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                            code="model_not_found")
         return model_card()
 
-    def on_end(job: _StreamJob, finish_reason) -> None:
+    def on_end(job: _StreamJob, stream, finish_reason) -> None:
         if job.timed_out:
             metrics.rejected.labels("timeout").inc()
-        metrics.observe_request(getattr(job.iterator, "request", None), finish_reason)
+        metrics.observe_request(getattr(stream, "request", None), finish_reason)
+
+    fmt = _Logprobs(engine.tokenizer)
+
+    def prepare(body: dict, chat: bool, opts: api.Options):
+        """(Prepared, _Echo or None) in a worker thread: tokenizing and scoring take time."""
+        if chat:
+            prompts = [api.chat_prompt(engine, api.chat_messages(body))]
+            prep = api.prepare(engine, prompts, opts, api.chat_stop_ids())
+            return prep, None
+        prompts = api.prompt_list(engine, body.get("prompt"))
+        prep = api.prepare(engine, prompts, opts, [])
+        echo = None
+        if opts.echo:
+            raw = body.get("prompt")
+            texts = [raw] if isinstance(raw, str) else (
+                [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in raw]
+                if raw and isinstance(raw[0], (str, list)) else [engine.tokenizer.decode(raw)])
+            lps = None
+            if opts.logprobs is not None:
+                lps = [engine.prompt_logprobs(ids, opts.logprobs) for ids in prompts]
+            echo = _Echo(texts, prompts, lps)
+        return prep, echo
 
     async def complete(request: Request, chat: bool):
         check_auth(request)
@@ -962,51 +822,105 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             raise overloaded("the server is shutting down; retry on another replica")
         body = await _read_json(request, o.max_body_bytes)
         check_model(body)
-        opts = _parse_options(body, chat, o.request_timeout)
+        opts = api.parse_options(body, chat, o.request_timeout)
         rid = request.scope.get("state", {}).get("request_id", "-")
         headers = {}
         if opts.ignored:
             log.warning("%s: ignored unknown fields %s", rid, ", ".join(opts.ignored))
             headers["X-Ignored-Fields"] = ",".join(opts.ignored)[:1024]
         try:
-            if chat:
-                messages = _chat_messages(body)
-                prep = await run_in_threadpool(_prepare_chat, engine, messages, opts)
-            else:
-                prep = await run_in_threadpool(_prepare_completion, engine, body.get("prompt"), opts)
-            iterator = await run_in_threadpool(engine.stream, prep.ids, params=prep.params,
-                                               max_waiting=o.max_waiting)
+            prep, echo = await run_in_threadpool(prepare, body, chat, opts)
+            generate = opts.max_tokens != 0
+            streams = []
+            if generate:
+                streams = await run_in_threadpool(engine.streams, prep.choice_prompts,
+                                                  params=prep.params, max_waiting=o.max_waiting)
         except APIError:
             raise
         except OverloadedError as e:
             raise overloaded(str(e)) from None
         except RequestError as e:
-            err = _engine_error(e)
-            if chat and err.param is None and not isinstance(e, CapacityError):
+            err = _engine_error(e, opts.max_tokens_param)
+            if chat and err.param in (None, "prompt") and not isinstance(e, CapacityError):
                 err.param = "messages"
             raise err from None
         except Exception as e:
             raise _engine_error(e) from None
-        job = _StreamJob(iterator, asyncio.get_running_loop(), on_end)
+        n_choices = len(prep.choice_prompts)
+        lp_fmt = fmt if opts.logprobs is not None else None
+        if not generate:                        # echo with max_tokens 0: the prompts, scored
+            return JSONResponse(_echo_only(prep, echo, lp_fmt, o.model_name), headers=headers)
+        job = _StreamJob(streams, asyncio.get_running_loop(), on_end, logprobs=lp_fmt is not None)
         if opts.stream:
-            renderer = _StreamRenderer(chat, o.model_name, opts.include_usage,
-                                       opts.return_token_ids)
+            renderer = _StreamRenderer(chat, o.model_name, opts.include_usage, n_choices, prep.n,
+                                       opts.return_token_ids, lp_fmt, echo)
             return _SSEResponse(job, renderer, executor, opts.timeout, headers)
-        result = await _whole(job, request, executor, opts.timeout)
-        if result is None:                      # the client went away: nobody to answer
+        results = await _whole(job, request, executor, opts.timeout)
+        if results is None:                     # the client went away: nobody to answer
             return Response(status_code=499)
-        text = result.text.lstrip() if chat else result.text
+        choices = []
+        for i, result in enumerate(results):
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": result.text.lstrip()},
+                          "logprobs": None, "finish_reason": result.finish_reason}
+                if lp_fmt is not None:
+                    choice["logprobs"] = {"content": lp_fmt.chat(result.logprobs or []), "refusal": None}
+            else:
+                text, lp, offset = result.text, None, 0
+                p = i // prep.n
+                if echo is not None:
+                    text = echo.texts[p] + text
+                if lp_fmt is not None:
+                    ids, entries = list(result.token_ids), list(result.logprobs or [])
+                    if echo is not None:
+                        ids, entries = echo.ids[p] + ids, echo.logprobs[p] + entries
+                    lp, _ = lp_fmt.completion(ids, entries, 0)
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": result.finish_reason}
+            if opts.return_token_ids:
+                choice["token_ids"] = list(result.token_ids)
+            choices.append(choice)
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": result.finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
-        if opts.return_token_ids:
-            choice["token_ids"] = list(result.token_ids)
         return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": o.model_name,
-                             "choices": [choice], "usage": _usage(result)}, headers=headers)
+                             "choices": choices, "usage": _usage(results, prep.n)}, headers=headers)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's /tokenize: {"prompt": text} or {"messages": [...]} -> {"count", "max_model_len",
+        "tokens", "token_strs"}."""
+        check_auth(request)
+        body = await _read_json(request, o.max_body_bytes)
+        check_model(body)
+
+        def run():
+            if "messages" in body:
+                if body.get("add_generation_prompt") is False:
+                    raise _bad("add_generation_prompt: false is not supported (the ChatML prompt "
+                               "always ends with the assistant's opening)", param="add_generation_prompt")
+                ids = api.chat_prompt(engine, api.chat_messages(body))
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise _bad("prompt must be a string (or send messages)", param="prompt")
+                ids = engine.tokenizer.encode(prompt) if prompt else []
+            out = {"count": len(ids), "max_model_len": engine.cfg.max_context, "tokens": ids,
+                   "token_strs": None}
+            if api.get_bool(body, "return_token_strs"):
+                out["token_strs"] = [fmt.token(t)[0] for t in ids]
+            return out
+        return await run_in_threadpool(run)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+        check_auth(request)
+        body = await _read_json(request, o.max_body_bytes)
+        check_model(body)
+        ids = body.get("tokens")
+        V = len(engine.tokenizer)
+        if not isinstance(ids, list) or not all(_is_int(t) and 0 <= t < V for t in ids):
+            raise _bad(f"tokens must be a list of token ids in [0, {V})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(ids)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -31,6 +31,10 @@ class RecordedStream:
     def request(self):
         return self.it.request
 
+    @property
+    def tokens_read(self):
+        return self.it.tokens_read
+
     def close(self):
         self.it.close()
         self.closed.set()
@@ -41,7 +45,7 @@ class RecordingEngine:
 
     def __init__(self, engine):
         self._engine = engine
-        self.streams = []
+        self.recorded = []          # every RecordedStream, in order
         self.lock = threading.Lock()
 
     def __getattr__(self, name):
@@ -50,5 +54,11 @@ class RecordingEngine:
     def stream(self, *args, **kwargs):
         rec = RecordedStream(self._engine.stream(*args, **kwargs))
         with self.lock:
-            self.streams.append(rec)
+            self.recorded.append(rec)
         return rec
+
+    def streams(self, *args, **kwargs):
+        recs = [RecordedStream(s) for s in self._engine.streams(*args, **kwargs)]
+        with self.lock:
+            self.recorded.extend(recs)
+        return recs

@@ -176,10 +176,17 @@ def _error(exc_info, status):
     (dict(top_p=0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(n=2), "n"),
+    (dict(n=0), "n"),
+    (dict(n=65), "n"),
     (dict(seed=-1), "seed"),
     (dict(stop=["a"] * 17), "stop"),
-    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(logit_bias={"x": 1}), "logit_bias"),
+    (dict(logit_bias={"5": 300}), "logit_bias"),
+    (dict(top_logprobs=3), "top_logprobs"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (dict(extra_body={"min_p": 2}), "min_p"),
     (dict(extra_body={"top_k": -3}), "top_k"),
     (dict(messages=[]), "messages"),
     (dict(messages=[{"role": "robot", "content": "hi"}]), "messages"),
@@ -200,11 +207,15 @@ def test_chat_bad_parameters(client, kw, param, stream):
 
 
 def test_completion_bad_parameters(client):
-    for kw in (dict(prompt=""), dict(prompt=["a", "b"]), dict(prompt="x", temperature=-1),
-               dict(prompt=[10**9]), dict(prompt="x", echo=True)):
+    for kw, param in ((dict(prompt=""), "prompt"), (dict(prompt=["a", 5]), "prompt"),
+                      (dict(prompt=["a", ""]), "prompt"), (dict(prompt=[[]]), "prompt"),
+                      (dict(prompt="x", temperature=-1), "temperature"), (dict(prompt=[10**9]), "prompt"),
+                      (dict(prompt="x", max_tokens=0), "max_tokens"),
+                      (dict(prompt="x", logprobs=21), "logprobs"), (dict(prompt="x", best_of=3), "best_of"),
+                      (dict(prompt=["a"] * 33, n=2), "n"), (dict(prompt="x", suffix="y"), "suffix")):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, **kw)
-        _error(e, 400)
+        assert _error(e, 400)["param"] == param, kw
 
 
 def test_unknown_model(client):
@@ -306,11 +317,11 @@ def test_engine_errors_mapped(tiny_engine):
         def generate(self, *a, **k):
             raise NumericalError("logits are NaN")
 
-        def stream(self, *a, **k):
+        def streams(self, *a, **k):
             def gen():
                 yield "x"
                 raise NumericalError("logits are NaN")
-            return gen()
+            return [gen()]
 
     with BackgroundServer(create_app(small, model_name=MODEL)) as srv:
         cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
@@ -381,7 +392,7 @@ def _wait(pred, timeout):
 
 def test_disconnect_stops_generation(server, client):
     engine = server.engine
-    before = len(engine.streams)
+    before = len(engine.recorded)
     stream = client.chat.completions.create(
         model=MODEL, messages=_user("Go on forever."), max_tokens=400, temperature=1.0, seed=5,
         stream=True, extra_body={"ignore_eos": True})
@@ -392,8 +403,8 @@ def test_disconnect_stops_generation(server, client):
             if got == 3:
                 break
     stream.close()                             # the client goes away mid-stream
-    assert len(engine.streams) == before + 1
-    rec = engine.streams[before]
+    assert len(engine.recorded) == before + 1
+    rec = engine.recorded[before]
     assert _wait(rec.closed.is_set, 10), "the server did not close the engine's stream"
     assert _aborted(rec) and rec.deltas < 100, rec.deltas
     # The engine is free: the next request is answered at once.
@@ -407,17 +418,17 @@ def test_disconnect_while_waiting(server, client):
     """A stream whose client leaves while it waits for the engine (another stream holds it)
     is closed without generating more than one delta."""
     engine = server.engine
-    before = len(engine.streams)
+    before = len(engine.recorded)
     a = client.chat.completions.create(model=MODEL, messages=_user("first"), max_tokens=400,
                                        stream=True, extra_body={"ignore_eos": True})
     next(iter(a))                              # a's role chunk: a is running
     b = client.chat.completions.create(model=MODEL, messages=_user("second"), max_tokens=400,
                                        stream=True, extra_body={"ignore_eos": True})
-    assert _wait(lambda: len(engine.streams) == before + 2, 10)
+    assert _wait(lambda: len(engine.recorded) == before + 2, 10)
     b.close()
     time.sleep(0.3)
     a.close()
-    rec_a, rec_b = engine.streams[before:before + 2]
+    rec_a, rec_b = engine.recorded[before:before + 2]
     assert _wait(lambda: rec_a.closed.is_set() and rec_b.closed.is_set(), 10)
     assert rec_b.deltas <= 1 and _aborted(rec_b) and _aborted(rec_a)
 
@@ -425,16 +436,16 @@ def test_disconnect_while_waiting(server, client):
 def test_disconnect_stops_a_non_streamed_completion(server):
     """A client waiting for a whole completion that goes away: its generation is cancelled."""
     engine = server.engine
-    before = len(engine.streams)
+    before = len(engine.recorded)
     body = json.dumps({"model": MODEL, "prompt": "never finish", "max_tokens": 3000,
                        "ignore_eos": True}).encode()
     with socket.create_connection((server.host, server.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                      + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\n\r\n" + body)
-        assert _wait(lambda: len(engine.streams) == before + 1, 10)
+        assert _wait(lambda: len(engine.recorded) == before + 1, 10)
         time.sleep(0.3)                        # generating now
-    rec = engine.streams[before]
+    rec = engine.recorded[before]
     assert _wait(rec.closed.is_set, 10), "the server did not cancel the completion"
     assert _aborted(rec)
 

@@ -204,7 +204,7 @@ def _start_stream(srv, results, key, **kw):
 def test_queue_limit_refuses_with_503_and_ready_follows(ops, gate):
     engine = ops.engine
     assert _idle(engine)
-    n0 = len(engine.streams)
+    n0 = len(engine.recorded)
     assert httpx.get(ops.url + "/ready").status_code == 200
     gate.close()
     results = {}
@@ -225,7 +225,7 @@ def test_queue_limit_refuses_with_503_and_ready_follows(ops, gate):
         err = r.json()["error"]
         assert err["code"] == "server_overloaded" and err["type"] == "server_error"
         assert "max_waiting=1" in err["message"]
-        assert len(engine.streams) == n0 + 2                            # c never reached it
+        assert len(engine.recorded) == n0 + 2                            # c never reached it
         # The official client sees a 503 (an InternalServerError) and, with retries, would wait.
         client = openai.OpenAI(base_url=ops.url + "/v1", api_key=KEY, max_retries=0)
         with pytest.raises(openai.InternalServerError) as e:
@@ -250,7 +250,7 @@ def test_under_load_nothing_accepted_is_lost_nothing_refused_started(ops, open_g
     finish_reason, usage) or refused with 503 before the engine saw it."""
     engine = ops.engine
     assert _idle(engine)
-    n0 = len(engine.streams)
+    n0 = len(engine.recorded)
 
     def one(i):
         kind = i % 3
@@ -287,9 +287,9 @@ def test_under_load_nothing_accepted_is_lost_nothing_refused_started(ops, open_g
             assert body["choices"][0]["finish_reason"] == "length"
             assert body["usage"]["completion_tokens"] == 6
     assert accepted >= 2 and accepted + refused == 24
-    assert len(engine.streams) == n0 + accepted                 # refused ones never started
+    assert len(engine.recorded) == n0 + accepted                 # refused ones never started
     assert all(rec.result is not None and rec.result.finish_reason == "length"
-               for rec in engine.streams[n0:])
+               for rec in engine.recorded[n0:])
     print(f"under load: {accepted} accepted, {refused} refused")
 
 
@@ -321,13 +321,13 @@ def test_deadline_drops_a_queued_request_with_503_and_stops_a_running_one_with_5
     try:
         ta = _start_stream(ops, results, "a", max_tokens=3)
         assert _wait(lambda: engine.stats()["running"] == 1)
-        n0 = len(engine.streams)
+        n0 = len(engine.recorded)
         t0 = time.monotonic()
         r = _post(ops, max_tokens=3, request_timeout=0.3)               # queued behind a
         assert time.monotonic() - t0 < 5
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "request_timeout" and r.headers["retry-after"] == "1"
-        rec = engine.streams[n0]
+        rec = engine.recorded[n0]
         assert rec.request.t_admitted is None                          # it never started
         assert _wait(lambda: engine.stats()["waiting"] == 0)           # and left the queue
     finally:
@@ -346,7 +346,7 @@ def test_deadline_drops_a_queued_request_with_503_and_stops_a_running_one_with_5
         r = _post(ops, max_tokens=400, ignore_eos=True, request_timeout=0.5)
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "request_timeout"
-        rec = engine.streams[-1]
+        rec = engine.recorded[-1]
         assert _wait(lambda: rec.result is not None and rec.result.finish_reason == "abort")
         # Streamed: an error event, then [DONE].
         results = {}
@@ -374,7 +374,7 @@ def test_disconnect_while_queued_leaves_the_queue_at_once(ops, gate, stream):
     try:
         ta = _start_stream(ops, results, "a", max_tokens=3)
         assert _wait(lambda: engine.stats()["running"] == 1)
-        n0 = len(engine.streams)
+        n0 = len(engine.recorded)
         if stream:
             client = httpx.Client(timeout=30)
             req = client.build_request("POST", ops.url + "/v1/chat/completions", headers=AUTH,
@@ -394,7 +394,7 @@ def test_disconnect_while_queued_leaves_the_queue_at_once(ops, gate, stream):
             sock.close()
         assert _wait(lambda: engine.stats()["waiting"] == 0, 5), "the queued request stayed"
         assert engine.stats()["running"] == 1             # a is still held at the gate
-        rec = engine.streams[n0]
+        rec = engine.recorded[n0]
         assert rec.request.t_admitted is None and rec.closed.is_set()
     finally:
         gate.open()
@@ -435,7 +435,7 @@ def test_unknown_fields_are_named_and_output_changing_ones_refused(ops, open_gat
     r = _post(ops, user="u1", metadata={"k": "v"}, some_tracing_id="t")
     assert r.status_code == 200 and r.headers["x-ignored-fields"] == "some_tracing_id"
     assert "x-ignored-fields" not in _post(ops, user="u1").headers
-    for name, value in (("min_p", 0.1), ("typical_p", 0.9), ("min_tokens", 3),
+    for name, value in (("typical_p", 0.9), ("min_tokens", 3),
                         ("guided_json", {"type": "object"}), ("use_beam_search", True)):
         r = _post(ops, **{name: value})
         assert r.status_code == 400, (name, r.text)

@@ -1,0 +1,172 @@
+"""The server's API breadth, with the official openai client: logprobs and top_logprobs,
+echo with prompt logprobs (lm-eval's loglikelihood requests), n > 1 and lists of prompts
+decoded together, the sampling extensions, and vLLM's /tokenize and /detokenize."""
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from qwen_fast import chat as chatml                          # noqa: E402
+from qwen_fast.server import BackgroundServer, create_app     # noqa: E402
+from server_helpers import RecordingEngine                    # noqa: E402
+
+MODEL = "qwen-api"
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_engine):
+    engine = RecordingEngine(tiny_engine)
+    with BackgroundServer(create_app(engine, model_name=MODEL)) as s:
+        s.engine = engine
+        s.client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        yield s
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_logprobs_streamed_and_not(srv, tiny_engine):
+    kw = dict(model=MODEL, messages=_user("logprobs please"), max_tokens=6, temperature=0,
+              logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True, "return_token_ids": True})
+    r = srv.client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    ids = r.choices[0].model_extra["token_ids"]
+    assert len(content) == len(ids) == r.usage.completion_tokens == 6
+    for tid, c in zip(ids, content):
+        assert bytes(c.bytes) == tiny_engine.tokenizer.id_to_bytes(tid)
+        assert c.logprob <= 0 and len(c.top_logprobs) == 3
+        assert c.top_logprobs[0].token == c.token                      # greedy: the most likely
+        assert c.top_logprobs[0].logprob == c.logprob
+        assert all(a.logprob >= b.logprob for a, b in zip(c.top_logprobs, c.top_logprobs[1:]))
+    # Streamed: the same entries, spread over the chunks.
+    chunks = list(srv.client.chat.completions.create(stream=True, **kw))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # Without the flag: none.
+    r = srv.client.chat.completions.create(model=MODEL, messages=_user("x"), max_tokens=2)
+    assert r.choices[0].logprobs is None
+
+
+def test_completion_logprobs_legacy_shape(srv, tiny_engine):
+    r = srv.client.completions.create(model=MODEL, prompt="legacy logprobs", max_tokens=5,
+                                      temperature=0, logprobs=2,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+    lp = r.choices[0].logprobs
+    ids = r.choices[0].model_extra["token_ids"]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert lp.tokens == [tiny_engine.tokenizer.id_to_bytes(t).decode("utf-8", "replace") for t in ids]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    for tok, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert tok in top and top[tok] == l and 2 <= len(top) <= 3
+        assert l == max(top.values())                                   # greedy
+
+
+def test_echo_scores_the_prompt_like_the_engine(srv, tiny_engine):
+    """lm-eval's loglikelihood request: echo, max_tokens 0, logprobs 1, temperature 0, a batch
+    of prompts; each token's logprob given the ones before it."""
+    prompts = ["The capital of France is Paris", "One two three four"]
+    r = srv.client.completions.create(model=MODEL, prompt=prompts, max_tokens=0, echo=True,
+                                      logprobs=1, temperature=0, seed=1234)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c, text in zip(r.choices, prompts):
+        ids = tiny_engine.tokenizer.encode(text)
+        want = tiny_engine.prompt_logprobs(ids, 1)
+        assert c.text == text and c.finish_reason == "length"
+        assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+        assert c.logprobs.token_logprobs[1:] == [w.logprob for w in want[1:]]
+        assert len(c.logprobs.tokens) == len(ids)
+    assert r.usage.completion_tokens == 0
+    assert r.usage.prompt_tokens == sum(len(tiny_engine.tokenizer.encode(p)) for p in prompts)
+    # Token ids as the prompt, and echo with a generation after it.
+    ids = tiny_engine.tokenizer.encode(prompts[1])
+    r = srv.client.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True, logprobs=0,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    gen = tiny_engine.generate(ids, max_new_tokens=3, temperature=0, ignore_eos=True)
+    assert c.text == prompts[1] + gen.text
+    assert len(c.logprobs.token_logprobs) == len(ids) + 3
+    assert c.logprobs.token_logprobs[1:len(ids)] == [w.logprob for w in tiny_engine.prompt_logprobs(ids)[1:]]
+
+
+def test_n_choices_and_prompt_lists_decode_together(srv):
+    cl = srv.client
+    kw = dict(model=MODEL, max_tokens=4, temperature=1.0, top_p=1.0, extra_body={"ignore_eos": True})
+    # n choices with a seed: choice j is what seed + j gives alone.
+    r = cl.completions.create(prompt="n choices", n=3, seed=7, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    alone = [cl.completions.create(prompt="n choices", seed=7 + j, **kw).choices[0].text for j in range(3)]
+    assert [c.text for c in r.choices] == alone
+    assert r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == cl.completions.create(prompt="n choices", seed=1, **kw).usage.prompt_tokens
+    # A list of prompts x n: prompt i's choices at i*n .. i*n + n - 1.
+    r = cl.completions.create(prompt=["first", "second one"], n=2, seed=11, **kw)
+    want = [cl.completions.create(prompt=p, seed=11 + j, **kw).choices[0].text
+            for p in ("first", "second one") for j in range(2)]
+    assert [c.text for c in r.choices] == want
+    # The engine saw them as one submission of 4 sequences.
+    assert all(rec.result.finish_reason == "length" for rec in srv.engine.recorded[-8:-4])
+    # Streamed: the chunks of every choice, assembled, are the non-streamed choices.
+    chunks = list(cl.completions.create(prompt=["first", "second one"], n=2, seed=11, stream=True,
+                                        stream_options={"include_usage": True}, **kw))
+    texts = ["", "", "", ""]
+    finish = {}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert texts == want and finish == {0: "length", 1: "length", 2: "length", 3: "length"}
+    assert chunks[-1].usage.completion_tokens == 16
+    # Chat with n.
+    r = cl.chat.completions.create(model=MODEL, messages=_user("hi"), n=2, seed=3, max_tokens=3,
+                                   temperature=1.0)
+    assert [c.index for c in r.choices] == [0, 1]
+
+
+def test_sampling_extensions_reach_the_engine(srv, tiny_engine):
+    cl = srv.client
+    r = cl.completions.create(model=MODEL, prompt="bias", max_tokens=4, temperature=0,
+                              logit_bias={"1000": 100}, extra_body={"return_token_ids": True,
+                                                                    "ignore_eos": True})
+    assert r.choices[0].model_extra["token_ids"] == [1000] * 4
+    for kw in (dict(presence_penalty=1.5, frequency_penalty=0.5), dict(extra_body={"min_p": 0.2})):
+        r = cl.completions.create(model=MODEL, prompt="penalties", max_tokens=4, seed=5, **kw)
+        assert r.choices[0].finish_reason in ("stop", "length")
+    p = srv.engine.recorded[-1].request.params
+    assert p.min_p == 0.2
+    p = srv.engine.recorded[-2].request.params
+    assert (p.presence_penalty, p.frequency_penalty) == (1.5, 0.5)
+
+
+def test_tokenize_and_detokenize(srv, tiny_engine):
+    url = srv.url
+    r = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "Hello world",
+                                            "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tiny_engine.tokenizer.encode("Hello world")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == tiny_engine.cfg.max_context
+    assert "".join(body["token_strs"]) == "Hello world"
+    r = httpx.post(url + "/detokenize", json={"tokens": body["tokens"]})
+    assert r.json() == {"prompt": "Hello world"}
+    # Messages: the ChatML prompt a chat completion uses (its usage counts the same tokens).
+    msgs = _user("count me")
+    r = httpx.post(url + "/tokenize", json={"messages": msgs})
+    chat = srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)
+    assert r.json()["count"] == chat.usage.prompt_tokens
+    _, ids = chatml.make_context(tiny_engine.tokenizer, "count me", [],
+                                 max_window_size=tiny_engine.generation_config.max_window_size)
+    assert r.json()["tokens"] == ids
+    for path, body, param in (("/tokenize", {"prompt": 5}, "prompt"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens"),
+                              ("/detokenize", {"tokens": "x"}, "tokens")):
+        r = httpx.post(url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    r = httpx.post(url + "/tokenize", content=json.dumps({"prompt": "x"}), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415

@@ -64,6 +64,7 @@ class GenerationResult:
     num_preemptions: int = 0            # times the pool ran out and it was recomputed
     cached_tokens: int = 0              # prompt tokens read from the prefix cache, not computed
     logprobs: Optional[list] = None     # with params.logprobs: a TokenLogprob per token_ids entry
+    stop_logprob: Optional["TokenLogprob"] = None   # and the stop token's, if one ended it
 
     @property
     def completion_tokens(self) -> int:
@@ -170,7 +171,8 @@ class _Text:
             prompt_tokens=len(r.prompt_ids), prefill_s=t_first - r.t_submit,
             decode_s=max(0.0, t_done - t_first), kv_cache_bytes=r.peak_pages * page_bytes,
             num_preemptions=r.num_preemptions, cached_tokens=r.cached_tokens,
-            logprobs=list(r.logprobs[:self.read]) if r.params.logprobs is not None else None)
+            logprobs=list(r.logprobs[:self.read]) if r.params.logprobs is not None else None,
+            stop_logprob=r.stop_logprob if not stopped and r.finish_reason == "stop" else None)
 
 
 class TextStream:

@@ -50,6 +50,7 @@ class Request:
         self.output_ids: List[int] = []
         self.logprobs: list = []                # TokenLogprob of each output id (params.logprobs)
         self.step_logprob = None                # the runner's, for the token it just sampled
+        self.stop_logprob = None                # the stop token's, when one ended it
         self.status = RequestStatus.WAITING
         self.num_computed = 0
         self.pages: List[int] = []
@@ -97,10 +98,11 @@ class Request:
         if self.t_first is None:
             self.t_first = now
         self.t_tokens.append(now)
+        lp, self.step_logprob = self.step_logprob, None
         if tok in self.stop_ids:
             self.finish_reason, self.stop_reason = "stop", tok
+            self.stop_logprob = lp
             return
-        lp, self.step_logprob = self.step_logprob, None
         with self.lock:
             self._ids[self.num_tokens] = tok
             if lp is not None:

@@ -287,6 +287,17 @@ class _Logprobs:
                 "text_offset": offsets}, offset
 
 
+def _scored(result) -> tuple:
+    """(ids, TokenLogprobs) of a completion's logprobs: its tokens and, when a stop token ended
+    it, that token too (not part of the text, but sampled: lm-eval's loglikelihood requests
+    take the last entry as the generated one, as vLLM's output ids include the EOS)."""
+    ids, entries = list(result.token_ids), list(result.logprobs or [])
+    if result.stop_logprob is not None:
+        ids.append(result.stop_logprob.token_id)
+        entries.append(result.stop_logprob)
+    return ids, entries
+
+
 class _Echo:
     """What /v1/completions with echo puts before each prompt's choices: the prompt's text and,
     with logprobs, its tokens' log-probabilities (the first has none)."""
@@ -365,6 +376,8 @@ class _StreamRenderer:
 
     def end(self, i: int, result, entries: list) -> List[bytes]:
         self.results[i] = result
+        if not self.chat and self.fmt is not None and result.stop_logprob is not None:
+            entries = list(entries) + [result.stop_logprob]
         lp = self._lp(i, [e.token_id for e in entries], entries) if entries else None
         last = self._chunk(i, finish_reason=result.finish_reason, logprobs=lp)
         if self.return_token_ids:
@@ -616,9 +629,16 @@ class ServerOptions:
         self.allowed_origins = origins
 
 
+# The text chatml.make_context builds, as a Jinja template (Qwen's release has none). Its token
+# ids can differ from the server's own chat prompt where make_context encodes a role and its
+# content apart; the text is the same.
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready",
-              "/metrics", "/tokenize", "/detokenize")
+              "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def _request_id(scope) -> str:
@@ -871,7 +891,7 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                 if echo is not None:
                     text = echo.texts[p] + text
                 if lp_fmt is not None:
-                    ids, entries = list(result.token_ids), list(result.logprobs or [])
+                    ids, entries = _scored(result)
                     if echo is not None:
                         ids, entries = echo.ids[p] + ids, echo.logprobs[p] + entries
                     lp, _ = lp_fmt.completion(ids, entries, 0)
@@ -909,6 +929,17 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                 out["token_strs"] = [fmt.token(t)[0] for t in ids]
             return out
         return await run_in_threadpool(run)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        """vLLM's /tokenizer_info (lm-eval's remote tokenizer reads it): the special tokens, the
+        context length, and a ChatML template that renders the text chat completions use."""
+        check_auth(request)
+        tok = engine.tokenizer
+        return {"tokenizer_class": "QWenTokenizer", "eos_token": "<|endoftext|>",
+                "bos_token": None, "pad_token": None, "unk_token": None,
+                "model_max_length": engine.cfg.max_context, "vocab_size": len(tok),
+                "chat_template": CHATML_TEMPLATE}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):

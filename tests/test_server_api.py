@@ -170,3 +170,42 @@ def test_tokenize_and_detokenize(srv, tiny_engine):
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     r = httpx.post(url + "/tokenize", content=json.dumps({"prompt": "x"}), headers={"Content-Type": "text/plain"})
     assert r.status_code == 415
+
+
+def test_stop_token_logprob_is_the_last_entry(srv, tiny_engine):
+    """A completion ended by a stop token lists that token's logprob last (not in the text):
+    lm-eval's loglikelihood takes token_logprobs[ctxlen:-1], the last being the generated one."""
+    eos = 151643
+    prompt = "stop at once"
+    n = len(tiny_engine.tokenizer.encode(prompt))
+    for stream in (False, True):
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0,
+                  logit_bias={str(eos): 100})
+        if stream:
+            chunks = list(srv.client.completions.create(stream=True, **kw))
+            tokens = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
+            text = "".join(c.text for ch in chunks for c in ch.choices)
+            finish = [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason]
+        else:
+            r = srv.client.completions.create(**kw)
+            c = r.choices[0]
+            tokens, text, finish = c.logprobs.tokens, c.text, [c.finish_reason]
+            assert len(c.logprobs.token_logprobs) == n + 1 and c.logprobs.token_logprobs[-1] <= 0
+        assert finish == ["stop"] and text == prompt
+        assert len(tokens) == n + 1 and tokens[-1] == "<|endoftext|>"
+
+
+def test_tokenizer_info_for_remote_tokenizers(srv, tiny_engine):
+    info = httpx.get(srv.url + "/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == tiny_engine.cfg.max_context
+    # lm-eval's check: /tokenizer_info has eos_token, /tokenize answers this payload.
+    r = httpx.post(srv.url + "/tokenize", json={"prompt": "test", "add_special_tokens": False})
+    assert r.json()["tokens"] == tiny_engine.tokenizer.encode("test")
+    assert httpx.post(srv.url + "/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"] == [151643]
+    jinja2 = pytest.importorskip("jinja2")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"}]
+    text = jinja2.Template(info["chat_template"]).render(messages=msgs, add_generation_prompt=True)
+    _, ids = chatml.make_context(tiny_engine.tokenizer, "Bye", [("Hi", "Hello")],
+                                 max_window_size=tiny_engine.generation_config.max_window_size)
+    assert text == tiny_engine.tokenizer.decode(ids)

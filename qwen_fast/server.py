@@ -57,19 +57,26 @@ Design
   shutdown, 504 past a deadline; a 500 only for a failure of the server or the model itself
   (``NumericalError``).
 
-Parameters: ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``, which wins),
-``stop`` (a string or up to 16 strings), ``seed``, ``n`` (1 only), ``stream``,
-``stream_options.include_usage``, and the extensions ``top_k``, ``repetition_penalty``,
-``ignore_eos``, ``stop_token_ids``, ``request_timeout`` and ``return_token_ids`` (true: the choice also carries
-``token_ids``, the completion's token ids; streamed, they come once, whole, in the chunk that
-has the ``finish_reason``). Missing ones take the checkpoint's generation_config.json
-values (top_p 0.8, repetition_penalty 1.1, 512 new tokens), not OpenAI's defaults.
-``presence_penalty``/``frequency_penalty`` other than 0, logprobs, tools, ``echo``,
-``best_of`` > 1, ``suffix`` and non-text response formats are refused with a 400.
+Parameters (qwen_fast/api.py parses them): ``temperature``, ``top_p``, ``max_tokens`` (or
+``max_completion_tokens``, which wins), ``stop`` (a string or up to 16), ``seed``, ``n``,
+``stream``, ``stream_options.include_usage``, ``presence_penalty``, ``frequency_penalty``,
+``logit_bias``, ``logprobs`` (+ ``top_logprobs`` on chat), ``echo`` (completions), and the
+extensions ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
+``request_timeout`` and ``return_token_ids`` (true: the choice also carries ``token_ids``, the
+completion's token ids; streamed, they come once, whole, in the chunk that has the
+``finish_reason``). Missing ones take the checkpoint's generation_config.json values (top_p 0.8,
+repetition_penalty 1.1, 512 new tokens), not OpenAI's defaults. Tools, non-text response
+formats, ``suffix`` and ``best_of`` other than ``n`` are refused with a 400.
 
-Every completion, streamed or not, runs as an ``Engine.stream`` iterated by a worker thread:
-its ``result`` (a GenerationResult, once exhausted) gives the exact ``finish_reason`` and
-``usage``, and a client that goes away, streaming or waiting for a whole completion, has its
+A request's choices (``n`` for each of its prompts) are submitted to the engine together
+(``Engine.streams``: all or none, one queue check) and decode in the same batch; each is an
+Engine stream iterated by a worker thread of its own. Log-probabilities come from the engine with
+the tokens (the model's log-softmax in fp32, before the sampling parameters); a streamed chunk
+carries those of the tokens consumed since the previous chunk. ``echo`` scores the prompt with
+``Engine.prompt_logprobs`` (one more prefill of it).
+
+Every completion, streamed or not, runs as Engine streams iterated by worker threads: their
+``result`` (a GenerationResult, once exhausted) gives the exact ``finish_reason`` and ``usage``, and a client that goes away, streaming or waiting for a whole completion, has its
 generation cancelled (the stream is closed, which frees its slot in the engine's batch).
 """
 from __future__ import annotations

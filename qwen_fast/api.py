@@ -13,15 +13,14 @@ import math
 from typing import Any, Dict, List, Optional
 
 from . import chat as chatml
+from . import protocol
 from .errors import CapacityError, NumericalError, QwenFastError, RequestError
-from .sampling import MAX_LOGPROBS
+from .protocol import MAX_CHOICES, MAX_LOGPROBS, MAX_SEED
 
 log = logging.getLogger("qwen_fast.server")
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-MAX_SEED = 2**32 - 1
-MAX_CHOICES = 64        # prompts x n of one request: each is a sequence in the engine's batch
 # Engine parameter names that have another name in the OpenAI API (for error objects).
 _API_NAME = {"max_new_tokens": "max_tokens", "token_ids": "prompt"}
 
@@ -102,19 +101,10 @@ def get_bool(body: dict, name: str) -> Optional[bool]:
 
 
 # ---- which body fields a request may carry -------------------------------------------------
-# Fields of both endpoints that this server reads, or that only describe the caller and change
-# nothing in the answer (user, metadata, store, service_tier, ...): accepted.
-_COMMON_FIELDS = frozenset({
-    "model", "temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "stop", "seed",
-    "stream", "stream_options", "presence_penalty", "frequency_penalty", "logprobs",
-    "logit_bias", "user", "metadata", "store", "service_tier",
-    # extensions (vLLM's names where vLLM has them)
-    "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "return_token_ids",
-    "request_timeout"})
-_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "top_logprobs", "tools", "functions", "tool_choice",
-                                 "function_call", "parallel_tool_calls", "response_format",
-                                 "modalities", "reasoning_effort"}
-_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+# The fields the server reads, or accepts because they only describe the caller (user, metadata,
+# ...): those the request models of qwen_fast/protocol.py declare (what /openapi.json documents).
+_CHAT_FIELDS = frozenset(protocol.ChatCompletionRequest.model_fields)
+_COMPLETION_FIELDS = frozenset(protocol.CompletionRequest.model_fields)
 # Other servers' sampling and decoding fields that would change the answer: refused by name
 # rather than ignored, so a client that relies on one learns that it had no effect.
 _REFUSED_EXTENSIONS = frozenset({

@@ -104,6 +104,7 @@ except ImportError as e:    # pragma: no cover - exercised through the CLI's own
                       'pip install "qwen_fast[server]"') from e
 
 from . import api
+from . import protocol as P
 from .api import APIError, bad as _bad, engine_error as _engine_error, is_int as _is_int, is_num as _is_num
 from .errors import CapacityError, OverloadedError, RequestError
 
@@ -700,6 +701,51 @@ class _RequestIdMiddleware:
                      time.perf_counter() - t0)
 
 
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+_ERRORS = {status: {"model": P.ErrorResponse, "description": what} for status, what in (
+    (400, "Bad JSON, a bad parameter (named in error.param), or a prompt over the context"),
+    (401, "Missing or wrong API key"), (404, "Unknown model"),
+    (413, "Body over --max-body-bytes"), (415, "Body not sent as application/json"),
+    (503, "Queue full (--max-waiting), still queued at the deadline, or shutting down; "
+          "Retry-After says when to retry"),
+    (504, "Past the request's deadline while generating"))}
+
+
+def _completion_responses(whole, chunk) -> dict:
+    out = dict(_ERRORS)
+    out[200] = {"model": whole, "description": f"{whole.__name__}; with stream: true, server-sent "
+                f"events of {chunk.__name__} objects, then data: [DONE]",
+                "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}}}
+    return out
+
+
+def _body(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+def _document(app: FastAPI) -> None:
+    """/openapi.json with the request bodies: the routes read their bodies themselves (to answer
+    OpenAI-style errors), so FastAPI does not see their models; they are added here."""
+    def openapi():
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (*P.REQUEST_MODELS.values(), P.ChatCompletionChunk):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(js.pop("$defs", {}))
+                comps[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+    app.openapi = openapi
+
+
 def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[str] = None,
                max_body_bytes: Optional[int] = None, max_concurrency: int = 64,
                max_waiting: Optional[int] = DEFAULT_MAX_WAITING,
@@ -719,8 +765,11 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
         state["shutting_down"] = True
         executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="qwen_fast", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="qwen_fast", version=_version(), lifespan=lifespan, docs_url="/docs",
+                  redoc_url=None, openapi_url="/openapi.json",
+                  description="An OpenAI-compatible API over one Qwen-1.8B-Chat engine. Errors are "
+                              "OpenAI error objects (ErrorResponse) naming the bad parameter.")
+    _document(app)
     app.state.engine = engine
     app.state.model_name = o.model_name
     app.state.metrics = metrics
@@ -778,12 +827,14 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
         return APIError(503, message, type="server_error", code="server_overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)
     async def health():
         """Liveness: the process answers (never needs the key)."""
         return {"status": "ok", "model": o.model_name}
 
-    @app.api_route("/ready", methods=["GET", "HEAD"])
+    @app.get("/ready")
+    @app.head("/ready", include_in_schema=False)
     async def ready():
         """Readiness for a load balancer: 200 while the server takes new requests, 503 (with
         Retry-After) while its queue is full or it is shutting down (never needs the key)."""
@@ -803,12 +854,12 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
         """Prometheus metrics (qwen_fast/metrics.py); never needs the key, like /health."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=P.ModelList, responses=_ERRORS)
     async def models(request: Request):
         check_auth(request)
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses=_ERRORS)
     async def model(model_id: str, request: Request):
         check_auth(request)
         if model_id != o.model_name:
@@ -911,7 +962,8 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                              "created": int(time.time()), "model": o.model_name,
                              "choices": choices, "usage": _usage(results, prep.n)}, headers=headers)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_ERRORS,
+              openapi_extra=_body("TokenizeRequest"))
     async def tokenize(request: Request):
         """vLLM's /tokenize: {"prompt": text} or {"messages": [...]} -> {"count", "max_model_len",
         "tokens", "token_strs"}."""
@@ -937,7 +989,7 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             return out
         return await run_in_threadpool(run)
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", response_model=P.TokenizerInfo, responses=_ERRORS)
     async def tokenizer_info(request: Request):
         """vLLM's /tokenizer_info (lm-eval's remote tokenizer reads it): the special tokens, the
         context length, and a ChatML template that renders the text chat completions use."""
@@ -948,7 +1000,8 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                 "model_max_length": engine.cfg.max_context, "vocab_size": len(tok),
                 "chat_template": CHATML_TEMPLATE}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_ERRORS,
+              openapi_extra=_body("DetokenizeRequest"))
     async def detokenize(request: Request):
         """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
         check_auth(request)
@@ -960,11 +1013,13 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
             raise _bad(f"tokens must be a list of token ids in [0, {V})", param="tokens")
         return {"prompt": engine.tokenizer.decode(ids)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_completion_responses(P.ChatCompletion, P.ChatCompletionChunk),
+              openapi_extra=_body("ChatCompletionRequest"))
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_completion_responses(P.Completion, P.Completion),
+              openapi_extra=_body("CompletionRequest"))
     async def completions(request: Request):
         return await complete(request, chat=False)
 

@@ -12,7 +12,6 @@ import logging
 import math
 from typing import Any, Dict, List, Optional
 
-from . import chat as chatml
 from . import protocol
 from .errors import CapacityError, NumericalError, QwenFastError, RequestError
 from .protocol import MAX_CHOICES, MAX_LOGPROBS, MAX_SEED
@@ -363,19 +362,17 @@ def prepare(engine, prompts: List[List[int]], opts: Options, extra_stop_ids: Lis
 
 
 def chat_prompt(engine, messages: List[dict]) -> List[int]:
-    """The ChatML prompt of OpenAI messages, as Engine.chat builds it."""
-    gc = engine.generation_config
-    if gc.chat_format != "chatml":
-        raise bad(f"this checkpoint's chat_format is {gc.chat_format!r}, not 'chatml' (a base "
-                  "model?): use /v1/completions", param="messages")
+    """The ChatML prompt of OpenAI messages: Engine.chat_prompt, the prompt Engine.chat sends."""
+    if engine.generation_config.chat_format != "chatml":
+        raise bad(f"this checkpoint's chat_format is {engine.generation_config.chat_format!r}, not "
+                  "'chatml' (a base model?): use /v1/completions", param="messages")
     try:
-        query, history, system = chatml.messages_to_chat(messages)
-        _, ids = chatml.make_context(engine.tokenizer, query, history, system=system,
-                                     max_window_size=gc.max_window_size)
-    except RequestError as e:
-        raise APIError(400, str(e), param="messages") from None
-    return ids
+        return engine.chat_prompt(messages)
+    except RequestError as e:          # a CapacityError stays context_length_exceeded
+        err = engine_error(e)
+        err.param = "messages"
+        raise err from None
 
 
-def chat_stop_ids() -> List[int]:
-    return [t for seq in chatml.STOP_WORDS_IDS for t in seq]
+def chat_stop_ids(engine) -> List[int]:
+    return list(engine.chat_stop_ids)

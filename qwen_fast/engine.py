@@ -754,6 +754,18 @@ class Engine:
         _, ids = chatml.make_context(self.tokenizer, query, history, system=system, max_window_size=mws)
         return self._token_ids(ids), history, query
 
+    def chat_prompt(self, query, history=None, system: str = chatml.DEFAULT_SYSTEM,
+                    max_window_size: Optional[int] = None) -> List[int]:
+        """The token ids of the ChatML prompt chat() sends (query + history, or a list of
+        OpenAI-style messages), history trimmed to max_window_size. The one place a chat prompt
+        is built: chat(), chat_stream() and the HTTP server's chat completions use it."""
+        return self._chat_prompt(query, history, system, max_window_size)[0]
+
+    @property
+    def chat_stop_ids(self) -> List[int]:
+        """The ids that end a chat answer (<|im_end|>, <|im_start|>, and generation_config's)."""
+        return self._chat_stop_ids()
+
     def chat(self, query, history=None, system: str = chatml.DEFAULT_SYSTEM,
              max_window_size: Optional[int] = None,
              params: Union[SamplingParams, Mapping, None] = None, **overrides) -> Tuple[str, list]:

@@ -878,7 +878,7 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
         """(Prepared, _Echo or None) in a worker thread: tokenizing and scoring take time."""
         if chat:
             prompts = [api.chat_prompt(engine, api.chat_messages(body))]
-            prep = api.prepare(engine, prompts, opts, api.chat_stop_ids())
+            prep = api.prepare(engine, prompts, opts, api.chat_stop_ids(engine))
             return prep, None
         prompts = api.prompt_list(engine, body.get("prompt"))
         prep = api.prepare(engine, prompts, opts, [])

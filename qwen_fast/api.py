@@ -13,6 +13,7 @@ import math
 from typing import Any, Dict, List, Optional
 
 from . import protocol
+from . import tools as tools_mod
 from .errors import CapacityError, NumericalError, QwenFastError, RequestError
 from .protocol import MAX_CHOICES, MAX_LOGPROBS, MAX_SEED
 
@@ -21,7 +22,7 @@ log = logging.getLogger("qwen_fast.server")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 # Engine parameter names that have another name in the OpenAI API (for error objects).
-_API_NAME = {"max_new_tokens": "max_tokens", "token_ids": "prompt"}
+_API_NAME = {"max_new_tokens": "max_tokens", "token_ids": "prompt", "json_schema": "response_format"}
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -133,12 +134,7 @@ def check_fields(body: dict, chat: bool) -> List[str]:
 
 def _refuse_unsupported(body: dict) -> None:
     unsupported = {
-        "tools": lambda v: v not in (None, []),
-        "functions": lambda v: v not in (None, []),
-        "tool_choice": lambda v: v not in (None, "none"),
-        "function_call": lambda v: v not in (None, "none"),
         "suffix": lambda v: v not in (None, ""),
-        "response_format": lambda v: v is not None and v != {"type": "text"},
     }
     for name, is_bad in unsupported.items():
         if is_bad(body.get(name)):
@@ -162,6 +158,8 @@ class Options:
         self.n = 1
         self.logprobs: Optional[int] = None     # None: none; k: the chosen token's and top k
         self.echo = False                       # completions: the prompt leads the text
+        self.tools: Optional[List[dict]] = None  # chat: functions offered (the ReAct prompt)
+        self.legacy_functions = False           # offered as `functions` (answer: function_call)
 
 
 def parse_options(body: dict, chat: bool, default_timeout: Optional[float] = None) -> Options:
@@ -212,6 +210,16 @@ def parse_options(body: dict, chat: bool, default_timeout: Optional[float] = Non
         o.echo = bool(get_bool(body, "echo"))
     if o.logprobs is not None:
         ov["logprobs"] = o.logprobs
+    if chat:
+        _parse_tools(body, o)
+        rf = _response_format(body.get("response_format"))
+        if rf is not None:
+            if o.tools is not None:
+                raise bad("response_format cannot be combined with tools", param="response_format")
+            ov["json_schema"] = rf
+        if o.tools is not None and o.logprobs is not None:
+            raise bad("logprobs cannot be combined with tools (the answer is parsed from the "
+                      "model's ReAct text)", param="logprobs")
     # max_completion_tokens (OpenAI's newer name) wins over max_tokens, on both endpoints; 0
     # only with echo (a prompt scored, nothing generated: lm-eval's loglikelihood requests).
     lo = 0 if o.echo else 1
@@ -253,7 +261,52 @@ def parse_options(body: dict, chat: bool, default_timeout: Optional[float] = Non
     timeout = get_num(body, "request_timeout", "a number of seconds > 0", lambda v: v > 0)
     o.timeout = timeout if timeout is not None else default_timeout
     o.return_token_ids = bool(get_bool(body, "return_token_ids"))
+    if o.tools:                     # the model would go on to invent the tool's answer
+        ov["stop"] = list(ov.get("stop", [])) + [tools_mod.STOP_STRING]
     return o
+
+
+def _response_format(rf) -> Any:
+    """response_format -> the json_schema sampling parameter (None: plain text)."""
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                  "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}",
+                  param="response_format")
+    if rf["type"] == "text":
+        return None
+    if rf["type"] == "json_object":
+        return True
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        raise bad("response_format.json_schema must be an object with a schema", param="response_format")
+    schema = js.get("schema", {})
+    if not isinstance(schema, dict):
+        raise bad("response_format.json_schema.schema must be a JSON schema object",
+                  param="response_format")
+    return schema
+
+
+def _parse_tools(body: dict, o: Options) -> None:
+    tools, functions = body.get("tools"), body.get("functions")
+    choice = body.get("tool_choice", body.get("function_call"))
+    name = "tool_choice" if "tool_choice" in body else "function_call"
+    if choice not in (None, "auto", "none"):
+        raise bad(f"{name} {json.dumps(choice)[:80]} is not supported: only \"auto\" (the model "
+                  "decides) or \"none\"; the release's ReAct format cannot force a call",
+                  param=name, code="unsupported_parameter")
+    try:
+        specs = tools_mod.function_specs(tools, functions)
+    except RequestError as e:
+        raise bad(str(e), param=e.param) from None
+    msgs = body.get("messages")
+    uses_tools = isinstance(msgs, list) and any(
+        isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls")
+                                 or m.get("function_call")) for m in msgs)
+    if specs or uses_tools:
+        o.tools = [] if choice == "none" else specs
+        o.legacy_functions = bool(functions) and not tools
 
 
 # ---- messages and prompts ----------------------------------------------------------------
@@ -371,6 +424,21 @@ def chat_prompt(engine, messages: List[dict]) -> List[int]:
     except RequestError as e:          # a CapacityError stays context_length_exceeded
         err = engine_error(e)
         err.param = "messages"
+        raise err from None
+
+
+def react_prompt(engine, messages, specs: List[dict]) -> List[int]:
+    """The release's ReAct prompt (qwen_fast/tools.py) of messages with tools and tool results."""
+    if engine.generation_config.chat_format != "chatml":
+        raise bad("tools need a chat model (chat_format 'chatml')", param="messages")
+    try:
+        query, history, system = tools_mod.react_turns(messages, specs)
+        if query is not None:
+            return engine.chat_prompt(query, history, system)
+        return tools_mod.continuation_ids(engine.tokenizer, history, system)
+    except RequestError as e:
+        err = engine_error(e)
+        err.param = e.param if e.param in ("tools", "functions") else "messages"
         raise err from None
 
 

@@ -612,7 +612,13 @@ class Engine:
             stop = set(p.stop_token_ids) | set(extra_stop_ids)
             if not p.ignore_eos:
                 stop.add(eos)
-            reqs.append(Request(ids, p, n, stop, make_generator(p.seed, self.device), self.device))
+            r = Request(ids, p, n, stop, make_generator(p.seed, self.device), self.device)
+            if p.json_schema is not None:
+                from .constrained import STOP_IDS, JsonConstraint
+                r.constraint = JsonConstraint.compile(self.tokenizer, p.json_schema,
+                                                      self.cfg.vocab_size,
+                                                      sorted(r.stop_ids) or STOP_IDS)
+            reqs.append(r)
         self._release_caller_threads()
         self._core.submit(reqs, max_waiting)
         return reqs

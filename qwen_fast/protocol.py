@@ -31,10 +31,28 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(description="The arguments as the model wrote them (JSON text).")
+
+
+class ToolCall(_Request):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="'developer' is read as 'system'. Tool messages are refused.")
-    content: Union[str, List[TextPart]] = Field(description="Text, or a list of text parts.")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        description="'developer' is read as 'system'; 'tool' (or legacy 'function') carries a "
+                    "tool's result, after the assistant message that called it.")
+    content: Union[str, List[TextPart], None] = Field(None, description="Text, or a list of text parts.")
+    tool_calls: Optional[List[ToolCall]] = Field(None, description="An assistant's tool call "
+                                                 "(one a message: the ReAct format has one action "
+                                                 "at a time).")
+    function_call: Optional[FunctionCall] = None
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
 
 
 class _Sampling(_Request):
@@ -83,12 +101,19 @@ class ChatCompletionRequest(_Sampling):
     logprobs: Optional[bool] = Field(None, description="Log-probabilities of the answer's tokens.")
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives "
                                         "for each token (needs logprobs: true).")
-    tools: Optional[List[Dict[str, Any]]] = Field(None, description="Refused (not yet supported).")
-    functions: Optional[List[Dict[str, Any]]] = Field(None, description="Refused.")
-    tool_choice: Union[str, Dict[str, Any], None] = Field(None, description="Only 'none'.")
-    function_call: Union[str, Dict[str, Any], None] = Field(None, description="Only 'none'.")
-    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted; not used.")
-    response_format: Optional[Dict[str, Any]] = Field(None, description="Only {'type': 'text'}.")
+    tools: Optional[List[Dict[str, Any]]] = Field(None, description="Functions the model may "
+                                                  "call: the release's ReAct prompt (qwen_fast/tools.py).")
+    functions: Optional[List[Dict[str, Any]]] = Field(None, description="Legacy form of tools "
+                                                      "(the answer then has function_call).")
+    tool_choice: Union[str, Dict[str, Any], None] = Field(None, description="'auto' (default) or "
+                                                          "'none'; forcing a call is refused.")
+    function_call: Union[str, Dict[str, Any], None] = Field(None, description="Legacy tool_choice.")
+    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted; one call at a time.")
+    response_format: Optional[Dict[str, Any]] = Field(None, description="{'type': 'text'}, "
+                                                      "{'type': 'json_object'} or {'type': "
+                                                      "'json_schema', 'json_schema': {'name', "
+                                                      "'schema'}}: constrained decoding "
+                                                      "(qwen_fast/constrained.py).")
     modalities: Optional[List[str]] = Field(None, description="Accepted; text only.")
     reasoning_effort: Optional[str] = Field(None, description="Accepted; not used.")
 
@@ -151,16 +176,33 @@ class ChatLogprobs(_Response):
     refusal: None = None
 
 
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"]
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[List[ToolCallOut]] = None
+    function_call: Optional[FunctionCallOut] = None
 
 
 class ChatChoice(_Response):
     index: int
     message: AssistantMessage
     logprobs: Optional[ChatLogprobs]
-    finish_reason: Literal["stop", "length", "abort"]
+    finish_reason: Literal["stop", "length", "abort", "tool_calls", "function_call"]
     token_ids: Optional[List[int]] = None
 
 
@@ -176,13 +218,15 @@ class ChatCompletion(_Response):
 class ChunkDelta(_Response):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[ToolCallDelta]] = None
+    function_call: Optional[FunctionCallOut] = None
 
 
 class ChatChunkChoice(_Response):
     index: int
     delta: ChunkDelta
     logprobs: Optional[ChatLogprobs]
-    finish_reason: Optional[Literal["stop", "length", "abort"]]
+    finish_reason: Optional[Literal["stop", "length", "abort", "tool_calls", "function_call"]]
     token_ids: Optional[List[int]] = None
 
 

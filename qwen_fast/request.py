@@ -51,6 +51,7 @@ class Request:
         self.logprobs: list = []                # TokenLogprob of each output id (params.logprobs)
         self.step_logprob = None                # the runner's, for the token it just sampled
         self.stop_logprob = None                # the stop token's, when one ended it
+        self.constraint = None                  # a JsonConstraint (params.json_schema)
         self.status = RequestStatus.WAITING
         self.num_computed = 0
         self.pages: List[int] = []

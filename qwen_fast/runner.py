@@ -53,11 +53,15 @@ class Runner:
             try:
                 history = r.history
                 output = history[len(r.prompt_ids):] if p.extended else None
-                tok = sample_next(logits[j], history, p, r.generator, self.valid_vocab, output)
+                c = r.constraint
+                tok = sample_next(logits[j], history, p, r.generator, self.valid_vocab, output,
+                                  None if c is None else c.allowed())
+                if c is not None and tok not in r.stop_ids:
+                    c.accept(tok)
                 if p.logprobs is not None:      # handed to Request.append_token by update()
                     r.step_logprob = token_logprobs(logits[j:j + 1], [tok], p.logprobs,
                                                     self.valid_vocab)[0]
                 sampled[r] = tok
-            except NumericalError as e:
+            except (NumericalError, RuntimeError) as e:   # RuntimeError: a grammar's refusal
                 errors[r] = e
         return sampled, errors

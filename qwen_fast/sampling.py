@@ -18,6 +18,7 @@ untouched, applied in this order:
     dropped (a ratio test, so its place among the masks matters only against top-p).
 
 These extensions compute in fp32 and round the changed scores back to the logits' dtype once.
+A json_schema constraint (qwen_fast/constrained.py) masks the logits before step 1.
 Log-probabilities (``logprobs``) are those of the model's own distribution: log-softmax of the
 raw logits in fp32, before any of the steps above (as vLLM reports by default).
 
@@ -34,7 +35,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -84,6 +85,7 @@ class SamplingParams:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     min_p: float = 0.0
     logprobs: Optional[int] = None      # None: none; k >= 0: the sampled token's + the top k
+    json_schema: Union[None, bool, dict, str] = None   # True: any JSON object (constrained.py)
 
     @property
     def extended(self) -> bool:
@@ -172,6 +174,12 @@ class SamplingParams:
                 raise RequestError.of("logit_bias", f"logit_bias[{tid}] must be a number in [-100, 100], got {_show(v)}")
             bias[int(tid)] = float(v)
         self.logit_bias = bias
+        if self.json_schema is False:
+            self.json_schema = None
+        if self.json_schema is not None and not isinstance(self.json_schema, (bool, dict, str)):
+            raise RequestError.of("json_schema", f"json_schema must be a JSON schema (a dict or its "
+                                  f"JSON text), True (any JSON object) or None, got "
+                                  f"{_show(self.json_schema)}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise RequestError.of("logprobs", f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (how many "
                                f"most likely tokens to report beside the chosen one), got "
@@ -201,19 +209,20 @@ def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalt
 def apply_extensions(scores: torch.Tensor, output: Optional[torch.Tensor], p: SamplingParams) -> torch.Tensor:
     """Steps 1a-1b of the module docstring on [V] scores: presence and frequency penalties over
     `output` (the generated ids), then logit_bias. A new tensor when anything changes."""
+    work = torch.float64 if scores.dtype == torch.float64 else torch.float32   # stable: float64
     if (p.presence_penalty or p.frequency_penalty) and output is not None and output.numel():
         ids, counts = torch.unique(output, return_counts=True)
         ids, counts = ids[ids < scores.shape[0]], counts[ids < scores.shape[0]]
         pen = p.frequency_penalty * counts.float() + p.presence_penalty
         scores = scores.clone()
-        scores[ids] = (scores[ids].float() - pen).to(scores.dtype)
+        scores[ids] = (scores[ids].to(work) - pen.to(work)).to(scores.dtype)
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=scores.device)
         keep = ids < scores.shape[0]
-        bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=scores.device)
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=work, device=scores.device)
         ids, bias = ids[keep], bias[keep]
         scores = scores.clone()
-        scores[ids] = (scores[ids].float() + bias).to(scores.dtype)
+        scores[ids] = (scores[ids].to(work) + bias).to(scores.dtype)
     return scores
 
 
@@ -272,7 +281,7 @@ def _check_finite_logits(logits: torch.Tensor) -> None:
 
 
 def _greedy(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
-            valid_vocab: Optional[int]) -> int:
+            valid_vocab: Optional[int], allowed: Optional[torch.Tensor] = None) -> int:
     """argmax of the release's greedy scores, without its full-vocabulary passes: the tokens past
     valid_vocab are sliced off instead of set to -inf, the repetition penalty is computed in the
     logits' dtype on the history's entries only (the release's values) and written into an fp32
@@ -281,7 +290,7 @@ def _greedy(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
     valid = logits[:valid_vocab]
     scores = valid.to(torch.float32, copy=True)       # ours to write into
     if scores.device.type == "cpu":
-        return _greedy_cpu(valid, scores.numpy(), history, p, logits, valid_vocab)
+        return _greedy_cpu(valid, scores.numpy(), history, p, logits, valid_vocab, allowed)
     lo, hi = torch.aminmax(scores)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         _check_finite_logits(valid)
@@ -291,7 +300,15 @@ def _greedy(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
         s = torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty)
         scores.scatter_(0, h, s.float())
         if not bool(torch.isfinite(s).all()):      # the penalty overflowed the dtype
-            return int(torch.argmax(process_scores(logits, history, p, valid_vocab, stable=True)))
+            return _masked_argmax(process_scores(logits, history, p, valid_vocab, stable=True), allowed)
+    if allowed is not None:
+        scores.masked_fill_(~allowed[:scores.shape[0]].to(scores.device), float("-inf"))
+    return int(torch.argmax(scores))
+
+
+def _masked_argmax(scores: torch.Tensor, allowed: Optional[torch.Tensor]) -> int:
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:scores.shape[0]].to(scores.device), float("-inf"))
     return int(torch.argmax(scores))
 
 
@@ -309,7 +326,8 @@ def _round_like(v: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 
 def _greedy_cpu(valid: torch.Tensor, a: np.ndarray, history: torch.Tensor, p: SamplingParams,
-                logits: torch.Tensor, valid_vocab: Optional[int]) -> int:
+                logits: torch.Tensor, valid_vocab: Optional[int],
+                allowed: Optional[torch.Tensor] = None) -> int:
     """_greedy's maths in NumPy on the fp32 copy `a` of the valid logits: the same token, in
     about a tenth of the time torch's small ops take on the step thread, whose caches the
     step's weights have just swept (each torch call costs 50-90 us there, measured).
@@ -325,23 +343,29 @@ def _greedy_cpu(valid: torch.Tensor, a: np.ndarray, history: torch.Tensor, p: Sa
             pf = np.float32(p.repetition_penalty)       # inf for > 3.4e38: the fallback below
             s = _round_like(np.where(v < 0, v * pf, v / pf), valid.dtype)
         if not np.isfinite(s).all():             # the penalty overflowed the dtype
-            return int(torch.argmax(process_scores(logits, history, p, valid_vocab, stable=True)))
+            return _masked_argmax(process_scores(logits, history, p, valid_vocab, stable=True), allowed)
         a[h] = s
+    if allowed is not None:                      # a constraint's mask (after the finite check)
+        a[~allowed.numpy()[:a.shape[0]]] = -np.inf
     return int(np.argmax(a))      # the first maximum, as torch.argmax
 
 
 def sample_next(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
                 generator: Optional[torch.Generator], valid_vocab: Optional[int] = None,
-                output: Optional[torch.Tensor] = None) -> int:
+                output: Optional[torch.Tensor] = None, allowed: Optional[torch.Tensor] = None) -> int:
     """Next token id for one sequence. logits [V] in the model dtype; history [n] int64 (prompt
-    and output); output: the generated ids alone (for presence and frequency penalties).
+    and output); output: the generated ids alone (for presence and frequency penalties);
+    allowed: bool [V], a constraint's mask (constrained.py), applied to the logits before
+    everything else.
 
     The release's maths in the logits dtype first (bit-exact seeded sampling); only when that
     overflows does the float64 fallback of process_scores run. Non-finite logits (a broken
     model, not a parameter) raise NumericalError."""
     if p.greedy and not p.extended:
-        return _greedy(logits, history, p, valid_vocab)
+        return _greedy(logits, history, p, valid_vocab, allowed)
     _check_finite_logits(logits[:valid_vocab])
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     scores = process_scores(logits, history, p, valid_vocab, output=output)
     if p.greedy:
         if not _drawable(scores):

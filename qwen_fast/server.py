@@ -105,6 +105,7 @@ except ImportError as e:    # pragma: no cover - exercised through the CLI's own
 
 from . import api
 from . import protocol as P
+from . import tools as tools_mod
 from .api import APIError, bad as _bad, engine_error as _engine_error, is_int as _is_int, is_num as _is_num
 from .errors import CapacityError, OverloadedError, RequestError
 
@@ -295,6 +296,14 @@ class _Logprobs:
                 "text_offset": offsets}, offset
 
 
+def _tool_message(result, legacy: bool) -> tuple:
+    """(assistant message, finish_reason) of a ReAct answer; a truncated one is plain text."""
+    message, finish = tools_mod.message_of(result.text, legacy)
+    if result.finish_reason == "length":
+        return {"role": "assistant", "content": result.text.strip()}, "length"
+    return message, finish
+
+
 def _scored(result) -> tuple:
     """(ids, TokenLogprobs) of a completion's logprobs: its tokens and, when a stop token ended
     it, that token too (not part of the text, but sampled: lm-eval's loglikelihood requests
@@ -319,11 +328,12 @@ class _StreamRenderer:
 
     def __init__(self, chat: bool, model: str, include_usage: bool, n_choices: int, n: int,
                  return_token_ids: bool = False, fmt: Optional[_Logprobs] = None,
-                 echo: Optional[_Echo] = None):
+                 echo: Optional[_Echo] = None, tools_legacy: Optional[bool] = None):
         self.chat, self.model, self.include_usage = chat, model, include_usage
         self.n_choices, self.n = n_choices, n
         self.return_token_ids = return_token_ids
         self.fmt, self.echo = fmt, echo
+        self.tools_legacy = tools_legacy        # not None: a ReAct answer, sent whole at its end
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = [False] * n_choices
@@ -370,6 +380,8 @@ class _StreamRenderer:
         return out
 
     def delta(self, i: int, d: str, entries: list) -> List[bytes]:
+        if self.tools_legacy is not None:       # a call or an answer: known at the end
+            return []
         if self.chat and not self.started[i]:     # as Engine.chat_stream: no leading whitespace
             d = d.lstrip()
         if not d and not entries:
@@ -384,6 +396,16 @@ class _StreamRenderer:
 
     def end(self, i: int, result, entries: list) -> List[bytes]:
         self.results[i] = result
+        if self.tools_legacy is not None:
+            message, finish = _tool_message(result, self.tools_legacy)
+            delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+            if "tool_calls" in delta:
+                delta["tool_calls"] = [dict(c, index=0) for c in delta["tool_calls"]]
+            out = [_sse(self._chunk(i, delta))] if delta else []
+            last = self._chunk(i, finish_reason=finish)
+            if self.return_token_ids:
+                last["choices"][0]["token_ids"] = list(result.token_ids)
+            return out + [_sse(last)]
         if not self.chat and self.fmt is not None and result.stop_logprob is not None:
             entries = list(entries) + [result.stop_logprob]
         lp = self._lp(i, [e.token_id for e in entries], entries) if entries else None
@@ -877,7 +899,10 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
     def prepare(body: dict, chat: bool, opts: api.Options):
         """(Prepared, _Echo or None) in a worker thread: tokenizing and scoring take time."""
         if chat:
-            prompts = [api.chat_prompt(engine, api.chat_messages(body))]
+            if opts.tools is not None:
+                prompts = [api.react_prompt(engine, body.get("messages"), opts.tools)]
+            else:
+                prompts = [api.chat_prompt(engine, api.chat_messages(body))]
             prep = api.prepare(engine, prompts, opts, api.chat_stop_ids(engine))
             return prep, None
         prompts = api.prompt_list(engine, body.get("prompt"))
@@ -931,14 +956,18 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
         job = _StreamJob(streams, asyncio.get_running_loop(), on_end, logprobs=lp_fmt is not None)
         if opts.stream:
             renderer = _StreamRenderer(chat, o.model_name, opts.include_usage, n_choices, prep.n,
-                                       opts.return_token_ids, lp_fmt, echo)
+                                       opts.return_token_ids, lp_fmt, echo,
+                                       opts.legacy_functions if opts.tools else None)
             return _SSEResponse(job, renderer, executor, opts.timeout, headers)
         results = await _whole(job, request, executor, opts.timeout)
         if results is None:                     # the client went away: nobody to answer
             return Response(status_code=499)
         choices = []
         for i, result in enumerate(results):
-            if chat:
+            if chat and opts.tools:
+                message, finish = _tool_message(result, opts.legacy_functions)
+                choice = {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+            elif chat:
                 choice = {"index": i, "message": {"role": "assistant", "content": result.text.lstrip()},
                           "logprobs": None, "finish_reason": result.finish_reason}
                 if lp_fmt is not None:

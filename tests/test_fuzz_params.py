@@ -47,6 +47,8 @@ valid = {
                                   st.floats(-100, 100), max_size=3),
     "min_p": st.one_of(st.floats(0, 1), st.sampled_from([1.0, 5e-324])),
     "logprobs": st.one_of(st.none(), st.integers(0, 20)),
+    "json_schema": st.sampled_from([None, False, True, {"type": "object"},
+                                    {"type": "integer", "maximum": 9}, '{"type": "string"}']),
 }
 assert set(valid) == set(NAMES)
 # Each parameter present or not; when present, mostly a valid value, so that about half of

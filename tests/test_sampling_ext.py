@@ -153,3 +153,15 @@ def test_streams_submit_together_and_match_generate(tiny_engine):
         tiny_engine.streams(prompts[:2], params=[{}])
     with pytest.raises(RequestError, match="prompts"):
         tiny_engine.streams([])
+
+
+def test_extensions_stay_finite_in_the_float64_fallback():
+    """A repetition penalty that overflows bf16 sends sampling to the float64 fallback; the
+    extensions must not round its scores through fp32 (inf) there (found by the fuzz test)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, generator=g).to(torch.bfloat16)
+    history = torch.tensor([1, 2, 3, 4])
+    for kw in (dict(presence_penalty=2.0), dict(logit_bias={5: 1.0}), dict(frequency_penalty=-2.0)):
+        p = _params(repetition_penalty=1e-300, **kw)
+        tok = sample_next(logits, history, p, torch.Generator().manual_seed(1), output=history[2:])
+        assert 0 <= tok < 64

@@ -109,7 +109,15 @@ class JsonConstraint:
 
     def allowed(self) -> torch.Tensor:
         """Bool [vocab_size]: the tokens that keep the text valid."""
+        self.compute()
+        return self.as_tensor()
+
+    def compute(self) -> None:
+        """The next step's mask, as llguidance's bitmask (one bit a token)."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+
+    def as_tensor(self) -> torch.Tensor:
+        """The last computed bitmask as bool [vocab_size]."""
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size]
         return torch.from_numpy(bits.astype(bool))
 

@@ -65,8 +65,10 @@ extensions ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_
 ``request_timeout`` and ``return_token_ids`` (true: the choice also carries ``token_ids``, the
 completion's token ids; streamed, they come once, whole, in the chunk that has the
 ``finish_reason``). Missing ones take the checkpoint's generation_config.json values (top_p 0.8,
-repetition_penalty 1.1, 512 new tokens), not OpenAI's defaults. Tools, non-text response
-formats, ``suffix`` and ``best_of`` other than ``n`` are refused with a 400.
+repetition_penalty 1.1, 512 new tokens), not OpenAI's defaults. ``tools`` / ``functions`` use
+the release's ReAct prompt (qwen_fast/tools.py); ``response_format`` json_object / json_schema
+constrains decoding (qwen_fast/constrained.py). ``suffix``, ``best_of`` other than ``n`` and a
+forced ``tool_choice`` are refused with a 400.
 
 A request's choices (``n`` for each of its prompts) are submitted to the engine together
 (``Engine.streams``: all or none, one queue check) and decode in the same batch; each is an

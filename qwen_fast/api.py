@@ -345,28 +345,20 @@ def chat_messages(body: dict) -> List[dict]:
     return out
 
 
-def _one_prompt(engine, prompt, where: str) -> List[int]:
-    if isinstance(prompt, str):
-        if not prompt:
-            raise bad(f"{where} is empty", param="prompt")
-        return engine.tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
-        V = engine.cfg.vocab_size
-        if not all(0 <= t < V for t in prompt):
-            raise bad(f"{where}: token ids must be in [0, {V})", param="prompt")
-        return list(prompt)
-    raise bad(f"{where} must be a non-empty string or a list of token ids", param="prompt")
-
-
 def prompt_list(engine, prompt) -> List[List[int]]:
-    """The prompts of a /v1/completions body: a string, a list of token ids, or a list of
-    either (a batch)."""
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) > MAX_CHOICES:
-            raise bad(f"prompt has {len(prompt)} prompts; at most {MAX_CHOICES} a request",
-                      param="prompt")
-        return [_one_prompt(engine, p, f"prompt[{i}]") for i, p in enumerate(prompt)]
-    return [_one_prompt(engine, prompt, "prompt")]
+    """The prompts of a /v1/completions body (a string, token ids, or a list of either: a
+    batch), read by Engine.encode_prompts, as generate() reads them."""
+    if isinstance(prompt, list) and len(prompt) > MAX_CHOICES and isinstance(prompt[0], (str, list)):
+        raise bad(f"prompt has {len(prompt)} prompts; at most {MAX_CHOICES} a request", param="prompt")
+    if not isinstance(prompt, (str, list)):
+        raise bad("prompt must be a non-empty string, a list of token ids, or a list of either",
+                  param="prompt")
+    try:
+        return engine.encode_prompts(prompt)[0]
+    except RequestError as e:
+        err = engine_error(e)
+        err.param = "prompt"
+        raise err from None
 
 
 # ---- preparing a request (runs in a worker thread: tokenizing a long prompt takes time) ---

@@ -541,6 +541,15 @@ class Engine:
     def _token_ids(self, prompt, name: str = "prompt") -> List[int]:
         """One prompt -> ids: a str, a list/tuple of ints (numpy integers too), or a 1-D integer
         tensor/array. Anything else is refused by name (bytes, dicts and sets are not ids)."""
+        ids = self._encode_one(prompt, name)
+        if len(ids) >= self.cfg.max_context:
+            raise CapacityError(f"{name} has {len(ids)} tokens; this model handles at most "
+                                f"{self.cfg.max_context} tokens in all (prompt + output)",
+                                param=name.split("[")[0])
+        return ids
+
+    def _encode_one(self, prompt, name: str) -> List[int]:
+        param = name.split("[")[0]          # "prompt[3]" -> the parameter "prompt"
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (torch.Tensor, np.ndarray)):
@@ -548,29 +557,33 @@ class Engine:
                        not (prompt.dtype.is_floating_point or prompt.dtype.is_complex
                             or prompt.dtype == torch.bool))
             if prompt.ndim != 1 or not integer:
-                raise RequestError.of(name, f"{name} must be a 1-D integer tensor of token ids, got shape "
+                raise RequestError.of(param, f"{name} must be a 1-D integer tensor of token ids, got shape "
                                    f"{tuple(prompt.shape)} and dtype {prompt.dtype}")
             ids = [int(t) for t in prompt.tolist()]
         elif isinstance(prompt, (list, tuple)):
             ids = []
             for i, t in enumerate(prompt):
                 if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                    raise RequestError.of(name, f"{name}[{i}] must be a token id (an int), got "
+                    raise RequestError.of(param, f"{name}[{i}] must be a token id (an int), got "
                                        f"{type(t).__name__} {t!r:.40}")
                 ids.append(int(t))
         else:
-            raise RequestError.of(name, f"{name} must be a str, a list of token ids or a 1-D integer tensor,"
+            raise RequestError.of(param, f"{name} must be a str, a list of token ids or a 1-D integer tensor,"
                                f" got {type(prompt).__name__}")
         if not ids:
-            raise RequestError.of(name, f"{name} is empty: give at least one token")
+            raise RequestError.of(param, f"{name} is empty: give at least one token")
         V = self.cfg.vocab_size
         bad = [t for t in ids if not 0 <= t < V]
         if bad:
-            raise RequestError.of(name, f"{name}: token ids must be integers in [0, {V}); got {bad[:5]}")
-        if len(ids) >= self.cfg.max_context:
-            raise CapacityError(f"{name} has {len(ids)} tokens; this model handles at most "
-                                f"{self.cfg.max_context} tokens in all (prompt + output)")
+            raise RequestError.of(param, f"{name}: token ids must be integers in [0, {V}); got {bad[:5]}")
         return ids
+
+    def encode_prompts(self, prompt) -> Tuple[List[List[int]], bool]:
+        """generate()'s prompt argument -> (token ids of each prompt, whether it was a batch),
+        checked (RequestError with param "prompt"; CapacityError for one longer than the
+        context). The one place prompts are read: generate(), stream() and the HTTP server's
+        completions use it."""
+        return self._batch(prompt)
 
     def _batch(self, prompt) -> Tuple[List[List[int]], bool]:
         """generate()'s prompt argument -> (ids of each prompt, whether it was a batch). A batch

@@ -109,8 +109,10 @@ def test_n_choices_and_prompt_lists_decode_together(srv):
     want = [cl.completions.create(prompt=p, seed=11 + j, **kw).choices[0].text
             for p in ("first", "second one") for j in range(2)]
     assert [c.text for c in r.choices] == want
-    # The engine saw them as one submission of 4 sequences.
+    # The engine saw them as one submission of 4 sequences, all in the batch at once.
+    reqs = [rec.request for rec in srv.engine.recorded[-8:-4]]
     assert all(rec.result.finish_reason == "length" for rec in srv.engine.recorded[-8:-4])
+    assert max(r.t_admitted for r in reqs) < min(r.t_done for r in reqs)
     # Streamed: the chunks of every choice, assembled, are the non-streamed choices.
     chunks = list(cl.completions.create(prompt=["first", "second one"], n=2, seed=11, stream=True,
                                         stream_options={"include_usage": True}, **kw))

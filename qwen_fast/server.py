@@ -91,6 +91,7 @@ import math
 import threading
 import time
 import uuid
+from urllib.parse import quote
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Dict, List, Optional
@@ -931,8 +932,9 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
         rid = request.scope.get("state", {}).get("request_id", "-")
         headers = {}
         if opts.ignored:
-            log.warning("%s: ignored unknown fields %s", rid, ", ".join(opts.ignored))
-            headers["X-Ignored-Fields"] = ",".join(opts.ignored)[:1024]
+            log.warning("%s: ignored unknown fields %s", rid, ", ".join(map(repr, opts.ignored)))
+            # Header values are Latin-1 bytes: names are percent-encoded (UTF-8), as in URLs.
+            headers["X-Ignored-Fields"] = ",".join(quote(n, safe="-_.~") for n in opts.ignored)[:1024]
         try:
             prep, echo = await run_in_threadpool(prepare, body, chat, opts)
             generate = opts.max_tokens != 0

@@ -669,7 +669,9 @@ class Engine:
 
         A prompt is text, a list of token ids or a 1-D integer tensor/array. Parameters
         (defaults from generation_config.json): max_new_tokens, temperature (0 = greedy), top_p,
-        top_k, repetition_penalty, seed, stop (strings), stop_token_ids, ignore_eos; as keywords,
+        top_k, repetition_penalty, seed, stop (strings), stop_token_ids, ignore_eos, and, off by
+        default, presence_penalty, frequency_penalty, logit_bias, min_p, logprobs, json_schema
+        (qwen_fast/sampling.py and constrained.py say what each does); as keywords,
         or params= a SamplingParams or a dict. Generation stops at <|endoftext|> unless ignore_eos.
         max_waiting: refuse the call (OverloadedError, before anything is queued) if more than
         that many requests would then wait for a row of the engine's batch.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Sequence, Union
 
 import numpy as np
 import torch
@@ -40,7 +40,6 @@ _tokenizers: Dict[tuple, Any] = {}
 
 def _llguidance():
     try:
-        import llguidance                           # noqa: F401
         from llguidance import LLMatcher
         from llguidance.tiktoken import lltokenizer_from_encoding
     except ImportError as e:

@@ -478,7 +478,7 @@ class Engine:
         from .qweight import QuantWeight
         if load_format == "dummy":
             # Quantized as drawn, one tensor at a time: no dense copy of the whole model.
-            from .quant import QUANTIZED_LINEARS
+            from .gptq import QUANTIZED_LINEARS
             linears = tuple(f".{lin}.weight" for lin in QUANTIZED_LINEARS)
 
             def convert(name, t):

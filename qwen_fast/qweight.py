@@ -173,7 +173,7 @@ class QuantWeight:
         """As quantize, for a weight given a block of rows at a time (rows(r0, r1) -> the dense
         [r1 - r0, K] rows), block_rows (rounded down to whole tiles of 16) at a time: the temporaries stay small (lm_head is 151936
         rows) and the whole dense weight need never exist."""
-        from .quant import quantize_rtn, unpack_gptq
+        from .gptq import quantize_rtn, unpack_gptq
 
         if group_size is None:
             group_size = CHUNK if K % CHUNK == 0 else -1

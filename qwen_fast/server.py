@@ -87,14 +87,13 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import threading
 import time
 import uuid
 from urllib.parse import quote
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 try:
     import uvicorn
@@ -977,7 +976,7 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                 if lp_fmt is not None:
                     choice["logprobs"] = {"content": lp_fmt.chat(result.logprobs or []), "refusal": None}
             else:
-                text, lp, offset = result.text, None, 0
+                text, lp = result.text, None
                 p = i // prep.n
                 if echo is not None:
                     text = echo.texts[p] + text

@@ -30,7 +30,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from qwen_fast import Engine  # noqa: E402
 from qwen_fast.errors import CheckpointError, ConfigError  # noqa: E402
-from qwen_fast.loader import read_safetensors_header  # noqa: E402
+from qwen_fast.safetensors_io import read_safetensors_header  # noqa: E402
 from qwen_fast.testing import (raw_safetensors, read_raw_safetensors, time_limit, tiny_config,  # noqa: E402
                                write_checkpoint)
 

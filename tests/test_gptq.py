@@ -23,7 +23,7 @@ import torch
 from qwen_fast import Engine, ops
 from qwen_fast.errors import CheckpointError, ConfigError
 from qwen_fast.loader import expected_shapes
-from qwen_fast.quant import QUANTIZED_LINEARS, dequantize_gptq, pack_gptq
+from qwen_fast.gptq import QUANTIZED_LINEARS, dequantize_gptq, pack_gptq
 from qwen_fast.qweight import QuantWeight
 from qwen_fast.testing import random_state_dict, tiny_config, write_checkpoint
 

@@ -9,7 +9,7 @@ import torch
 from qwen_fast import Engine
 from qwen_fast.config import ConfigError, QwenConfig
 from qwen_fast.loader import CheckpointError, expected_shapes, load_state_dict
-from qwen_fast.loader import MAX_HEADER_BYTES, read_safetensors_header
+from qwen_fast.safetensors_io import MAX_HEADER_BYTES, read_safetensors_header
 from qwen_fast.testing import (SPECIAL_FILE_KINDS, make_special_file, random_state_dict, raw_safetensors,
                                read_raw_safetensors, tiny_config, write_checkpoint)
 

@@ -1,4 +1,4 @@
-"""GPTQ v1 format (qwen_fast/quant.py): packing against the documented words, round trips,
+"""GPTQ v1 format (qwen_fast/gptq.py) and the quantizer (qwen_fast/quant.py): packing against the documented words, round trips,
 round-to-nearest error bounds, quantize_config.json reading, quantize_checkpoint and the CLI."""
 import json
 import math
@@ -7,14 +7,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwen_fast import quant
+from qwen_fast import gptq, quant
 from qwen_fast.cli import main
 from qwen_fast.config import QwenConfig
 from qwen_fast.errors import CheckpointError, ConfigError
-from qwen_fast.loader import expected_shapes, read_safetensors_header
-from qwen_fast.quant import (QUANTIZED_LINEARS, GptqConfig, dequantize_gptq, gptq_shapes,
-                             pack_gptq, quantize_checkpoint, quantize_rtn, read_gptq_config,
-                             unpack_gptq)
+from qwen_fast.gptq import (QUANTIZED_LINEARS, GptqConfig, dequantize_gptq, gptq_shapes,
+                            pack_gptq, quantize_rtn, read_gptq_config, unpack_gptq)
+from qwen_fast.loader import expected_shapes
+from qwen_fast.quant import quantize_checkpoint
+from qwen_fast.safetensors_io import read_safetensors_header
 from qwen_fast.testing import random_state_dict, tiny_config, write_checkpoint
 
 # The release's quantize_config.json (Qwen-1_8B-Chat-Int4; qwen-spec.md §1.2).
@@ -227,7 +228,7 @@ def test_rtn_scale_is_the_spec_formula_rounded_up_to_fp16(bits):
 def test_rtn_of_bf16_in_blocks_matches_one_pass(monkeypatch):
     w = (torch.randn(48, 256) * 0.1).to(torch.bfloat16)
     whole = quantize_rtn(w, 4, 64, sym=False)
-    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 5 * 256)        # 5 rows a block
+    monkeypatch.setattr(gptq, "BLOCK_ELEMENTS", 5 * 256)        # 5 rows a block
     blocks = quantize_rtn(w, 4, 64, sym=False)
     assert all(torch.equal(whole[k], blocks[k]) for k in whole)
     assert torch.equal(unpack_gptq(**blocks, bits=4)[0], unpack_gptq(**whole, bits=4)[0])

@@ -15,7 +15,9 @@ import ast
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional, TextIO
 
@@ -296,6 +298,16 @@ def _serve(args) -> int:
     return 0
 
 
+def _on_sigterm_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt (main thread only); returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .errors import QwenFastError
     args = build_parser().parse_args(argv)
@@ -308,8 +320,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "quantize":
             from .quant import quantize_checkpoint
-            out = quantize_checkpoint(args.in_dir, args.out_dir, args.bits, args.group_size,
-                                      sym=not args.asym)
+            # SIGTERM (a job scheduler, `kill`) cleans up as Ctrl-C does: the partial output is
+            # removed on the way out. A SIGKILLed run's is removed by the next run for that output.
+            old = _on_sigterm_interrupt()
+            try:
+                out = quantize_checkpoint(args.in_dir, args.out_dir, args.bits, args.group_size,
+                                          sym=not args.asym)
+            finally:
+                if old is not None:
+                    signal.signal(signal.SIGTERM, old)
             print(f"wrote {out}")
             return 0
         engine = _load(args)

@@ -16,10 +16,39 @@ from .config import MAX_CONFIG_BYTES, MAX_VOCAB_BYTES, read_bounded_file, read_j
 from .errors import CheckpointError, ConfigError
 from .gptq import LINEAR_RE, QUANTIZE_CONFIG_NAME, GptqConfig, gptq_shapes, quantize_rtn
 from .loader import INDEX_NAME, _progress, check_checkpoint, load_config, tensor_reader
+from .qweight import CHUNK
 from .safetensors_io import write_safetensors
 
 #: Largest safetensors shard quantize_checkpoint writes (a bigger tensor gets one of its own).
 MAX_SHARD_BYTES = 2_000_000_000
+#: The hidden sibling a run writes into before renaming it to the output (then the writer's pid).
+_PARTIAL_PREFIX = ".{name}.partial-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> list:
+    """Remove the hidden partial directories earlier runs for out_dir left behind when they were
+    killed (SIGKILL cannot be caught): those whose writer process is gone. Returns them."""
+    prefix = _PARTIAL_PREFIX.format(name=out_dir.name)
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for p in out_dir.parent.iterdir():
+        pid = p.name[len(prefix):]
+        if p.name.startswith(prefix) and pid.isdigit() and p.is_dir() and not p.is_symlink() \
+                and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _output_specs(plan: Dict[str, Tuple[Path, dict]],
@@ -82,6 +111,11 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, b
     """
     gcfg = GptqConfig.from_dict(
         {"bits": bits, "group_size": group_size, "desc_act": False, "sym": sym}, "quantize")
+    if gcfg.group_size != -1 and gcfg.group_size % CHUNK:
+        raise ValueError(f"group_size {gcfg.group_size} is refused before any work: this engine's "
+                         f"int4/int8 kernels read groups of whole {CHUNK}-input chunks, so its "
+                         f"loader reads group_size -1 or a multiple of {CHUNK} (the release uses "
+                         "128)")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     cfg = load_config(in_dir)
     if cfg.quantization_config is not None or os.path.lexists(in_dir / QUANTIZE_CONFIG_NAME):
@@ -101,7 +135,8 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, b
                                        "disable_exllama": True},
                   torch_dtype="float16", bf16=False, fp16=True, fp32=False)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    remove_stale_partials(out_dir)
+    tmp = out_dir.parent / f"{_PARTIAL_PREFIX.format(name=out_dir.name)}{os.getpid()}"
     tmp.mkdir()
     try:
         with tensor_reader(plan) as read:

@@ -2,6 +2,8 @@
 round-to-nearest error bounds, quantize_config.json reading, quantize_checkpoint and the CLI."""
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -420,9 +422,15 @@ def test_quantize_checkpoint_refusals(bf16_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="bits must be 4 or 8, got 3"):
         quantize_checkpoint(bf16_ckpt, tmp_path / "o", bits=3)
     with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.weight has 128 inputs "
-                                         r"\(shape \[384, 128\]\), not a multiple of group_size 96"):
-        quantize_checkpoint(bf16_ckpt, tmp_path / "o", bits=4, group_size=96)
-    assert not (tmp_path / "o").exists()
+                                         r"\(shape \[384, 128\]\), not a multiple of group_size 256"):
+        quantize_checkpoint(bf16_ckpt, tmp_path / "o", bits=4, group_size=256)
+    # A group size the loader could not read is refused before any work (it used to be
+    # written, then refused by the loader).
+    for gs in (64, 96, 192):
+        with pytest.raises(ValueError, match=f"group_size {gs} is refused before any work.*"
+                                             "-1 or a multiple of 128"):
+            quantize_checkpoint(bf16_ckpt, tmp_path / "o", bits=4, group_size=gs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
     q = quantize_checkpoint(bf16_ckpt, tmp_path / "q", bits=4, progress=False)
     with pytest.raises(CheckpointError, match="is already quantized"):
         quantize_checkpoint(q, tmp_path / "o", bits=4)
@@ -442,8 +450,8 @@ def test_failure_midway_leaves_nothing(bf16_ckpt, tmp_path, monkeypatch):
 
 def test_cli_quantize(bf16_ckpt, tmp_path, capsys):
     assert main(["quantize", str(bf16_ckpt), str(tmp_path / "q8"), "--bits", "8",
-                 "--group-size", "64", "--asym"]) == 0
-    assert read_gptq_config(tmp_path / "q8") == GptqConfig(8, 64, False, False)
+                 "--group-size", "-1", "--asym"]) == 0
+    assert read_gptq_config(tmp_path / "q8") == GptqConfig(8, -1, False, False)
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["quantize", str(bf16_ckpt), str(tmp_path / "q3"), "--bits", "3"])
@@ -455,3 +463,49 @@ def test_cli_quantize(bf16_ckpt, tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "q8"), str(tmp_path / "qq"), "--bits", "4"]) == 2
     assert "is already quantized" in capsys.readouterr().err
     assert not (tmp_path / "q0").exists() and not (tmp_path / "qq").exists()
+
+
+def test_cli_quantize_group_size_the_loader_cannot_read(bf16_ckpt, tmp_path, capsys):
+    assert main(["quantize", str(bf16_ckpt), str(tmp_path / "q"), "--bits", "4",
+                 "--group-size", "64"]) == 2
+    assert "group_size 64 is refused before any work" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while quant._alive(pid):
+        pid -= 1
+    return pid
+
+
+def test_stale_partial_directories_are_removed(bf16_ckpt, tmp_path):
+    """A run killed with SIGKILL leaves .OUT.partial-PID behind; the next run for OUT removes
+    those whose process is gone (and leaves a live run's alone)."""
+    dead = tmp_path / f".q.partial-{_dead_pid()}"
+    live = tmp_path / f".q.partial-{os.getppid()}"
+    other = tmp_path / f".other.partial-{_dead_pid()}"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+    quantize_checkpoint(bf16_ckpt, tmp_path / "q", bits=4, progress=False)
+    assert not dead.exists() and live.exists() and other.exists()
+    assert (tmp_path / "q" / "quantize_config.json").exists()
+
+
+def test_cli_quantize_sigterm_cleans_up(bf16_ckpt, tmp_path, monkeypatch, capsys):
+    """SIGTERM in the middle of a run: the partial output is removed, as with Ctrl-C."""
+    calls = []
+    real = quant.quantize_rtn
+
+    def term_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(quant, "quantize_rtn", term_on_second)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["quantize", str(bf16_ckpt), str(tmp_path / "q"), "--bits", "4"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -163,8 +163,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head-quant", choices=["int8", "int4"],
                    help="quantize lm_head at load (a GPTQ checkpoint's layers are quantized anyway)")
     p.add_argument("--quant", choices=["int8", "int4"],
-                   help="with --load-format dummy: quantize the random layers as they are drawn "
-                        "(round-to-nearest, group 128), for benchmarks")
+                   help="quantize the layers' Linears at load (round-to-nearest, group 128) of a "
+                        "dense checkpoint or of the random dummy weights")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

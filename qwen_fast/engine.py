@@ -404,9 +404,10 @@ class Engine:
         check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
-        quant: "int4" or "int8" quantizes the dummy weights as they are drawn (round-to-nearest,
-        group 128, symmetric: what ``qwen-fast quantize`` writes), for benchmarks; a GPTQ
-        checkpoint (quantize_config.json) is loaded quantized without it.
+        quant: "int4" or "int8" quantizes the layers' Linears at load (round-to-nearest, group
+        128, symmetric: what ``qwen-fast quantize`` writes): a dense checkpoint's after reading
+        them, the dummy weights as they are drawn; a GPTQ checkpoint is loaded quantized as it
+        is, and quant= is refused for it.
         lm_head_quant: "int8" or "int4" quantizes lm_head at load the same way (in bf16 it is
         about half of an int4 model's bytes per token); None keeps it in ``dtype``.
 
@@ -446,13 +447,12 @@ class Engine:
                                   "load_format='dummy' draws dense weights; pass quant='int4' or "
                                   "'int8' to quantize them")
         elif load_format == "safetensors":
-            if quant is not None:
-                raise ConfigError("quant= is only used with load_format='dummy'; a GPTQ "
-                                  "checkpoint is loaded quantized as it is (quantize a bf16 one "
-                                  "with `qwen-fast quantize`)")
             if model_dir is None:
                 raise ConfigError("from_pretrained needs a checkpoint directory (or load_format='dummy')")
             cfg = load_config(model_dir)
+            if quant is not None and cfg.quantization_config is not None:
+                raise ConfigError(f"quant={quant!r}: this checkpoint is already quantized "
+                                  f"({cfg.quantization_summary()}) and is loaded as it is")
         else:
             raise ConfigError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         if dtype == "auto":
@@ -493,6 +493,13 @@ class Engine:
             weights = load_state_dict(model_dir, cfg, dt, dev, progress=progress,
                                       check_finite=check_finite,
                                       lm_head_bits=bits[lm_head_quant])
+        if quant is not None and load_format != "dummy":
+            # A dense checkpoint quantized at load (round-to-nearest, as `qwen-fast quantize`
+            # without writing it), one matrix at a time.
+            from .gptq import QUANTIZED_LINEARS
+            linears = tuple(f".{lin}.weight" for lin in QUANTIZED_LINEARS)
+            for name in [n for n in weights if n.endswith(linears)]:
+                weights[name] = QuantWeight.quantize(weights[name].cpu(), bits[quant])
         if lm_head_quant is not None and not isinstance(weights["lm_head.weight"], QuantWeight):
             weights["lm_head.weight"] = QuantWeight.quantize(weights["lm_head.weight"].cpu(),
                                                              bits[lm_head_quant])

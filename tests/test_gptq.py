@@ -205,10 +205,27 @@ def test_groups_of_64_are_refused_by_name(tmp_path):
         Engine.from_pretrained(tmp_path / "g64")
 
 
-def test_quant_is_only_for_dummy_weights(tiny_ckpt):
-    with pytest.raises(ConfigError, match=r"quant= is only used with load_format='dummy'"):
-        Engine.from_pretrained(tiny_ckpt, quant="int4")
+def test_quant_at_load_of_a_dense_checkpoint(tiny_ckpt, tmp_path):
+    """quant= quantizes a dense checkpoint's layers at load (RTN); refused for a GPTQ one."""
+    from qwen_fast.qweight import QuantWeight
+    eng = Engine.from_pretrained(tiny_ckpt, quant="int4", dtype="float32")
+    w = eng.model.layers[0]["mlp.w1.weight"]
+    assert isinstance(w, QuantWeight) and w.bits == 4
+    dense = Engine.from_pretrained(tiny_ckpt, dtype="float32")
+    ids = eng.tokenizer.encode("quantized at load")
+    a, b = eng.logits(ids), dense.logits(ids)
+    # int4 RTN of random weights moves the logits, but they stay the dense model's
+    rel = float((a - b).norm() / b.norm())
+    assert 0 < rel < 0.35, rel
+    q = quantize_checkpoint_for(tmp_path, tiny_ckpt)
+    with pytest.raises(ConfigError, match=r"quant='int8': this checkpoint is already quantized"):
+        Engine.from_pretrained(q, quant="int8")
     assert set(expected_shapes(tiny_config(**CFG))) >= {L0 + "mlp.w1.weight"}
+
+
+def quantize_checkpoint_for(tmp_path, src):
+    from qwen_fast.quant import quantize_checkpoint
+    return quantize_checkpoint(src, tmp_path / "q", bits=4, group_size=-1, progress=False)
 
 
 def test_gptq_embedding_mapped_from_the_file_is_still_checked(tmp_path):

@@ -239,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CORS: comma-separated origins allowed to call the API from a browser "
                         "('*' = any; default: none, no CORS headers)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    pp = sub.add_parser("perplexity", help="perplexity of a text file, and KL divergence against "
+                                           "a saved base run (as llama-perplexity)")
+    _add_model_args(pp)
+    pp.add_argument("--file", "-f", required=True, help="UTF-8 text file to score")
+    pp.add_argument("--context", type=int, default=512, help="tokens a window (default 512)")
+    pp.add_argument("--stride", type=int, help="tokens between windows (default context // 2)")
+    pp.add_argument("--save-logits", metavar="F", help="save each token's top-32 log-probabilities "
+                                                     "and the rest's mass (.npz), as a --kl-base")
+    pp.add_argument("--kl-base", metavar="F", help="a --save-logits file of a base run on the same "
+                                                 "text: report KL divergence, top-1 agreement, ratio")
+    pp.add_argument("--json", metavar="OUT", help="write the results as JSON")
     b = sub.add_parser("bench", help="decode benchmark on full-size random weights")
     from .bench import build_parser as bench_parser
     bench_parser(b)
@@ -298,6 +309,63 @@ def _serve(args) -> int:
     return 0
 
 
+def _perplexity(args) -> int:
+    from . import perplexity as P
+    # Options and files first: nothing is loaded for a run that cannot go.
+    if args.context < 2:
+        raise ValueError(f"--context must be >= 2, got {args.context}")
+    if args.stride is not None and not 1 <= args.stride < args.context:
+        raise ValueError(f"--stride must be in [1, --context - 1 = {args.context - 1}], got {args.stride}")
+    if args.save_logits and args.kl_base:
+        raise ValueError("--save-logits and --kl-base go in separate runs: save the base run's "
+                         "logits, then compare other runs against it")
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"--file {args.file}: not a readable file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--file {args.file}: not UTF-8 text ({e})") from None
+    base = P.load_logits(args.kl_base) if args.kl_base else None
+    if base is not None and (base["context"], base["stride"]) != (args.context, args.stride or args.context // 2):
+        raise ValueError(f"--kl-base was saved with --context {base['context']} --stride "
+                         f"{base['stride']}; use the same")
+    engine = _load(args)
+    ids = engine.tokenizer.encode(text)
+    from tqdm import tqdm
+    bar = tqdm(total=None, unit="window", desc="perplexity", file=sys.stderr,
+               disable=not sys.stderr.isatty())
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+    try:
+        if base is not None:
+            run, kl = P.evaluate_against(engine, ids, base, progress)
+        else:
+            run, kl = P.evaluate(engine, ids, args.context, args.stride, progress), {}
+    finally:
+        bar.close()
+    out = {**P.summary(run["nll"]), **kl, "context": run["context"], "stride": run["stride"],
+           "text_tokens": len(ids), "file": str(path), "model": args.model,
+           "dtype": str(engine.dtype).replace("torch.", ""), "quant": args.quant,
+           "lm_head_quant": args.lm_head_quant}
+    for key in ("kl_mean", "kl_p99", "top1_agreement", "perplexity_ratio"):
+        out.setdefault(key, None)           # without --kl-base: no comparison
+    if args.save_logits:
+        P.save_logits(args.save_logits, run)
+    line = (f"perplexity {out['perplexity']:.4f} +/- {out['perplexity_stderr']:.4f} over "
+            f"{out['scored_tokens']} tokens (context {out['context']}, stride {out['stride']})")
+    if kl:
+        line += (f"\nKL divergence vs base: mean {kl['kl_mean']:.6f}, p99 {kl['kl_p99']:.6f}; "
+                 f"top-1 agreement {100 * kl['top1_agreement']:.2f}%; perplexity ratio "
+                 f"{kl['perplexity_ratio']:.4f} (base {kl['base_perplexity']:.4f})")
+    print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def _on_sigterm_interrupt():
     """Make SIGTERM raise KeyboardInterrupt (main thread only); returns the previous handler."""
     if threading.current_thread() is not threading.main_thread():
@@ -318,6 +386,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .bench import main as bench_main
             bench_main(args=args)
             return 0
+        if args.command == "perplexity":
+            return _perplexity(args)
         if args.command == "quantize":
             from .quant import quantize_checkpoint
             # SIGTERM (a job scheduler, `kill`) cleans up as Ctrl-C does: the partial output is

@@ -344,6 +344,22 @@ def _fp16_round_up(s: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < s, (h.view(torch.int16) + 1).view(torch.float16), h)
 
 
+def group_params(x: torch.Tensor, bits: int, sym: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 scale, real zero as fp32) of each group of x [..., group] (fp32), by quantize_rtn's
+    rules below; ValueError when a scale exceeds the fp16 range."""
+    maxq = (1 << bits) - 1
+    lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+    s = torch.maximum(-lo, hi) * (2 / maxq) if sym else \
+        torch.maximum((hi - lo) / maxq, hi / (maxq - 1))
+    s16 = _fp16_round_up(torch.where(s == 0, 1.0, s))
+    if bool(torch.isinf(s16).any()):
+        raise ValueError(f"w has weights up to {float(torch.maximum(-lo, hi).max()):.4g} in "
+                         f"magnitude: their {bits}-bit scale exceeds the float16 range (65504)")
+    sf = s16.float()
+    z = torch.full_like(sf, 1 << (bits - 1)) if sym else (-lo / sf).round().clamp(1, maxq)
+    return s16, z
+
+
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int,
                  sym: bool = True) -> Dict[str, torch.Tensor]:
     """Round-to-nearest GPTQ v1 tensors (pack_gptq's dict, g_idx = k // group_size) of a weight
@@ -382,15 +398,8 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int,
         x = w[r:r + rows].float().reshape(-1, g, gs)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"w holds NaN or Inf (in rows {r}..{r + x.shape[0] - 1})")
-        lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
-        s = torch.maximum(-lo, hi) * (2 / maxq) if sym else \
-            torch.maximum((hi - lo) / maxq, hi / (maxq - 1))
-        s16 = _fp16_round_up(torch.where(s == 0, 1.0, s))
-        if bool(torch.isinf(s16).any()):
-            raise ValueError(f"w has weights up to {float(torch.maximum(-lo, hi).max()):.4g} in "
-                             f"magnitude: their {bits}-bit scale exceeds the float16 range (65504)")
+        s16, z = group_params(x, bits, sym)
         sf = s16.float()
-        z = torch.full_like(sf, 1 << (bits - 1)) if sym else (-lo / sf).round().clamp(1, maxq)
         codes = (x / sf[..., None]).round_().add_(z[..., None]).clamp_(0, maxq)
         q[r:r + rows] = codes.reshape(-1, k).to(torch.uint8)
         scales[r:r + rows] = s16

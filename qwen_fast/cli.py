@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="decode benchmark on full-size random weights")
     from .bench import build_parser as bench_parser
     bench_parser(b)
-    q = sub.add_parser("quantize", help="write a GPTQ (v1) checkpoint by round-to-nearest")
+    q = sub.add_parser("quantize", help="write a GPTQ (v1) checkpoint: round-to-nearest or calibrated GPTQ")
     q.add_argument("in_dir", metavar="IN_DIR", help="bf16/fp16/fp32 checkpoint directory")
     q.add_argument("out_dir", metavar="OUT_DIR", help="new or empty output directory")
     q.add_argument("--bits", type=int, choices=[4, 8], required=True)
@@ -261,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs per scale and zero; -1 = one group of all inputs (default: 128)")
     q.add_argument("--asym", action="store_true",
                    help="asymmetric: a zero point per group (default: symmetric, as the release)")
+    q.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="rtn: round-to-nearest (default); gptq: calibrated GPTQ (needs --calibration)")
+    q.add_argument("--calibration", metavar="FILE", help="UTF-8 text for GPTQ's calibration")
+    q.add_argument("--samples", type=int, default=128, help="GPTQ: calibration windows (default 128)")
+    q.add_argument("--seq-len", type=int, default=512,
+                   help="GPTQ: tokens a window (default 512; at most the model's seq_length)")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, a share of mean(diag H)")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize inputs by decreasing activation energy (desc_act, g_idx)")
+    q.add_argument("--seed", type=int, default=0, help="GPTQ: seed of the calibration windows")
     return parser
 
 
@@ -394,8 +404,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             # removed on the way out. A SIGKILLed run's is removed by the next run for that output.
             old = _on_sigterm_interrupt()
             try:
+                gptq = {} if args.method == "rtn" else dict(
+                    calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                    damp=args.damp, act_order=args.act_order, seed=args.seed)
+                if args.method == "rtn" and (args.calibration or args.act_order):
+                    raise ValueError("--calibration and --act-order are for --method gptq")
                 out = quantize_checkpoint(args.in_dir, args.out_dir, args.bits, args.group_size,
-                                          sym=not args.asym)
+                                          sym=not args.asym, method=args.method, **gptq)
             finally:
                 if old is not None:
                     signal.signal(signal.SIGTERM, old)

@@ -76,8 +76,10 @@ def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def _output_tensors(plan: Dict[str, Tuple[Path, dict]], read, gcfg: GptqConfig,
-                    progress: Optional[bool], desc: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Each output tensor of quantize_checkpoint, one input tensor at a time."""
+                    progress: Optional[bool], desc: str,
+                    solved: Optional[Dict[str, dict]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Each output tensor of quantize_checkpoint, one input tensor at a time; the quantized
+    Linears from `solved` (GPTQ) when given, else by round-to-nearest."""
     for name in _progress(list(plan), len(plan), progress, desc):
         m = LINEAR_RE.fullmatch(name)
         if m is None:
@@ -85,7 +87,8 @@ def _output_tensors(plan: Dict[str, Tuple[Path, dict]], read, gcfg: GptqConfig,
         elif m[2] == "weight":
             w = read(name)
             try:
-                packed = quantize_rtn(w, gcfg.bits, gcfg.group_size, gcfg.sym)
+                packed = solved[m[1]] if solved is not None else \
+                    quantize_rtn(w, gcfg.bits, gcfg.group_size, gcfg.sym)
             except ValueError as e:
                 raise CheckpointError(f"tensor {name!r}: {e}") from None
             yield from ((f"{m[1]}.{key}", t) for key, t in packed.items())
@@ -96,7 +99,9 @@ def _output_tensors(plan: Dict[str, Tuple[Path, dict]], read, gcfg: GptqConfig,
 
 def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, bits: int,
                         group_size: int = 128, sym: bool = True, progress: Optional[bool] = None,
-                        max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                        max_shard_bytes: int = MAX_SHARD_BYTES, method: str = "rtn",
+                        calibration: Optional[str] = None, samples: int = 128, seq_len: int = 512,
+                        damp: float = 0.01, act_order: bool = False, seed: int = 0) -> Path:
     """Quantize a bf16/fp16/fp32 release-layout checkpoint into a GPTQ v1 one (as the Int4 and
     Int8 releases): each block's QUANTIZED_LINEARS by quantize_rtn into .qweight/.qzeros/
     .scales/.g_idx/.bias (c_attn's real bias, zeros for the others), every other tensor in
@@ -108,9 +113,25 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, b
     so a failure leaves nothing. Refused: a missing or already quantized input, ``out_dir`` equal
     to it or not empty, and bits/group_size the format or the model's shapes do not allow.
     ``progress``: a progress bar on stderr (None: when stderr is a terminal). Returns out_dir.
+
+    method "gptq": the quantized Linears by GPTQ (qwen_fast/calibrate.py, gptq_solver.py),
+    calibrated on ``samples`` windows of ``seq_len`` tokens of the text file ``calibration``
+    (drawn with ``seed``), with ``damp`` and optionally ``act_order`` (desc_act, g_idx).
     """
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
+    if method == "gptq":
+        if calibration is None:
+            raise ValueError("method 'gptq' needs a calibration text file (--calibration FILE)")
+        if not Path(calibration).is_file():
+            raise ValueError(f"calibration file {calibration}: not a readable file")
+        if not (isinstance(samples, int) and samples >= 1 and isinstance(seq_len, int) and seq_len >= 2):
+            raise ValueError(f"samples must be >= 1 and seq_len >= 2, got {samples!r} and {seq_len!r}")
+    elif act_order or calibration is not None:
+        raise ValueError("calibration and act_order are for method 'gptq'")
     gcfg = GptqConfig.from_dict(
-        {"bits": bits, "group_size": group_size, "desc_act": False, "sym": sym}, "quantize")
+        {"bits": bits, "group_size": group_size, "desc_act": bool(act_order), "sym": sym},
+        "quantize")
     if gcfg.group_size != -1 and gcfg.group_size % CHUNK:
         raise ValueError(f"group_size {gcfg.group_size} is refused before any work: this engine's "
                          f"int4/int8 kernels read groups of whole {CHUNK}-input chunks, so its "
@@ -140,7 +161,12 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, b
     tmp.mkdir()
     try:
         with tensor_reader(plan) as read:
-            tensors = _output_tensors(plan, read, gcfg, progress, f"quantizing {in_dir.name}")
+            solved = None
+            if method == "gptq":
+                solved = _calibrate(in_dir, cfg, read, gcfg, calibration, samples, seq_len,
+                                    damp, seed, progress)
+            tensors = _output_tensors(plan, read, gcfg, progress, f"quantizing {in_dir.name}",
+                                      solved)
             write_safetensors(tmp, specs, tensors, max_shard_bytes)
         for name, obj in (("config.json", config), (QUANTIZE_CONFIG_NAME, gcfg.to_dict())):
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
@@ -154,3 +180,23 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _calibrate(in_dir: Path, cfg, read, gcfg: GptqConfig, calibration, samples: int,
+               seq_len: int, damp: float, seed: int, progress: Optional[bool]) -> Dict[str, dict]:
+    from .calibrate import calibration_ids, gptq_checkpoint
+    from .tokenizer import QwenTokenizer
+    text = Path(calibration).read_text(encoding="utf-8")
+    tok = QwenTokenizer.from_dir(in_dir) if (in_dir / "qwen.tiktoken").is_file() else QwenTokenizer.default()
+    ids = calibration_ids(tok, text, samples, min(seq_len, cfg.seq_length), seed)
+    bar = _progress(range(cfg.num_hidden_layers), cfg.num_hidden_layers, progress,
+                    f"GPTQ {len(ids)} x {ids.shape[1]} tokens")
+    it = iter(bar)
+
+    def step(done, total):
+        next(it, None)
+    try:
+        return gptq_checkpoint(cfg, read, ids, gcfg.bits, gcfg.group_size, gcfg.sym, damp,
+                               gcfg.desc_act, progress=step)
+    except ValueError as e:
+        raise CheckpointError(f"GPTQ: {e}") from None

@@ -3,7 +3,6 @@ exact export (the checkpoint's NLL over the full vocabulary is the trained model
 training run that learns something."""
 import math
 
-import numpy as np
 import torch
 
 from qwen_fast import Engine

@@ -101,11 +101,6 @@ class JsonConstraint:
             raise RequestError.of("json_schema", f"json_schema could not be compiled: {m.get_error()}")
         return cls(m, vocab_size)
 
-    @staticmethod
-    def check(tokenizer, spec, vocab_size: int) -> None:
-        """Compile once to refuse a bad schema before anything is queued."""
-        JsonConstraint.compile(tokenizer, spec, vocab_size)
-
     def allowed(self) -> torch.Tensor:
         """Bool [vocab_size]: the tokens that keep the text valid."""
         self.compute()
@@ -123,7 +118,3 @@ class JsonConstraint:
     def accept(self, token_id: int) -> None:
         if not self.matcher.consume_token(int(token_id)):
             raise RuntimeError(f"the grammar refused token {token_id}: {self.matcher.get_error()}")
-
-    @property
-    def done(self) -> bool:
-        return self.matcher.is_accepting()

@@ -731,13 +731,7 @@ class Engine:
         self._check_budget(n * (bytes_per_token(self.cfg, self.dtype) + 2 * self.cfg.vocab_size),
                            f"{n} tokens of KV cache and their logits")
 
-        def run():
-            pool = PagePool(self.cfg, self._pool.pages_for(n), self._pool.page_size, self.dtype,
-                            self.device)
-            meta = StepMetadata.build([list(range(pool.num_pages))], [0], [n], self.device)
-            return self.model.forward(torch.tensor(ids), pool, meta, [self.scheduler.alpha_of(n)],
-                                      logits_rows=list(range(n - 1)) if n > 1 else [])
-        logits = self._core.exclusive(run) if n > 1 else None
+        logits = self._prefill(ids, logits_rows=list(range(n - 1))) if n > 1 else None
         out: List[Optional[TokenLogprob]] = [None]
         for a in range(0, n - 1, 256):
             b = min(n - 1, a + 256)
@@ -759,12 +753,19 @@ class Engine:
         self._check_budget(n * (bytes_per_token(self.cfg, self.dtype) + 4 * self.cfg.vocab_size),
                            f"{n} tokens of KV cache and a {n} x {self.cfg.vocab_size} fp32 logits tensor")
 
+        return self._prefill(ids, logits_dtype=torch.float32)
+
+    def _prefill(self, ids: List[int], **forward_kwargs) -> torch.Tensor:
+        """One prefill of ids into pages of its own (not the shared pool's), run on the step
+        thread between two steps; model.forward's logits (forward_kwargs choose rows, dtype)."""
+        n = len(ids)
+
         def run():
             pool = PagePool(self.cfg, self._pool.pages_for(n), self._pool.page_size, self.dtype,
                             self.device)
             meta = StepMetadata.build([list(range(pool.num_pages))], [0], [n], self.device)
             return self.model.forward(torch.tensor(ids), pool, meta, [self.scheduler.alpha_of(n)],
-                                      logits_dtype=torch.float32)
+                                      **forward_kwargs)
         return self._core.exclusive(run)
 
     def _chat_prompt(self, query, history, system, max_window_size) -> Tuple[List[int], list, str]:

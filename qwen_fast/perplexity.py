@@ -58,6 +58,21 @@ def _digest(ids: List[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()
 
 
+def _scored_logprobs(engine, ids: List[int], context: int, stride: int,
+                     progress: Optional[Callable[[int, int], None]]):
+    """For each window: (log-probabilities [scored, V] in float64 over the tokenizer's ids, the
+    scored tokens' ids): the one forward-and-normalize loop of evaluate and evaluate_against."""
+    wins = windows(len(ids), context, stride)
+    V = len(engine.tokenizer)
+    for w, (start, end, first) in enumerate(wins):
+        logits = engine.logits(ids[start:end])[:, :V]          # fp32 [end - start, V]
+        # the rows predicting tokens first..end-1
+        yield (torch.log_softmax(logits[first - start - 1:end - start - 1].double(), dim=-1),
+               torch.tensor(ids[first:end], dtype=torch.long))
+        if progress is not None:
+            progress(w + 1, len(wins))
+
+
 def evaluate(engine, ids: List[int], context: int = 512, stride: Optional[int] = None,
              progress: Optional[Callable[[int, int], None]] = None, top_k: int = TOP_K) -> Dict:
     """NLL of every scored token and, per token, the top_k ids / log-probabilities and the
@@ -71,27 +86,17 @@ def evaluate(engine, ids: List[int], context: int = 512, stride: Optional[int] =
     if not isinstance(stride, int) or not 1 <= stride <= context - 1:
         raise RequestError.of("stride", f"stride must be an integer in [1, context - 1 = "
                                         f"{context - 1}], got {stride!r}")
-    wins = windows(len(ids), context, stride)
-    V = len(engine.tokenizer)
-    nll, top_ids, top_lp, rest, argmax = [], [], [], [], []
-    for w, (start, end, first) in enumerate(wins):
-        logits = engine.logits(ids[start:end])[:, :V]          # fp32 [end - start, V]
-        rows = logits[first - start - 1:end - start - 1]         # the rows predicting first..end-1
-        lp = torch.log_softmax(rows.double(), dim=-1)             # as evaluate_against
-        target = torch.tensor(ids[first:end], dtype=torch.long)
+    nll, top_ids, top_lp, rest = [], [], [], []
+    for lp, target in _scored_logprobs(engine, ids, context, stride, progress):
         nll.append(-lp.gather(1, target[:, None])[:, 0])
-        v, i = torch.topk(lp, min(top_k, V), dim=-1)
+        v, i = torch.topk(lp, min(top_k, lp.shape[1]), dim=-1)
         top_ids.append(i.to(torch.int32))
         top_lp.append(v.float())
         mass = v.exp().sum(-1).clamp(max=1.0)
         rest.append(torch.log1p(-mass.clamp(max=1 - 1e-15)).float())
-        argmax.append(i[:, 0].to(torch.int32))
-        if progress is not None:
-            progress(w + 1, len(wins))
     return {"nll": torch.cat(nll).double().numpy(), "top_ids": torch.cat(top_ids).numpy(),
             "top_logprobs": torch.cat(top_lp).numpy(), "rest_logprob": torch.cat(rest).numpy(),
-            "argmax": torch.cat(argmax).numpy(), "context": context, "stride": stride,
-            "digest": _digest(ids), "tokens": len(ids)}
+            "context": context, "stride": stride, "digest": _digest(ids), "tokens": len(ids)}
 
 
 def save_logits(path, run: Dict) -> None:
@@ -118,21 +123,18 @@ def evaluate_against(engine, ids: List[int], base: Dict,
     """evaluate() and, per scored token, the run's log-probabilities of the base's top ids (for
     the KL on the base's support). Returns (run, kl stats)."""
     context, stride = int(base["context"]), int(base["stride"])
-    wins = windows(len(ids), context, stride)
     if _digest(ids) != base["digest"]:
         raise RequestError.of("kl_base", "the base run was made from other tokens (a different "
                                          "text or tokenizer); use the same --file")
-    V = len(engine.tokenizer)
     base_ids = torch.from_numpy(base["top_ids"].astype(np.int64))
     base_lp = torch.from_numpy(base["top_logprobs"].astype(np.float64))
     base_rest = torch.from_numpy(base["rest_logprob"].astype(np.float64))
     nll, kls, agree, row = [], [], [], 0
-    for w, (start, end, first) in enumerate(wins):
-        logits = engine.logits(ids[start:end])[:, :V]
-        lp = torch.log_softmax(logits[first - start - 1:end - start - 1].double(), dim=-1)
+    for lp, target in _scored_logprobs(engine, ids, context, stride, progress):
         m = lp.shape[0]
+        if row + m > base_ids.shape[0]:
+            break                                              # reported below
         bi, bl, br = base_ids[row:row + m], base_lp[row:row + m], base_rest[row:row + m]
-        target = torch.tensor(ids[first:end], dtype=torch.long)
         nll.append(-lp.gather(1, target[:, None])[:, 0])
         q = lp.gather(1, bi)                                  # run's logprobs of the base's ids
         q_rest = torch.log1p(-q.exp().sum(-1).clamp(max=1 - 1e-15))
@@ -140,8 +142,6 @@ def evaluate_against(engine, ids: List[int], base: Dict,
         kls.append(kl.clamp(min=0))
         agree.append(lp.argmax(-1) == bi[:, 0])
         row += m
-        if progress is not None:
-            progress(w + 1, len(wins))
     if row != base_ids.shape[0]:
         raise RequestError.of("kl_base", f"the base run scored {base_ids.shape[0]} tokens, this "
                                          f"one {row}")

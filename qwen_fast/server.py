@@ -158,10 +158,6 @@ class _StreamJob:
         self.logprobs = logprobs
         self.timed_out = False
 
-    @property
-    def iterator(self):                 # the first choice's stream (one-choice callers)
-        return self.iterators[0]
-
     def start(self, executor: ThreadPoolExecutor) -> None:
         self.futures = [executor.submit(self._work, i) for i in range(len(self.iterators))]
 

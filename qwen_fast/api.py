@@ -432,7 +432,3 @@ def react_prompt(engine, messages, specs: List[dict]) -> List[int]:
         err = engine_error(e)
         err.param = e.param if e.param in ("tools", "functions") else "messages"
         raise err from None
-
-
-def chat_stop_ids(engine) -> List[int]:
-    return list(engine.chat_stop_ids)

@@ -37,7 +37,8 @@ def calibration_ids(tokenizer, text: str, samples: int, seq_len: int, seed: int 
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
-def _rope(cfg, T: int):
+def rope_tables(cfg, T: int):
+    """cos, sin [1, T, 1, head_dim] of rotary positions 0..T-1 (alpha 1), for block_forward."""
     D = cfg.head_dim
     inv = 1.0 / (cfg.rotary_emb_base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     f = torch.outer(torch.arange(T, dtype=torch.float64), inv)
@@ -90,7 +91,7 @@ def gptq_checkpoint(cfg, read: Callable[[str], torch.Tensor], ids: torch.Tensor,
     if ids.shape[1] > cfg.seq_length:
         raise ValueError(f"calibration windows of {ids.shape[1]} tokens are longer than the "
                          f"model's seq_length {cfg.seq_length} (dynamic NTK would change them)")
-    rope = _rope(cfg, ids.shape[1])
+    rope = rope_tables(cfg, ids.shape[1])
     wte = read("transformer.wte.weight").float()
     hs = [wte[ids[i:i + batch]] for i in range(0, ids.shape[0], batch)]     # block inputs
     del wte

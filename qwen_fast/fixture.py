@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibrate import _rope, block_forward
+from .calibrate import block_forward, rope_tables
 from .config import QwenConfig
 from .reference import rms_norm
 from .tokenizer import QwenTokenizer, default_vocab_path
@@ -147,7 +147,7 @@ def forward_nll(cfg: QwenConfig, p: Dict[str, torch.Tensor], vocab: Vocab, ids: 
     """Per-token NLL [B, T-1] over the full tokenizer vocabulary (bucket members included)."""
     T = ids.shape[1]
     h = p["emb.weight"][vocab.emb_t[ids]]
-    rope = _rope(cfg, T)
+    rope = rope_tables(cfg, T)
     for i in range(cfg.num_hidden_layers):
         b = f"transformer.h.{i}."
         h = block_forward(cfg, {k[len(b):]: v for k, v in p.items() if k.startswith(b)}, h, rope)

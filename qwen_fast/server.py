@@ -901,7 +901,7 @@ def create_app(engine, model_name: str = DEFAULT_MODEL_NAME, api_key: Optional[s
                 prompts = [api.react_prompt(engine, body.get("messages"), opts.tools)]
             else:
                 prompts = [api.chat_prompt(engine, api.chat_messages(body))]
-            prep = api.prepare(engine, prompts, opts, api.chat_stop_ids(engine))
+            prep = api.prepare(engine, prompts, opts, engine.chat_stop_ids)
             return prep, None
         prompts = api.prompt_list(engine, body.get("prompt"))
         prep = api.prepare(engine, prompts, opts, [])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwen_fast import Engine
-from qwen_fast.calibrate import _rope, block_forward, calibration_ids
+from qwen_fast.calibrate import block_forward, calibration_ids, rope_tables
 from qwen_fast.cli import main
 from qwen_fast.quant import quantize_checkpoint
 from qwen_fast.reference import rms_norm
@@ -46,7 +46,7 @@ def test_calibration_forward_is_the_models(dense):
     sd = random_state_dict(CFG, torch.float32, seed=3)
     ids = torch.tensor([eng.tokenizer.encode(TRAIN)[:40]])
     h = sd["transformer.wte.weight"][ids]
-    rope = _rope(CFG, ids.shape[1])
+    rope = rope_tables(CFG, ids.shape[1])
     for li in range(CFG.num_hidden_layers):
         p = f"transformer.h.{li}."
         h = block_forward(CFG, {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}, h, rope)

@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--file", "-f", required=True, help="UTF-8 text file to score")
     pp.add_argument("--context", type=int, default=512, help="tokens a window (default 512)")
     pp.add_argument("--stride", type=int, help="tokens between windows (default context // 2)")
+    pp.add_argument("--chunks", action="store_true",
+                    help="llama-perplexity's windows: non-overlapping chunks of --context tokens, "
+                         "each scoring its second half (the same tokens llama-perplexity scores)")
     pp.add_argument("--save-logits", metavar="F", help="save each token's top-32 log-probabilities "
                                                      "and the rest's mass (.npz), as a --kl-base")
     pp.add_argument("--kl-base", metavar="F", help="a --save-logits file of a base run on the same "
@@ -326,6 +329,8 @@ def _perplexity(args) -> int:
         raise ValueError(f"--context must be >= 2, got {args.context}")
     if args.stride is not None and not 1 <= args.stride < args.context:
         raise ValueError(f"--stride must be in [1, --context - 1 = {args.context - 1}], got {args.stride}")
+    if args.chunks and args.stride is not None:
+        raise ValueError("--chunks and --stride go apart: chunks do not overlap")
     if args.save_logits and args.kl_base:
         raise ValueError("--save-logits and --kl-base go in separate runs: save the base run's "
                          "logits, then compare other runs against it")
@@ -337,9 +342,13 @@ def _perplexity(args) -> int:
     except UnicodeDecodeError as e:
         raise ValueError(f"--file {args.file}: not UTF-8 text ({e})") from None
     base = P.load_logits(args.kl_base) if args.kl_base else None
-    if base is not None and (base["context"], base["stride"]) != (args.context, args.stride or args.context // 2):
-        raise ValueError(f"--kl-base was saved with --context {base['context']} --stride "
-                         f"{base['stride']}; use the same")
+    if base is not None:
+        want = (args.context, args.context if args.chunks else args.stride or args.context // 2,
+                bool(args.chunks))
+        have = (int(base["context"]), int(base["stride"]), bool(base.get("chunks", False)))
+        if have != want:
+            raise ValueError(f"--kl-base was saved with --context {have[0]} "
+                             + ("--chunks" if have[2] else f"--stride {have[1]}") + "; use the same")
     engine = _load(args)
     ids = engine.tokenizer.encode(text)
     from tqdm import tqdm
@@ -353,10 +362,12 @@ def _perplexity(args) -> int:
         if base is not None:
             run, kl = P.evaluate_against(engine, ids, base, progress)
         else:
-            run, kl = P.evaluate(engine, ids, args.context, args.stride, progress), {}
+            run, kl = P.evaluate(engine, ids, args.context, args.stride, progress,
+                                 chunks=args.chunks), {}
     finally:
         bar.close()
     out = {**P.summary(run["nll"]), **kl, "context": run["context"], "stride": run["stride"],
+           "chunks": run["chunks"],
            "text_tokens": len(ids), "file": str(path), "model": args.model,
            "dtype": str(engine.dtype).replace("torch.", ""), "quant": args.quant,
            "lm_head_quant": args.lm_head_quant}
@@ -365,7 +376,8 @@ def _perplexity(args) -> int:
     if args.save_logits:
         P.save_logits(args.save_logits, run)
     line = (f"perplexity {out['perplexity']:.4f} +/- {out['perplexity_stderr']:.4f} over "
-            f"{out['scored_tokens']} tokens (context {out['context']}, stride {out['stride']})")
+            f"{out['scored_tokens']} tokens (context {out['context']}, "
+            + ("llama-perplexity chunks)" if out["chunks"] else f"stride {out['stride']})"))
     if kl:
         line += (f"\nKL divergence vs base: mean {kl['kl_mean']:.6f}, p99 {kl['kl_p99']:.6f}; "
                  f"top-1 agreement {100 * kl['top1_agreement']:.2f}%; perplexity ratio "

@@ -1,7 +1,7 @@
 """Perplexity of a text file, and KL divergence against a saved base run, as llama.cpp's
 ``llama-perplexity`` (with ``--kl-divergence-base`` / ``--kl-divergence``) reports them.
 
-    qwen-fast perplexity --model DIR --file F [--context 512] [--stride N] [--dtype ...]
+    qwen-fast perplexity --model DIR --file F [--context 512] [--stride N | --chunks] [--dtype ...]
         [--quant int4|int8] [--lm-head-quant int4|int8] [--save-logits BASE.npz]
         [--kl-base BASE.npz] [--json OUT]
 
@@ -9,7 +9,10 @@ Windows: the file's tokens are read in windows of ``context`` tokens, one every 
 tokens (default context // 2). The first window scores all its tokens but the first; every later
 one only its last ``stride`` (the others were scored with less context before), so each token
 after the first is scored once, with at least context - stride tokens before it (the whole
-window for the first ones). Each window is one prefill of the engine (Engine.logits).
+window for the first ones). Each window is one prefill of the engine (Engine.logits). With
+``--chunks`` the windows are llama-perplexity's instead: non-overlapping chunks of ``context``
+tokens (the tail that fills no chunk is dropped), each scoring the tokens after its first half,
+so that the two tools score the same tokens with the same context.
 
 Saved logits take a bounded amount of disk: for every scored token, the ``TOP_K`` = 32 most
 likely ids with their log-probabilities and the log of the rest's total probability (32 x 8 +
@@ -54,15 +57,29 @@ def windows(n: int, context: int, stride: int) -> List[Tuple[int, int, int]]:
     return out
 
 
+def chunk_windows(n: int, context: int) -> List[Tuple[int, int, int]]:
+    """llama-perplexity's windows: the file cut into n // context non-overlapping chunks of
+    context tokens, each scoring only the tokens after its first half (context // 2 + 1 ..
+    context - 1), so every scored token has at least context // 2 tokens before it."""
+    if n < context:
+        raise RequestError.of("file", f"the text has {n} token(s); chunks of context {context} "
+                                      f"need at least {context}")
+    half = context // 2
+    return [(c * context, (c + 1) * context, c * context + half + 1) for c in range(n // context)]
+
+
+def _windows_of(n: int, context: int, stride: int, chunks: bool):
+    return chunk_windows(n, context) if chunks else windows(n, context, stride)
+
+
 def _digest(ids: List[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()
 
 
-def _scored_logprobs(engine, ids: List[int], context: int, stride: int,
+def _scored_logprobs(engine, ids: List[int], wins: List[Tuple[int, int, int]],
                      progress: Optional[Callable[[int, int], None]]):
     """For each window: (log-probabilities [scored, V] in float64 over the tokenizer's ids, the
     scored tokens' ids): the one forward-and-normalize loop of evaluate and evaluate_against."""
-    wins = windows(len(ids), context, stride)
     V = len(engine.tokenizer)
     for w, (start, end, first) in enumerate(wins):
         logits = engine.logits(ids[start:end])[:, :V]          # fp32 [end - start, V]
@@ -74,20 +91,25 @@ def _scored_logprobs(engine, ids: List[int], context: int, stride: int,
 
 
 def evaluate(engine, ids: List[int], context: int = 512, stride: Optional[int] = None,
-             progress: Optional[Callable[[int, int], None]] = None, top_k: int = TOP_K) -> Dict:
+             progress: Optional[Callable[[int, int], None]] = None, top_k: int = TOP_K,
+             chunks: bool = False) -> Dict:
     """NLL of every scored token and, per token, the top_k ids / log-probabilities and the
-    rest's log-mass (the saved form). Returns arrays and the run's parameters."""
+    rest's log-mass (the saved form). Returns arrays and the run's parameters. chunks: score
+    as llama-perplexity does (chunk_windows; stride must be None)."""
     if not isinstance(context, int) or context < 2:
         raise RequestError.of("context", f"context must be an integer >= 2, got {context!r}")
     if context >= engine.cfg.max_context:
         raise RequestError.of("context", f"context {context} is not below the model's context "
                                          f"{engine.cfg.max_context}")
-    stride = context // 2 if stride is None else stride
-    if not isinstance(stride, int) or not 1 <= stride <= context - 1:
+    if chunks and stride is not None:
+        raise RequestError.of("stride", "chunks are non-overlapping: give no stride with them")
+    stride = (context if chunks else context // 2) if stride is None else stride
+    if not chunks and (not isinstance(stride, int) or not 1 <= stride <= context - 1):
         raise RequestError.of("stride", f"stride must be an integer in [1, context - 1 = "
                                         f"{context - 1}], got {stride!r}")
     nll, top_ids, top_lp, rest = [], [], [], []
-    for lp, target in _scored_logprobs(engine, ids, context, stride, progress):
+    wins = _windows_of(len(ids), context, stride, chunks)
+    for lp, target in _scored_logprobs(engine, ids, wins, progress):
         nll.append(-lp.gather(1, target[:, None])[:, 0])
         v, i = torch.topk(lp, min(top_k, lp.shape[1]), dim=-1)
         top_ids.append(i.to(torch.int32))
@@ -96,13 +118,14 @@ def evaluate(engine, ids: List[int], context: int = 512, stride: Optional[int] =
         rest.append(torch.log1p(-mass.clamp(max=1 - 1e-15)).float())
     return {"nll": torch.cat(nll).double().numpy(), "top_ids": torch.cat(top_ids).numpy(),
             "top_logprobs": torch.cat(top_lp).numpy(), "rest_logprob": torch.cat(rest).numpy(),
-            "context": context, "stride": stride, "digest": _digest(ids), "tokens": len(ids)}
+            "context": context, "stride": stride, "chunks": chunks, "digest": _digest(ids),
+            "tokens": len(ids)}
 
 
 def save_logits(path, run: Dict) -> None:
     np.savez_compressed(path, format=FORMAT, top_ids=run["top_ids"], top_logprobs=run["top_logprobs"],
                         rest_logprob=run["rest_logprob"], nll=run["nll"],
-                        meta=json.dumps({k: run[k] for k in ("context", "stride", "digest", "tokens")}))
+                        meta=json.dumps({k: run[k] for k in ("context", "stride", "chunks", "digest", "tokens")}))
 
 
 def load_logits(path) -> Dict:
@@ -118,11 +141,28 @@ def load_logits(path) -> Dict:
     return out
 
 
+def kl_coarse(base_ids: torch.Tensor, base_lp: torch.Tensor, base_rest: torch.Tensor,
+              lp: torch.Tensor) -> torch.Tensor:
+    """Per token, KL(base || run) of the two distributions coarsened to the base's top ids plus
+    the rest (a lower bound of the full KL): base_ids / base_lp [n, k], base_rest [n] (log of
+    the mass outside them), lp [n, V] the run's log-probabilities."""
+    q = lp.gather(1, base_ids)
+    q_rest = torch.log1p(-q.exp().sum(-1).clamp(max=1 - 1e-15))
+    kl = (base_lp.exp() * (base_lp - q)).sum(-1) + base_rest.exp() * (base_rest - q_rest)
+    return kl.clamp(min=0)
+
+
+def kl_full(base_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """Per token, the exact KL(base || run) over the whole vocabulary (both [n, V] log-probs)."""
+    return (base_lp.exp() * (base_lp - lp)).sum(-1).clamp(min=0)
+
+
 def evaluate_against(engine, ids: List[int], base: Dict,
                      progress: Optional[Callable[[int, int], None]] = None) -> Tuple[Dict, Dict]:
     """evaluate() and, per scored token, the run's log-probabilities of the base's top ids (for
     the KL on the base's support). Returns (run, kl stats)."""
     context, stride = int(base["context"]), int(base["stride"])
+    chunks = bool(base.get("chunks", False))
     if _digest(ids) != base["digest"]:
         raise RequestError.of("kl_base", "the base run was made from other tokens (a different "
                                          "text or tokenizer); use the same --file")
@@ -130,16 +170,14 @@ def evaluate_against(engine, ids: List[int], base: Dict,
     base_lp = torch.from_numpy(base["top_logprobs"].astype(np.float64))
     base_rest = torch.from_numpy(base["rest_logprob"].astype(np.float64))
     nll, kls, agree, row = [], [], [], 0
-    for lp, target in _scored_logprobs(engine, ids, context, stride, progress):
+    wins = _windows_of(len(ids), context, stride, chunks)
+    for lp, target in _scored_logprobs(engine, ids, wins, progress):
         m = lp.shape[0]
         if row + m > base_ids.shape[0]:
             break                                              # reported below
         bi, bl, br = base_ids[row:row + m], base_lp[row:row + m], base_rest[row:row + m]
         nll.append(-lp.gather(1, target[:, None])[:, 0])
-        q = lp.gather(1, bi)                                  # run's logprobs of the base's ids
-        q_rest = torch.log1p(-q.exp().sum(-1).clamp(max=1 - 1e-15))
-        kl = (bl.exp() * (bl - q)).sum(-1) + br.exp() * (br - q_rest)
-        kls.append(kl.clamp(min=0))
+        kls.append(kl_coarse(bi, bl, br, lp))
         agree.append(lp.argmax(-1) == bi[:, 0])
         row += m
     if row != base_ids.shape[0]:
@@ -151,7 +189,7 @@ def evaluate_against(engine, ids: List[int], base: Dict,
     stats = {"kl_mean": float(kl_t.mean()), "kl_p99": float(torch.quantile(kl_t, 0.99)),
              "kl_max": float(kl_t.max()), "top1_agreement": float(torch.cat(agree).float().mean()),
              "base_perplexity": base_ppl, "perplexity_ratio": ppl / base_ppl}
-    run = {"nll": nll_t.numpy(), "context": context, "stride": stride}
+    run = {"nll": nll_t.numpy(), "context": context, "stride": stride, "chunks": chunks}
     return run, stats
 
 

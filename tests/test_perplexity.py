@@ -29,6 +29,30 @@ def test_windows_refuse_a_text_of_one_token():
         P.windows(1, 8, 4)
 
 
+@pytest.mark.parametrize("n, context", [(8, 8), (17, 8), (64, 16), (100, 7)])
+def test_chunks_are_llama_perplexity_s(n, context):
+    # llama-perplexity: n // context chunks, logits first = context // 2 .. context - 2 of each
+    # predict the tokens after them (context - 1 - first of them).
+    got = P.chunk_windows(n, context)
+    assert len(got) == n // context
+    for c, (start, end, first) in enumerate(got):
+        assert (start, end) == (c * context, (c + 1) * context)
+        assert end - first == context - 1 - context // 2 and first - start == context // 2 + 1
+    with pytest.raises(RequestError, match="need at least 8"):
+        P.chunk_windows(7, 8)
+
+
+def test_chunked_run_scores_each_chunk_s_second_half(tiny_engine_fp32):
+    eng = tiny_engine_fp32
+    ids = eng.tokenizer.encode(TEXT)
+    run = P.evaluate(eng, ids, context=16, chunks=True)
+    assert run["chunks"] and run["stride"] == 16 and len(run["nll"]) == (len(ids) // 16) * 7
+    lps = eng.prompt_logprobs(ids[16:32])                 # the second chunk, on its own
+    assert np.allclose(run["nll"][7:14], [-lp.logprob for lp in lps[9:16]], atol=1e-5)
+    with pytest.raises(RequestError, match="no stride"):
+        P.evaluate(eng, ids, context=16, stride=8, chunks=True)
+
+
 def test_perplexity_is_the_engine_log_probabilities(tiny_engine_fp32):
     eng = tiny_engine_fp32
     ids = eng.tokenizer.encode(TEXT)
@@ -79,12 +103,22 @@ def test_cli_base_then_kl(tiny_ckpt, tmp_path, capsys):
     assert "other tokens" in capsys.readouterr().err
     assert main(["perplexity", *common[:4], "--context", "64", "--kl-base", str(base)]) == 2
     assert "--context 32 --stride 16" in capsys.readouterr().err
+    assert main(["perplexity", *common, "--chunks", "--kl-base", str(base)]) == 2
+    assert "--context 32 --stride 16" in capsys.readouterr().err
+    # A chunked base and run.
+    cb, cj = tmp_path / "chunks.npz", tmp_path / "chunks.json"
+    assert main(["perplexity", *common, "--chunks", "--save-logits", str(cb)]) == 0
+    assert main(["perplexity", *common, "--chunks", "--kl-base", str(cb), "--json", str(cj)]) == 0
+    c = json.loads(cj.read_text())
+    assert c["chunks"] and c["kl_mean"] == pytest.approx(0, abs=1e-9)
+    assert "llama-perplexity chunks" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--context", "1"], "--context must be >= 2"),
     (["--stride", "32"], "--stride must be in [1, --context - 1 = 31]"),
     (["--save-logits", "a.npz", "--kl-base", "b.npz"], "separate runs"),
+    (["--chunks", "--stride", "8"], "--chunks and --stride"),
 ])
 def test_cli_refuses_bad_options_before_loading(tmp_path, capsys, extra, message):
     f = tmp_path / "t.txt"

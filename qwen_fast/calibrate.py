@@ -47,9 +47,11 @@ def rope_tables(cfg, T: int):
 
 
 def block_forward(cfg, L: Dict[str, torch.Tensor], h: torch.Tensor, rope,
-                  collect: Optional[Callable[[str, torch.Tensor], None]] = None) -> torch.Tensor:
+                  collect: Optional[Callable[[str, torch.Tensor], None]] = None,
+                  until: Optional[str] = None) -> Optional[torch.Tensor]:
     """One block on h [B, T, hidden] (fp32) with weights L (names without the block prefix);
-    collect(linear, its input) for every quantized Linear."""
+    collect(linear, its input) for every quantized Linear. With ``until`` (a quantized
+    Linear's name) it stops once that Linear's input is collected and returns None."""
     B, T, _ = h.shape
     H, D = cfg.num_attention_heads, cfg.head_dim
     eps = cfg.layer_norm_epsilon
@@ -57,6 +59,8 @@ def block_forward(cfg, L: Dict[str, torch.Tensor], h: torch.Tensor, rope,
     x = rms_norm(h, L["ln_1.weight"], eps)
     if collect:
         collect("attn.c_attn", x)
+    if until == "attn.c_attn":
+        return None
     qkv = F.linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"])
     q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
     q = q * cos + rotate_half(q) * sin
@@ -66,14 +70,20 @@ def block_forward(cfg, L: Dict[str, torch.Tensor], h: torch.Tensor, rope,
     a = a.transpose(1, 2).reshape(B, T, H * D)
     if collect:
         collect("attn.c_proj", a)
+    if until == "attn.c_proj":
+        return None
     h = h + F.linear(a, L["attn.c_proj.weight"])
     x = rms_norm(h, L["ln_2.weight"], eps)
     if collect:
         collect("mlp.w1", x)
         collect("mlp.w2", x)
+    if until in ("mlp.w1", "mlp.w2"):
+        return None
     act = F.linear(x, L["mlp.w1.weight"]) * F.silu(F.linear(x, L["mlp.w2.weight"]))
     if collect:
         collect("mlp.c_proj", act)
+    if until == "mlp.c_proj":
+        return None
     return h + F.linear(act, L["mlp.c_proj.weight"])
 
 
@@ -106,8 +116,8 @@ def gptq_checkpoint(cfg, read: Callable[[str], torch.Tensor], ids: torch.Tensor,
             def collect(lin, x):
                 if lin in hess:
                     hess[lin] = accumulate_hessian(x, *hess[lin])
-            for h in hs:
-                block_forward(cfg, L, h, rope, collect)
+            for h in hs:                  # only as far as the step's inputs
+                block_forward(cfg, L, h, rope, collect, until=step[-1])
             for lin in step:
                 w = L[f"{lin}.weight"]
                 packed = quantize_gptq(w, hess[lin][0], bits, group_size, sym, damp, act_order)

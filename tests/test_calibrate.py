@@ -55,6 +55,22 @@ def test_calibration_forward_is_the_models(dense):
     assert torch.allclose(logits[0], want, atol=2e-4, rtol=1e-4)
 
 
+def test_forward_until_a_linear_collects_what_the_full_forward_does():
+    sd = random_state_dict(CFG, torch.float32, seed=3)
+    L = {k[len("transformer.h.0."):]: v for k, v in sd.items() if k.startswith("transformer.h.0.")}
+    h = torch.randn(2, 16, CFG.hidden_size)
+    rope = rope_tables(CFG, 16)
+    full = {}
+    assert block_forward(CFG, L, h, rope, lambda n, x: full.setdefault(n, x)) is not None
+    order = ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.c_proj"]
+    for k, until in enumerate(order):
+        got = {}
+        assert block_forward(CFG, L, h, rope, lambda n, x: got.setdefault(n, x), until=until) is None
+        want = order[:k + 1] + (["mlp.w2"] if k >= 2 else [])
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[n], full[n]) for n in got)
+
+
 def test_calibration_windows(dense):
     tok = Engine.from_pretrained(dense, dtype="float32", backend="reference").tokenizer
     a = calibration_ids(tok, TRAIN, 4, 16, seed=1)

@@ -42,7 +42,9 @@ def test_less_output_error_than_rtn(bits, act_order):
     h, count = accumulate_hessian(x[:1024])
     h, count = accumulate_hessian(x[1024:], h, count)
     assert count == 2048
-    assert torch.allclose(h, 2 * x.double().T @ x.double() / 2048, rtol=1e-9, atol=1e-9)
+    want = 2 * x.double().T @ x.double() / 2048
+    # x^T x in float32 (accumulate_hessian's choice): within float32's rounding of the sums
+    assert float((h - want).abs().max()) <= 1e-6 * float(want.abs().max())
     held = _correlated_inputs(512, k, seed=7)          # error measured on other inputs too
     rtn = quantize_rtn(w, bits, 128, True)
     gq = quantize_gptq(w, h, bits, 128, True, act_order=act_order)

@@ -9,7 +9,7 @@ text, over the full vocabulary:
 - copying: mean loss of tokens whose preceding 3-gram occurred earlier in their window against
   the others.
 
-    python benchmarks/bench_fixture.py --model DIR [--tokens 60000] [--context 256]
+    python benchmarks/bench_fixture.py --model DIR [--tokens 60000] [--context N]
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--tokens", type=int, default=60000, help="held-out tokens scored")
-    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--context", type=int, help="window (default: the model's seq_length)")
     a = ap.parse_args()
     eng = Engine.from_pretrained(a.model, dtype="float32", backend="auto")
+    a.context = a.context or eng.cfg.seq_length
     tok = eng.tokenizer
     V = len(tok)
     files = FX.stdlib_files()
@@ -47,11 +48,7 @@ def main() -> None:
         tgt = torch.tensor(ids[first - start:])
         nll[first:end] = -lp.gather(1, tgt[:, None])[:, 0].numpy()
         unseen_p.append(lp.exp()[:, unseen_t].sum(-1).numpy())
-        for pos in range(first, end):
-            if pos - start >= 4:
-                tri = tuple(held[pos - 3:pos])
-                win = held[start:pos - 1]
-                copy_flag[pos] = any(tuple(win[i:i + 3]) == tri for i in range(len(win) - 2))
+        copy_flag[first:end] = FX.repeated_trigram(held[start:end])[first - start:]
     unseen_p = np.concatenate(unseen_p)
     # The bigram, estimated on the training stream.
     c1 = np.bincount(train, minlength=V)[:V].astype(np.float64)

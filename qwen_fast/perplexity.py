@@ -76,7 +76,7 @@ def _digest(ids: List[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()
 
 
-def _scored_logprobs(engine, ids: List[int], wins: List[Tuple[int, int, int]],
+def scored_logprobs(engine, ids: List[int], wins: List[Tuple[int, int, int]],
                      progress: Optional[Callable[[int, int], None]]):
     """For each window: (log-probabilities [scored, V] in float64 over the tokenizer's ids, the
     scored tokens' ids): the one forward-and-normalize loop of evaluate and evaluate_against."""
@@ -109,7 +109,7 @@ def evaluate(engine, ids: List[int], context: int = 512, stride: Optional[int] =
                                         f"{context - 1}], got {stride!r}")
     nll, top_ids, top_lp, rest = [], [], [], []
     wins = _windows_of(len(ids), context, stride, chunks)
-    for lp, target in _scored_logprobs(engine, ids, wins, progress):
+    for lp, target in scored_logprobs(engine, ids, wins, progress):
         nll.append(-lp.gather(1, target[:, None])[:, 0])
         v, i = torch.topk(lp, min(top_k, lp.shape[1]), dim=-1)
         top_ids.append(i.to(torch.int32))
@@ -171,7 +171,7 @@ def evaluate_against(engine, ids: List[int], base: Dict,
     base_rest = torch.from_numpy(base["rest_logprob"].astype(np.float64))
     nll, kls, agree, row = [], [], [], 0
     wins = _windows_of(len(ids), context, stride, chunks)
-    for lp, target in _scored_logprobs(engine, ids, wins, progress):
+    for lp, target in scored_logprobs(engine, ids, wins, progress):
         m = lp.shape[0]
         if row + m > base_ids.shape[0]:
             break                                              # reported below

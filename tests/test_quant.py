@@ -218,13 +218,22 @@ def test_rtn_error_is_at_most_half_a_step(bits, group_size, sym):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_rtn_scale_is_the_spec_formula_rounded_up_to_fp16(bits):
+def test_rtn_sym_scale_is_the_smallest_that_keeps_both_extremes(bits):
     w = _special_weights(seed=3)[8:]
-    maxq = (1 << bits) - 1
-    scales = quantize_rtn(w, bits, 32, sym=True)["scales"]        # [G, N]
-    s = (w.reshape(8, 8, 32).abs().amax(-1) * 2 / maxq).T           # 2 max|w| / 15 for 4 bits
+    half = 1 << (bits - 1)
+    p = quantize_rtn(w, bits, 32, sym=True)
+    scales = p["scales"]                                              # [G, N]
+    g = w.reshape(8, 8, 32).float()
+    s = torch.maximum(g.amax(-1).clamp(min=0) / (half - 1), -g.amin(-1).clamp(max=0) / half).T
     below = (scales.view(torch.int16) - 1).view(torch.float16).float()
     assert (scales.float() >= s).all() and (below < s).all()
+    # No clipping: both extremes of every group are within half a step of their levels (the
+    # release's 2 max|w| / 15 clips a positive extreme to 7/7.5 of itself).
+    deq = dequantize_gptq(p["qweight"], p["qzeros"], scales, p["g_idx"], bits).reshape(8, 8, 32)
+    step = scales.float().T[..., None]
+    for pick in (torch.argmax, torch.argmin):
+        i = pick(g, -1, keepdim=True)
+        assert ((deq.gather(-1, i) - g.gather(-1, i)).abs() <= step / 2 + 1e-6).all()
 
 
 def test_rtn_of_bf16_in_blocks_matches_one_pass(monkeypatch):

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     res = Path(a.results)
     res.mkdir(parents=True, exist_ok=True)
-    out = {"args": vars(a), "blocks_s": blocks, "total_s": total, "forward_s": forward,
+    out = {"args": {k: v for k, v in vars(a).items() if k != "results"}, "blocks_s": blocks, "total_s": total, "forward_s": forward,
            "errors": errors,
            "solver_s": solver, "rtn_s": rtn, "projection_min": {str(k): v / 60 for k, v in proj.items()},
            "summary": lines, "machine": machine()}

@@ -47,15 +47,23 @@ from qwen_fast import perplexity as P  # noqa: E402
 from qwen_fast.quant import quantize_checkpoint  # noqa: E402
 
 LLAMA_TYPES = ("q8_0", "q4_0", "q4_k_m")
-#: Our rows: (label, checkpoint key, lm_head quant).
-OURS = [("bf16", "dense", None), ("bf16 + int8 lm_head", "dense", "int8"),
+#: Our rows: (label, checkpoint key, lm_head quant[, dtype, backend]); the last two show where
+#: the int8 rows' divergence comes from: the bf16 base's own rounding (fp32 against it), and the
+#: int8 kernels' activation rounding (the reference backend multiplies by the dequantized weights).
+OURS = [("bf16", "dense", None), ("fp32", "dense", None, "float32"),
+        ("bf16 + int8 lm_head", "dense", "int8"),
         ("int8 RTN", "int8-rtn", None), ("int8 GPTQ", "int8-gptq", None),
         ("int8 GPTQ + int8 lm_head", "int8-gptq", "int8"),
         ("int4 RTN", "int4-rtn", None), ("int4 GPTQ", "int4-gptq", None),
         ("int4 GPTQ act-order", "int4-gptq-act", None),
         ("int4 RTN + int4 lm_head", "int4-rtn", "int4"),
         ("int4 GPTQ + int8 lm_head", "int4-gptq", "int8"),
-        ("int4 GPTQ + int4 lm_head", "int4-gptq", "int4")]
+        ("int4 GPTQ + int4 lm_head", "int4-gptq", "int4"),
+        ("int8 RTN, reference backend (bf16 activations)", "int8-rtn", None, "bfloat16", "reference")]
+
+
+def _row(spec):
+    return tuple(spec) + ("bfloat16", "auto")[len(spec) - 3:]
 
 
 def progress(msg: str) -> None:
@@ -105,15 +113,16 @@ def run_ours(ckpts: Dict[str, Path], ids: List[int], context: int, threads: int)
     """Every row of OURS over the same chunks; KL exact against the bf16 base, window by window."""
     torch.set_num_threads(threads)
     engines = {}
-    for label, key, head in OURS:
-        engines[label] = Engine.from_pretrained(ckpts[key], dtype="bfloat16", lm_head_quant=head,
-                                                progress=False)
+    rows_spec = [_row(r) for r in OURS]
+    for label, key, head, dtype, backend in rows_spec:
+        engines[label] = Engine.from_pretrained(ckpts[key], dtype=dtype, lm_head_quant=head,
+                                                backend=backend, progress=False)
     wins = P.chunk_windows(len(ids), context)
-    acc = {label: {"nll": [], "kl": [], "kl_top": [], "agree": []} for label, _, _ in OURS}
+    acc = {r[0]: {"nll": [], "kl": [], "kl_top": [], "agree": []} for r in rows_spec}
     t0 = time.perf_counter()
     for w in range(len(wins)):
         base = None
-        for label, _, _ in OURS:
+        for label in acc:
             lp, target = next(P.scored_logprobs(engines[label], ids, wins[w:w + 1], None))
             if base is None:
                 base = lp
@@ -126,9 +135,10 @@ def run_ours(ckpts: Dict[str, Path], ids: List[int], context: int, threads: int)
             a["agree"].append(lp.argmax(-1) == base.argmax(-1))
         progress(f"ours: chunk {w + 1}/{len(wins)} ({time.perf_counter() - t0:.0f} s)")
     rows = []
-    for label, key, head in OURS:
+    for label, key, head, dtype, backend in rows_spec:
         a = {k: torch.cat(v) for k, v in acc[label].items()}
         rows.append({"engine": "qwen_fast", "row": label, "checkpoint": key, "lm_head": head or "bf16",
+                     "dtype": dtype, "backend": backend,
                      "perplexity": math.exp(float(a["nll"].double().mean())),
                      "kl_mean": float(a["kl"].mean()), "kl_p99": float(torch.quantile(a["kl"], 0.99)),
                      "kl_top32_bound": float(a["kl_top"].mean()),

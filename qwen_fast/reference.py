@@ -71,10 +71,28 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.to(x.dtype)
 
 
+def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32):
+    """int8 codes and scales of keys or values x [..., D], one scale per row (a position of a
+    head): scale = max|x| / 127 rounded UP to scale_dtype (1 for an all-zero row), q =
+    round(x / scale) in [-127, 127] computed with the stored scale, so |x - scale * q| <=
+    scale / 2 for every element (up to fp32 rounding of x / scale). Returns (q int8, scale)."""
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    stored = s.to(scale_dtype)
+    low = stored.float() < s
+    if bool(low.any()):                 # rounded down: take the next representable value up
+        stored = torch.where(low, torch.nextafter(stored, torch.full_like(stored, float("inf"))),
+                             stored)
+    qv = torch.round(xf / stored.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return qv, stored
+
+
 def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, token_seq: torch.Tensor,
-                    token_pos: torch.Tensor) -> torch.Tensor:
+                    token_pos: torch.Tensor, k_scales: torch.Tensor | None = None,
+                    v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE of q and k with the keys and values written into a paged KV cache, as a model step does.
 
     q, k, v: [N, H, D], one row per token of the step (tokens of several sequences packed);
@@ -83,11 +101,23 @@ def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     token. Token i writes rotary_embedding(k[i]) and v[i] (copied, no rounding) to
     page page_table[token_seq[i], token_pos[i] // P], offset token_pos[i] % P, every head.
     Returns rotary_embedding(q, cos, sin) [N, H, D].
+
+    An int8 cache (k_pages/v_pages int8, k_scales/v_scales [num_pages, H, P]) stores
+    quantize_kv of the rotated key (rounded to q.dtype first, as the 16-bit cache holds it) and
+    of the value, and their scales at the same place.
     """
     P = k_pages.shape[2]
     kr = rotary_embedding(k[None], cos[None], sin[None])[0]
     pos = token_pos.long()
     pages = page_table.long()[token_seq.long(), pos // P]
+    if (k_scales is None) != (v_scales is None) or (k_scales is None) != (k_pages.dtype != torch.int8):
+        raise ValueError("an int8 cache needs k_scales and v_scales, a 16/32-bit one neither")
+    if k_scales is not None:
+        for x, pg, sc in ((kr, k_pages, k_scales), (v, v_pages, v_scales)):
+            qv, s = quantize_kv(x, sc.dtype)
+            pg[pages, :, pos % P] = qv
+            sc[pages, :, pos % P] = s
+        return rotary_embedding(q[None], cos[None], sin[None])[0]
     k_pages[pages, :, pos % P] = kr
     v_pages[pages, :, pos % P] = v
     return rotary_embedding(q[None], cos[None], sin[None])[0]
@@ -111,7 +141,8 @@ ATTENTION_SCORES_BYTES = 256 * 2**20
 
 def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
               page_table: torch.Tensor, token_seq: torch.Tensor, token_pos: torch.Tensor,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, k_scales: torch.Tensor | None = None,
+              v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal multi-head attention over a paged KV cache.
 
     q: [N, H, D], one query per token of the step (tokens of several sequences packed);
@@ -121,7 +152,8 @@ def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     page_table[s, j // P] at offset j % P. Scores, softmax and the weighted sum run in fp32; the
     output is rounded once to q.dtype (what flash-attention does on the GPU). Returns [N, H, D].
     Each sequence's queries run in chunks whose H x chunk x keys fp32 scores stay within
-    ATTENTION_SCORES_BYTES, so that long prefills need bounded memory.
+    ATTENTION_SCORES_BYTES, so that long prefills need bounded memory. An int8 cache
+    (k_scales/v_scales [num_pages, H, P], see rotary_kv_cache) is read as scale * q in fp32.
     """
     N, H, D = q.shape
     P = k_pages.shape[2]
@@ -133,8 +165,12 @@ def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
         rows = torch.nonzero(seq == s).flatten()
         n = int(pos[rows].max()) + 1                              # keys this sequence's queries read
         pages = page_table[s, :(n + P - 1) // P].long().to(q.device)
-        kf = k_pages[pages].float().transpose(0, 1).reshape(H, -1, D)[:, :n]   # [H, n, D]
-        vf = v_pages[pages].float().transpose(0, 1).reshape(H, -1, D)[:, :n]
+        kf, vf = k_pages[pages].float(), v_pages[pages].float()            # [pages, H, P, D]
+        if k_scales is not None:
+            kf = kf * k_scales[pages].float()[..., None]
+            vf = vf * v_scales[pages].float()[..., None]
+        kf = kf.transpose(0, 1).reshape(H, -1, D)[:, :n]                       # [H, n, D]
+        vf = vf.transpose(0, 1).reshape(H, -1, D)[:, :n]
         chunk = max(1, ATTENTION_SCORES_BYTES // (4 * H * n))
         for r0 in range(0, rows.numel(), chunk):
             r = rows[r0:r0 + chunk]

@@ -1,0 +1,86 @@
+"""The int8 KV cache's reference (issue 19 groundwork): quantize_kv's rounding, rotary_kv_cache
+writing codes and scales, and attention over them, with a stated error bound against the same
+attention over the unquantized cache."""
+import math
+
+import pytest
+import torch
+
+from qwen_fast import reference as R
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_quantize_kv_rounds_within_half_a_step(scale_dtype):
+    x = torch.randn(64, 4, 128) * torch.logspace(-3, 1, 64)[:, None, None]
+    x[3, 1] = 0
+    q, s = R.quantize_kv(x.to(torch.bfloat16), scale_dtype)
+    assert q.dtype == torch.int8 and s.dtype == scale_dtype and s.shape == (64, 4)
+    xf = x.to(torch.bfloat16).float()
+    sf = s.float()
+    assert (sf >= xf.abs().amax(-1) / 127).all()                # never clips
+    # half a step, plus fp32's rounding of x / scale (|x / scale| <= 127: 127 * 2**-23 steps)
+    slack = sf[..., None] * (0.5 + 127 * 2.0 ** -23)
+    assert ((xf - sf[..., None] * q.float()).abs() <= slack).all()
+    assert s[3, 1] == 1 and (q[3, 1] == 0).all()
+
+
+def _cache(int8, pages=6, H=2, P=16, D=64):
+    dt = torch.int8 if int8 else torch.float32
+    kp, vp = torch.zeros(pages, H, P, D, dtype=dt), torch.zeros(pages, H, P, D, dtype=dt)
+    sc = (torch.zeros(pages, H, P), torch.zeros(pages, H, P)) if int8 else (None, None)
+    return kp, vp, sc
+
+
+def test_int8_cache_writes_codes_of_what_the_float_cache_holds_and_attention_reads_them():
+    torch.manual_seed(0)
+    H, D, P, n = 2, 64, 16, 40
+    q, k, v = (torch.randn(n, H, D) for _ in range(3))
+    ang = torch.arange(n, dtype=torch.float32)[:, None] * (1e-2 ** torch.linspace(0, 1, D // 2))[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    table = torch.tensor([[4, 1, 5]], dtype=torch.int32)
+    seq, pos = torch.zeros(n, dtype=torch.int32), torch.arange(n, dtype=torch.int32)
+    kf, vf, _ = _cache(False)
+    k8, v8, (ks, vs) = _cache(True)
+    qf = R.rotary_kv_cache(q, k, v, cos, sin, kf, vf, table, seq, pos)
+    q8 = R.rotary_kv_cache(q, k, v, cos, sin, k8, v8, table, seq, pos, ks, vs)
+    assert torch.equal(qf, q8)
+    used = table[0].long()
+    pg, off = used[pos.long() // P], pos.long() % P                     # the written positions
+    for codes, scales, flt in ((k8, ks, kf), (v8, vs, vf)):
+        want_q, want_s = R.quantize_kv(flt[pg, :, off])
+        assert torch.equal(codes[pg, :, off], want_q) and torch.equal(scales[pg, :, off], want_s)
+    # Attention over the int8 cache is attention over its dequantized values, exactly.
+    out8 = R.attention(q8, k8, v8, table, seq, pos, k_scales=ks, v_scales=vs)
+    deq_k, deq_v = k8.float() * ks[..., None], v8.float() * vs[..., None]
+    assert torch.equal(out8, R.attention(q8, deq_k, deq_v, table, seq, pos))
+    # Against the float cache: a key error of at most s_k / 2 an element moves score j by at
+    # most eps_j = D**-0.5 * sum|q| * s_kj / 2, so each softmax weight by at most a factor
+    # exp(+-2 max eps); the output then moves by at most (exp(2 eps) - 1) max|v| (weights) plus
+    # max s_v / 2 (values).
+    outf = R.attention(qf, kf, vf, table, seq, pos)
+    for i in range(n):
+        keys = [(used[j // P], j % P) for j in range(i + 1)]
+        s_k = torch.stack([ks[p, :, o] for p, o in keys])          # [i+1, H]
+        s_v = torch.stack([vs[p, :, o] for p, o in keys])
+        vmax = torch.stack([vf[p, :, o].abs().amax(-1) for p, o in keys]).amax(0)   # [H]
+        eps = D ** -0.5 * qf[i].abs().sum(-1) * s_k.amax(0) / 2                     # [H]
+        bound = (torch.exp(2 * eps) - 1) * vmax + s_v.amax(0) / 2
+        err = (out8[i] - outf[i]).abs().amax(-1)
+        assert (err <= bound + 1e-6).all(), (i, err, bound)
+    # And the bound is not vacuous here: far below the values' own size.
+    assert float((out8 - outf).abs().max()) < 0.05 * float(vf.abs().max())
+
+
+def test_a_mixed_cache_is_refused():
+    k8, v8, (ks, vs) = _cache(True)
+    x = torch.randn(1, 2, 64)
+    one = torch.ones(1, 64)
+    args = (x, x, x, one, one * 0)
+    idx = (torch.tensor([[0]], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+           torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int8 cache needs k_scales and v_scales"):
+        R.rotary_kv_cache(*args, k8, v8, *idx)
+    kf, vf, _ = _cache(False)
+    with pytest.raises(ValueError, match="int8 cache"):
+        R.rotary_kv_cache(*args, kf, vf, *idx, ks, vs)
+    assert math.isfinite(float(R.rotary_kv_cache(*args, k8, v8, *idx, ks, vs).sum()))

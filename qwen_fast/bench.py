@@ -204,6 +204,8 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
                    help="CPU threads, 1 to this machine's CPU count (default: all cores)")
     p.add_argument("--quant", default="none", choices=QUANTS,
                    help="quantize the layers' weights at load (round-to-nearest, group 128)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache: auto (the model's dtype) or int8 (reference attention for now)")
     p.add_argument("--lm-head-quant", default="none", choices=QUANTS,
                    help="quantize lm_head at load too (default: keep it in --dtype)")
     p.add_argument("--repeats", type=int, default=3,
@@ -406,7 +408,8 @@ def run(args, plan: Optional[BenchPlan] = None) -> dict:
     engine = Engine.from_pretrained(load_format="dummy", config=plan.config, dtype=args.dtype,
                                     device=args.device, backend=backends[0],
                                     quant=none(args.quant),
-                                    lm_head_quant=none(getattr(args, "lm_head_quant", None)))
+                                    lm_head_quant=none(getattr(args, "lm_head_quant", None)),
+                                    kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
     rows = []
     for backend in backends:
         engine.model.ops, engine.model.backend = resolve_ops(backend), backend   # same weights

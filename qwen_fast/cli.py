@@ -162,6 +162,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="dummy = random weights from the built-in qwen-1.8b-chat config")
     p.add_argument("--lm-head-quant", choices=["int8", "int4"],
                    help="quantize lm_head at load (a GPTQ checkpoint's layers are quantized anyway)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache: auto (the model's dtype) or int8 (about half the bytes a "
+                        "position; runs the reference attention for now)")
     p.add_argument("--quant", choices=["int8", "int4"],
                    help="quantize the layers' Linears at load (round-to-nearest, group 128) of a "
                         "dense checkpoint or of the random dummy weights")
@@ -194,7 +197,8 @@ def _load(args):
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     backend=args.backend, load_format=args.load_format,
                                     lm_head_quant=getattr(args, "lm_head_quant", None),
-                                    quant=getattr(args, "quant", None), **extra)
+                                    quant=getattr(args, "quant", None),
+                                    kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), **extra)
     if args.dtype == "auto":
         print(f"dtype: {str(engine.dtype).replace('torch.', '')} ({engine.dtype_reason})",
               file=sys.stderr)

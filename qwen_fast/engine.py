@@ -287,7 +287,8 @@ class Engine:
     def __init__(self, model: QwenModel, tokenizer: QwenTokenizer,
                  generation_config: Optional[GenerationConfig] = None,
                  kv_cache_budget: Union[int, str, None] = "auto", max_batch_size: int = 8,
-                 kv_page_size: int = DEFAULT_PAGE_SIZE, prefix_caching: bool = True):
+                 kv_page_size: int = DEFAULT_PAGE_SIZE, prefix_caching: bool = True,
+                 kv_cache_dtype: str = "auto"):
         """Every call's requests run in one shared batch (continuous batching over a paged KV
         cache: qwen_fast/core.py), at most max_batch_size at a time; the others wait for a row.
 
@@ -303,7 +304,11 @@ class Engine:
         prefix_caching: keep the full pages of finished and running requests indexed by their
         tokens (and NTK alpha, dtype, cache format), so that a request whose prompt starts the
         same way (a chat's history, a shared system prompt) computes only the rest. Cached pages
-        nobody holds are evicted, least recently used first, when the pool needs room."""
+        nobody holds are evicted, least recently used first, when the pool needs room.
+        kv_cache_dtype: "auto" (the model's dtype) or "int8": keys and values as int8 with an
+        fp32 scale per position and head (reference.quantize_kv), about half the bytes a
+        position, so the same budget holds about twice the positions. For now it runs through
+        the reference attention (the kernels do not read it yet)."""
         self.model = model
         self.dtype_reason = "the model's"     # from_pretrained: why it chose the dtype
         self.cfg: QwenConfig = model.cfg
@@ -329,9 +334,13 @@ class Engine:
                 or kv_cache_budget <= 0):
             raise ConfigError(f"kv_cache_budget must be 'auto', a positive number of bytes or None, "
                               f"got {kv_cache_budget!r}")
+        if kv_cache_dtype not in ("auto", "int8"):
+            raise ConfigError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'int8', "
+                              f"got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else torch.int8
         page_size = int(kv_page_size)
         max_pages = int(max_batch_size) * -(-self.cfg.max_context // page_size)
-        page_bytes = PagePool.page_bytes(self.cfg, page_size, self.dtype)
+        page_bytes = PagePool.page_bytes(self.cfg, page_size, self.kv_cache_dtype)
         if kv_cache_budget is None:
             kv_cache_budget = max_pages * page_bytes if avail is None else min(max_pages * page_bytes, avail)
         if kv_cache_budget < page_bytes:
@@ -339,7 +348,8 @@ class Engine:
                               f"({page_size} positions = {format_bytes(page_bytes)}); raise it")
         self.kv_cache_budget: int = int(kv_cache_budget)
         self._pool = PagePool.for_budget(self.cfg, self.kv_cache_budget, page_size, self.dtype,
-                                         self.device, max_pages=max_pages)
+                                         self.device, max_pages=max_pages,
+                                         kv_dtype=self.kv_cache_dtype)
         if not isinstance(prefix_caching, bool):
             raise ConfigError(f"prefix_caching must be True or False, got {prefix_caching!r}")
         cfg = self.cfg
@@ -387,7 +397,7 @@ class Engine:
                         lm_head_quant: Optional[str] = None,
                         max_batch_size: int = 8,
                         kv_page_size: int = DEFAULT_PAGE_SIZE,
-                        prefix_caching: bool = True) -> "Engine":
+                        prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
@@ -401,6 +411,7 @@ class Engine:
         max_batch_size: sequences decoded together at most (see Engine).
         kv_page_size: positions per KV page (see Engine).
         prefix_caching: reuse the cached pages of a prompt's prefix (see Engine).
+        kv_cache_dtype: "auto" or "int8" (see Engine).
         check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
@@ -509,7 +520,7 @@ class Engine:
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
         engine = cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget,
                      max_batch_size=max_batch_size, kv_page_size=kv_page_size,
-                     prefix_caching=prefix_caching)
+                     prefix_caching=prefix_caching, kv_cache_dtype=kv_cache_dtype)
         engine.dtype_reason = dtype_reason
         return engine
 
@@ -728,7 +739,7 @@ class Engine:
             raise RequestError.of("top_logprobs", f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top_logprobs!r}")
         ids = self._token_ids(token_ids, "token_ids")
         n = len(ids)
-        self._check_budget(n * (bytes_per_token(self.cfg, self.dtype) + 2 * self.cfg.vocab_size),
+        self._check_budget(n * (bytes_per_token(self.cfg, self.kv_cache_dtype) + 2 * self.cfg.vocab_size),
                            f"{n} tokens of KV cache and their logits")
 
         logits = self._prefill(ids, logits_rows=list(range(n - 1))) if n > 1 else None
@@ -750,7 +761,7 @@ class Engine:
         into pages of its own (not the shared pool's), run between two steps."""
         ids = self._token_ids(token_ids, "token_ids")
         n = len(ids)
-        self._check_budget(n * (bytes_per_token(self.cfg, self.dtype) + 4 * self.cfg.vocab_size),
+        self._check_budget(n * (bytes_per_token(self.cfg, self.kv_cache_dtype) + 4 * self.cfg.vocab_size),
                            f"{n} tokens of KV cache and a {n} x {self.cfg.vocab_size} fp32 logits tensor")
 
         return self._prefill(ids, logits_dtype=torch.float32)
@@ -762,7 +773,7 @@ class Engine:
 
         def run():
             pool = PagePool(self.cfg, self._pool.pages_for(n), self._pool.page_size, self.dtype,
-                            self.device)
+                            self.device, self.kv_cache_dtype)
             meta = StepMetadata.build([list(range(pool.num_pages))], [0], [n], self.device)
             return self.model.forward(torch.tensor(ids), pool, meta, [self.scheduler.alpha_of(n)],
                                       **forward_kwargs)

@@ -53,10 +53,17 @@ from .config import QwenConfig
 DEFAULT_PAGE_SIZE = 64
 
 
+#: Bytes of an int8 cache's scale (one per position and head, keys and values each).
+KV_SCALE_BYTES = 4
+
+
 def bytes_per_token(cfg: QwenConfig, dtype: torch.dtype) -> int:
-    """Bytes of keys + values one position of one sequence takes (192 KiB for 1.8B in bf16)."""
-    return (2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
-            * torch.empty((), dtype=dtype).element_size())
+    """Bytes of keys + values one position of one sequence takes (192 KiB for 1.8B in bf16;
+    for torch.int8, the int8 cache: codes plus a KV_SCALE_BYTES scale per head, 99 KiB)."""
+    per_head = cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    if dtype == torch.int8:
+        per_head += KV_SCALE_BYTES
+    return 2 * cfg.num_hidden_layers * cfg.num_attention_heads * per_head
 
 
 def format_bytes(n: float) -> str:
@@ -77,7 +84,7 @@ class PagePool:
     (num_free): they never make a request wait, preempt one or refuse one."""
 
     def __init__(self, cfg: QwenConfig, num_pages: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", kv_dtype: Optional[torch.dtype] = None):
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         if num_pages < 1:
@@ -85,9 +92,21 @@ class PagePool:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.page_size = page_size
         self.num_pages = num_pages
+        # kv_dtype: what the pages hold (default: the model's dtype); torch.int8 is the int8
+        # cache: codes, and per layer k_scales/v_scales [pages, H, P] fp32 (reference.quantize_kv).
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        if self.kv_dtype not in (dtype, torch.int8):
+            raise ValueError(f"the KV cache holds the model's dtype ({dtype}) or torch.int8, "
+                             f"got {self.kv_dtype}")
         shape = (num_pages, cfg.num_attention_heads, page_size, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        L = cfg.num_hidden_layers
+        self.k = [torch.empty(shape, dtype=self.kv_dtype, device=device) for _ in range(L)]
+        self.v = [torch.empty(shape, dtype=self.kv_dtype, device=device) for _ in range(L)]
+        self.k_scales: Optional[List[torch.Tensor]] = None
+        self.v_scales: Optional[List[torch.Tensor]] = None
+        if self.kv_dtype == torch.int8:
+            self.k_scales = [torch.empty(shape[:3], device=device) for _ in range(L)]
+            self.v_scales = [torch.empty(shape[:3], device=device) for _ in range(L)]
         # Popped from the end: the lowest ids are handed out first, so that a light load keeps
         # to the start of the pool (memory the OS has already committed).
         self._free: List[int] = list(range(num_pages - 1, -1, -1))
@@ -106,20 +125,23 @@ class PagePool:
 
     @classmethod
     def for_budget(cls, cfg: QwenConfig, budget: int, page_size: int, dtype: torch.dtype,
-                   device: torch.device | str = "cpu", max_pages: Optional[int] = None) -> "PagePool":
+                   device: torch.device | str = "cpu", max_pages: Optional[int] = None,
+                   kv_dtype: Optional[torch.dtype] = None) -> "PagePool":
         """The pool that fits `budget` bytes (at most max_pages pages)."""
-        n = budget // cls.page_bytes(cfg, page_size, dtype)
+        n = budget // cls.page_bytes(cfg, page_size, kv_dtype or dtype)
         if max_pages is not None:
             n = min(n, max_pages)
-        return cls(cfg, max(1, n), page_size, dtype, device)
+        return cls(cfg, max(1, n), page_size, dtype, device, kv_dtype)
 
     @staticmethod
     def page_bytes(cfg: QwenConfig, page_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one page over all layers, for pages holding dtype (torch.int8: the int8
+        cache, scales included)."""
         return page_size * bytes_per_token(cfg, dtype)
 
     @property
     def bytes_per_page(self) -> int:
-        return self.page_bytes(self.cfg, self.page_size, self.dtype)
+        return self.page_bytes(self.cfg, self.page_size, self.kv_dtype)
 
     @property
     def num_free(self) -> int:
@@ -257,7 +279,7 @@ class PagePool:
 
     def copy_positions(self, src: int, dst: int, n: int) -> None:
         """Positions 0 .. n - 1 of page src into page dst, in every layer (keys and values)."""
-        for pool in (*self.k, *self.v):
+        for pool in (*self.k, *self.v, *(self.k_scales or ()), *(self.v_scales or ())):
             pool[dst, :, :n].copy_(pool[src, :, :n])
 
     def _drop_tail(self, page: int) -> None:

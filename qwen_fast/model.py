@@ -157,7 +157,7 @@ class QwenModel:
         h = torch.index_select(self.wte, 0, ids, out=ws["h"])                  # [N, hidden]
         x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon, out=ws["x"])
         linear = ops["linear"]
-        fused = self._fused_layers()
+        fused = self._fused_layers() if pool.k_scales is None else None   # int8 cache: not fused yet
         if fused is not None:
             from .ops import _stream
             bufs = [ws[k] for k in ("qkv", "q", "a", "o", "up", "gate", "act")]
@@ -170,12 +170,14 @@ class QwenModel:
             qkv = linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"], out=ws["qkv"])
             q, k, v = qkv.view(N, 3, H, D).unbind(1)
             # q rotated; k rotated and v copied into the pages, straight from qkv.
+            sc = {} if pool.k_scales is None else \
+                {"k_scales": pool.k_scales[li], "v_scales": pool.v_scales[li]}
             q = ops["rotary_kv_cache"](q, k, v, cos, sin, pool.k[li], pool.v[li], meta.page_table,
-                                       meta.token_seq, meta.token_pos, out=ws["q"])
+                                       meta.token_seq, meta.token_pos, out=ws["q"], **sc)
             if logn is not None:
                 q.mul_(logn)
             a = ops["attention"](q, pool.k[li], pool.v[li], meta.page_table, meta.token_seq,
-                                 meta.token_pos, max_keys=meta.max_keys, out=ws["a"])
+                                 meta.token_pos, max_keys=meta.max_keys, out=ws["a"], **sc)
             attn_out = linear(a.view(N, H * D), L["attn.c_proj.weight"], out=ws["o"])
             x, h = ops["fused_add_rms_norm"](attn_out, h, L["ln_2.weight"], cfg.layer_norm_epsilon,
                                              out=ws["x"], residual_out=h)

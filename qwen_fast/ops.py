@@ -148,7 +148,9 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
 def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     page_table: torch.Tensor, token_seq: torch.Tensor, token_pos: torch.Tensor, *,
-                    out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, backend: str | None = None,
+                    k_scales: torch.Tensor | None = None,
+                    v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE of q and k, the rotated keys and the values written straight into a paged KV cache:
     the spec is reference.rotary_kv_cache (one pass instead of two rotations and two copies).
 
@@ -162,10 +164,12 @@ def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
                       at offset token_pos[i] % P. On the CPU every page written is checked.
     Returns rotary_embedding(q, cos, sin), bit-identical, new or written into out.
     backend: None runs the compiled kernel for q's device; "reference" the PyTorch reference.
+    An int8 cache (int8 pages, k_scales/v_scales [pages, H, P]: reference.rotary_kv_cache) runs
+    the reference until the kernels write it.
     """
-    if not _use_kernel("rotary_kv_cache", backend):
+    if k_scales is not None or v_scales is not None or not _use_kernel("rotary_kv_cache", backend):
         return _into(reference.rotary_kv_cache(q, k, v, cos, sin, k_pages, v_pages, page_table,
-                                               token_seq, token_pos), out)
+                                               token_seq, token_pos, k_scales, v_scales), out)
     return _C.rotary_kv_cache(q, k, v, cos, sin, k_pages, v_pages, page_table, token_seq,
                               token_pos, _stream(q), out=out)
 
@@ -196,7 +200,9 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor, *, out: torch.Tensor | None = N
 def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
               page_table: torch.Tensor, token_seq: torch.Tensor, token_pos: torch.Tensor,
               scale: float | None = None, *, max_keys: int | None = None,
-              out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, backend: str | None = None,
+              k_scales: torch.Tensor | None = None,
+              v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal multi-head attention over a paged KV cache: the spec is reference.attention.
 
     q:                [N, H, D] the queries of the step's N packed tokens, bfloat16 / float16 /
@@ -211,11 +217,12 @@ def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     splits long rows' keys over several blocks (flash-decoding) by it. On the CPU every page id
     read is checked.
     backend: None runs the compiled kernel for q's device (CPU or CUDA); "reference" the
-    PyTorch reference.
+    PyTorch reference. An int8 cache (k_scales/v_scales given) runs the reference until the
+    kernels read it.
     """
-    if not _use_kernel("attention", backend):
+    if k_scales is not None or v_scales is not None or not _use_kernel("attention", backend):
         return _into(reference.attention(q, k_pages, v_pages, page_table, token_seq, token_pos,
-                                         scale), out)
+                                         scale, k_scales, v_scales), out)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if max_keys is None:
         max_keys = int(token_pos.max()) + 1 if token_pos.numel() else 1

@@ -126,8 +126,7 @@ def run_ours(ckpts: Dict[str, Path], ids: List[int], context: int, threads: int)
             lp, target = next(P.scored_logprobs(engines[label], ids, wins[w:w + 1], None))
             if base is None:
                 base = lp
-                v, i = torch.topk(base, P.TOP_K, dim=-1)
-                rest = torch.log1p(-v.exp().sum(-1).clamp(max=1 - 1e-15))
+                i, v, rest = P.top_and_rest(base)
             a = acc[label]
             a["nll"].append(-lp.gather(1, target[:, None])[:, 0])
             a["kl"].append(P.kl_full(base, lp))

@@ -247,14 +247,11 @@ def seed_copying(cfg: QwenConfig, p: Dict[str, torch.Tensor], vocab: "Vocab",
         out.copy_(sums / n.clamp(min=1)[:, None] * 5.0)
     masks = {}
     for blk in (l0, l1):
-        m = torch.zeros(3 * h, h, dtype=torch.bool)
+        head0 = torch.zeros(3 * h, dtype=torch.bool)      # head 0's query, key and value rows
         for part in range(3):
-            m[part * h:part * h + D] = True
-        masks[blk + "attn.c_attn.weight"] = m
-        mb = torch.zeros(3 * h, dtype=torch.bool)
-        for part in range(3):
-            mb[part * h:part * h + D] = True
-        masks[blk + "attn.c_attn.bias"] = mb
+            head0[part * h:part * h + D] = True
+        masks[blk + "attn.c_attn.weight"] = head0[:, None].expand(3 * h, h).clone()
+        masks[blk + "attn.c_attn.bias"] = head0
         mp = torch.zeros(h, h, dtype=torch.bool)
         mp[:, :D] = True
         masks[blk + "attn.c_proj.weight"] = mp

@@ -337,7 +337,7 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
 
 # ---- round-to-nearest quantization -----------------------------------------------------------
 
-def _fp16_round_up(s: torch.Tensor) -> torch.Tensor:
+def fp16_round_up(s: torch.Tensor) -> torch.Tensor:
     """Positive fp32 -> the smallest fp16 >= it (the next larger bit pattern when rounding to
     nearest went down; a value below the smallest subnormal becomes that subnormal)."""
     h = s.to(torch.float16)
@@ -352,7 +352,7 @@ def group_params(x: torch.Tensor, bits: int, sym: bool) -> Tuple[torch.Tensor, t
     half = 1 << (bits - 1)
     s = torch.maximum(hi / (half - 1), -lo / half) if sym else \
         torch.maximum((hi - lo) / maxq, hi / (maxq - 1))
-    s16 = _fp16_round_up(torch.where(s == 0, 1.0, s))
+    s16 = fp16_round_up(torch.where(s == 0, 1.0, s))
     if bool(torch.isinf(s16).any()):
         raise ValueError(f"w has weights up to {float(torch.maximum(-lo, hi).max()):.4g} in "
                          f"magnitude: their {bits}-bit scale exceeds the float16 range (65504)")

@@ -111,11 +111,10 @@ def evaluate(engine, ids: List[int], context: int = 512, stride: Optional[int] =
     wins = _windows_of(len(ids), context, stride, chunks)
     for lp, target in scored_logprobs(engine, ids, wins, progress):
         nll.append(-lp.gather(1, target[:, None])[:, 0])
-        v, i = torch.topk(lp, min(top_k, lp.shape[1]), dim=-1)
+        i, v, r = top_and_rest(lp, top_k)
         top_ids.append(i.to(torch.int32))
         top_lp.append(v.float())
-        mass = v.exp().sum(-1).clamp(max=1.0)
-        rest.append(torch.log1p(-mass.clamp(max=1 - 1e-15)).float())
+        rest.append(r.float())
     return {"nll": torch.cat(nll).double().numpy(), "top_ids": torch.cat(top_ids).numpy(),
             "top_logprobs": torch.cat(top_lp).numpy(), "rest_logprob": torch.cat(rest).numpy(),
             "context": context, "stride": stride, "chunks": chunks, "digest": _digest(ids),
@@ -141,13 +140,25 @@ def load_logits(path) -> Dict:
     return out
 
 
+def _rest_logmass(lp_sel: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside the ids whose log-probabilities are lp_sel [n, k]."""
+    return torch.log1p(-lp_sel.exp().sum(-1).clamp(max=1 - 1e-15))
+
+
+def top_and_rest(lp: torch.Tensor, k: int = TOP_K):
+    """(ids [n, k], their log-probabilities, log of the rest's mass [n]) of log-probs lp [n, V]:
+    the saved form of a token's distribution."""
+    v, i = torch.topk(lp, min(k, lp.shape[1]), dim=-1)
+    return i, v, _rest_logmass(v)
+
+
 def kl_coarse(base_ids: torch.Tensor, base_lp: torch.Tensor, base_rest: torch.Tensor,
               lp: torch.Tensor) -> torch.Tensor:
     """Per token, KL(base || run) of the two distributions coarsened to the base's top ids plus
     the rest (a lower bound of the full KL): base_ids / base_lp [n, k], base_rest [n] (log of
     the mass outside them), lp [n, V] the run's log-probabilities."""
     q = lp.gather(1, base_ids)
-    q_rest = torch.log1p(-q.exp().sum(-1).clamp(max=1 - 1e-15))
+    q_rest = _rest_logmass(q)
     kl = (base_lp.exp() * (base_lp - q)).sum(-1) + base_rest.exp() * (base_rest - q_rest)
     return kl.clamp(min=0)
 

@@ -76,14 +76,15 @@ def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32):
     head): scale = max|x| / 127 rounded UP to scale_dtype (1 for an all-zero row), q =
     round(x / scale) in [-127, 127] computed with the stored scale, so |x - scale * q| <=
     scale / 2 for every element (up to fp32 rounding of x / scale). Returns (q int8, scale)."""
+    if scale_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"KV scales are float32 or float16, got {scale_dtype}")
     xf = x.float()
     s = xf.abs().amax(-1) / 127.0
     s = torch.where(s > 0, s, torch.ones_like(s))
+    if scale_dtype == torch.float16:
+        from .gptq import fp16_round_up
+        s = fp16_round_up(s)
     stored = s.to(scale_dtype)
-    low = stored.float() < s
-    if bool(low.any()):                 # rounded down: take the next representable value up
-        stored = torch.where(low, torch.nextafter(stored, torch.full_like(stored, float("inf"))),
-                             stored)
     qv = torch.round(xf / stored.float()[..., None]).clamp(-127, 127).to(torch.int8)
     return qv, stored
 

@@ -53,16 +53,28 @@ from .config import QwenConfig
 DEFAULT_PAGE_SIZE = 64
 
 
-#: Bytes of an int8 cache's scale (one per position and head, keys and values each).
+#: Bytes of an int8 cache's scale (fp32; keys and values each have theirs).
 KV_SCALE_BYTES = 4
 
 
-def bytes_per_token(cfg: QwenConfig, dtype: torch.dtype) -> int:
+def check_kv_group(cfg: QwenConfig, kv_group: Optional[int]) -> int:
+    """The int8 cache's scale group (elements of a position's head per scale): kv_group, or
+    head_dim for None; it must divide head_dim and be a multiple of 16 (the kernels' vectors)."""
+    g = cfg.head_dim if kv_group is None else kv_group
+    if (not isinstance(g, int) or isinstance(g, bool) or g < 16 or g % 16
+            or cfg.head_dim % g):
+        raise ValueError(f"kv_group must be a multiple of 16 that divides head_dim "
+                         f"({cfg.head_dim}), got {kv_group!r}")
+    return g
+
+
+def bytes_per_token(cfg: QwenConfig, dtype: torch.dtype, kv_group: Optional[int] = None) -> int:
     """Bytes of keys + values one position of one sequence takes (192 KiB for 1.8B in bf16;
-    for torch.int8, the int8 cache: codes plus a KV_SCALE_BYTES scale per head, 99 KiB)."""
+    for torch.int8, the int8 cache: codes plus a KV_SCALE_BYTES scale per kv_group elements,
+    99 KiB with one scale per head)."""
     per_head = cfg.head_dim * torch.empty((), dtype=dtype).element_size()
     if dtype == torch.int8:
-        per_head += KV_SCALE_BYTES
+        per_head += KV_SCALE_BYTES * (cfg.head_dim // check_kv_group(cfg, kv_group))
     return 2 * cfg.num_hidden_layers * cfg.num_attention_heads * per_head
 
 
@@ -84,7 +96,8 @@ class PagePool:
     (num_free): they never make a request wait, preempt one or refuse one."""
 
     def __init__(self, cfg: QwenConfig, num_pages: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", kv_dtype: Optional[torch.dtype] = None):
+                 device: torch.device | str = "cpu", kv_dtype: Optional[torch.dtype] = None,
+                 kv_group: Optional[int] = None):
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         if num_pages < 1:
@@ -93,7 +106,8 @@ class PagePool:
         self.page_size = page_size
         self.num_pages = num_pages
         # kv_dtype: what the pages hold (default: the model's dtype); torch.int8 is the int8
-        # cache: codes, and per layer k_scales/v_scales [pages, H, P] fp32 (reference.quantize_kv).
+        # cache: codes, and per layer k_scales/v_scales [pages, H, P, head_dim // kv_group] fp32
+        # (reference.quantize_kv; kv_group None = one scale per position and head).
         self.kv_dtype = dtype if kv_dtype is None else kv_dtype
         if self.kv_dtype not in (dtype, torch.int8):
             raise ValueError(f"the KV cache holds the model's dtype ({dtype}) or torch.int8, "
@@ -104,9 +118,12 @@ class PagePool:
         self.v = [torch.empty(shape, dtype=self.kv_dtype, device=device) for _ in range(L)]
         self.k_scales: Optional[List[torch.Tensor]] = None
         self.v_scales: Optional[List[torch.Tensor]] = None
+        self.kv_group: Optional[int] = None
         if self.kv_dtype == torch.int8:
-            self.k_scales = [torch.empty(shape[:3], device=device) for _ in range(L)]
-            self.v_scales = [torch.empty(shape[:3], device=device) for _ in range(L)]
+            self.kv_group = check_kv_group(cfg, kv_group)
+            sshape = (*shape[:3], cfg.head_dim // self.kv_group)
+            self.k_scales = [torch.empty(sshape, device=device) for _ in range(L)]
+            self.v_scales = [torch.empty(sshape, device=device) for _ in range(L)]
         # Popped from the end: the lowest ids are handed out first, so that a light load keeps
         # to the start of the pool (memory the OS has already committed).
         self._free: List[int] = list(range(num_pages - 1, -1, -1))
@@ -126,22 +143,24 @@ class PagePool:
     @classmethod
     def for_budget(cls, cfg: QwenConfig, budget: int, page_size: int, dtype: torch.dtype,
                    device: torch.device | str = "cpu", max_pages: Optional[int] = None,
-                   kv_dtype: Optional[torch.dtype] = None) -> "PagePool":
+                   kv_dtype: Optional[torch.dtype] = None,
+                   kv_group: Optional[int] = None) -> "PagePool":
         """The pool that fits `budget` bytes (at most max_pages pages)."""
-        n = budget // cls.page_bytes(cfg, page_size, kv_dtype or dtype)
+        n = budget // cls.page_bytes(cfg, page_size, kv_dtype or dtype, kv_group)
         if max_pages is not None:
             n = min(n, max_pages)
-        return cls(cfg, max(1, n), page_size, dtype, device, kv_dtype)
+        return cls(cfg, max(1, n), page_size, dtype, device, kv_dtype, kv_group)
 
     @staticmethod
-    def page_bytes(cfg: QwenConfig, page_size: int, dtype: torch.dtype) -> int:
+    def page_bytes(cfg: QwenConfig, page_size: int, dtype: torch.dtype,
+                   kv_group: Optional[int] = None) -> int:
         """Bytes of one page over all layers, for pages holding dtype (torch.int8: the int8
         cache, scales included)."""
-        return page_size * bytes_per_token(cfg, dtype)
+        return page_size * bytes_per_token(cfg, dtype, kv_group)
 
     @property
     def bytes_per_page(self) -> int:
-        return self.page_bytes(self.cfg, self.page_size, self.kv_dtype)
+        return self.page_bytes(self.cfg, self.page_size, self.kv_dtype, self.kv_group)
 
     @property
     def num_free(self) -> int:

@@ -71,14 +71,20 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.to(x.dtype)
 
 
-def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32):
-    """int8 codes and scales of keys or values x [..., D], one scale per row (a position of a
-    head): scale = max|x| / 127 rounded UP to scale_dtype (1 for an all-zero row), q =
-    round(x / scale) in [-127, 127] computed with the stored scale, so |x - scale * q| <=
-    scale / 2 for every element (up to fp32 rounding of x / scale). Returns (q int8, scale)."""
+def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32,
+                group: int | None = None):
+    """int8 codes and scales of keys or values x [..., D], one scale per `group` consecutive
+    elements of a row (a position of a head; group=None: the whole row, D): scale = max|x| / 127
+    over the group, rounded UP to scale_dtype (1 for an all-zero group), q = round(x / scale) in
+    [-127, 127] computed with the stored scale, so |x - scale * q| <= scale / 2 for every element
+    (up to fp32 rounding of x / scale). Returns (q int8 [..., D], scale [..., D // group])."""
     if scale_dtype not in (torch.float32, torch.float16):
         raise ValueError(f"KV scales are float32 or float16, got {scale_dtype}")
-    xf = x.float()
+    D = x.shape[-1]
+    group = D if group is None else group
+    if group < 1 or D % group:
+        raise ValueError(f"the KV scale group ({group}) must divide head_dim ({D})")
+    xf = x.float().unflatten(-1, (D // group, group))
     s = xf.abs().amax(-1) / 127.0
     s = torch.where(s > 0, s, torch.ones_like(s))
     if scale_dtype == torch.float16:
@@ -86,7 +92,14 @@ def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32):
         s = fp16_round_up(s)
     stored = s.to(scale_dtype)
     qv = torch.round(xf / stored.float()[..., None]).clamp(-127, 127).to(torch.int8)
-    return qv, stored
+    return qv.flatten(-2), stored
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 scale * code of an int8 cache's codes [..., D] with scales [..., G] (D // G elements
+    a scale): what attention reads."""
+    G = scales.shape[-1]
+    return (codes.float().unflatten(-1, (G, -1)) * scales.float()[..., None]).flatten(-2)
 
 
 def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
@@ -103,9 +116,10 @@ def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     page page_table[token_seq[i], token_pos[i] // P], offset token_pos[i] % P, every head.
     Returns rotary_embedding(q, cos, sin) [N, H, D].
 
-    An int8 cache (k_pages/v_pages int8, k_scales/v_scales [num_pages, H, P]) stores
-    quantize_kv of the rotated key (rounded to q.dtype first, as the 16-bit cache holds it) and
-    of the value, and their scales at the same place.
+    An int8 cache (k_pages/v_pages int8, k_scales/v_scales [num_pages, H, P, G]: G scales a
+    position and head, each for D // G consecutive elements) stores quantize_kv of the rotated key
+    (rounded to q.dtype first, as the 16-bit cache holds it) and of the value, and their scales at
+    the same place.
     """
     P = k_pages.shape[2]
     kr = rotary_embedding(k[None], cos[None], sin[None])[0]
@@ -115,7 +129,7 @@ def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         raise ValueError("an int8 cache needs k_scales and v_scales, a 16/32-bit one neither")
     if k_scales is not None:
         for x, pg, sc in ((kr, k_pages, k_scales), (v, v_pages, v_scales)):
-            qv, s = quantize_kv(x, sc.dtype)
+            qv, s = quantize_kv(x, sc.dtype, x.shape[-1] // sc.shape[-1])
             pg[pages, :, pos % P] = qv
             sc[pages, :, pos % P] = s
         return rotary_embedding(q[None], cos[None], sin[None])[0]
@@ -154,7 +168,8 @@ def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     output is rounded once to q.dtype (what flash-attention does on the GPU). Returns [N, H, D].
     Each sequence's queries run in chunks whose H x chunk x keys fp32 scores stay within
     ATTENTION_SCORES_BYTES, so that long prefills need bounded memory. An int8 cache
-    (k_scales/v_scales [num_pages, H, P], see rotary_kv_cache) is read as scale * q in fp32.
+    (k_scales/v_scales [num_pages, H, P, G], see rotary_kv_cache) is read as scale * code in fp32
+    (dequantize_kv).
     """
     N, H, D = q.shape
     P = k_pages.shape[2]
@@ -166,10 +181,11 @@ def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
         rows = torch.nonzero(seq == s).flatten()
         n = int(pos[rows].max()) + 1                              # keys this sequence's queries read
         pages = page_table[s, :(n + P - 1) // P].long().to(q.device)
-        kf, vf = k_pages[pages].float(), v_pages[pages].float()            # [pages, H, P, D]
         if k_scales is not None:
-            kf = kf * k_scales[pages].float()[..., None]
-            vf = vf * v_scales[pages].float()[..., None]
+            kf = dequantize_kv(k_pages[pages], k_scales[pages])              # [pages, H, P, D]
+            vf = dequantize_kv(v_pages[pages], v_scales[pages])
+        else:
+            kf, vf = k_pages[pages].float(), v_pages[pages].float()
         kf = kf.transpose(0, 1).reshape(H, -1, D)[:, :n]                       # [H, n, D]
         vf = vf.transpose(0, 1).reshape(H, -1, D)[:, :n]
         chunk = max(1, ATTENTION_SCORES_BYTES // (4 * H * n))

@@ -9,29 +9,35 @@ import torch
 from qwen_fast import reference as R
 
 
+@pytest.mark.parametrize("group", [None, 32])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
-def test_quantize_kv_rounds_within_half_a_step(scale_dtype):
+def test_quantize_kv_rounds_within_half_a_step(scale_dtype, group):
     x = torch.randn(64, 4, 128) * torch.logspace(-3, 1, 64)[:, None, None]
     x[3, 1] = 0
-    q, s = R.quantize_kv(x.to(torch.bfloat16), scale_dtype)
-    assert q.dtype == torch.int8 and s.dtype == scale_dtype and s.shape == (64, 4)
-    xf = x.to(torch.bfloat16).float()
+    q, s = R.quantize_kv(x.to(torch.bfloat16), scale_dtype, group)
+    G = 1 if group is None else 128 // group
+    assert q.dtype == torch.int8 and s.dtype == scale_dtype and s.shape == (64, 4, G)
+    xf = x.to(torch.bfloat16).float().unflatten(-1, (G, -1))
     sf = s.float()
     assert (sf >= xf.abs().amax(-1) / 127).all()                # never clips
     # half a step, plus fp32's rounding of x / scale (|x / scale| <= 127: 127 * 2**-23 steps)
     slack = sf[..., None] * (0.5 + 127 * 2.0 ** -23)
-    assert ((xf - sf[..., None] * q.float()).abs() <= slack).all()
-    assert s[3, 1] == 1 and (q[3, 1] == 0).all()
+    assert ((xf - sf[..., None] * q.float().unflatten(-1, (G, -1))).abs() <= slack).all()
+    assert (s[3, 1] == 1).all() and (q[3, 1] == 0).all()
+    assert torch.equal(R.dequantize_kv(q, s), (sf[..., None] * q.float().unflatten(-1, (G, -1))).flatten(-2))
+    with pytest.raises(ValueError, match="must divide head_dim"):
+        R.quantize_kv(x, scale_dtype, 48)
 
 
-def _cache(int8, pages=6, H=2, P=16, D=64):
+def _cache(int8, pages=6, H=2, P=16, D=64, G=1):
     dt = torch.int8 if int8 else torch.float32
     kp, vp = torch.zeros(pages, H, P, D, dtype=dt), torch.zeros(pages, H, P, D, dtype=dt)
-    sc = (torch.zeros(pages, H, P), torch.zeros(pages, H, P)) if int8 else (None, None)
+    sc = (torch.zeros(pages, H, P, G), torch.zeros(pages, H, P, G)) if int8 else (None, None)
     return kp, vp, sc
 
 
-def test_int8_cache_writes_codes_of_what_the_float_cache_holds_and_attention_reads_them():
+@pytest.mark.parametrize("G", [1, 4])
+def test_int8_cache_writes_codes_of_what_the_float_cache_holds_and_attention_reads_them(G):
     torch.manual_seed(0)
     H, D, P, n = 2, 64, 16, 40
     q, k, v = (torch.randn(n, H, D) for _ in range(3))
@@ -40,28 +46,28 @@ def test_int8_cache_writes_codes_of_what_the_float_cache_holds_and_attention_rea
     table = torch.tensor([[4, 1, 5]], dtype=torch.int32)
     seq, pos = torch.zeros(n, dtype=torch.int32), torch.arange(n, dtype=torch.int32)
     kf, vf, _ = _cache(False)
-    k8, v8, (ks, vs) = _cache(True)
+    k8, v8, (ks, vs) = _cache(True, G=G)
     qf = R.rotary_kv_cache(q, k, v, cos, sin, kf, vf, table, seq, pos)
     q8 = R.rotary_kv_cache(q, k, v, cos, sin, k8, v8, table, seq, pos, ks, vs)
     assert torch.equal(qf, q8)
     used = table[0].long()
     pg, off = used[pos.long() // P], pos.long() % P                     # the written positions
     for codes, scales, flt in ((k8, ks, kf), (v8, vs, vf)):
-        want_q, want_s = R.quantize_kv(flt[pg, :, off])
+        want_q, want_s = R.quantize_kv(flt[pg, :, off], group=D // G)
         assert torch.equal(codes[pg, :, off], want_q) and torch.equal(scales[pg, :, off], want_s)
     # Attention over the int8 cache is attention over its dequantized values, exactly.
     out8 = R.attention(q8, k8, v8, table, seq, pos, k_scales=ks, v_scales=vs)
-    deq_k, deq_v = k8.float() * ks[..., None], v8.float() * vs[..., None]
+    deq_k, deq_v = R.dequantize_kv(k8, ks), R.dequantize_kv(v8, vs)
     assert torch.equal(out8, R.attention(q8, deq_k, deq_v, table, seq, pos))
-    # Against the float cache: a key error of at most s_k / 2 an element moves score j by at
-    # most eps_j = D**-0.5 * sum|q| * s_kj / 2, so each softmax weight by at most a factor
-    # exp(+-2 max eps); the output then moves by at most (exp(2 eps) - 1) max|v| (weights) plus
-    # max s_v / 2 (values).
+    # Against the float cache: a key error of at most s_k / 2 an element (s_k the largest of the
+    # key's G scales) moves score j by at most eps_j = D**-0.5 * sum|q| * s_kj / 2, so each
+    # softmax weight by at most a factor exp(+-2 max eps); the output then moves by at most
+    # (exp(2 eps) - 1) max|v| (weights) plus max s_v / 2 (values).
     outf = R.attention(qf, kf, vf, table, seq, pos)
     for i in range(n):
         keys = [(used[j // P], j % P) for j in range(i + 1)]
-        s_k = torch.stack([ks[p, :, o] for p, o in keys])          # [i+1, H]
-        s_v = torch.stack([vs[p, :, o] for p, o in keys])
+        s_k = torch.stack([ks[p, :, o].amax(-1) for p, o in keys])          # [i+1, H]
+        s_v = torch.stack([vs[p, :, o].amax(-1) for p, o in keys])
         vmax = torch.stack([vf[p, :, o].abs().amax(-1) for p, o in keys]).amax(0)   # [H]
         eps = D ** -0.5 * qf[i].abs().sum(-1) * s_k.amax(0) / 2                     # [H]
         bound = (torch.exp(2 * eps) - 1) * vmax + s_v.amax(0) / 2

@@ -114,7 +114,7 @@ def part_capacity(args) -> dict:
     while sched.has_work():
         plan = sched.schedule()
         running.append(len(sched.running))
-        sched.update(plan, {s.req: (0 if len(s.req.output_ids) + 1 >= stop_at[s.req] else 7)
+        sched.update(plan, {s.req: [(0 if len(s.req.output_ids) + 1 >= stop_at[s.req] else 7, None)]
                             for s in plan.seqs if s.samples})
         for r in list(sched.running):
             if len(r.output_ids) >= stop_at[r]:

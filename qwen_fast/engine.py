@@ -43,6 +43,7 @@ from .kv_cache import DEFAULT_PAGE_SIZE, PagePool, StepMetadata, bytes_per_token
 from .model import BACKENDS, QwenModel
 from .request import Request
 from .runner import Runner
+from .speculative import SequenceSpeculation
 from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator, token_logprobs
 from .scheduler import Scheduler
 from .tokenizer import IncrementalDecoder, QwenTokenizer
@@ -65,6 +66,8 @@ class GenerationResult:
     cached_tokens: int = 0              # prompt tokens read from the prefix cache, not computed
     logprobs: Optional[list] = None     # with params.logprobs: a TokenLogprob per token_ids entry
     stop_logprob: Optional["TokenLogprob"] = None   # and the stop token's, if one ended it
+    num_draft_tokens: int = 0           # speculation: draft tokens verified (params.speculative)
+    num_accepted_tokens: int = 0        # of them, those that were output
 
     @property
     def completion_tokens(self) -> int:
@@ -172,7 +175,9 @@ class _Text:
             decode_s=max(0.0, t_done - t_first), kv_cache_bytes=r.peak_pages * page_bytes,
             num_preemptions=r.num_preemptions, cached_tokens=r.cached_tokens,
             logprobs=list(r.logprobs[:self.read]) if r.params.logprobs is not None else None,
-            stop_logprob=r.stop_logprob if not stopped and r.finish_reason == "stop" else None)
+            stop_logprob=r.stop_logprob if not stopped and r.finish_reason == "stop" else None,
+            num_draft_tokens=r.spec.drafted if r.spec is not None else 0,
+            num_accepted_tokens=r.spec.accepted if r.spec is not None else 0)
 
 
 class TextStream:
@@ -358,7 +363,7 @@ class Engine:
             prefix_caching=prefix_caching,
             alpha_of=lambda n: ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1)
         self._core = EngineCore(self.scheduler, Runner(model, self._pool, len(tokenizer),
-                                                       buffer_rows=int(max_batch_size)))
+                                                       buffer_rows=int(max_batch_size) * 9))
         # The steps run on the core's thread: this (loading) thread's OpenMP team would only
         # slow them down (qwen_fast/core.py).
         self._release_caller_threads()
@@ -644,6 +649,9 @@ class Engine:
             if not p.ignore_eos:
                 stop.add(eos)
             r = Request(ids, p, n, stop, make_generator(p.seed, self.device), self.device)
+            spec = p.speculation()
+            if spec is not None:
+                r.spec = SequenceSpeculation(spec, ids)
             if p.json_schema is not None:
                 from .constrained import STOP_IDS, JsonConstraint
                 r.constraint = JsonConstraint.compile(self.tokenizer, p.json_schema,

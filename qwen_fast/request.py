@@ -52,6 +52,7 @@ class Request:
         self.step_logprob = None                # the runner's, for the token it just sampled
         self.stop_logprob = None                # the stop token's, when one ended it
         self.constraint = None                  # a JsonConstraint (params.json_schema)
+        self.spec = None                        # speculative.SequenceSpeculation (params.speculative)
         self.status = RequestStatus.WAITING
         self.num_computed = 0
         self.pages: List[int] = []

@@ -18,6 +18,7 @@ from .model import StepBuffers
 from .request import Request
 from .sampling import sample_next, token_logprobs
 from .scheduler import StepPlan
+from .speculative import accept
 
 
 class Runner:
@@ -27,41 +28,63 @@ class Runner:
         self.valid_vocab = valid_vocab
         self.buffers = StepBuffers(buffer_rows)     # this runner's: engines may share a model
 
-    def execute(self, plan: StepPlan) -> Tuple[Dict[Request, int], Dict[Request, BaseException]]:
-        """Run the plan; returns the sampled token of each request that samples, and the errors
-        of rows that failed (their requests only)."""
+    def execute(self, plan: StepPlan) -> Tuple[Dict[Request, List[tuple]], Dict[Request, BaseException]]:
+        """Run the plan; returns, for each request that samples, the (token, logprob) pairs its
+        step yields (one, or with a draft those speculative.accept keeps), and the errors of
+        rows that failed (their requests only)."""
         ids: List[int] = []
-        starts, counts, pages, alphas, last = [], [], [], [], []
+        starts, counts, pages, alphas, rows = [], [], [], [], []
         for s in plan.seqs:
             r = s.req
-            ids += r.token_ids(s.start, s.start + s.count)
+            ids += s.token_ids()
             starts.append(s.start)
             counts.append(s.count)
             pages.append(r.pages)
             alphas.append(r.alpha)          # set by Scheduler.add from the prompt's length
-            last.append(len(ids) - 1)
+            if s.samples:                   # the last known token's row, then the draft's
+                rows += range(len(ids) - 1 - len(s.draft), len(ids))
         meta = StepMetadata.build(pages, starts, counts, self.model.device)
-        samplers = [i for i, s in enumerate(plan.seqs) if s.samples]
         logits = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pool, meta, alphas,
-                                    logits_rows=[last[i] for i in samplers],
-                                    buffers=self.buffers)
-        sampled: Dict[Request, int] = {}
+                                    logits_rows=rows, buffers=self.buffers)
+        sampled: Dict[Request, List[tuple]] = {}
         errors: Dict[Request, BaseException] = {}
-        for j, i in enumerate(samplers):
-            r = plan.seqs[i].req
-            p = r.params
+        j = 0
+        for s in plan.seqs:
+            if not s.samples:
+                continue
+            out = sampled[s.req] = []
             try:
-                history = r.history
-                output = history[len(r.prompt_ids):] if p.extended else None
-                c = r.constraint
-                tok = sample_next(logits[j], history, p, r.generator, self.valid_vocab, output,
-                                  None if c is None else c.allowed())
-                if c is not None and tok not in r.stop_ids:
-                    c.accept(tok)
-                if p.logprobs is not None:      # handed to Request.append_token by update()
-                    r.step_logprob = token_logprobs(logits[j:j + 1], [tok], p.logprobs,
-                                                    self.valid_vocab)[0]
-                sampled[r] = tok
+                self._sample(s, logits[j:j + 1 + len(s.draft)], out)
             except (NumericalError, RuntimeError) as e:   # RuntimeError: a grammar's refusal
-                errors[r] = e
+                errors[s.req] = e
+            j += 1 + len(s.draft)
         return sampled, errors
+
+    def _sample(self, s, logits: torch.Tensor, out: List[tuple]) -> None:
+        """The tokens of s's step into out, as (token, logprob or None): logits row i samples
+        the token after the last known one and draft[:i], exactly as a 1-token step would
+        (its history, the generator's next draws, the constraint's state); speculative.accept
+        keeps the draft while it agrees and stops at a stop id or the token limit."""
+        r = s.req
+        p = r.params
+        n0 = r.num_tokens
+        c = r.constraint
+
+        def sample(i: int, toks: List[int]) -> int:
+            if i:       # history = the sequence, then the tokens this step has output so far
+                r._ids[n0 + i - 1] = toks[-1]
+            history = r._ids[:n0 + i]
+            output = history[len(r.prompt_ids):] if p.extended else None
+            tok = sample_next(logits[i], history, p, r.generator, self.valid_vocab, output,
+                              None if c is None else c.allowed())
+            if c is not None and tok not in r.stop_ids:
+                c.accept(tok)
+            lp = None
+            if p.logprobs is not None:      # handed to Request.append_token by update()
+                lp = token_logprobs(logits[i:i + 1], [tok], p.logprobs, self.valid_vocab)[0]
+            out.append((tok, lp))
+            return tok
+
+        def done(toks: List[int]) -> bool:
+            return toks[-1] in r.stop_ids or len(r.output_ids) + len(toks) >= r.limit
+        accept(s.draft, sample, done)

@@ -86,6 +86,13 @@ class SamplingParams:
     min_p: float = 0.0
     logprobs: Optional[int] = None      # None: none; k >= 0: the sampled token's + the top k
     json_schema: Union[None, bool, dict, str] = None   # True: any JSON object (constrained.py)
+    # Prompt-lookup speculation (qwen_fast/speculative.py): "ngram" drafts up to
+    # num_speculative_tokens tokens a step from the sequence's own earlier n-grams (sizes
+    # ngram_min .. ngram_max); the output is the same as without it.
+    speculative: Optional[str] = None
+    num_speculative_tokens: int = 8
+    ngram_min: int = 1
+    ngram_max: int = 4
 
     @property
     def extended(self) -> bool:
@@ -184,6 +191,12 @@ class SamplingParams:
             raise RequestError.of("logprobs", f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (how many "
                                f"most likely tokens to report beside the chosen one), got "
                                f"{_show(self.logprobs)}")
+        for name in ("num_speculative_tokens", "ngram_min", "ngram_max"):
+            if _is_int(getattr(self, name)):
+                setattr(self, name, int(getattr(self, name)))
+        if self.speculative is not None or self.num_speculative_tokens != 8 or (
+                self.ngram_min, self.ngram_max) != (1, 4):
+            self.speculation()          # checks the four fields (RequestError naming one)
         self.ignore_eos = bool(self.ignore_eos)
         self.max_new_tokens, self.top_k = int(self.max_new_tokens), int(self.top_k)
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
@@ -195,6 +208,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def speculation(self):
+        """The SpeculativeConfig these parameters ask for, or None (speculative=None)."""
+        from .speculative import SpeculativeConfig
+        cfg = SpeculativeConfig(self.speculative or "ngram", self.num_speculative_tokens,
+                                self.ngram_min, self.ngram_max)
+        return cfg if self.speculative is not None else None
 
 
 def apply_repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

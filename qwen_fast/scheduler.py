@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Mapping, Optional
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 from .errors import CapacityError
 from .kv_cache import PagePool, format_bytes, page_keys
@@ -42,11 +42,18 @@ from .request import Request, RequestStatus
 class ScheduledSeq:
     req: Request
     start: int          # tokens already in the cache
-    count: int          # tokens this step computes: all_ids[start : start + count]
+    count: int          # tokens this step computes: all_ids[start : start + count - len(draft)],
+                        # then the draft
+    draft: List[int] = field(default_factory=list)   # speculated tokens verified after the last
+                                                     # known one (speculative.py)
     samples: bool = field(init=False)   # the step reaches the last known token: its logits
                                         # give the next
     def __post_init__(self):
-        self.samples = self.start + self.count == self.req.num_tokens
+        self.samples = self.start + self.count - len(self.draft) == self.req.num_tokens
+
+    def token_ids(self) -> List[int]:
+        """The ids this step computes."""
+        return self.req.token_ids(self.start, self.start + self.count - len(self.draft)) + self.draft
 
 
 @dataclass
@@ -207,7 +214,8 @@ class Scheduler:
                 continue            # r itself was preempted or finished: running[i] is the next
             if left > 1:
                 budget -= count
-            plan.seqs.append(ScheduledSeq(r, r.num_computed, count))
+            draft = self._draft(r) if left == 1 and r.spec is not None else []
+            plan.seqs.append(ScheduledSeq(r, r.num_computed, count + len(draft), draft))
             i += 1
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             r = self.waiting[0]
@@ -268,6 +276,18 @@ class Scheduler:
             r.peak_pages = max(r.peak_pages, len(r.pages))
         return True
 
+    def _draft(self, r: Request) -> List[int]:
+        """r's draft for this step (r decodes, its next position's page is taken): at most the
+        tokens r may still output less the one this step samples anyway, and only as far as
+        the pool's free pages reach (a draft never preempts anyone); their pages are taken."""
+        draft = r.spec.draft(r.limit - len(r.output_ids) - 1)
+        if draft:
+            P = self.pool.page_size
+            room = (len(r.pages) + self.pool.num_free) * P - (r.num_computed + 1)
+            draft = draft[:max(0, room)]
+            self._grow(r, r.num_computed + 1 + len(draft), StepPlan())   # never preempts: fits
+        return draft
+
     def _preempt(self, r: Request, plan: StepPlan) -> None:
         self.running.remove(r)
         self.pool.give_back(r.pages)
@@ -297,26 +317,43 @@ class Scheduler:
         r.t_done = time.perf_counter()
 
     # ---- after the forward -------------------------------------------------------------------
-    def update(self, plan: StepPlan, sampled: Mapping[Request, int],
+    def update(self, plan: StepPlan, sampled: Mapping[Request, Sequence],
                errors: Optional[Mapping[Request, BaseException]] = None) -> List[Request]:
-        """Record a step's results; returns the requests that finished."""
+        """Record a step's results; returns the requests that finished. sampled[r]: the
+        (token, logprob or None) pairs r's step yielded, in order (one, or with a draft up to
+        len(draft) + 1; a failed row may have yielded some before its error)."""
         done = []
         for s in plan.seqs:
             r = s.req
             if r.finished:
                 continue
+            # The step's positions hold the known tokens and the draft; the draft's are valid
+            # up to its first token that was not output (the rest is dropped by length, and
+            # overwritten when the sequence gets there).
+            appended: List[int] = []
+            for tok, lp in sampled.get(r, ()):
+                r.step_logprob = lp
+                r.append_token(tok)
+                if tok in r.stop_ids:
+                    break                       # a stop id: not part of the output
+                appended.append(tok)
+                if r.finish_reason is not None:
+                    break
+            kept = 0
+            while kept < min(len(s.draft), len(appended)) and appended[kept] == s.draft[kept]:
+                kept += 1
+            if r.spec is not None and s.samples:
+                r.spec.record(len(s.draft), kept, appended)
             if errors and r in errors:
                 r.error = errors[r]
                 self._finish(r, "error")
                 done.append(r)
                 continue
-            r.num_computed = s.start + s.count
+            r.num_computed = s.start + s.count - len(s.draft) + kept
             self._publish(r)
-            if s.samples:
-                r.append_token(sampled[r])
-                if r.finish_reason is not None:
-                    self._finish(r)
-                    done.append(r)
+            if r.finish_reason is not None:
+                self._finish(r)
+                done.append(r)
         return done
 
     def finish_all(self, error: BaseException) -> List[Request]:

@@ -150,3 +150,34 @@ class SpeculationSwitch:
             self.rate, self.count = None, 0   # the next round starts afresh
         else:
             self.backoff = self.base_backoff
+
+
+class SequenceSpeculation:
+    """One request's speculation state: its config, the n-gram index of its tokens (prompt,
+    then every token it outputs) and its switch, with the totals reported in its result."""
+
+    def __init__(self, config: SpeculativeConfig, prompt_ids: Sequence[int]):
+        self.config = config
+        self.index = NgramIndex(config.ngram_min, config.ngram_max, prompt_ids)
+        self.switch = SpeculationSwitch()
+        self.drafted = 0          # draft tokens verified
+        self.accepted = 0         # of them kept
+        self.steps = 0            # verify steps (a draft of >= 1 token)
+
+    def draft(self, room: int) -> List[int]:
+        """This step's draft: at most min(num_speculative_tokens, room) tokens, [] when the
+        switch is off or nothing matches."""
+        k = min(self.config.num_speculative_tokens, room)
+        if k < 1 or not self.switch.should_draft():
+            return []
+        return self.index.propose(k)
+
+    def record(self, drafted: int, accepted: int, tokens: Sequence[int]) -> None:
+        """After a step: `drafted` tokens verified, `accepted` kept; `tokens` the ones appended
+        to the sequence (indexed for the next drafts)."""
+        self.index.extend(tokens)
+        if drafted:
+            self.steps += 1
+            self.drafted += drafted
+            self.accepted += accepted
+            self.switch.record(drafted, accepted)

@@ -30,7 +30,7 @@ def _req(prompt_len, limit=100, first=1000):
 def _step(sched, token=7, tokens=None):
     """Plan a step and record it as if the forward sampled `token` (or tokens[req])."""
     plan = sched.schedule()
-    sampled = {s.req: (tokens or {}).get(s.req, token) for s in plan.seqs if s.samples}
+    sampled = {s.req: [((tokens or {}).get(s.req, token), None)] for s in plan.seqs if s.samples}
     sched.update(plan, sampled)
     return plan
 
@@ -174,7 +174,7 @@ def test_a_stop_id_or_the_limit_finishes_and_frees_and_a_failed_row_fails_alone(
     for r in (a, b, c):
         sched.add(r)
     plan = sched.schedule()
-    sched.update(plan, {a: EOS, b: 5}, errors={c: RuntimeError("row 3 is NaN")})
+    sched.update(plan, {a: [(EOS, None)], b: [(5, None)]}, errors={c: RuntimeError("row 3 is NaN")})
     assert a.finish_reason == "stop" and a.stop_reason == EOS and a.output_ids == []
     assert isinstance(c.error, RuntimeError) and c.finished
     assert sched.running == [b] and b.output_ids == [5]
@@ -225,7 +225,7 @@ def test_random_workload_keeps_every_page_accounted_for(seed, caching):
             sched.abort(rng.choice(reqs))
         plan = sched.schedule()
         assert plan.num_tokens <= 4 + 9
-        sched.update(plan, {s.req: EOS if rng.random() < 0.02 else 7 for s in plan.seqs if s.samples})
+        sched.update(plan, {s.req: [(EOS if rng.random() < 0.02 else 7, None)] for s in plan.seqs if s.samples})
         _check_pages(sched)
         _check_cache(sched.pool)
     while sched.has_work():
@@ -273,7 +273,7 @@ def test_a_finished_requests_last_partial_page_is_a_tail_that_the_next_turn_copi
     assert own != tail and sched.stats["tail_hits"] == 1
     for t, was in zip(pool.k + pool.v, before):
         assert torch.equal(t[own][:, :3], was[:, :3]) and torch.equal(t[tail], was)
-    sched.update(plan, {b: 7})
+    sched.update(plan, {b: [(7, None)]})
     assert b.finished and pool.num_tails == 2                # b's own: ids 12, 13 of page 3
     c = Request(list(range(10)), SamplingParams(), 2, stop_ids=[EOS])
     sched.add(c)
@@ -285,7 +285,7 @@ def test_a_finished_requests_last_partial_page_is_a_tail_that_the_next_turn_copi
         sched.add(d)
         plan = sched.schedule()
         if how == "abort":
-            sched.update(plan, {d: 7})
+            sched.update(plan, {d: [(7, None)]})
             sched.abort(d)
             sched.schedule()
         else:

@@ -150,11 +150,13 @@ class PagedBatch:
     Each of `num_seqs` sequences gets pages for `capacity` positions, taken from the pool in a
     shuffled order (so that a kernel reading a wrong page reads another sequence's keys)."""
 
-    def __init__(self, model, num_seqs: int, capacity: int, page_size: int = 16, seed: int = 0):
+    def __init__(self, model, num_seqs: int, capacity: int, page_size: int = 16, seed: int = 0,
+                 kv_dtype: Optional[torch.dtype] = None):
         from .kv_cache import PagePool
         per = -(-capacity // page_size)
         self.model = model
-        self.pool = PagePool(model.cfg, num_seqs * per, page_size, model.dtype, model.device)
+        self.pool = PagePool(model.cfg, num_seqs * per, page_size, model.dtype, model.device,
+                             kv_dtype)
         order = torch.randperm(num_seqs * per, generator=torch.Generator().manual_seed(seed)).tolist()
         self.pages = [order[b * per:(b + 1) * per] for b in range(num_seqs)]
         self.capacity = per * page_size

@@ -230,6 +230,16 @@ def parse_options(body: dict, chat: bool, default_timeout: Optional[float] = Non
     o.max_tokens = mt
     if mt:
         ov["max_new_tokens"] = mt
+    if "speculative" in body:               # null: off, even when the server's default is on
+        sp = body["speculative"]
+        if sp not in (None, "ngram"):
+            raise bad(f"speculative must be 'ngram' (prompt lookup) or null, got "
+                      f"{json.dumps(sp)[:40]}", param="speculative")
+        ov["speculative"] = sp
+    for name, hi in (("num_speculative_tokens", 64), ("ngram_min", 16), ("ngram_max", 16)):
+        v = get_int(body, name, lo=1, hi=hi)
+        if v is not None:
+            ov[name] = v
     seed = get_int(body, "seed", lo=0, hi=MAX_SEED)
     if seed is not None:
         ov["seed"] = seed

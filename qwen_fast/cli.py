@@ -165,6 +165,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache: auto (the model's dtype) or int8 (about half the bytes a "
                         "position; runs the reference attention for now)")
+    p.add_argument("--speculative", choices=["ngram"],
+                   help="prompt-lookup speculation by default (drafts from the sequence's own "
+                        "tokens, verified in one step: same output, fewer steps on text that "
+                        "repeats its input); a server request's own field overrides it")
+    p.add_argument("--num-speculative-tokens", type=int, help="draft tokens a step (default 8)")
+    p.add_argument("--ngram-min", type=int, help="shortest n-gram looked up (default 1)")
+    p.add_argument("--ngram-max", type=int, help="longest n-gram looked up (default 4)")
     p.add_argument("--quant", choices=["int8", "int4"],
                    help="quantize the layers' Linears at load (round-to-nearest, group 128) of a "
                         "dense checkpoint or of the random dummy weights")
@@ -187,10 +194,27 @@ def _sampling_overrides(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+def _speculation(args) -> dict:
+    """The --speculative options as sampling parameters (checked before the model load)."""
+    from .errors import RequestError
+    from .sampling import SamplingParams
+    names = ("speculative", "num_speculative_tokens", "ngram_min", "ngram_max")
+    spec = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if spec and "speculative" not in spec:
+        raise SystemExit("error: --num-speculative-tokens / --ngram-min / --ngram-max need "
+                         "--speculative ngram")
+    try:
+        SamplingParams().replace(**spec)
+    except RequestError as e:
+        raise SystemExit(f"error: --{e.param.replace('_', '-')}: {e}") from None
+    return spec
+
+
 def _load(args):
     from .engine import Engine
     if args.model is None and args.load_format != "dummy":
         raise SystemExit("error: --model DIR is required (or --load-format dummy)")
+    spec = _speculation(args)
     extra = {}
     if getattr(args, "max_batch_size", None) is not None:
         extra["max_batch_size"] = args.max_batch_size
@@ -199,6 +223,8 @@ def _load(args):
                                     lm_head_quant=getattr(args, "lm_head_quant", None),
                                     quant=getattr(args, "quant", None),
                                     kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), **extra)
+    if spec:        # the engine's default: every request that does not say otherwise
+        engine.default_params = engine.default_params.replace(**spec)
     if args.dtype == "auto":
         print(f"dtype: {str(engine.dtype).replace('torch.', '')} ({engine.dtype_reason})",
               file=sys.stderr)

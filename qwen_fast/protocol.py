@@ -91,6 +91,16 @@ class _Sampling(_Request):
     ignore_eos: Optional[bool] = Field(None, description="Go on past <|endoftext|>.")
     stop_token_ids: Optional[List[int]] = Field(None, description="More ids that end the answer.")
     return_token_ids: Optional[bool] = Field(None, description="Each choice carries token_ids.")
+    speculative: Optional[str] = Field(None, description="'ngram': prompt-lookup speculation "
+                                       "(drafts from the request's own tokens, verified in one "
+                                       "step; the same output). Default: the server's "
+                                       "--speculative.")
+    num_speculative_tokens: Optional[int] = Field(None, ge=1, le=64, description="Draft tokens "
+                                                  "a step at most (default 8).")
+    ngram_min: Optional[int] = Field(None, ge=1, le=16, description="Shortest n-gram looked up "
+                                     "(default 1).")
+    ngram_max: Optional[int] = Field(None, ge=1, le=16, description="Longest n-gram looked up, "
+                                     "tried first (default 4).")
     request_timeout: Optional[float] = Field(None, gt=0, description="Seconds: still queued "
                                              "then -> 503; generating -> 504 (streamed: an error "
                                              "event).")

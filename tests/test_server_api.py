@@ -211,3 +211,34 @@ def test_tokenizer_info_for_remote_tokenizers(srv, tiny_engine):
     _, ids = chatml.make_context(tiny_engine.tokenizer, "Bye", [("Hi", "Hello")],
                                  max_window_size=tiny_engine.generation_config.max_window_size)
     assert text == tiny_engine.tokenizer.decode(ids)
+
+
+def test_speculation_per_request_and_by_default(srv, tiny_engine):
+    """speculative / num_speculative_tokens / ngram_* reach the engine; the answer is the one
+    without them; a server default (--speculative) applies unless a request says null; bad
+    values are 400 naming the field."""
+    cl = srv.client
+    kw = dict(model=MODEL, prompt="one two three one two three one two", max_tokens=12,
+              temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+    plain = cl.completions.create(**kw)
+    spec = cl.completions.create(**dict(kw, extra_body=dict(
+        kw["extra_body"], speculative="ngram", num_speculative_tokens=3, ngram_max=2)))
+    assert spec.choices[0].model_extra["token_ids"] == plain.choices[0].model_extra["token_ids"]
+    p = srv.engine.recorded[-1].request.params
+    assert (p.speculative, p.num_speculative_tokens, p.ngram_min, p.ngram_max) == ("ngram", 3, 1, 2)
+    assert srv.engine.recorded[-1].request.spec is not None
+    old = tiny_engine.default_params
+    tiny_engine.default_params = old.replace(speculative="ngram", num_speculative_tokens=5)
+    try:
+        cl.completions.create(**kw)
+        assert srv.engine.recorded[-1].request.params.num_speculative_tokens == 5
+        assert srv.engine.recorded[-1].request.spec is not None
+        cl.completions.create(**dict(kw, extra_body=dict(kw["extra_body"], speculative=None)))
+        assert srv.engine.recorded[-1].request.spec is None
+    finally:
+        tiny_engine.default_params = old
+    for body, param in (({"speculative": "medusa"}, "speculative"),
+                        ({"speculative": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+                        ({"speculative": "ngram", "ngram_min": 4, "ngram_max": 2}, "ngram_min")):
+        r = httpx.post(srv.url + "/v1/completions", json=dict(model=MODEL, prompt="x", max_tokens=2, **body))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -167,3 +167,24 @@ def test_bad_speculation_parameters_are_refused(engine):
         with pytest.raises(RequestError) as e:
             engine.generate("hi", max_new_tokens=2, **kw)
         assert e.value.param == name
+
+
+def test_cli_sets_the_default(tiny_ckpt, capsys):
+    from qwen_fast.cli import build_parser, main
+    a = build_parser().parse_args(["serve", "--model", "m", "--speculative", "ngram",
+                                   "--num-speculative-tokens", "6", "--ngram-max", "3"])
+    assert (a.speculative, a.num_speculative_tokens, a.ngram_max) == ("ngram", 6, 3)
+    args = ["generate", "--model", str(tiny_ckpt), "--max-new-tokens", "5", "--temperature", "0",
+            "--ignore-eos", "--json", "one two one two one two"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args[:1] + ["--speculative", "ngram", "--num-speculative-tokens", "4"] + args[1:]) == 0
+    spec = capsys.readouterr().out
+    import json
+    assert json.loads(spec)["token_ids"] == json.loads(plain)["token_ids"]
+    for bad, opt in ((["--num-speculative-tokens", "4"], "--speculative ngram"),
+                     (["--speculative", "ngram", "--num-speculative-tokens", "99"],
+                      "--num-speculative-tokens")):
+        with pytest.raises(SystemExit) as e:
+            main(args[:1] + bad + args[1:])
+        assert opt in str(e.value)

@@ -49,6 +49,10 @@ valid = {
     "logprobs": st.one_of(st.none(), st.integers(0, 20)),
     "json_schema": st.sampled_from([None, False, True, {"type": "object"},
                                     {"type": "integer", "maximum": 9}, '{"type": "string"}']),
+    "speculative": st.sampled_from([None, "ngram"]),
+    "num_speculative_tokens": st.one_of(st.integers(1, 64), st.sampled_from([np.int64(2)])),
+    "ngram_min": st.integers(1, 2),
+    "ngram_max": st.integers(2, 16),
 }
 assert set(valid) == set(NAMES)
 # Each parameter present or not; when present, mostly a valid value, so that about half of

@@ -47,6 +47,15 @@ __host__ __device__ __forceinline__ int64_t rope_items(int64_t head_dim, int64_t
   return rot_dim / 2 / VEC + (head_dim - rot_dim) / VEC;
 }
 
+// The two halves of a rotation: x*cos + rotate_half(x)*sin with rotate_half(x) = [-x[h:], x[:h]],
+// each product rounded (torch rounds them: no FMA), p + (-q) exactly p - q.
+__device__ __forceinline__ float rope_lo(float xl, float xh, float c, float s) {
+  return __fadd_rn(__fmul_rn(xl, c), -__fmul_rn(xh, s));
+}
+__device__ __forceinline__ float rope_hi(float xh, float xl, float c, float s) {
+  return __fadd_rn(__fmul_rn(xh, c), __fmul_rn(xl, s));
+}
+
 // Item j of one head row: j < half / VEC rotates the VEC elements at j * VEC with those at
 // half + j * VEC; a later j copies the VEC elements at rot_dim + (j - half / VEC) * VEC.
 template <typename T, int VEC>
@@ -69,9 +78,8 @@ __device__ __forceinline__ void rope_item(T* out,            // [head_dim]
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float xl = to_f32(a.v[k]), xh = to_f32(b.v[k]);
-      // x*cos + rotate_half(x)*sin with rotate_half(x) = [-x[h:], x[:h]]: p + (-q), exactly p - q.
-      o_lo.v[k] = from_f32<T>(__fadd_rn(__fmul_rn(xl, c_lo[k]), -__fmul_rn(xh, s_lo[k])));
-      o_hi.v[k] = from_f32<T>(__fadd_rn(__fmul_rn(xh, c_hi[k]), __fmul_rn(xl, s_hi[k])));
+      o_lo.v[k] = from_f32<T>(rope_lo(xl, xh, c_lo[k], s_lo[k]));
+      o_hi.v[k] = from_f32<T>(rope_hi(xh, xl, c_hi[k], s_hi[k]));
     }
     store_vec<T, VEC>(out + lo, o_lo);
     store_vec<T, VEC>(out + hi, o_hi);
@@ -145,6 +153,118 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- the int8 cache: codes and a scale per group of D / G elements ----------------------------
+
+constexpr int kMaxGroups = 16;  // scale groups a row (G): D / G >= 16 and D <= 256 in practice
+constexpr int kWarps = kThreads / kWarpSize;
+
+// Chunk ch (VEC elements) of a row's key and value, as the 16-bit cache would hold them, in fp32:
+// ch < nch is the key's chunk ch rotated and rounded to T, a later one the value's chunk ch - nch.
+// VEC divides rot_dim / 2, so a chunk lies on one side of the rotation.
+template <typename T, int VEC>
+__device__ __forceinline__ void kv_chunk(float (&x)[VEC], const T* k, const T* v,
+                                         const float* cos, const float* sin, int64_t ch,
+                                         int64_t nch, int64_t half) {
+  const int64_t d0 = (ch < nch ? ch : ch - nch) * VEC;
+  const T* src = ch < nch ? k : v;
+  const Vec<T, VEC> a = load_vec<T, VEC>(src + d0);
+  if (ch >= nch || d0 >= 2 * half) {  // the value, or the key's unrotated tail
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) x[e] = to_f32(a.v[e]);
+    return;
+  }
+  const bool lo = d0 < half;
+  const Vec<T, VEC> b = load_vec<T, VEC>(k + (lo ? d0 + half : d0 - half));  // the partner
+  float c[VEC], s[VEC];
+  load_f32<VEC>(c, cos + d0);
+  load_f32<VEC>(s, sin + d0);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    const float xa = to_f32(a.v[e]), xb = to_f32(b.v[e]);
+    x[e] = to_f32(from_f32<T>(lo ? rope_lo(xa, xb, c[e], s[e]) : rope_hi(xa, xb, c[e], s[e])));
+  }
+}
+
+// The code of x under scale s (reference.quantize_kv): round half to even of the IEEE quotient,
+// clamped to [-127, 127] (a NaN gives -127; the reference leaves it undefined).
+__device__ __forceinline__ int8_t kv_code(float x, float s) {
+  const float r = rintf(__fdiv_rn(x, s));
+  return static_cast<int8_t>(static_cast<int>(fminf(fmaxf(r, -127.0f), 127.0f)));
+}
+
+// A warp per row (token n, head h): q's rotation into q_out (rope_item over the lanes), then the
+// 2 * nch chunks of the row's key and value over the lanes, twice: first each chunk's largest
+// |x| goes into its scale group's slot (a shared atomicMax on the bits, which order as the
+// magnitudes do; a NaN is the largest, and gives the scale 1 as in the reference), then each
+// chunk is quantized with its group's scale s = max / 127 (1 when 0), recomputed from the same
+// inputs rather than held. Coalesced: neighbouring lanes read and write neighbouring chunks.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    rotary_kv_cache_int8_kernel(T* q_out,                   // [N, H, D], contiguous
+                                int8_t* k_pages,            // [num_pages, H, P, D], contiguous
+                                int8_t* v_pages,            // [num_pages, H, P, D], contiguous
+                                float* k_scales,            // [num_pages, H, P, G], contiguous
+                                float* v_scales,            // [num_pages, H, P, G], contiguous
+                                const T* q, const T* k,
+                                const T* v,                 // [N, H, D] each, at (x_stride_n, x_stride_h, 1)
+                                const float* cos,           // [N, rot_dim]
+                                const float* sin,           // [N, rot_dim]
+                                const int32_t* page_table,  // [num_seqs, ld_pt]
+                                const int32_t* token_seq,   // [N]
+                                const int32_t* token_pos,   // [N]
+                                int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                                int64_t P, int64_t ld_pt, int64_t x_stride_n, int64_t x_stride_h,
+                                int G) {
+  __shared__ unsigned amax_bits[kWarps][2 * kMaxGroups];  // a warp's slots: k groups, v groups
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  unsigned* slot = amax_bits[warp];
+  const int64_t rot_items = rope_items<VEC>(head_dim, rot_dim);
+  const int64_t nch = head_dim / VEC;     // chunks of a key (or value) row
+  const int64_t per_group = nch / G;      // chunks a scale
+  const int64_t half = rot_dim / 2;
+  const int64_t step = int64_t{gridDim.x} * kWarps;
+  // Warp-uniform trip count: every lane reaches the __syncwarp()s.
+  for (int64_t row = int64_t{blockIdx.x} * kWarps + warp; row < rows; row += step) {
+    const int64_t n = row / heads, h = row - n * heads;
+    const int64_t in = n * x_stride_n + h * x_stride_h;
+    const float* c = cos + n * rot_dim;
+    const float* s = sin + n * rot_dim;
+    for (int64_t j = lane; j < rot_items; j += kWarpSize)
+      rope_item<T, VEC>(q_out + row * head_dim, q + in, c, s, j, half);
+    const int64_t pos = __ldg(token_pos + n);
+    const int64_t page = __ldg(page_table + __ldg(token_seq + n) * ld_pt + pos / P);
+    const int64_t key = (page * heads + h) * P + pos % P;  // the slot's row in pages and scales
+    if (lane < 2 * G) slot[lane] = 0u;
+    __syncwarp();
+    for (int64_t ch = lane; ch < 2 * nch; ch += kWarpSize) {
+      float x[VEC];
+      kv_chunk<T, VEC>(x, k + in, v + in, c, s, ch, nch, half);
+      unsigned m = 0u;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const unsigned a = __float_as_uint(x[e]) & 0x7fffffffu;  // |x|
+        m = a > m ? a : m;
+      }
+      atomicMax(slot + ch / per_group, m);
+    }
+    __syncwarp();
+    for (int64_t ch = lane; ch < 2 * nch; ch += kWarpSize) {
+      float x[VEC];
+      kv_chunk<T, VEC>(x, k + in, v + in, c, s, ch, nch, half);
+      float sc = __fdiv_rn(__uint_as_float(slot[ch / per_group]), 127.0f);
+      if (!(sc > 0.0f)) sc = 1.0f;  // all zeros (or a NaN): the reference's torch.where
+      Vec<int8_t, VEC> codes;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) codes.v[e] = kv_code(x[e], sc);
+      const bool is_k = ch < nch;
+      const int64_t c0 = is_k ? ch : ch - nch;
+      store_vec<int8_t, VEC>((is_k ? k_pages : v_pages) + key * head_dim + c0 * VEC, codes);
+      if (c0 % per_group == 0) (is_k ? k_scales : v_scales)[key * G + c0 / per_group] = sc;
+    }
+    __syncwarp();  // the slots are read before the next row clears them
+  }
+}
+
 // One thread per item; a grid past INT_MAX blocks strides over the rest.
 unsigned grid_size(int64_t items) {
   return static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, INT_MAX));
@@ -206,20 +326,33 @@ Status launch_rope(S* out, const S* x, const float* cos, const float* sin, int64
   return launch_status();
 }
 
+// rotary_kv_cache's argument checks (both cache types): kOk when the launch may go ahead.
+template <typename S, typename E>
+Status check_kv(const S* q_out, const E* k_pages, const E* v_pages, const S* q, const S* k,
+                const S* v, const float* cos, const float* sin, const int32_t* page_table,
+                const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
+                int64_t D, int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
+                int64_t x_stride_h) {
+  if (bad_sizes(N, 1, H, D, rot_dim) || P < 1 || ld_pt < 0 || x_stride_n < 0 || x_stride_h < 0)
+    return Status::kInvalidArgument;
+  if (N * H == 0) return Status::kOk;
+  if (q_out == nullptr || k_pages == nullptr || v_pages == nullptr || q == nullptr ||
+      k == nullptr || v == nullptr || page_table == nullptr || token_seq == nullptr ||
+      token_pos == nullptr || (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
+    return Status::kInvalidArgument;
+  return Status::kOk;
+}
+
 template <typename S>
 Status launch_rope_kv(S* q_out, S* k_pages, S* v_pages, const S* q, const S* k, const S* v,
                       const float* cos, const float* sin, const int32_t* page_table,
                       const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
                       int64_t D, int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
                       int64_t x_stride_h, cudaStream_t stream) {
-  if (bad_sizes(N, 1, H, D, rot_dim) || P < 1 || ld_pt < 0 || x_stride_n < 0 || x_stride_h < 0)
-    return Status::kInvalidArgument;
+  const Status bad = check_kv(q_out, k_pages, v_pages, q, k, v, cos, sin, page_table, token_seq,
+                              token_pos, N, H, D, rot_dim, P, ld_pt, x_stride_n, x_stride_h);
+  if (bad != Status::kOk || N * H == 0) return bad;
   const int64_t rows = N * H;
-  if (rows == 0) return Status::kOk;
-  if (q_out == nullptr || k_pages == nullptr || v_pages == nullptr || q == nullptr ||
-      k == nullptr || v == nullptr || page_table == nullptr || token_seq == nullptr ||
-      token_pos == nullptr || (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
-    return Status::kInvalidArgument;
   using T = device_t<S>;
   constexpr int kVec = kVecBytes / sizeof(T);
   auto* qo = reinterpret_cast<T*>(q_out);
@@ -240,6 +373,45 @@ Status launch_rope_kv(S* q_out, S* k_pages, S* v_pages, const S* q, const S* k, 
     QF_LAUNCH(grid_size(rows * items), kThreads, 0, stream, rotary_kv_cache_kernel<T, 1>)(
         qo, kp, vp, qi, ki, vi, cos, sin, page_table, token_seq, token_pos, rows, H, D, rot_dim,
         P, ld_pt, x_stride_n, x_stride_h);
+  }
+  return launch_status();
+}
+
+template <typename S>
+Status launch_rope_kv_int8(S* q_out, int8_t* k_pages, int8_t* v_pages, float* k_scales,
+                           float* v_scales, const S* q, const S* k, const S* v, const float* cos,
+                           const float* sin, const int32_t* page_table, const int32_t* token_seq,
+                           const int32_t* token_pos, int64_t N, int64_t H, int64_t D,
+                           int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
+                           int64_t x_stride_h, int64_t G, cudaStream_t stream) {
+  const Status bad = check_kv(q_out, k_pages, v_pages, q, k, v, cos, sin, page_table, token_seq,
+                              token_pos, N, H, D, rot_dim, P, ld_pt, x_stride_n, x_stride_h);
+  // G groups of D / G elements, a multiple of 16 (whole 16-byte vectors of codes for attention).
+  if (bad != Status::kOk || G < 1 || G > kMaxGroups || D % G != 0 || (D / G) % 16 != 0)
+    return bad != Status::kOk ? bad : Status::kInvalidArgument;
+  const int64_t rows = N * H;
+  if (rows == 0) return Status::kOk;
+  if (k_scales == nullptr || v_scales == nullptr) return Status::kInvalidArgument;
+  using T = device_t<S>;
+  constexpr int kVec = kVecBytes / sizeof(T);
+  auto* qo = reinterpret_cast<T*>(q_out);
+  const auto* qi = reinterpret_cast<const T*>(q);
+  const auto* ki = reinterpret_cast<const T*>(k);
+  const auto* vi = reinterpret_cast<const T*>(v);
+  const int g = static_cast<int>(G);
+  // A warp a row: grid_size counts threads. Codes go out as kVec-byte vectors: D % 16 == 0 and
+  // aligned pools keep them aligned.
+  if (vector_rows<kVec>(D, rot_dim, {x_stride_n, x_stride_h}, {q_out, q, k, v, cos, sin}) &&
+      aligned(k_pages) && aligned(v_pages)) {
+    QF_LAUNCH(grid_size(rows * kWarpSize), kThreads, 0, stream,
+              rotary_kv_cache_int8_kernel<T, kVec>)(
+        qo, k_pages, v_pages, k_scales, v_scales, qi, ki, vi, cos, sin, page_table, token_seq,
+        token_pos, rows, H, D, rot_dim, P, ld_pt, x_stride_n, x_stride_h, g);
+  } else {
+    QF_LAUNCH(grid_size(rows * kWarpSize), kThreads, 0, stream,
+              rotary_kv_cache_int8_kernel<T, 1>)(
+        qo, k_pages, v_pages, k_scales, v_scales, qi, ki, vi, cos, sin, page_table, token_seq,
+        token_pos, rows, H, D, rot_dim, P, ld_pt, x_stride_n, x_stride_h, g);
   }
   return launch_status();
 }
@@ -267,6 +439,19 @@ Status rotary_kv_cache(T* q_out, T* k_pages, T* v_pages, const T* q, const T* k,
                                        x_stride_n, x_stride_h, stream);
 }
 
+template <typename T>
+Status rotary_kv_cache_int8(T* q_out, int8_t* k_pages, int8_t* v_pages, float* k_scales,
+                            float* v_scales, const T* q, const T* k, const T* v,
+                            const float* cos, const float* sin, const int32_t* page_table,
+                            const int32_t* token_seq, const int32_t* token_pos, int64_t N,
+                            int64_t H, int64_t D, int64_t rot_dim, int64_t P, int64_t ld_pt,
+                            int64_t x_stride_n, int64_t x_stride_h, int64_t G,
+                            cudaStream_t stream) {
+  return rotary_detail::launch_rope_kv_int8(q_out, k_pages, v_pages, k_scales, v_scales, q, k, v,
+                                            cos, sin, page_table, token_seq, token_pos, N, H, D,
+                                            rot_dim, P, ld_pt, x_stride_n, x_stride_h, G, stream);
+}
+
 #define QF_INSTANTIATE(T)                                                                       \
   template Status rotary_embedding<T>(T*, const T*, const float*, const float*, int64_t,        \
                                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,     \
@@ -274,7 +459,12 @@ Status rotary_kv_cache(T* q_out, T* k_pages, T* v_pages, const T* q, const T* k,
   template Status rotary_kv_cache<T>(T*, T*, T*, const T*, const T*, const T*, const float*,     \
                                      const float*, const int32_t*, const int32_t*,                \
                                      const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                     int64_t, int64_t, int64_t, cudaStream_t);
+                                     int64_t, int64_t, int64_t, cudaStream_t);                    \
+  template Status rotary_kv_cache_int8<T>(T*, int8_t*, int8_t*, float*, float*, const T*,       \
+                                          const T*, const T*, const float*, const float*,       \
+                                          const int32_t*, const int32_t*, const int32_t*,       \
+                                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                          int64_t, int64_t, int64_t, cudaStream_t);
 QF_INSTANTIATE(float)
 QF_INSTANTIATE(qf::bf16)
 QF_INSTANTIATE(qf::fp16)

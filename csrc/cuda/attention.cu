@@ -287,9 +287,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       if (lane + i * group >= nvec) continue;
-      float pv[kUnroll];  // the weights times the vectors' value scales (exactly p: a plain cache)
+      float pv[kUnroll];  // the weights times the vectors' value scales (p: a plain cache)
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) pv[u] = valid[u] ? p[u] * vsc[u][i] : 0.0f;
+      for (int u = 0; u < kUnroll; ++u)
+        pv[u] = !Cache::kScaled ? p[u] : valid[u] ? p[u] * vsc[u][i] : 0.0f;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         float a = acc[i][e] * c;

@@ -187,9 +187,30 @@ __device__ __forceinline__ void kv_chunk(float (&x)[VEC], const T* k, const T* v
 
 // The code of x under scale s (reference.quantize_kv): round half to even of the IEEE quotient,
 // clamped to [-127, 127] (a NaN gives -127; the reference leaves it undefined).
-__device__ __forceinline__ int8_t kv_code(float x, float s) {
+__device__ __forceinline__ int kv_code(float x, float s) {
   const float r = rintf(__fdiv_rn(x, s));
-  return static_cast<int8_t>(static_cast<int>(fminf(fmaxf(r, -127.0f), 127.0f)));
+  return static_cast<int>(fminf(fmaxf(r, -127.0f), 127.0f));
+}
+
+// The codes of x[0..VEC) under scale s stored at dst: packed into 32-bit words (one vector store)
+// when VEC % 4 == 0 (dst then aligned to VEC bytes), else byte by byte.
+template <int VEC>
+__device__ __forceinline__ void store_codes(int8_t* dst, const float (&x)[VEC], float s) {
+  if constexpr (VEC % 4 == 0) {
+    Vec<uint32_t, VEC / 4> w;
+#pragma unroll
+    for (int i = 0; i < VEC / 4; ++i) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        word |= (static_cast<uint32_t>(kv_code(x[4 * i + b], s)) & 0xffu) << (8 * b);
+      w.v[i] = word;
+    }
+    store_vec<uint32_t, VEC / 4>(reinterpret_cast<uint32_t*>(dst), w);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dst[e] = static_cast<int8_t>(kv_code(x[e], s));
+  }
 }
 
 // A warp per row (token n, head h): q's rotation into q_out (rope_item over the lanes), then the
@@ -253,12 +274,9 @@ __global__ void __launch_bounds__(kThreads)
       kv_chunk<T, VEC>(x, k + in, v + in, c, s, ch, nch, half);
       float sc = __fdiv_rn(__uint_as_float(slot[ch / per_group]), 127.0f);
       if (!(sc > 0.0f)) sc = 1.0f;  // all zeros (or a NaN): the reference's torch.where
-      Vec<int8_t, VEC> codes;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) codes.v[e] = kv_code(x[e], sc);
       const bool is_k = ch < nch;
       const int64_t c0 = is_k ? ch : ch - nch;
-      store_vec<int8_t, VEC>((is_k ? k_pages : v_pages) + key * head_dim + c0 * VEC, codes);
+      store_codes<VEC>((is_k ? k_pages : v_pages) + key * head_dim + c0 * VEC, x, sc);
       if (c0 % per_group == 0) (is_k ? k_scales : v_scales)[key * G + c0 / per_group] = sc;
     }
     __syncwarp();  // the slots are read before the next row clears them

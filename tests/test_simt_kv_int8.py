@@ -188,7 +188,7 @@ def test_simt_int8_cases_split_the_keys():
 # ---- both: a sequence prefilled in chunks, then decoded ---------------------------------------
 
 @pytest.mark.parametrize("G", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_int8_cache_written_by_steps_then_read(request, dtype, G):
     """Steps as the engine runs them (two sequences: prefill chunks of 37 and 20 tokens, then
     chunks packed with decode rows, then decodes) write the cache through rotary_kv_cache_int8;

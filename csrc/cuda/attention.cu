@@ -6,8 +6,12 @@
 // and max_keys only; in a block, groups of G lanes (G 16-byte vectors, or scalars, span a key row)
 // fold every ngroups-th key into an online softmax (m, l, fp32 sum of p * v), merged through
 // shared memory; a split row's chunks leave (m, l, acc) in the workspace for a combine kernel,
-// which rounds once to T. Constraints: 1 <= D <= 256, P >= 1, max_keys < 2^31; the metadata are
-// read unchecked (a row's keys clamped to max_keys); no allocation, no sync.
+// which rounds once to T. attention_int8: the same kernel over an int8 cache (a Cache policy:
+// codes [pages, H, P, D] and fp32 scales [pages, H, P, G]), key element d read as
+// code * scale[d / (D / G)]: 16 codes per 16-byte load (a group of D / 16 lanes a key row), the
+// vector's scale applied to its partial q . k and folded into p for the values. Constraints:
+// 1 <= D <= 256 (int8: D / G a multiple of 16), P >= 1, max_keys < 2^31; the metadata are read
+// unchecked (a row's keys clamped to max_keys); no allocation, no sync.
 #include <climits>
 #include <cmath>
 #include <type_traits>

@@ -7,8 +7,11 @@
 // at any N, H strides, head dim contiguous; cos/sin contiguous [B, T, R] / [N, R] fp32.
 // Parallelisation: one thread per 16-byte chunk of a head row (one element where D, R/2, a stride
 // or a pointer do not allow vectors), consecutive threads on consecutive chunks, grid-stride over
-// all rows. Constraints: R even, 0 <= R <= D < 2^31, P >= 1; outputs overlap no input; the page
-// metadata are read unchecked; no allocation, no sync.
+// all rows. rotary_kv_cache_int8: the same q, and the rotated key (rounded to T) and the value
+// quantized into an int8 cache per group of D / G elements (reference.quantize_kv, bit-exact): a
+// warp per (token, head) row, lanes on consecutive chunks, the group max through shared memory.
+// Constraints: R even, 0 <= R <= D < 2^31, P >= 1 (int8: 1 <= G <= 16, D / G a multiple of 16);
+// outputs overlap no input; the page metadata are read unchecked; no allocation, no sync.
 #include <algorithm>
 #include <climits>
 #include <cstdint>

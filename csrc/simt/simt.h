@@ -93,16 +93,16 @@ inline unsigned __float_as_uint(float v) {
   return u;
 }
 inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division, as on the GPU
-// PRMT (the PTX manual's default mode): byte i of the result is byte s_i of the 8 bytes {y, x}
-// (x bytes 0-3, y bytes 4-7), s_i = bits [4i, 4i+3) of s; bit 4i+3 set replicates its sign bit.
+// __byte_perm: byte i of the result is byte s_i of the 8 bytes {y, x} (x bytes 0-3, y bytes
+// 4-7), s_i = bits [4i, 4i+3) of s (CUDA's math API). Selectors with bit 4i+3 set are not
+// modelled (CUDA documents them as unused, PTX prmt's default mode replicates a sign bit): callers
+// must not use them.
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const uint64_t bytes = (uint64_t{y} << 32) | x;
   unsigned out = 0;
   for (int i = 0; i < 4; ++i) {
-    const unsigned sel = (s >> (4 * i)) & 0xfu;
-    unsigned b = static_cast<unsigned>(bytes >> (8 * (sel & 7u))) & 0xffu;
-    if (sel & 8u) b = (b & 0x80u) ? 0xffu : 0u;
-    out |= b << (8 * i);
+    const unsigned sel = (s >> (4 * i)) & 7u;
+    out |= (static_cast<unsigned>(bytes >> (8 * sel)) & 0xffu) << (8 * i);
   }
   return out;
 }

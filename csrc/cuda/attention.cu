@@ -3,15 +3,16 @@
 // [h, j % P] (v alike). Layout: q [N, H, D] at (sq_n, sq_h, 1); pages [pages, H, P, D] contiguous
 // (key rows D apart); out [N, H, D] contiguous; an fp32 workspace for split partials.
 // Parallelisation: one block per (query row i * H + h, chunk of keys), the split planned from N * H
-// and max_keys only; in a block, groups of G lanes (G 16-byte vectors, or scalars, span a key row)
-// fold every ngroups-th key into an online softmax (m, l, fp32 sum of p * v), merged through
-// shared memory; a split row's chunks leave (m, l, acc) in the workspace for a combine kernel,
-// which rounds once to T. attention_int8: the same kernel over an int8 cache (a Cache policy:
-// codes [pages, H, P, D] and fp32 scales [pages, H, P, G]), key element d read as
-// code * scale[d / (D / G)]: 16 codes per 16-byte load (a group of D / 16 lanes a key row), the
-// vector's scale applied to its partial q . k and folded into p for the values. Constraints:
-// 1 <= D <= 256 (int8: D / G a multiple of 16), P >= 1, max_keys < 2^31; the metadata are read
-// unchecked (a row's keys clamped to max_keys); no allocation, no sync.
+// and max_keys only; in a block, groups of lanes (the 16-byte vectors, or scalars, of a key row,
+// rounded up to a power of two, at most a warp) fold every ngroups-th key into an online softmax
+// (m, l, fp32 sum of p * v), merged through shared memory; a split row's chunks leave
+// (m, l, acc) in the workspace for a combine kernel, which rounds once to T. attention_int8: the
+// same kernel over an int8 cache (a Cache policy: codes [pages, H, P, D] and fp32 scales
+// [pages, H, P, G]), key element d read as code * scale[d / (D / G)]: 16 codes per 16-byte load
+// (a group of D / 16 lanes a key row), the vector's scale applied to its partial q . k and folded
+// into p for the values. Constraints: 1 <= D <= 256 (int8: D / G a multiple of 16), P >= 1,
+// max_keys < 2^31; the metadata are read unchecked (a row's keys clamped to max_keys); no
+// allocation, no sync.
 #include <climits>
 #include <cmath>
 #include <type_traits>
@@ -106,8 +107,12 @@ struct Int8Cache {
   const float* vs;
   int G, group_elems;
   __device__ __forceinline__ int group_of(int d) const { return d / group_elems; }
-  __device__ __forceinline__ float k_scale(int64_t slot, int g) const { return __ldg(ks + slot * G + g); }
-  __device__ __forceinline__ float v_scale(int64_t slot, int g) const { return __ldg(vs + slot * G + g); }
+  __device__ __forceinline__ float k_scale(int64_t slot, int g) const {
+    return __ldg(ks + slot * G + g);
+  }
+  __device__ __forceinline__ float v_scale(int64_t slot, int g) const {
+    return __ldg(vs + slot * G + g);
+  }
 };
 
 // VEC elements of a key or value row in registers (one aligned load), read as fp32.
@@ -503,7 +508,7 @@ Status attention_int8(S_* out, const S_* q, const int8_t* k_pages, const int8_t*
   template Status attention<T>(T*, const T*, const T*, const T*, const int32_t*,              \
                                const int32_t*, const int32_t*, int64_t, int64_t, int64_t,      \
                                int64_t, int64_t, int64_t, int64_t, int64_t, float, void*,      \
-                               int64_t, cudaStream_t);                                   \
+                               int64_t, cudaStream_t);                                         \
   template Status attention_int8<T>(T*, const T*, const int8_t*, const int8_t*, const float*, \
                                     const float*, const int32_t*, const int32_t*,             \
                                     const int32_t*, int64_t, int64_t, int64_t, int64_t,       \

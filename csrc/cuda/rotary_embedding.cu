@@ -229,8 +229,9 @@ __global__ void __launch_bounds__(kThreads)
                                 int8_t* v_pages,            // [num_pages, H, P, D], contiguous
                                 float* k_scales,            // [num_pages, H, P, G], contiguous
                                 float* v_scales,            // [num_pages, H, P, G], contiguous
-                                const T* q, const T* k,
-                                const T* v,                 // [N, H, D] each, at (x_stride_n, x_stride_h, 1)
+                                const T* q,                 // [N, H, D] each, at
+                                const T* k,                 // (x_stride_n, x_stride_h, 1)
+                                const T* v,
                                 const float* cos,           // [N, rot_dim]
                                 const float* sin,           // [N, rot_dim]
                                 const int32_t* page_table,  // [num_seqs, ld_pt]

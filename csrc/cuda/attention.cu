@@ -387,44 +387,6 @@ int group_size(int64_t nvec) {
 
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
-template <typename T, int VEC, typename Cache>
-Status launch(T* out, const T* q, Cache kv, const int32_t* page_table,
-              const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H, int64_t D,
-              int64_t P, int64_t ld_pt, int64_t max_keys, int64_t sq_n, int64_t sq_h,
-              float scale, void* workspace, cudaStream_t stream) {
-  const int64_t rows = N * H;
-  const Plan p = plan(rows, max_keys);
-  const int splits = static_cast<int>(p.splits);
-  auto* ws_ml = static_cast<float2*>(workspace);
-  auto* ws_acc = p.splits > 1 ? reinterpret_cast<float*>(ws_ml + rows * p.splits) : nullptr;
-  const int d = static_cast<int>(D);
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
-  QF_LAUNCH(grid, kThreads, 0, stream, attention_split_kernel<T, Cache, VEC>)(
-      out, ws_acc, ws_ml, q, kv, page_table, token_seq, token_pos, H, d, P, ld_pt,
-      max_keys, p.chunk, splits, group_size(D / VEC), sq_n, sq_h, scale);
-  cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess && splits > 1) {
-    QF_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, stream, attention_combine_kernel<T>)(
-        out, ws_acc, ws_ml, token_seq, token_pos, H, d, max_keys, p.chunk, splits);
-    err = cudaGetLastError();
-  }
-  return err == cudaSuccess ? Status::kOk : cuda_error_status(err);
-}
-
-}  // namespace attention_impl
-}  // namespace
-
-int64_t attention_workspace_bytes(int64_t N, int64_t H, int64_t D, int64_t max_keys) {
-  if (N < 1 || H < 1 || D < 1 || max_keys < 1) return 0;
-  const int64_t rows = N * H;
-  const attention_impl::Plan p = attention_impl::plan(rows, max_keys);
-  if (p.splits <= 1) return 0;
-  return rows * p.splits * static_cast<int64_t>(sizeof(float2) + sizeof(float) * D);
-}
-
-namespace {
-namespace attention_impl {
-
 // The launchers' argument checks (both cache types): kOk when the launch may go ahead (or there is
 // nothing to do: rows == 0).
 Status check_args(const void* out, const void* q, const void* k_pages, const void* v_pages,
@@ -445,8 +407,48 @@ Status check_args(const void* out, const void* q, const void* k_pages, const voi
   return Status::kOk;
 }
 
+// The launchers' common body: the argument checks, the split kernel reading the cache in
+// VEC-element vectors (vec) or element by element, then the combine where rows split.
+template <typename T, int VEC, typename Cache>
+Status launch(bool vec, T* out, const T* q, Cache kv, const int32_t* page_table,
+              const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H, int64_t D,
+              int64_t P, int64_t ld_pt, int64_t max_keys, int64_t sq_n, int64_t sq_h,
+              float scale, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
+  const Status bad = check_args(out, q, kv.k, kv.v, page_table, token_seq, token_pos, N, H, D, P,
+                                ld_pt, max_keys, sq_n, sq_h, workspace, workspace_bytes);
+  if (bad != Status::kOk || N * H == 0) return bad;
+  const int64_t rows = N * H;
+  const Plan p = plan(rows, max_keys);
+  const int splits = static_cast<int>(p.splits);
+  auto* ws_ml = static_cast<float2*>(workspace);
+  auto* ws_acc = p.splits > 1 ? reinterpret_cast<float*>(ws_ml + rows * p.splits) : nullptr;
+  const int d = static_cast<int>(D);
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
+  auto* split_kernel =
+      vec ? attention_split_kernel<T, Cache, VEC> : attention_split_kernel<T, Cache, 1>;
+  QF_LAUNCH(grid, kThreads, 0, stream, split_kernel)(
+      out, ws_acc, ws_ml, q, kv, page_table, token_seq, token_pos, H, d, P, ld_pt, max_keys,
+      p.chunk, splits, group_size(D / (vec ? VEC : 1)), sq_n, sq_h, scale);
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess && splits > 1) {
+    QF_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, stream, attention_combine_kernel<T>)(
+        out, ws_acc, ws_ml, token_seq, token_pos, H, d, max_keys, p.chunk, splits);
+    err = cudaGetLastError();
+  }
+  return err == cudaSuccess ? Status::kOk : cuda_error_status(err);
+}
+
 }  // namespace attention_impl
 }  // namespace
+
+int64_t attention_workspace_bytes(int64_t N, int64_t H, int64_t D, int64_t max_keys) {
+  if (N < 1 || H < 1 || D < 1 || max_keys < 1) return 0;
+  const int64_t rows = N * H;
+  const attention_impl::Plan p = attention_impl::plan(rows, max_keys);
+  if (p.splits <= 1) return 0;
+  return rows * p.splits * static_cast<int64_t>(sizeof(float2) + sizeof(float) * D);
+}
+
 
 template <typename S_>
 Status attention(S_* out, const S_* q, const S_* k_pages, const S_* v_pages,
@@ -455,11 +457,6 @@ Status attention(S_* out, const S_* q, const S_* k_pages, const S_* v_pages,
                  int64_t sq_n, int64_t sq_h, float scale, void* workspace,
                  int64_t workspace_bytes, cudaStream_t stream) {
   namespace impl = attention_impl;
-  const Status bad = impl::check_args(out, q, k_pages, v_pages, page_table, token_seq, token_pos,
-                                      N, H, D, P, ld_pt, max_keys, sq_n, sq_h, workspace,
-                                      workspace_bytes);
-  if (bad != Status::kOk || N * H == 0) return bad;
-
   using T = device_t<S_>;
   constexpr int kVec = impl::kVecBytes / sizeof(T);
   // Key rows sit D elements apart in the pools: D % kVec and aligned pools align every row.
@@ -469,10 +466,9 @@ Status attention(S_* out, const S_* q, const S_* k_pages, const S_* v_pages,
   const auto* qi = reinterpret_cast<const T*>(q);
   const impl::PlainCache<T> kv{reinterpret_cast<const T*>(k_pages),
                                reinterpret_cast<const T*>(v_pages)};
-  return vec ? impl::launch<T, kVec>(o, qi, kv, page_table, token_seq, token_pos, N, H, D, P,
-                                     ld_pt, max_keys, sq_n, sq_h, scale, workspace, stream)
-             : impl::launch<T, 1>(o, qi, kv, page_table, token_seq, token_pos, N, H, D, P, ld_pt,
-                                  max_keys, sq_n, sq_h, scale, workspace, stream);
+  return impl::launch<T, kVec>(vec, o, qi, kv, page_table, token_seq, token_pos, N, H, D, P,
+                               ld_pt, max_keys, sq_n, sq_h, scale, workspace, workspace_bytes,
+                               stream);
 }
 
 template <typename S_>
@@ -483,13 +479,9 @@ Status attention_int8(S_* out, const S_* q, const int8_t* k_pages, const int8_t*
                       int64_t sq_h, float scale, int64_t G, void* workspace,
                       int64_t workspace_bytes, cudaStream_t stream) {
   namespace impl = attention_impl;
-  const Status bad = impl::check_args(out, q, k_pages, v_pages, page_table, token_seq, token_pos,
-                                      N, H, D, P, ld_pt, max_keys, sq_n, sq_h, workspace,
-                                      workspace_bytes);
-  if (bad != Status::kOk) return bad;
-  if (G < 1 || D % G != 0 || (D / G) % 16 != 0) return Status::kInvalidArgument;
-  if (N * H == 0) return Status::kOk;
-  if (k_scales == nullptr || v_scales == nullptr) return Status::kInvalidArgument;
+  if (G < 1 || D % G != 0 || (D / G) % 16 != 0 ||
+      (N > 0 && H > 0 && (k_scales == nullptr || v_scales == nullptr)))
+    return Status::kInvalidArgument;
 
   using T = device_t<S_>;
   constexpr int kVec = impl::kVecBytes;  // 16 codes a vector; D % 16 == 0 keeps rows aligned
@@ -497,11 +489,10 @@ Status attention_int8(S_* out, const S_* q, const int8_t* k_pages, const int8_t*
   const auto* qi = reinterpret_cast<const T*>(q);  // read element by element: any alignment
   const impl::Int8Cache kv{k_pages, v_pages, k_scales, v_scales, static_cast<int>(G),
                            static_cast<int>(D / G)};
-  return impl::aligned(k_pages) && impl::aligned(v_pages)
-             ? impl::launch<T, kVec>(o, qi, kv, page_table, token_seq, token_pos, N, H, D, P,
-                                     ld_pt, max_keys, sq_n, sq_h, scale, workspace, stream)
-             : impl::launch<T, 1>(o, qi, kv, page_table, token_seq, token_pos, N, H, D, P, ld_pt,
-                                  max_keys, sq_n, sq_h, scale, workspace, stream);
+  const bool vec = impl::aligned(k_pages) && impl::aligned(v_pages);
+  return impl::launch<T, kVec>(vec, o, qi, kv, page_table, token_seq, token_pos, N, H, D, P,
+                               ld_pt, max_keys, sq_n, sq_h, scale, workspace, workspace_bytes,
+                               stream);
 }
 
 #define QF_INSTANTIATE(T)                                                                     \

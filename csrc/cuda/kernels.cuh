@@ -77,7 +77,7 @@ Status rotary_kv_cache(T* q_out,                    // [N, H, D] contiguous
 // group of D / G consecutive elements: s = max|x| / 127.0f (IEEE division; 1 when the max is 0),
 // code = round-half-even(x / s) (IEEE division) clamped to [-127, 127]; codes and scales are
 // bit-identical to quantize_kv's (float32 scales). q_out as rotary_kv_cache. Requires
-// 1 <= G <= 16, D % G == 0, (D / G) % 16 == 0.
+// 1 <= G <= 16, D <= 65536, D % G == 0, (D / G) % 16 == 0.
 template <typename T>
 Status rotary_kv_cache_int8(T* q_out,                         // [N, H, D] contiguous
                             int8_t* k_pages, int8_t* v_pages,  // [num_pages, H, P, D] contiguous

@@ -10,8 +10,9 @@
 // all rows. rotary_kv_cache_int8: the same q, and the rotated key (rounded to T) and the value
 // quantized into an int8 cache per group of D / G elements (reference.quantize_kv, bit-exact): a
 // warp per (token, head) row, lanes on consecutive chunks, the group max through shared memory.
-// Constraints: R even, 0 <= R <= D < 2^31, P >= 1 (int8: 1 <= G <= 16, D / G a multiple of 16);
-// outputs overlap no input; the page metadata are read unchecked; no allocation, no sync.
+// Constraints: R even, 0 <= R <= D < 2^31, P >= 1 (int8: D <= 2^16, 1 <= G <= 16, D / G a
+// multiple of 16); outputs overlap no input; the page metadata are read unchecked; no
+// allocation, no sync.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -177,6 +178,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---- the int8 cache: codes and a scale per group of D / G elements ----------------------------
 
 constexpr int kMaxGroups = 16;  // scale groups a row (G): D / G >= 16 and D <= 256 in practice
+constexpr int64_t kMaxInt8HeadDim = 1 << 16;  // chunk indices in 32 bits (fast division)
 constexpr int kWarps = kThreads / kWarpSize;
 
 // Chunk ch (VEC elements) of a row's key and value, as the 16-bit cache would hold them, in fp32:
@@ -184,9 +186,9 @@ constexpr int kWarps = kThreads / kWarpSize;
 // VEC divides rot_dim / 2, so a chunk lies on one side of the rotation.
 template <typename T, int VEC>
 __device__ __forceinline__ void kv_chunk(float (&x)[VEC], const T* k, const T* v,
-                                         const float* cos, const float* sin, int64_t ch,
-                                         int64_t nch, int64_t half) {
-  const int64_t d0 = (ch < nch ? ch : ch - nch) * VEC;
+                                         const float* cos, const float* sin, int ch, int nch,
+                                         int64_t half) {
+  const int64_t d0 = int64_t{ch < nch ? ch : ch - nch} * VEC;
   const T* src = ch < nch ? k : v;
   const Vec<T, VEC> a = load_vec<T, VEC>(src + d0);
   if (ch >= nch || d0 >= 2 * half) {  // the value, or the key's unrotated tail
@@ -253,8 +255,8 @@ __global__ void __launch_bounds__(kThreads)
   unsigned* slot = amax_bits[warp];
   const int64_t D = st.head_dim;
   const int64_t rot_items = rope_items<VEC>(D, st.rot_dim);
-  const int64_t nch = D / VEC;            // chunks of a key (or value) row
-  const int64_t per_group = nch / G;      // chunks a scale
+  const int nch = static_cast<int>(D / VEC);  // chunks of a key (or value) row
+  const int per_group = nch / G;              // chunks a scale
   const int64_t half = st.rot_dim / 2;
   const int64_t step = int64_t{gridDim.x} * kWarps;
   // Warp-uniform trip count: every lane reaches the __syncwarp()s.
@@ -269,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t key = st.slot(n, h);  // the row of pages and scales written
     if (lane < 2 * G) slot[lane] = 0u;
     __syncwarp();
-    for (int64_t ch = lane; ch < 2 * nch; ch += kWarpSize) {
+    for (int ch = lane; ch < 2 * nch; ch += kWarpSize) {
       float x[VEC];
       kv_chunk<T, VEC>(x, k, v, c, s, ch, nch, half);
       unsigned m = 0u;
@@ -281,14 +283,14 @@ __global__ void __launch_bounds__(kThreads)
       atomicMax(slot + ch / per_group, m);
     }
     __syncwarp();
-    for (int64_t ch = lane; ch < 2 * nch; ch += kWarpSize) {
+    for (int ch = lane; ch < 2 * nch; ch += kWarpSize) {
       float x[VEC];
       kv_chunk<T, VEC>(x, k, v, c, s, ch, nch, half);
       float sc = __fdiv_rn(__uint_as_float(slot[ch / per_group]), 127.0f);
       if (!(sc > 0.0f)) sc = 1.0f;  // all zeros (or a NaN): the reference's torch.where
       const bool is_k = ch < nch;
-      const int64_t c0 = is_k ? ch : ch - nch;
-      store_codes<VEC>((is_k ? k_pages : v_pages) + key * D + c0 * VEC, x, sc);
+      const int c0 = is_k ? ch : ch - nch;
+      store_codes<VEC>((is_k ? k_pages : v_pages) + key * D + int64_t{c0} * VEC, x, sc);
       if (c0 % per_group == 0) (is_k ? k_scales : v_scales)[key * G + c0 / per_group] = sc;
     }
     __syncwarp();  // the slots are read before the next row clears them
@@ -415,7 +417,7 @@ Status launch_rope_kv_int8(T* q_out, int8_t* k_pages, int8_t* v_pages, float* k_
   if (bad != Status::kOk) return bad;
   // G groups of D / G elements, a multiple of 16 (whole 16-byte vectors of codes for attention).
   const int64_t D = st.head_dim;
-  if (G < 1 || G > kMaxGroups || D % G != 0 || (D / G) % 16 != 0)
+  if (G < 1 || G > kMaxGroups || D > kMaxInt8HeadDim || D % G != 0 || (D / G) % 16 != 0)
     return Status::kInvalidArgument;
   if (st.rows() == 0) return Status::kOk;
   if (k_scales == nullptr || v_scales == nullptr) return Status::kInvalidArgument;

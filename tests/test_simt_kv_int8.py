@@ -218,8 +218,10 @@ def test_int8_cache_written_by_steps_then_read(request, dtype, G):
         # The fp32 reference's own error grows with these inputs' size (about 4e-6 here, past
         # the fp32 table's atol): both are measured against fp64 instead.
         exact = _attention_f64(qw, *want, table, seq, pos)
-        err = (got.double() - exact).abs().max().item()
-        assert err <= 2 * (ref.double() - exact).abs().max().item() + 1e-7
+        err_ref = (ref.double() - exact).abs().max().item()
+        # (the fp64 twin agrees with the reference: its rounding to the dtype, at most)
+        assert err_ref <= (1e-5 if dtype == torch.float32 else 2**-8) * exact.abs().max().item()
+        assert (got.double() - exact).abs().max().item() <= 2 * err_ref + 1e-7
         if dtype != torch.float32:
             assert (got == ref).float().mean().item() >= 0.99
 
@@ -230,10 +232,13 @@ def _attention_f64(q, k_pages, v_pages, k_scales, v_scales, page_table, token_se
     kd = reference.dequantize_kv(k_pages, k_scales).double()
     vd = reference.dequantize_kv(v_pages, v_scales).double()
     out = torch.empty(q.shape, dtype=torch.float64)
-    for i, (s, p) in enumerate(zip(token_seq.tolist(), token_pos.tolist())):
-        pages = page_table[s].long()[torch.arange(p + 1) // P]
-        offs = torch.arange(p + 1) % P
-        keys, values = kd[pages, :, offs], vd[pages, :, offs]             # [n, H, D]
-        scores = torch.einsum("hd,nhd->hn", q[i].double(), keys) * D ** -0.5
-        out[i] = torch.einsum("hn,nhd->hd", scores.softmax(-1), values)
+    for s in token_seq.unique().tolist():
+        rows = torch.nonzero(token_seq == s).flatten()
+        pos = token_pos[rows].long()
+        j = torch.arange(int(pos.max()) + 1)
+        pages = page_table[s].long()[j // P]
+        keys, values = kd[pages, :, j % P], vd[pages, :, j % P]           # [n, H, D]
+        scores = torch.einsum("rhd,nhd->rhn", q[rows].double(), keys) * D ** -0.5
+        scores = scores.masked_fill((j[None, :] > pos[:, None])[:, None], float("-inf"))
+        out[rows] = torch.einsum("rhn,nhd->rhd", scores.softmax(-1), values)
     return out

@@ -112,7 +112,10 @@ ATTN_CASES = [
      "qkv", True),
     ("prefill_37_after_cached_P24", 1, 64, 24, [(100, 37), (300, 1), (0, 1)], (1, 4), "qkv",
      True),
-    ("unaligned_q_and_pools_P5", 2, 64, 5, [(150, 2), (70, 1)], (1, 4), "unaligned", False),
+    # q one element off 16 bytes (read element by element), then pools one byte off (the scalar
+    # path: one code at a time).
+    ("unaligned_q_P5", 2, 64, 5, [(150, 2), (70, 1)], (1, 4), "unaligned", True),
+    ("unaligned_pools_P5", 2, 64, 5, [(130, 1), (70, 2)], (1, 4), "qkv", False),
     ("d256_P16", 1, 256, 16, [(100, 1)], (1, 4), "qkv", True),
     ("d16_one_key_P16", 2, 16, 16, [(0, 1), (80, 1)], (1,), "qkv", True),
 ]

@@ -67,7 +67,7 @@ xdist=()
 step tests 240 "$OUT/tests.log" "$PY" -m pytest -q -ra "${xdist[@]}" -p no:cacheprovider
 
 # 3. compute-sanitizer over the CUDA kernel tests (GPU cases only: -m gpu)
-KERNEL_TESTS=$(ls tests/test_{rms_norm,rotary_embedding,rotary_kv_cache,swiglu,linear,quant_linear,attention}.py 2> /dev/null)
+KERNEL_TESTS=$(ls tests/test_{rms_norm,rotary_embedding,rotary_kv_cache,swiglu,linear,quant_linear,attention,kv_int8}.py 2> /dev/null)
 : > "$OUT/sanitizer.log"
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do

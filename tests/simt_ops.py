@@ -94,14 +94,41 @@ def quant_linear_dequantize(weight, dtype):
 # ---- attention -------------------------------------------------------------------------------
 
 
-def attention(q, k_pages, v_pages, page_table, token_seq, token_pos, scale=None, *, out=None):
+def _attention(launch, q, cache, page_table, token_seq, token_pos, scale, out):
+    """launch(out, q, *cache, page_table, token_seq, token_pos, max_keys, scale, workspace) with
+    the workspace the plan needs, NaN-filled (a partial the combine reads before a split block
+    wrote it shows)."""
     N, H, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     max_keys = int(token_pos.max()) + 1 if token_pos.numel() else 1
     if out is None:
         out = torch.empty(N, H, D, dtype=q.dtype)
-    # NaN-filled, so that a partial the combine reads before a split block wrote it shows.
     ws = torch.full((_simt.attention_workspace_bytes(N, H, D, max_keys) // 4,), float("nan"))
-    _simt.attention(out, q, k_pages, v_pages, page_table, token_seq.contiguous(),
-                    token_pos.contiguous(), max_keys, scale, ws.view(torch.uint8))
+    launch(out, q, *cache, page_table, token_seq.contiguous(), token_pos.contiguous(), max_keys,
+           scale, ws.view(torch.uint8))
     return out
+
+
+def attention(q, k_pages, v_pages, page_table, token_seq, token_pos, scale=None, *, out=None):
+    return _attention(_simt.attention, q, (k_pages, v_pages), page_table, token_seq, token_pos,
+                      scale, out)
+
+
+# ---- the int8 KV cache (reference.rotary_kv_cache / attention with k_scales, v_scales) ------
+def rotary_kv_cache_int8(q, k, v, cos, sin, k_pages, v_pages, k_scales, v_scales, page_table,
+                         token_seq, token_pos, *, out=None):
+    """k_pages, v_pages int8 [pages, H, P, D] and k_scales, v_scales fp32 [pages, H, P, G]
+    (contiguous), written in place; returns the rotated q. Unchecked, as rotary_kv_cache."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype)
+    _simt.rotary_kv_cache_int8(out, k_pages, v_pages, k_scales, v_scales, q, k, v,
+                               cos.contiguous(), sin.contiguous(), page_table,
+                               token_seq.contiguous(), token_pos.contiguous())
+    return out
+
+
+def attention_int8(q, k_pages, v_pages, k_scales, v_scales, page_table, token_seq, token_pos,
+                   scale=None, *, out=None):
+    """attention over an int8 cache (k_scales, v_scales fp32 [pages, H, P, G], contiguous)."""
+    return _attention(_simt.attention_int8, q, (k_pages, v_pages, k_scales, v_scales), page_table,
+                      token_seq, token_pos, scale, out)

@@ -3,13 +3,19 @@
 // [h, j % P] (v alike). Layout: q [N, H, D] at (sq_n, sq_h, 1); pages [pages, H, P, D] contiguous
 // (key rows D apart); out [N, H, D] contiguous; an fp32 workspace for split partials.
 // Parallelisation: one block per (query row i * H + h, chunk of keys), the split planned from N * H
-// and max_keys only; in a block, groups of G lanes (G 16-byte vectors, or scalars, span a key row)
-// fold every ngroups-th key into an online softmax (m, l, fp32 sum of p * v), merged through
-// shared memory; a split row's chunks leave (m, l, acc) in the workspace for a combine kernel,
-// which rounds once to T. Constraints: 1 <= D <= 256, P >= 1, max_keys < 2^31; the metadata are
-// read unchecked (a row's keys clamped to max_keys); no allocation, no sync.
+// and max_keys only; in a block, groups of lanes (the 16-byte vectors, or scalars, of a key row,
+// rounded up to a power of two, at most a warp) fold every ngroups-th key into an online softmax
+// (m, l, fp32 sum of p * v), merged through shared memory; a split row's chunks leave
+// (m, l, acc) in the workspace for a combine kernel, which rounds once to T. attention_int8: the
+// same kernel over an int8 cache (a Cache policy: codes [pages, H, P, D] and fp32 scales
+// [pages, H, P, G]), key element d read as code * scale[d / (D / G)]: 16 codes per 16-byte load
+// (a group of D / 16 lanes a key row), the vector's scale applied to its partial q . k and folded
+// into p for the values. Constraints: 1 <= D <= 256 (int8: D / G a multiple of 16), P >= 1,
+// max_keys < 2^31; the metadata are read unchecked (a row's keys clamped to max_keys); no
+// allocation, no sync.
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "common.cuh"
 #include "kernels.cuh"
@@ -22,6 +28,7 @@ namespace attention_impl {
 constexpr int kThreads = 128;           // per block, both kernels
 constexpr int kMaxHeadDim = 256;
 constexpr int kLaneElems = 8;           // elements of a key row per lane: D <= 256 = 32 lanes x 8
+                                        // (one 16-byte vector of int8 codes: 16)
 constexpr int kUnroll = 4;              // keys per group in flight at once
 constexpr int64_t kTargetBlocks = 1024; // split the keys until about this many blocks run
 constexpr int64_t kMinChunk = 64;       // keys per split block, at least (and chunks a multiple)
@@ -65,14 +72,78 @@ __device__ __forceinline__ Row row_of(int64_t row, int64_t H, int64_t max_keys,
   return r;
 }
 
-// Element offset of key row j of row r's sequence, head r.h, in a page pool. 32-bit division:
-// the launcher keeps max_keys and P below 2^31 (a 64-bit one costs several times more per key).
-__device__ __forceinline__ int64_t key_offset(const Row& r, int64_t j, const int32_t* pt,
-                                              int64_t H, int64_t P, int D) {
+// Slot of key j of row r's sequence, head r.h, in a page pool: its row in [pages, H, P, ...]
+// (elements at slot * D, scales at slot * G). 32-bit division: the launcher keeps max_keys and P
+// below 2^31 (a 64-bit one costs several times more per key).
+__device__ __forceinline__ int64_t key_slot(const Row& r, int64_t j, const int32_t* pt, int64_t H,
+                                            int64_t P) {
   const uint32_t jj = static_cast<uint32_t>(j), pp = static_cast<uint32_t>(P);
   const uint32_t n = jj / pp;
   const int64_t page = __ldg(pt + n);
-  return ((page * H + r.h) * P + (jj - n * pp)) * D;
+  return (page * H + r.h) * P + (jj - n * pp);
+}
+
+// The caches the kernel reads, as a policy: element type, and the scale of an element group.
+// A 16/32-bit cache of T: elements read as they are (its scales are the constant 1).
+template <typename T>
+struct PlainCache {
+  using Elem = T;
+  static constexpr bool kScaled = false;
+  const T* k;  // [pages, H, P, D]
+  const T* v;
+  __device__ __forceinline__ int group_of(int) const { return 0; }
+  __device__ __forceinline__ float k_scale(int64_t, int) const { return 1.0f; }
+  __device__ __forceinline__ float v_scale(int64_t, int) const { return 1.0f; }
+};
+
+// An int8 cache: element d of a slot is code * scale[slot, d / group_elems] (reference
+// dequantize_kv), group_elems = D / G a multiple of 16, so a 16-code vector has one scale.
+struct Int8Cache {
+  using Elem = int8_t;
+  static constexpr bool kScaled = true;
+  const int8_t* k;  // [pages, H, P, D]
+  const int8_t* v;
+  const float* ks;  // [pages, H, P, G]
+  const float* vs;
+  int G, group_elems;
+  __device__ __forceinline__ int group_of(int d) const { return d / group_elems; }
+  __device__ __forceinline__ float k_scale(int64_t slot, int g) const {
+    return __ldg(ks + slot * G + g);
+  }
+  __device__ __forceinline__ float v_scale(int64_t slot, int g) const {
+    return __ldg(vs + slot * G + g);
+  }
+};
+
+// VEC elements of a key or value row in registers (one aligned load), read as fp32.
+template <typename E, int VEC, bool kWords = std::is_same<E, int8_t>::value && VEC % 4 == 0>
+struct Chunk {
+  Vec<E, VEC> x;
+  __device__ __forceinline__ void load(const E* p) { x = load_vec<E, VEC>(p); }
+  __device__ __forceinline__ float operator[](int e) const { return to_f32(x.v[e]); }
+};
+// int8 codes as 32-bit words: s8_to_f32's byte permute, not an I2F a code.
+template <typename E, int VEC>
+struct Chunk<E, VEC, true> {
+  Vec<uint32_t, VEC / 4> w;
+  __device__ __forceinline__ void load(const E* p) {
+    w = load_vec<uint32_t, VEC / 4>(reinterpret_cast<const uint32_t*>(p));
+  }
+  __device__ __forceinline__ float operator[](int e) const { return s8_to_f32(w.v[e / 4], e % 4); }
+};
+
+// dst = q's VEC elements at p in fp32: one vector load when they fit 16 bytes (then aligned), else
+// element by element (the int8 cache's 16-element vectors; q is read once per block).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_q(float (&dst)[VEC], const T* p) {
+  if constexpr (VEC * sizeof(T) <= kVecBytes) {
+    const Vec<T, VEC> x = load_vec<T, VEC>(p);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dst[e] = to_f32(x.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dst[e] = to_f32(p[e]);
+  }
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -108,23 +179,25 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 // One block: keys [split * chunk, min((split + 1) * chunk, n_keys)) of one query row. Lane
-// `lane` of group `gi` holds vectors lane, lane + G, ... of the head dim (kPer of them at most).
-template <typename T, int VEC>
+// `lane` of group `gi` holds vectors lane, lane + group, ... of the head dim (kPer of them at
+// most). The cache (PlainCache or Int8Cache) is read in VEC-element vectors.
+template <typename T, typename Cache, int VEC>
 __global__ void __launch_bounds__(kThreads)
     attention_split_kernel(T* out,                     // [rows, D], rows = N * H
                            float* ws_acc,              // [rows, splits, D]; when splits > 1
                            float2* ws_ml,              // [rows, splits] (m, l); when splits > 1
                            const T* q,                 // [N, H, D] at (sq_n, sq_h, 1)
-                           const T* k_pages,           // [pages, H, P, D] contiguous
-                           const T* v_pages,           // [pages, H, P, D] contiguous
+                           Cache kv,                   // pages [pages, H, P, D] contiguous
                            const int32_t* page_table,  // [num_seqs, ld_pt]
                            const int32_t* token_seq,   // [N]
                            const int32_t* token_pos,   // [N]
                            int64_t H, int D, int64_t P, int64_t ld_pt, int64_t max_keys,
                            int64_t chunk, int splits, int group, int64_t sq_n, int64_t sq_h,
                            float scale) {
-  constexpr int kPer = kLaneElems / VEC;  // vectors per lane
-  __shared__ float sm_acc[kThreads * kLaneElems];  // [ngroups, D]: ngroups * D <= this
+  using E = typename Cache::Elem;
+  constexpr int kPer = (kLaneElems + VEC - 1) / VEC;  // vectors per lane
+  // [ngroups, D]: ngroups * D <= kThreads * max(kLaneElems, VEC), as group >= min(D / VEC, 32)
+  __shared__ float sm_acc[kThreads * (VEC > kLaneElems ? VEC : kLaneElems)];
   __shared__ float sm_l[kThreads];                 // [ngroups]
   __shared__ float sm_m[kThreads];                 // [ngroups]
   __shared__ float scratch[kThreads / kWarpSize];
@@ -149,15 +222,16 @@ __global__ void __launch_bounds__(kThreads)
 
   float qr[kPer][VEC];
   float acc[kPer][VEC];
+  int sg[kPer];  // the scale group of each of the lane's vectors
   const T* qp = q + r.i * sq_n + r.h * sq_h;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int vi = lane + i * group;
-    Vec<T, VEC> x;
-    if (vi < nvec) x = load_vec<T, VEC>(qp + vi * VEC);
+    if (vi < nvec) load_q<T, VEC>(qr[i], qp + vi * VEC);
+    sg[i] = kv.group_of(vi * VEC);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      qr[i][e] = vi < nvec ? to_f32(x.v[e]) : 0.0f;
+      if (vi >= nvec) qr[i][e] = 0.0f;
       acc[i][e] = 0.0f;
     }
   }
@@ -167,20 +241,24 @@ __global__ void __launch_bounds__(kThreads)
   // Block-uniform trip count (the group sums shuffle across the whole warp); group gi takes
   // keys base + u * ngroups + gi, so neighbouring groups read neighbouring key rows.
   for (int64_t base = j0; base < j1; base += kUnroll * ngroups) {
-    Vec<T, VEC> kr[kUnroll][kPer], vr[kUnroll][kPer];
+    Chunk<E, VEC> kr[kUnroll][kPer], vr[kUnroll][kPer];
+    float ksc[kUnroll][kPer], vsc[kUnroll][kPer];  // the vectors' scales (1: a plain cache)
     bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = base + u * ngroups + gi;
       valid[u] = j < j1;
       if (!valid[u]) continue;
-      const int64_t at = key_offset(r, j, pt, H, P, D);  // the group's lanes read one entry
+      const int64_t slot = key_slot(r, j, pt, H, P);  // the group's lanes read one entry
+      const int64_t at = slot * D;
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
         const int vi = lane + i * group;
         if (vi < nvec) {
-          kr[u][i] = load_vec<T, VEC>(k_pages + at + vi * VEC);
-          vr[u][i] = load_vec<T, VEC>(v_pages + at + vi * VEC);
+          kr[u][i].load(kv.k + at + vi * VEC);
+          vr[u][i].load(kv.v + at + vi * VEC);
+          ksc[u][i] = kv.k_scale(slot, sg[i]);
+          vsc[u][i] = kv.v_scale(slot, sg[i]);
         }
       }
     }
@@ -191,8 +269,15 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
         if (valid[u] && lane + i * group < nvec) {
+          if constexpr (Cache::kScaled) {  // a vector has one scale: applied to its partial dot
+            float part = 0.0f;
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) dot += qr[i][e] * to_f32(kr[u][i].v[e]);
+            for (int e = 0; e < VEC; ++e) part += qr[i][e] * kr[u][i][e];
+            dot += part * ksc[u][i];
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) dot += qr[i][e] * kr[u][i][e];
+          }
         }
       }
       s[u] = group_sum(dot, group) * scale;  // q . k in fp32, then scaled, as the reference
@@ -211,12 +296,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       if (lane + i * group >= nvec) continue;
+      float pv[kUnroll];  // the weights times the vectors' value scales (p: a plain cache)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        pv[u] = !Cache::kScaled ? p[u] : valid[u] ? p[u] * vsc[u][i] : 0.0f;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         float a = acc[i][e] * c;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
-          if (valid[u]) a += p[u] * to_f32(vr[u][i].v[e]);
+          if (valid[u]) a += pv[u] * vr[u][i][e];
         acc[i][e] = a;
       }
     }
@@ -298,11 +387,36 @@ int group_size(int64_t nvec) {
 
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
-template <typename T, int VEC>
-Status launch(T* out, const T* q, const T* k_pages, const T* v_pages, const int32_t* page_table,
+// The launchers' argument checks (both cache types): kOk when the launch may go ahead (or there is
+// nothing to do: rows == 0).
+Status check_args(const void* out, const void* q, const void* k_pages, const void* v_pages,
+                  const int32_t* page_table, const int32_t* token_seq, const int32_t* token_pos,
+                  int64_t N, int64_t H, int64_t D, int64_t P, int64_t ld_pt, int64_t max_keys,
+                  int64_t sq_n, int64_t sq_h, const void* workspace, int64_t workspace_bytes) {
+  if (N < 0 || H < 0 || D < 1 || D > kMaxHeadDim || P < 1 || P > INT_MAX || ld_pt < 0 ||
+      max_keys < 1 || max_keys > INT_MAX || sq_n < 0 || sq_h < 0)
+    return Status::kInvalidArgument;
+  const int64_t rows = N * H;
+  if (rows == 0) return Status::kOk;
+  if (rows > INT_MAX) return Status::kInvalidArgument;  // one block row per query row
+  const int64_t need = attention_workspace_bytes(N, H, D, max_keys);
+  if (out == nullptr || q == nullptr || k_pages == nullptr || v_pages == nullptr ||
+      page_table == nullptr || token_seq == nullptr || token_pos == nullptr ||
+      workspace_bytes < need || (need > 0 && workspace == nullptr))
+    return Status::kInvalidArgument;
+  return Status::kOk;
+}
+
+// The launchers' common body: the argument checks, the split kernel reading the cache in
+// VEC-element vectors (vec) or element by element, then the combine where rows split.
+template <typename T, int VEC, typename Cache>
+Status launch(bool vec, T* out, const T* q, Cache kv, const int32_t* page_table,
               const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H, int64_t D,
               int64_t P, int64_t ld_pt, int64_t max_keys, int64_t sq_n, int64_t sq_h,
-              float scale, void* workspace, cudaStream_t stream) {
+              float scale, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
+  const Status bad = check_args(out, q, kv.k, kv.v, page_table, token_seq, token_pos, N, H, D, P,
+                                ld_pt, max_keys, sq_n, sq_h, workspace, workspace_bytes);
+  if (bad != Status::kOk || N * H == 0) return bad;
   const int64_t rows = N * H;
   const Plan p = plan(rows, max_keys);
   const int splits = static_cast<int>(p.splits);
@@ -310,9 +424,11 @@ Status launch(T* out, const T* q, const T* k_pages, const T* v_pages, const int3
   auto* ws_acc = p.splits > 1 ? reinterpret_cast<float*>(ws_ml + rows * p.splits) : nullptr;
   const int d = static_cast<int>(D);
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
-  QF_LAUNCH(grid, kThreads, 0, stream, attention_split_kernel<T, VEC>)(
-      out, ws_acc, ws_ml, q, k_pages, v_pages, page_table, token_seq, token_pos, H, d, P, ld_pt,
-      max_keys, p.chunk, splits, group_size(D / VEC), sq_n, sq_h, scale);
+  auto* split_kernel =
+      vec ? attention_split_kernel<T, Cache, VEC> : attention_split_kernel<T, Cache, 1>;
+  QF_LAUNCH(grid, kThreads, 0, stream, split_kernel)(
+      out, ws_acc, ws_ml, q, kv, page_table, token_seq, token_pos, H, d, P, ld_pt, max_keys,
+      p.chunk, splits, group_size(D / (vec ? VEC : 1)), sq_n, sq_h, scale);
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess && splits > 1) {
     QF_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, stream, attention_combine_kernel<T>)(
@@ -333,6 +449,7 @@ int64_t attention_workspace_bytes(int64_t N, int64_t H, int64_t D, int64_t max_k
   return rows * p.splits * static_cast<int64_t>(sizeof(float2) + sizeof(float) * D);
 }
 
+
 template <typename S_>
 Status attention(S_* out, const S_* q, const S_* k_pages, const S_* v_pages,
                  const int32_t* page_table, const int32_t* token_seq, const int32_t* token_pos,
@@ -340,18 +457,6 @@ Status attention(S_* out, const S_* q, const S_* k_pages, const S_* v_pages,
                  int64_t sq_n, int64_t sq_h, float scale, void* workspace,
                  int64_t workspace_bytes, cudaStream_t stream) {
   namespace impl = attention_impl;
-  if (N < 0 || H < 0 || D < 1 || D > impl::kMaxHeadDim || P < 1 || P > INT_MAX || ld_pt < 0 ||
-      max_keys < 1 || max_keys > INT_MAX || sq_n < 0 || sq_h < 0)
-    return Status::kInvalidArgument;
-  const int64_t rows = N * H;
-  if (rows == 0) return Status::kOk;
-  if (rows > INT_MAX) return Status::kInvalidArgument;  // one block row per query row
-  const int64_t need = attention_workspace_bytes(N, H, D, max_keys);
-  if (out == nullptr || q == nullptr || k_pages == nullptr || v_pages == nullptr ||
-      page_table == nullptr || token_seq == nullptr || token_pos == nullptr ||
-      workspace_bytes < need || (need > 0 && workspace == nullptr))
-    return Status::kInvalidArgument;
-
   using T = device_t<S_>;
   constexpr int kVec = impl::kVecBytes / sizeof(T);
   // Key rows sit D elements apart in the pools: D % kVec and aligned pools align every row.
@@ -359,19 +464,47 @@ Status attention(S_* out, const S_* q, const S_* k_pages, const S_* v_pages,
                    impl::aligned(k_pages) && impl::aligned(v_pages);
   auto* o = reinterpret_cast<T*>(out);
   const auto* qi = reinterpret_cast<const T*>(q);
-  const auto* ki = reinterpret_cast<const T*>(k_pages);
-  const auto* vi = reinterpret_cast<const T*>(v_pages);
-  return vec ? impl::launch<T, kVec>(o, qi, ki, vi, page_table, token_seq, token_pos, N, H, D, P,
-                                     ld_pt, max_keys, sq_n, sq_h, scale, workspace, stream)
-             : impl::launch<T, 1>(o, qi, ki, vi, page_table, token_seq, token_pos, N, H, D, P,
-                                  ld_pt, max_keys, sq_n, sq_h, scale, workspace, stream);
+  const impl::PlainCache<T> kv{reinterpret_cast<const T*>(k_pages),
+                               reinterpret_cast<const T*>(v_pages)};
+  return impl::launch<T, kVec>(vec, o, qi, kv, page_table, token_seq, token_pos, N, H, D, P,
+                               ld_pt, max_keys, sq_n, sq_h, scale, workspace, workspace_bytes,
+                               stream);
+}
+
+template <typename S_>
+Status attention_int8(S_* out, const S_* q, const int8_t* k_pages, const int8_t* v_pages,
+                      const float* k_scales, const float* v_scales, const int32_t* page_table,
+                      const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
+                      int64_t D, int64_t P, int64_t ld_pt, int64_t max_keys, int64_t sq_n,
+                      int64_t sq_h, float scale, int64_t G, void* workspace,
+                      int64_t workspace_bytes, cudaStream_t stream) {
+  namespace impl = attention_impl;
+  if (G < 1 || D % G != 0 || (D / G) % 16 != 0 ||
+      (N > 0 && H > 0 && (k_scales == nullptr || v_scales == nullptr)))
+    return Status::kInvalidArgument;
+
+  using T = device_t<S_>;
+  constexpr int kVec = impl::kVecBytes;  // 16 codes a vector; D % 16 == 0 keeps rows aligned
+  auto* o = reinterpret_cast<T*>(out);
+  const auto* qi = reinterpret_cast<const T*>(q);  // read element by element: any alignment
+  const impl::Int8Cache kv{k_pages, v_pages, k_scales, v_scales, static_cast<int>(G),
+                           static_cast<int>(D / G)};
+  const bool vec = impl::aligned(k_pages) && impl::aligned(v_pages);
+  return impl::launch<T, kVec>(vec, o, qi, kv, page_table, token_seq, token_pos, N, H, D, P,
+                               ld_pt, max_keys, sq_n, sq_h, scale, workspace, workspace_bytes,
+                               stream);
 }
 
 #define QF_INSTANTIATE(T)                                                                     \
   template Status attention<T>(T*, const T*, const T*, const T*, const int32_t*,              \
                                const int32_t*, const int32_t*, int64_t, int64_t, int64_t,      \
                                int64_t, int64_t, int64_t, int64_t, int64_t, float, void*,      \
-                               int64_t, cudaStream_t);
+                               int64_t, cudaStream_t);                                         \
+  template Status attention_int8<T>(T*, const T*, const int8_t*, const int8_t*, const float*, \
+                                    const float*, const int32_t*, const int32_t*,             \
+                                    const int32_t*, int64_t, int64_t, int64_t, int64_t,       \
+                                    int64_t, int64_t, int64_t, int64_t, float, int64_t,       \
+                                    void*, int64_t, cudaStream_t);
 QF_INSTANTIATE(float)
 QF_INSTANTIATE(qf::bf16)
 QF_INSTANTIATE(qf::fp16)

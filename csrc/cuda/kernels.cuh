@@ -72,6 +72,23 @@ Status rotary_kv_cache(T* q_out,                    // [N, H, D] contiguous
                        int64_t ld_pt, int64_t x_stride_n, int64_t x_stride_h,
                        cudaStream_t stream);
 
+// rotary_kv_cache into an int8 cache (reference.rotary_kv_cache with k_scales / v_scales): the
+// rotated key, rounded to T as the 16-bit cache would hold it, and the value are quantized per
+// group of D / G consecutive elements: s = max|x| / 127.0f (IEEE division; 1 when the max is 0),
+// code = round-half-even(x / s) (IEEE division) clamped to [-127, 127]; codes and scales are
+// bit-identical to quantize_kv's (float32 scales). q_out as rotary_kv_cache. Requires
+// 1 <= G <= 16, D <= 65536, D % G == 0, (D / G) % 16 == 0.
+template <typename T>
+Status rotary_kv_cache_int8(T* q_out,                         // [N, H, D] contiguous
+                            int8_t* k_pages, int8_t* v_pages,  // [num_pages, H, P, D] contiguous
+                            float* k_scales, float* v_scales,  // [num_pages, H, P, G] contiguous
+                            // q .. x_stride_h: rotary_kv_cache's
+                            const T* q, const T* k, const T* v, const float* cos,
+                            const float* sin, const int32_t* page_table, const int32_t* token_seq,
+                            const int32_t* token_pos, int64_t N, int64_t H, int64_t D,
+                            int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
+                            int64_t x_stride_h, int64_t G, cudaStream_t stream);
+
 // ---- swiglu (swiglu.cu) -----------------------------------------------------------------------
 
 // out = up * silu(gate), silu(g) = g / (1 + expf(-g)) rounded to T, the product rounded to T
@@ -143,5 +160,22 @@ Status attention(T* out,                      // [N, H, D] contiguous
                  int64_t sq_n, int64_t sq_h, float scale,
                  void* workspace,             // [workspace_bytes] >= attention_workspace_bytes(...)
                  int64_t workspace_bytes, cudaStream_t stream);
+
+// attention over an int8 cache (reference.attention with k_scales / v_scales): key and value
+// element d of a slot read as code * scale[d / (D / G)] in fp32, otherwise as attention (same
+// workspace size: attention_workspace_bytes). Pools and scales contiguous. Requires G >= 1,
+// D % G == 0 and (D / G) % 16 == 0.
+template <typename T>
+Status attention_int8(T* out,                                       // [N, H, D] contiguous
+                      const T* q,                                   // as attention's
+                      const int8_t* k_pages, const int8_t* v_pages,  // [num_pages, H, P, D]
+                      const float* k_scales, const float* v_scales,  // [num_pages, H, P, G]
+                      // page_table .. scale: attention's
+                      const int32_t* page_table, const int32_t* token_seq,
+                      const int32_t* token_pos, int64_t N, int64_t H, int64_t D, int64_t P,
+                      int64_t ld_pt, int64_t max_keys, int64_t sq_n, int64_t sq_h, float scale,
+                      int64_t G,
+                      void* workspace,  // [workspace_bytes] >= attention_workspace_bytes(...)
+                      int64_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace qf::cuda

@@ -109,6 +109,25 @@ PYBIND11_MODULE(_simt, m) {
             "rotary_kv_cache");
     });
   });
+  // The int8 cache: k_pages, v_pages int8 [pages, H, P, D], k_scales, v_scales fp32
+  // [pages, H, P, G], all contiguous; the rest as rotary_kv_cache.
+  m.def("rotary_kv_cache_int8", [](at::Tensor q_out, at::Tensor k_pages, at::Tensor v_pages,
+                                   at::Tensor k_scales, at::Tensor v_scales, const at::Tensor& q,
+                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                   const at::Tensor& sin, const at::Tensor& page_table,
+                                   const at::Tensor& token_seq, const at::Tensor& token_pos) {
+    dispatch(q, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::rotary_kv_cache_int8<T>(
+                ptr<T>(q_out), ptr<int8_t>(k_pages), ptr<int8_t>(v_pages), ptr<float>(k_scales),
+                ptr<float>(v_scales), ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<float>(cos),
+                ptr<float>(sin), page_table.data_ptr<int32_t>(), token_seq.data_ptr<int32_t>(),
+                token_pos.data_ptr<int32_t>(), q.size(0), q.size(1), q.size(2), cos.size(1),
+                k_pages.size(2), page_table.stride(0), q.stride(0), q.stride(1),
+                k_scales.size(3), nullptr),
+            "rotary_kv_cache_int8");
+    });
+  });
 
   // ---- swiglu -------------------------------------------------------------------------------
   m.def("swiglu", [](at::Tensor out, const at::Tensor& up, const at::Tensor& gate) {
@@ -177,6 +196,25 @@ PYBIND11_MODULE(_simt, m) {
                                    q.stride(1), static_cast<float>(scale), workspace.data_ptr(),
                                    workspace.numel(), nullptr),
             "attention");
+    });
+  });
+  // The int8 cache: k_pages, v_pages int8 [pages, H, P, D], k_scales, v_scales fp32
+  // [pages, H, P, G], all contiguous; the rest as attention.
+  m.def("attention_int8", [](at::Tensor out, const at::Tensor& q, const at::Tensor& k_pages,
+                             const at::Tensor& v_pages, const at::Tensor& k_scales,
+                             const at::Tensor& v_scales, const at::Tensor& page_table,
+                             const at::Tensor& token_seq, const at::Tensor& token_pos,
+                             int64_t max_keys, double scale, at::Tensor workspace) {
+    dispatch(q, [&](auto tag) {
+      using T = decltype(tag);
+      check(qf::cuda::attention_int8<T>(
+                ptr<T>(out), ptr<T>(q), ptr<int8_t>(k_pages), ptr<int8_t>(v_pages),
+                ptr<float>(k_scales), ptr<float>(v_scales), page_table.data_ptr<int32_t>(),
+                token_seq.data_ptr<int32_t>(), token_pos.data_ptr<int32_t>(), q.size(0),
+                q.size(1), q.size(2), k_pages.size(2), page_table.stride(0), max_keys,
+                q.stride(0), q.stride(1), static_cast<float>(scale), k_scales.size(3),
+                workspace.data_ptr(), workspace.numel(), nullptr),
+            "attention_int8");
     });
   });
 

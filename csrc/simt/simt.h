@@ -87,6 +87,25 @@ inline float __uint_as_float(unsigned v) {
   std::memcpy(&f, &v, sizeof f);
   return f;
 }
+inline unsigned __float_as_uint(float v) {
+  unsigned u;
+  std::memcpy(&u, &v, sizeof u);
+  return u;
+}
+inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division, as on the GPU
+// __byte_perm: byte i of the result is byte s_i of the 8 bytes {y, x} (x bytes 0-3, y bytes
+// 4-7), s_i = bits [4i, 4i+3) of s (CUDA's math API). Selectors with bit 4i+3 set are not
+// modelled (CUDA documents them as unused, PTX prmt's default mode replicates a sign bit): callers
+// must not use them.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t bytes = (uint64_t{y} << 32) | x;
+  unsigned out = 0;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned sel = (s >> (4 * i)) & 7u;
+    out |= (static_cast<unsigned>(bytes >> (8 * sel)) & 0xffu) << (8 * i);
+  }
+  return out;
+}
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 // Fibers switch only at synchronisation points, so a read-modify-write is already atomic.
@@ -94,6 +113,11 @@ template <typename T>
 inline T atomicAdd(T* p, T v) {
   const T old = *p;
   *p = old + v;
+  return old;
+}
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old > v ? old : v;
   return old;
 }
 

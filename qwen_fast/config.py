@@ -208,7 +208,7 @@ FLOAT_BOUNDS = {
     "initializer_range": (0.0, 1.0, False),
 }
 BOOL_FIELDS = ("use_dynamic_ntk", "use_logn_attn", "no_bias", "tie_word_embeddings",
-               "bf16", "fp16", "fp32")
+               "bf16", "fp16", "fp32", "use_cache_quantization")
 
 
 @dataclass
@@ -233,6 +233,9 @@ class QwenConfig:
     fp32: bool = False
     initializer_range: float = 0.02
     quantization_config: Optional[dict] = None
+    # The release's int8 KV cache; kv_cache_dtype="auto" then means our int8 cache (README:
+    # "int8 KV cache" says how its numerics differ from the release's).
+    use_cache_quantization: bool = False
 
     # ---- derived -------------------------------------------------------------------------
     @property

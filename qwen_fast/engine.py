@@ -310,10 +310,10 @@ class Engine:
         tokens (and NTK alpha, dtype, cache format), so that a request whose prompt starts the
         same way (a chat's history, a shared system prompt) computes only the rest. Cached pages
         nobody holds are evicted, least recently used first, when the pool needs room.
-        kv_cache_dtype: "auto" (the model's dtype) or "int8": keys and values as int8 with an
-        fp32 scale per position and head (reference.quantize_kv), about half the bytes a
-        position, so the same budget holds about twice the positions. For now it runs through
-        the reference attention (the kernels do not read it yet)."""
+        kv_cache_dtype: "auto" (the model's dtype, or "int8" when config.json sets the release's
+        use_cache_quantization) or "int8": keys and values as int8 with an fp32 scale per
+        position and head (reference.quantize_kv), about half the bytes a position, so the same
+        budget holds about twice the positions."""
         self.model = model
         self.dtype_reason = "the model's"     # from_pretrained: why it chose the dtype
         self.cfg: QwenConfig = model.cfg
@@ -342,7 +342,9 @@ class Engine:
         if kv_cache_dtype not in ("auto", "int8"):
             raise ConfigError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'int8', "
                               f"got {kv_cache_dtype!r}")
-        self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else torch.int8
+        if kv_cache_dtype == "auto":
+            kv_cache_dtype = "int8" if self.cfg.use_cache_quantization else "model"
+        self.kv_cache_dtype = torch.int8 if kv_cache_dtype == "int8" else self.dtype
         page_size = int(kv_page_size)
         max_pages = int(max_batch_size) * -(-self.cfg.max_context // page_size)
         page_bytes = PagePool.page_bytes(self.cfg, page_size, self.kv_cache_dtype)

@@ -132,3 +132,26 @@ def test_cli_takes_the_int8_cache(tiny_ckpt, capsys):
                  "--max-new-tokens", "3", "--temperature", "0", "hello"]) == 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8", "x"])
+
+
+def test_release_use_cache_quantization_maps_to_the_int8_cache(tmp_path):
+    """config.json's use_cache_quantization: true (the release's own int8 cache) -> our int8
+    cache under kv_cache_dtype="auto"; a non-boolean value is a ConfigError naming it."""
+    import json
+
+    from qwen_fast import Engine
+    from qwen_fast.config import QwenConfig
+    from qwen_fast.errors import ConfigError
+    from qwen_fast.testing import tiny_config, write_checkpoint
+    d = write_checkpoint(tmp_path / "q", tiny_config(), dtype=torch.bfloat16)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["use_cache_quantization"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    e = Engine.from_pretrained(d, kv_cache_budget=2**24)
+    try:
+        assert e.kv_pool.kv_dtype == torch.int8 and e.kv_pool.k_scales is not None
+        assert len(e.generate("hello", max_new_tokens=3, temperature=0).token_ids) == 3
+    finally:
+        e.close()
+    with pytest.raises(ConfigError, match="use_cache_quantization"):
+        QwenConfig.from_dict(dict(cfg, use_cache_quantization="yes"))

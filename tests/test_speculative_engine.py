@@ -188,3 +188,16 @@ def test_cli_sets_the_default(tiny_ckpt, capsys):
         with pytest.raises(SystemExit) as e:
             main(args[:1] + bad + args[1:])
         assert opt in str(e.value)
+
+
+def test_json_schema_with_speculation(engine):
+    """The grammar's state advances only with tokens that are output (each row is sampled after
+    the previous one was accepted into it), so a constrained answer is the same too."""
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+              "required": ["a", "b"]}
+    args = dict(CASES["greedy"], max_new_tokens=40, json_schema=schema)
+    plain = engine.generate(TEXT, **args)
+    spec = engine.generate(TEXT, speculative="ngram", **args)
+    _same(plain, spec)
+    assert spec.num_accepted_tokens >= 1      # drafts were verified under the grammar

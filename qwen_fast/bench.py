@@ -137,7 +137,7 @@ def measure(engine, prompt_tokens: int, new_tokens: int, contexts: Sequence[int]
             "ttft_ms": t_pre * 1e3, "prefill_tokens_per_s": prompt_tokens / t_pre,
             "decode_tokens_per_s": 1 / t_tok, "ms_per_token": t_tok * 1e3,
             "weight_bytes_per_token": nbytes,
-            "kv_bytes_per_token": kv_bytes_per_token(engine.model, context or prompt_tokens),
+            "kv_bytes_per_token": kv_bytes_per_token(engine.kv_pool, context or prompt_tokens),
             "weights_gb_s": nbytes / t_tok / 1e9,
             "read_gb_s": statistics.median(x["read_gb_s"] for x in runs),
             "pct_of_read": statistics.median(x["pct_of_read"] for x in runs),
@@ -381,12 +381,10 @@ def check_args(args) -> BenchPlan:
     return BenchPlan(config=cfg, backends=backends, contexts=contexts, device=device)
 
 
-def kv_bytes_per_token(model, context: int) -> int:
+def kv_bytes_per_token(pool, context: int) -> int:
     """KV-cache bytes one decode step reads with `context` tokens cached: every layer's keys and
-    values of every position."""
-    cfg = model.cfg
-    return (2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
-            * torch.empty((), dtype=model.dtype).element_size())
+    values of every position, in the pool's format (an int8 cache's scales included)."""
+    return pool.bytes_per_page // pool.page_size * context
 
 
 def run(args, plan: Optional[BenchPlan] = None) -> dict:

@@ -39,7 +39,8 @@ from .config import GenerationConfig, QwenConfig, builtin_config, ntk_alpha, par
 from .errors import CapacityError, ConfigError, RequestError
 from .loader import available_memory, dummy_state_dict, load_config, load_state_dict
 from .core import EngineCore
-from .kv_cache import DEFAULT_PAGE_SIZE, PagePool, StepMetadata, bytes_per_token, format_bytes
+from .kv_cache import (DEFAULT_PAGE_SIZE, PagePool, StepMetadata, check_kv_group,
+                       format_bytes)
 from .model import BACKENDS, QwenModel
 from .request import Request
 from .runner import Runner
@@ -293,7 +294,7 @@ class Engine:
                  generation_config: Optional[GenerationConfig] = None,
                  kv_cache_budget: Union[int, str, None] = "auto", max_batch_size: int = 8,
                  kv_page_size: int = DEFAULT_PAGE_SIZE, prefix_caching: bool = True,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", kv_cache_group: Optional[int] = None):
         """Every call's requests run in one shared batch (continuous batching over a paged KV
         cache: qwen_fast/core.py), at most max_batch_size at a time; the others wait for a row.
 
@@ -313,7 +314,8 @@ class Engine:
         kv_cache_dtype: "auto" (the model's dtype, or "int8" when config.json sets the release's
         use_cache_quantization) or "int8": keys and values as int8 with an fp32 scale per
         position and head (reference.quantize_kv), about half the bytes a position, so the same
-        budget holds about twice the positions."""
+        budget holds about twice the positions. kv_cache_group: elements an int8 scale covers
+        (a multiple of 16 dividing head_dim; None = head_dim, one scale per position and head)."""
         self.model = model
         self.dtype_reason = "the model's"     # from_pretrained: why it chose the dtype
         self.cfg: QwenConfig = model.cfg
@@ -347,7 +349,13 @@ class Engine:
         self.kv_cache_dtype = torch.int8 if kv_cache_dtype == "int8" else self.dtype
         page_size = int(kv_page_size)
         max_pages = int(max_batch_size) * -(-self.cfg.max_context // page_size)
-        page_bytes = PagePool.page_bytes(self.cfg, page_size, self.kv_cache_dtype)
+        kv_group = None
+        if self.kv_cache_dtype == torch.int8:
+            try:
+                kv_group = check_kv_group(self.cfg, kv_cache_group)
+            except ValueError as e:
+                raise ConfigError(f"kv_cache_group: {e}") from None
+        page_bytes = PagePool.page_bytes(self.cfg, page_size, self.kv_cache_dtype, kv_group)
         if kv_cache_budget is None:
             kv_cache_budget = max_pages * page_bytes if avail is None else min(max_pages * page_bytes, avail)
         if kv_cache_budget < page_bytes:
@@ -356,7 +364,7 @@ class Engine:
         self.kv_cache_budget: int = int(kv_cache_budget)
         self._pool = PagePool.for_budget(self.cfg, self.kv_cache_budget, page_size, self.dtype,
                                          self.device, max_pages=max_pages,
-                                         kv_dtype=self.kv_cache_dtype)
+                                         kv_dtype=self.kv_cache_dtype, kv_group=kv_group)
         if not isinstance(prefix_caching, bool):
             raise ConfigError(f"prefix_caching must be True or False, got {prefix_caching!r}")
         cfg = self.cfg
@@ -404,7 +412,8 @@ class Engine:
                         lm_head_quant: Optional[str] = None,
                         max_batch_size: int = 8,
                         kv_page_size: int = DEFAULT_PAGE_SIZE,
-                        prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> "Engine":
+                        prefix_caching: bool = True, kv_cache_dtype: str = "auto",
+                        kv_cache_group: Optional[int] = None) -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
@@ -418,7 +427,7 @@ class Engine:
         max_batch_size: sequences decoded together at most (see Engine).
         kv_page_size: positions per KV page (see Engine).
         prefix_caching: reuse the cached pages of a prompt's prefix (see Engine).
-        kv_cache_dtype: "auto" or "int8" (see Engine).
+        kv_cache_dtype, kv_cache_group: the KV cache's format (see Engine).
         check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
@@ -527,7 +536,8 @@ class Engine:
         model = QwenModel(cfg, weights, dt, dev, backend=backend)
         engine = cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget,
                      max_batch_size=max_batch_size, kv_page_size=kv_page_size,
-                     prefix_caching=prefix_caching, kv_cache_dtype=kv_cache_dtype)
+                     prefix_caching=prefix_caching, kv_cache_dtype=kv_cache_dtype,
+                     kv_cache_group=kv_cache_group)
         engine.dtype_reason = dtype_reason
         return engine
 
@@ -749,7 +759,7 @@ class Engine:
             raise RequestError.of("top_logprobs", f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top_logprobs!r}")
         ids = self._token_ids(token_ids, "token_ids")
         n = len(ids)
-        self._check_budget(n * (bytes_per_token(self.cfg, self.kv_cache_dtype) + 2 * self.cfg.vocab_size),
+        self._check_budget(n * (self._pool.bytes_per_page // self._pool.page_size + 2 * self.cfg.vocab_size),
                            f"{n} tokens of KV cache and their logits")
 
         logits = self._prefill(ids, logits_rows=list(range(n - 1))) if n > 1 else None
@@ -771,7 +781,7 @@ class Engine:
         into pages of its own (not the shared pool's), run between two steps."""
         ids = self._token_ids(token_ids, "token_ids")
         n = len(ids)
-        self._check_budget(n * (bytes_per_token(self.cfg, self.kv_cache_dtype) + 4 * self.cfg.vocab_size),
+        self._check_budget(n * (self._pool.bytes_per_page // self._pool.page_size + 4 * self.cfg.vocab_size),
                            f"{n} tokens of KV cache and a {n} x {self.cfg.vocab_size} fp32 logits tensor")
 
         return self._prefill(ids, logits_dtype=torch.float32)
@@ -783,7 +793,7 @@ class Engine:
 
         def run():
             pool = PagePool(self.cfg, self._pool.pages_for(n), self._pool.page_size, self.dtype,
-                            self.device, self.kv_cache_dtype)
+                            self.device, self.kv_cache_dtype, self._pool.kv_group)
             meta = StepMetadata.build([list(range(pool.num_pages))], [0], [n], self.device)
             return self.model.forward(torch.tensor(ids), pool, meta, [self.scheduler.alpha_of(n)],
                                       **forward_kwargs)

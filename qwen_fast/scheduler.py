@@ -121,7 +121,8 @@ class Scheduler:
         return r.page_keys[:pages]
 
     def _salt(self, r: Request) -> bytes:
-        return f"{self.cache_format}|{self.pool.dtype}|kv={self.pool.kv_dtype}|alpha={r.alpha}".encode()
+        return (f"{self.cache_format}|{self.pool.dtype}|kv={self.pool.kv_dtype}/{self.pool.kv_group}"
+                f"|alpha={r.alpha}").encode()
 
     def _parent(self, r: Request, full: int) -> bytes:
         """The key a tail after r's first `full` pages is kept under."""

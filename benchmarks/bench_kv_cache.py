@@ -1,0 +1,298 @@
+"""The int8 KV cache (kv_cache_dtype="int8") against the 16-bit one, in one run:
+
+  decode    full-size shapes, random weights (int4 layers and lm_head by default), --depth tokens
+            cached (a prompt prefilled once per engine; later rounds find it in the prefix
+            cache), --new-tokens greedy tokens decoded; the bf16-cache and int8-cache engines
+            share one model and alternate round by round, each decode between two read passes.
+            Reported: ms/token, the bytes a token reads (weights + the cache at the mean depth),
+            their share of the read bandwidth, and int8's speed over bf16's (target >= 1.3x at
+            4,096 cached tokens with int4 weights).
+  capacity  positions one kv_cache_budget holds with each cache (target: twice).
+  llama     llama-bench on the same random weights as Q4_0 (bench_llamacpp.py's GGUF), decode
+            at -d depth with its F16 cache and with -ctk q8_0 -ctv q8_0 (flash attention on for
+            both: llama.cpp needs it for a quantized V cache), right after ours.
+  kl        the trained fixture (qwen_fast/fixture.py), bf16 weights: KL of the int8 cache's
+            next-token distributions from the bf16 cache's, exact over the vocabulary, on
+            llama-perplexity's chunks of held-out text; llama.cpp's F16 model with -ctk/-ctv q8_0
+            against its F16 cache on the same chunks (its --kl-divergence). Scales: one per
+            position and head (ours, the default) and one per 32 elements (kv_group=32, the
+            q8_0 block), to measure which the kernels should keep.
+
+    .venv/bin/python benchmarks/bench_kv_cache.py [--parts decode,capacity,llama,kl]
+        [--depth 4096] [--quant int4] [--md out.md] [--json out.json]
+
+--config tiny is a smoke run of decode and capacity on the test-size model.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from qwen_fast import Engine
+from qwen_fast.bench import read_bandwidth_gbs, weight_bytes_per_token
+from qwen_fast.kv_cache import bytes_per_token
+from qwen_fast.testing import tiny_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # harness, also when loaded by path
+from harness import machine, write_outputs  # noqa: E402
+
+
+def _log(msg: str) -> None:
+    print(f"[bench-kv-cache] {msg}", file=sys.stderr, flush=True)
+
+
+def _engines(args):
+    kw = dict(load_format="dummy", dtype="bfloat16", quant=args.quant, lm_head_quant=args.quant,
+              kv_cache_budget=args.budget)
+    if args.config == "tiny":
+        kw["config"] = tiny_config(seq_length=8192, max_position_embeddings=8192)
+    base = Engine.from_pretrained(**kw)
+    int8 = Engine(base.model, base.tokenizer, base.generation_config,
+                  kv_cache_budget=args.budget, kv_cache_dtype="int8")
+    return {"bf16": base, "int8": int8}
+
+
+def decode(args, engines) -> Dict[str, object]:
+    cfg = engines["bf16"].cfg
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, len(engines["bf16"].tokenizer) - 208, (args.depth,), generator=g).tolist()
+    greedy = dict(temperature=0, ignore_eos=True, max_new_tokens=args.new_tokens + 1)
+    weights = weight_bytes_per_token(engines["bf16"].model)
+    mean_depth = args.depth + args.new_tokens / 2
+    runs: Dict[str, List[dict]] = {k: [] for k in engines}
+    tokens: Dict[str, List[int]] = {}
+    for name, e in engines.items():
+        _log(f"{name} cache: prefill {args.depth} tokens")
+        tokens[name] = e.generate(prompt, **greedy).token_ids
+    for rnd in range(args.rounds):
+        for name, e in engines.items():
+            before = read_bandwidth_gbs()
+            r = e.generate(prompt, **greedy)
+            roof = max(before, read_bandwidth_gbs())
+            if r.cached_tokens < args.depth - e.kv_pool.page_size:
+                raise SystemExit(f"{name}: the prompt was not found in the prefix cache")
+            t = r.decode_s / (len(r.token_ids) - 1)
+            kv = bytes_per_token(cfg, e.kv_pool.kv_dtype, e.kv_pool.kv_group) * mean_depth
+            runs[name].append({"ms": t * 1e3, "read_gb_s": roof, "kv_bytes": kv,
+                               "pct_of_read": 100 * (weights + kv) / t / 1e9 / roof})
+            _log(f"round {rnd + 1}: {name} {t * 1e3:.1f} ms/token")
+    out = {"depth": args.depth, "new_tokens": args.new_tokens, "weights": args.quant or "bf16",
+           "weight_bytes": weights, "rows": {}}
+    for name, rs in runs.items():
+        ms = statistics.median(x["ms"] for x in rs)
+        out["rows"][name] = {"ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+                             "bytes_per_token": weights + rs[0]["kv_bytes"],
+                             "kv_bytes_per_token": rs[0]["kv_bytes"],
+                             "pct_of_read": statistics.median(x["pct_of_read"] for x in rs),
+                             "read_gb_s": statistics.median(x["read_gb_s"] for x in rs), "rounds": rs}
+    out["speedup"] = out["rows"]["bf16"]["ms_per_token"] / out["rows"]["int8"]["ms_per_token"]
+    # Per round, the two engines' ratio (neighbouring runs).
+    out["round_speedups"] = [a["ms"] / b["ms"] for a, b in zip(runs["bf16"], runs["int8"])]
+    out["same_first_token"] = tokens["bf16"][:1] == tokens["int8"][:1]
+    return out
+
+
+def capacity(args, engines) -> Dict[str, object]:
+    pools = {k: e.kv_pool for k, e in engines.items()}
+    out = {k: {"positions": p.capacity_tokens, "bytes_per_position": p.bytes_per_page // p.page_size}
+           for k, p in pools.items()}
+    out["ratio"] = out["int8"]["positions"] / out["bf16"]["positions"]
+    return out
+
+
+def llama(args) -> Dict[str, object]:
+    import bench_llamacpp as B
+    opts = argparse.Namespace(llama_cpp_dir=args.llama_cpp_dir, cache_dir=None, build=False,
+                              no_build=args.no_build, sdist=None, jobs=2)
+    try:
+        build = B.ensure_tools(["llama-bench", "llama-quantize"], opts)
+    except B.Missing as m:
+        return {"skipped": f"{m.what}. To get it: {m.how}"}
+    ftype = {"int4": "q4_0", "int8": "q8_0", None: "bf16"}[args.quant]
+    model = B.ensure_gguf(B.cache_dir(), "qwen-1.8b-chat", "bfloat16", 0, ftype, build)
+    bench = B.find_tool("llama-bench", build)
+    out = {"model": ftype.upper(), "depth": args.depth}
+    for cache in ("f16", "q8_0"):
+        cmd = [str(bench), "-m", str(model), "-p", "0", "-n", str(args.new_tokens), "-d",
+               str(args.depth), "-t", str(torch.get_num_threads()), "-r", str(args.llama_reps),
+               "-fa", "1", "-ctk", cache, "-ctv", cache, "-o", "json"]
+        _log("$ llama-bench " + " ".join(cmd[1:]))
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            return {"skipped": f"llama-bench failed: {r.stderr[-600:]}"}
+        import json
+        rec = [x for x in json.loads(r.stdout) if x.get("n_gen") == args.new_tokens]
+        out[cache] = {"tokens_per_s": rec[0]["avg_ts"], "std": rec[0]["stddev_ts"]}
+    out["speedup"] = out["q8_0"]["tokens_per_s"] / out["f16"]["tokens_per_s"]
+    return out
+
+
+def kl(args) -> Dict[str, object]:
+    """Our int8 cache vs our bf16 cache, and llama.cpp's q8_0 cache vs its F16 cache, on the
+    fixture's held-out chunks."""
+    import bench_llamacpp as B
+    import bench_quality as Q
+    from qwen_fast import fixture as FX
+    from qwen_fast import perplexity as P
+    from qwen_fast.tokenizer import QwenTokenizer
+    model = Path(args.fixture) if args.fixture else FX.train(FX.Settings(), log=_log)
+    work = FX.cache_dir() / "kv-cache" / model.name
+    work.mkdir(parents=True, exist_ok=True)
+    tok = QwenTokenizer.default()
+    text_file = work / "heldout.txt"
+    text_file.write_text(Q.held_out_text(tok, args.chunks * args.context + 64))
+    ids = tok.encode(text_file.read_text(), allowed_special=set())[:args.chunks * args.context]
+    wins = P.chunk_windows(len(ids), args.context)
+    engines = {"bf16": Engine.from_pretrained(model, dtype="bfloat16")}
+    for name, group in (("int8", None), ("int8 group 32", 32)):
+        engines[name] = Engine(engines["bf16"].model, engines["bf16"].tokenizer,
+                               engines["bf16"].generation_config, kv_cache_dtype="int8",
+                               kv_cache_group=group)
+    acc: Dict[str, Dict[str, list]] = {k: {"kl": [], "nll": [], "agree": []} for k in engines}
+    for w in range(len(wins)):
+        base = None
+        for name, e in engines.items():
+            lp, target = next(P.scored_logprobs(e, ids, wins[w:w + 1], None))
+            base = lp if base is None else base
+            acc[name]["kl"].append(P.kl_full(base, lp))
+            acc[name]["nll"].append(-lp.gather(1, target[:, None])[:, 0])
+            acc[name]["agree"].append(lp.argmax(-1) == base.argmax(-1))
+    out: Dict[str, object] = {"model": model.name, "chunks": len(wins), "context": args.context}
+    for name, a in acc.items():
+        a = {k: torch.cat(v) for k, v in a.items()}
+        out[f"ours {name}"] = {"perplexity": math.exp(float(a["nll"].double().mean())),
+                               "kl_mean": float(a["kl"].mean()),
+                               "kl_p99": float(torch.quantile(a["kl"].float(), 0.99)),
+                               "top1_agreement": float(a["agree"].float().mean())}
+    for e in engines.values():
+        e.close()
+    opts = argparse.Namespace(llama_cpp_dir=args.llama_cpp_dir, cache_dir=None, build=False,
+                              no_build=args.no_build, sdist=None, jobs=2)
+    try:
+        build = B.ensure_tools(["llama-perplexity"], opts)
+    except B.Missing as m:
+        out["llama"] = {"skipped": f"{m.what}. To get it: {m.how}"}
+        return out
+    import safetensors.torch as st
+    from qwen_fast.loader import load_config
+    f16 = work / "fixture-f16.gguf"
+    if not f16.is_file():
+        sd = {}
+        for p in sorted(model.glob("*.safetensors")):
+            sd.update(st.load_file(str(p)))
+        B.write_gguf(f16, load_config(model), sd, "f16", name=f"qwen_fast fixture {model.name}")
+    tool = str(B.find_tool("llama-perplexity", build))
+    kld = work / "f16-cache.kld"
+    common = ["-m", str(f16), "-c", str(args.context), "-t", str(torch.get_num_threads()),
+              "--chunks", str(args.chunks), "-fa", "on"]
+    r = subprocess.run([tool, *common, "-f", str(text_file), "--kl-divergence-base", str(kld)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        out["llama"] = {"skipped": f"llama-perplexity (F16 cache) failed: {r.stdout[-600:]}"}
+        return out
+    base_ppl = Q._num(r"Final estimate: PPL = ([\d.]+)", r.stdout)
+    r = subprocess.run([tool, *common, "-ctk", "q8_0", "-ctv", "q8_0", "--kl-divergence-base",
+                        str(kld), "--kl-divergence"], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        out["llama"] = {"skipped": f"llama-perplexity (q8_0 cache) failed: {r.stdout[-600:]}"}
+        return out
+    same = Q._num(r"Same top p:\s+([\d.]+)", r.stdout)
+    out["llama F16 cache"] = {"perplexity": base_ppl, "kl_mean": 0.0}
+    out["llama q8_0 cache"] = {"perplexity": Q._num(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", r.stdout),
+                               "kl_mean": Q._num(r"Mean\s+KLD:\s+([-\d.]+)", r.stdout),
+                               "kl_p99": Q._num(r"99\.0%\s+KLD:\s+([-\d.]+)", r.stdout),
+                               "top1_agreement": same / 100 if same is not None else None}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="decode,capacity,llama,kl")
+    ap.add_argument("--config", choices=["full", "tiny"], default="full")
+    ap.add_argument("--quant", default="int4", help="int4, int8 or none (bf16 weights)")
+    ap.add_argument("--depth", type=int, default=4096)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", type=int, default=2 * 2**30, help="kv_cache_budget of each engine")
+    ap.add_argument("--llama-reps", type=int, default=3)
+    ap.add_argument("--llama-cpp-dir")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--fixture")
+    ap.add_argument("--chunks", type=int, default=24)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--md")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    a.quant = None if a.quant == "none" else a.quant
+    parts = a.parts.split(",")
+    if a.config == "tiny":
+        a.depth, a.new_tokens, a.rounds, a.budget = min(a.depth, 256), min(a.new_tokens, 4), 1, 2**24
+        parts = [p for p in parts if p in ("decode", "capacity")]
+    data: Dict[str, object] = {"machine": machine(), "threads": torch.get_num_threads()}
+    md = [f"# int8 KV cache ({a.config}; {torch.get_num_threads()} threads)"]
+    if "decode" in parts or "capacity" in parts:
+        engines = _engines(a)
+        if "capacity" in parts:
+            c = data["capacity"] = capacity(a, engines)
+            md += ["", "## Capacity (one budget)", "",
+                   f"- bf16 cache {c['bf16']['positions']} positions ({c['bf16']['bytes_per_position']} "
+                   f"B each), int8 {c['int8']['positions']} ({c['int8']['bytes_per_position']} B): "
+                   f"{c['ratio']:.2f}x (target 2x)"]
+        if "decode" in parts:
+            d = data["decode"] = decode(a, engines)
+            md += ["", f"## Decode at {d['depth']} cached tokens, {d['weights']} weights (measured)", "",
+                   "| cache | ms/token | tokens/s | MB a token (weights + KV) | % of read bandwidth |",
+                   "|---|---|---|---|---|"]
+            for name, r in d["rows"].items():
+                md.append(f"| {name} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
+                          f"{r['bytes_per_token'] / 1e6:.0f} ({d['weight_bytes'] / 1e6:.0f} + "
+                          f"{r['kv_bytes_per_token'] / 1e6:.0f}) | {r['pct_of_read']:.0f}% |")
+            md.append(f"\nint8 cache {d['speedup']:.2f}x the bf16 cache's speed (rounds: "
+                      f"{', '.join(f'{x:.2f}' for x in d['round_speedups'])}; target >= 1.3x: "
+                      f"{'met' if d['speedup'] >= 1.3 else 'NOT met'})")
+        for e in engines.values():
+            e.close()
+        del engines
+    if "llama" in parts:
+        ll = data["llama"] = llama(a)
+        if "skipped" in ll:
+            md += ["", f"llama.cpp: skipped ({ll['skipped']})"]
+        else:
+            md += ["", f"## llama-bench, {ll['model']}, tg{a.new_tokens} at -d {a.depth} (right after ours)", "",
+                   f"- F16 cache {ll['f16']['tokens_per_s']:.1f} ± {ll['f16']['std']:.1f} tok/s; "
+                   f"q8_0 cache {ll['q8_0']['tokens_per_s']:.1f} ± {ll['q8_0']['std']:.1f} tok/s "
+                   f"({ll['speedup']:.2f}x)"]
+            if "decode" in data:
+                d = data["decode"]["rows"]
+                md.append(f"- ours / llama.cpp: bf16 cache vs F16 {d['bf16']['tokens_per_s'] / ll['f16']['tokens_per_s']:.2f}x, "
+                          f"int8 vs q8_0 {d['int8']['tokens_per_s'] / ll['q8_0']['tokens_per_s']:.2f}x")
+    if "kl" in parts:
+        k = data["kl"] = kl(a)
+        md += ["", f"## KL from the 16-bit cache, fixture {k['model']}, {k['chunks']} chunks of "
+                   f"{k['context']} (measured)", "", "| row | perplexity | KL mean | KL p99 | top-1 |",
+               "|---|---|---|---|---|"]
+        for name, r in k.items():
+            if isinstance(r, dict) and "kl_mean" in r:
+                md.append(f"| {name} | {r['perplexity']:.3f} | {r['kl_mean']:.6f} | "
+                          f"{r.get('kl_p99') or 0:.5f} | {(r.get('top1_agreement') or 1):.2%} |")
+        if "llama q8_0 cache" in k:
+            ours, theirs = k["ours int8"]["kl_mean"], k["llama q8_0 cache"]["kl_mean"]
+            md.append(f"\nours int8 KL {ours:.6f} <= llama.cpp q8_0's {theirs:.6f}: "
+                      f"{'met' if ours <= theirs else 'NOT met'}")
+        elif "llama" in k:
+            md.append(f"\nllama.cpp: skipped ({k['llama']['skipped']})")
+    text = "\n".join(md)
+    print(text)
+    write_outputs(text + "\n", data, Path(a.md) if a.md else None, Path(a.json) if a.json else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

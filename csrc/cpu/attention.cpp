@@ -134,6 +134,83 @@ QF_CPU_CLONES void attend_row(T* out,      // [D]
   for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(p.acc[d] * inv);
 }
 
+// ---- int8 cache (attention_int8) -------------------------------------------------------------
+// The keys and values of one (sequence, head) row in an int8 cache: as PagedRow, with the G fp32
+// scales of each position beside its D codes (each scale for D / G consecutive codes).
+struct Int8Row {
+  const int8_t* k_pages;
+  const int8_t* v_pages;
+  const float* k_scales;
+  const float* v_scales;
+  const int32_t* pages;  // the sequence's page table row
+  int64_t h, H, P, D, G, n_keys;
+
+  int64_t block_len(int64_t j0) const {
+    return std::min({kKeyBlock, P - j0 % P, n_keys - j0});
+  }
+  int64_t slot(int64_t j0) const { return (pages[j0 / P] * H + h) * P + j0 % P; }
+  const int8_t* k(int64_t j0) const { return k_pages + slot(j0) * D; }
+  const int8_t* v(int64_t j0) const { return v_pages + slot(j0) * D; }
+  const float* ks(int64_t j0) const { return k_scales + slot(j0) * G; }
+  const float* vs(int64_t j0) const { return v_scales + slot(j0) * G; }
+};
+
+// Any head dim and group (the AVX-512 kernel below takes D = 64 or 128 with groups of a multiple
+// of 16): score_j = scale * sum_g s_kjg * (q . code_jg), acc += (p_j * s_vjg) * code_jg, the
+// online softmax of attend_block (blocks of at most kKeyBlock keys within a page).
+template <typename T>
+QF_CPU_CLONES void attend_row_int8(T* out,      // [D]
+                                   const T* q,  // [D]
+                                   const Int8Row& row, float scale) {
+  const int64_t D = row.D, G = row.G, gs = D / G;
+  float qf[kMaxHeadDim], acc[kMaxHeadDim], s[kKeyBlock];
+  for (int64_t d = 0; d < D; ++d) qf[d] = to_float(q[d]), acc[d] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t j0 = 0, n; j0 < row.n_keys; j0 += n) {
+    n = row.block_len(j0);
+    const int8_t* kb = row.k(j0);
+    const float* ksb = row.ks(j0);
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int8_t* c = kb + j * D + g * gs;
+        const float* qg = qf + g * gs;
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t d = 0; d < gs; ++d) part += qg[d] * static_cast<float>(c[d]);
+        sum += part * ksb[j * G + g];
+      }
+      s[j] = sum * scale;
+    }
+    float block_max = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, s[j]);
+    const float m_new = std::max(m, block_max);
+    const float correction = std::exp(m - m_new);  // 0 for the first block (m = -inf)
+    float block_sum = 0.0f;
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = sleef_expf(s[j] - m_new);
+      block_sum += s[j];
+    }
+    l = l * correction + block_sum;
+    m = m_new;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
+    const int8_t* vb = row.v(j0);
+    const float* vsb = row.vs(j0);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = s[j] * vsb[j * G + g];
+        const int8_t* c = vb + j * D + g * gs;
+        float* ag = acc + g * gs;
+#pragma omp simd
+        for (int64_t d = 0; d < gs; ++d) ag[d] += w * static_cast<float>(c[d]);
+      }
+  }
+  const float inv = 1.0f / l;
+  for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(acc[d] * inv);
+}
+
 #if QF_X86_INTRINSICS
 // 16-bit keys and values with a head dim of 128 (Qwen's) on AVX-512, the hot path, for bf16 and
 // fp16 alike; what differs is in the element traits below (Bf16D128, Fp16D128):
@@ -545,6 +622,140 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_tile_d128(
   for (int t = 0; t < nt; ++t) E::store(out + t * so_n, acc[t], l[t]);
 }
 
+// int8 keys and values with a head dim of kC * 16 (64 or 128) and groups of kCpg * 16 elements
+// on AVX-512 (with BF16 for softmax_block's target, shared with the 16-bit kernels): each 16
+// codes widened to fp32 (vpmovsxbd + vcvtdq2ps, exact); a key's score is one chain of FMAs per
+// group on q in fp32, each group's sum times its scale folded into the key's lane sums (an FMA
+// per group), the four keys' lanes reduced together (hsum4); p * v as FMAs of the widened codes
+// with p_j * s_vjg. The pages are half the bytes of bf16's, so the loop is the same software
+// pipeline as attend_row_d128 (the values of block b accumulated while the keys of block b + 1
+// are scored, both streams prefetched twice through the page table, at the same byte distances).
+namespace int8_impl {
+
+constexpr int64_t kPrefetchKeys = 64;       // near prefetch, 8 KiB ahead at D = 128
+constexpr int64_t kFarPrefetchKeys = 256;   // far prefetch, 32 KiB ahead at D = 128
+
+QF_TARGET_AVX512_BF16 inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// q . k of one key, its G = kC / kCpg group sums each times its scale: the lanes' partial sums.
+template <int kC, int kCpg>
+QF_TARGET_AVX512_BF16 inline __m512 dot(const __m512 (&q)[kC], const int8_t* k, const float* s) {
+  __m512 a = _mm512_setzero_ps();
+  for (int c0 = 0; c0 < kC; c0 += kCpg) {
+    __m512 p = _mm512_mul_ps(widen16(k + 16 * c0), q[c0]);
+    for (int c = c0 + 1; c < c0 + kCpg; ++c) p = _mm512_fmadd_ps(widen16(k + 16 * c), q[c], p);
+    a = _mm512_fmadd_ps(p, _mm512_set1_ps(s[c0 / kCpg]), a);
+  }
+  return a;
+}
+
+// Scores (unscaled) of the n keys at kb (scales ksb) into s: groups of four, the last one padded
+// with zero sums (the same reduction for every key).
+template <int kC, int kCpg>
+QF_TARGET_AVX512_BF16 inline void score4(float* s, const __m512 (&q)[kC], const int8_t* kb,
+                                         const float* ksb, int64_t j) {
+  constexpr int64_t D = 16 * kC, G = kC / kCpg;
+  hsum4(dot<kC, kCpg>(q, kb + j * D, ksb + j * G), dot<kC, kCpg>(q, kb + (j + 1) * D, ksb + (j + 1) * G),
+        dot<kC, kCpg>(q, kb + (j + 2) * D, ksb + (j + 2) * G),
+        dot<kC, kCpg>(q, kb + (j + 3) * D, ksb + (j + 3) * G), s + j);
+}
+
+template <int kC, int kCpg>
+QF_TARGET_AVX512_BF16 inline void score_keys(float* s, const __m512 (&q)[kC], const int8_t* kb,
+                                             const float* ksb, int64_t n) {
+  constexpr int64_t D = 16 * kC, G = kC / kCpg;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) score4<kC, kCpg>(s, q, kb, ksb, j);
+  if (j < n) {
+    __m512 d[4];
+    for (int r = 0; r < 4; ++r)
+      d[r] = j + r < n ? dot<kC, kCpg>(q, kb + (j + r) * D, ksb + (j + r) * G) : _mm512_setzero_ps();
+    alignas(16) float t[4];
+    hsum4(d[0], d[1], d[2], d[3], t);
+    for (int64_t r = 0; j + r < n; ++r) s[j + r] = t[r];
+  }
+}
+
+// acc += p_j * v[j] for one key: code * (p_j * scale of its group).
+template <int kC, int kCpg>
+QF_TARGET_AVX512_BF16 inline void accumulate(__m512 (&acc)[kC], float p_j, const int8_t* v,
+                                             const float* s) {
+  for (int c0 = 0; c0 < kC; c0 += kCpg) {
+    const __m512 w = _mm512_set1_ps(p_j * s[c0 / kCpg]);
+    for (int c = c0; c < c0 + kCpg; ++c) acc[c] = _mm512_fmadd_ps(widen16(v + 16 * c), w, acc[c]);
+  }
+}
+
+// Prefetches the codes of keys pk .. pk + 3 and values pv .. pv + 3 (and their scales) with
+// locality kHint, if they exist.
+template <int kHint>
+QF_TARGET_AVX512_BF16 inline void prefetch4(const Int8Row& row, int64_t pk, int64_t pv,
+                                            std::integral_constant<int, kHint>) {
+  if (pk + 4 > row.n_keys) return;
+  const int64_t D = row.D;
+  for (int r = 0; r < 4; ++r) {
+    const char* kp = reinterpret_cast<const char*>(row.k(pk + r));
+    const char* vp = reinterpret_cast<const char*>(row.v(pv + r));
+    for (int64_t o = 0; o < D; o += 64) {
+      __builtin_prefetch(kp + o, 0, kHint);
+      __builtin_prefetch(vp + o, 0, kHint);
+    }
+  }
+  __builtin_prefetch(row.ks(pk), 0, kHint);
+  __builtin_prefetch(row.vs(pv), 0, kHint);
+}
+
+template <typename T, int kC, int kCpg>
+QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row(T* out, const T* q,
+                                                             const Int8Row& row, float scale) {
+  constexpr int64_t D = 16 * kC, G = kC / kCpg;
+  const int64_t n_keys = row.n_keys;
+  __m512 qv[kC], acc[kC];
+  {
+    alignas(64) float qf[D];
+    for (int64_t d = 0; d < D; ++d) qf[d] = to_float(q[d]);
+    for (int c = 0; c < kC; ++c) qv[c] = _mm512_load_ps(qf + 16 * c), acc[c] = _mm512_setzero_ps();
+  }
+  float m = -INFINITY, l = 0.0f;
+  alignas(64) float buf[2][kKeyBlock];
+  int64_t n = row.block_len(0);
+  score_keys<kC, kCpg>(buf[0], qv, row.k(0), row.ks(0), n);
+  for (int64_t j0 = 0, b = 0; j0 < n_keys; j0 += n, b ^= 1) {
+    float* s = buf[b];
+    float* s_next = buf[b ^ 1];
+    n = row.block_len(j0);
+    const int64_t j1 = j0 + n;
+    const int64_t n_next = j1 < n_keys ? row.block_len(j1) : 0;
+    const int8_t* k_next = n_next > 0 ? row.k(j1) : nullptr;
+    const float* ks_next = n_next > 0 ? row.ks(j1) : nullptr;
+    const __m512 c = _mm512_set1_ps(softmax_block(s, n, scale, m, l));
+    for (int i = 0; i < kC; ++i) acc[i] = _mm512_mul_ps(acc[i], c);
+    const int8_t* vb = row.v(j0);
+    const float* vsb = row.vs(j0);
+    int64_t j = 0;
+    for (; j + 4 <= n && j + 4 <= n_next; j += 4) {  // both streams
+      prefetch4(row, j1 + j + kPrefetchKeys, j0 + j + kPrefetchKeys,
+                std::integral_constant<int, 2>());
+      prefetch4(row, j1 + j + kFarPrefetchKeys, j0 + j + kFarPrefetchKeys,
+                std::integral_constant<int, 1>());
+      score4<kC, kCpg>(s_next, qv, k_next, ks_next, j);
+      for (int r = 0; r < 4; ++r)
+        accumulate<kC, kCpg>(acc, s[j + r], vb + (j + r) * D, vsb + (j + r) * G);
+    }
+    for (int64_t i = j; i < n; ++i) accumulate<kC, kCpg>(acc, s[i], vb + i * D, vsb + i * G);
+    if (n_next > j)
+      score_keys<kC, kCpg>(s_next + j, qv, k_next + j * D, ks_next + j * G, n_next - j);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / l);
+  alignas(64) float o[D];
+  for (int c = 0; c < kC; ++c) _mm512_store_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
+  for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(o[d]);
+}
+
+}  // namespace int8_impl
+
 // The traits of T for the head-dim-128 kernels (void: none).
 template <typename T>
 using D128 = std::conditional_t<std::is_same_v<T, bf16>, Bf16D128,
@@ -565,6 +776,38 @@ RowFn<T> row_fn(int64_t D) {
 #endif
   if (D == 128) return attend_row<T, 128>;  // Qwen's head dim: the accumulator unrolled
   return attend_row<T, 0>;
+}
+
+// The int8 row worker for T, D and G: the AVX-512 kernel for D = 64 / 128 with groups of a
+// multiple of 16 elements (on a CPU with AVX-512 BF16), else the portable one.
+template <typename T>
+using Int8RowFn = void (*)(T*, const T*, const Int8Row&, float);
+
+template <typename T>
+Int8RowFn<T> int8_row_fn(int64_t D, int64_t G) {
+#if QF_X86_INTRINSICS
+  static const bool isa = cpu_isa_supported(CpuIsa::kAvx512Bf16);
+  const int64_t gs = D / G;
+  if (isa && gs % 16 == 0) {
+    if (D == 128) {
+      switch (gs / 16) {
+        case 1: return int8_impl::attend_row<T, 8, 1>;
+        case 2: return int8_impl::attend_row<T, 8, 2>;
+        case 4: return int8_impl::attend_row<T, 8, 4>;
+        case 8: return int8_impl::attend_row<T, 8, 8>;
+        default: break;
+      }
+    } else if (D == 64) {
+      switch (gs / 16) {
+        case 1: return int8_impl::attend_row<T, 4, 1>;
+        case 2: return int8_impl::attend_row<T, 4, 2>;
+        case 4: return int8_impl::attend_row<T, 4, 4>;
+        default: break;
+      }
+    }
+  }
+#endif
+  return attend_row_int8<T>;
 }
 
 }  // namespace
@@ -638,7 +881,52 @@ Status attention(T* out, const T* q, const T* k_pages, const T* v_pages,
   return Status::kOk;
 }
 
+template <typename T>
+Status attention_int8(T* out, const T* q, const int8_t* k_pages, const int8_t* v_pages,
+                      const float* k_scales, const float* v_scales, const int32_t* page_table,
+                      const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
+                      int64_t D, int64_t P, int64_t ld_pt, int64_t sq_n, int64_t sq_h,
+                      float scale, int64_t G) {
+  if (N < 0 || H < 0 || D < 1 || D > kMaxHeadDim || P < 1 || ld_pt < 0 || G < 1 || D % G)
+    return Status::kInvalidArgument;
+  const int64_t rows = N * H;
+  if (rows == 0) return Status::kOk;
+  if (out == nullptr || q == nullptr || k_pages == nullptr || v_pages == nullptr ||
+      k_scales == nullptr || v_scales == nullptr || page_table == nullptr ||
+      token_seq == nullptr || token_pos == nullptr)
+    return Status::kInvalidArgument;
+  bool several = false;  // a sequence with several tokens in this step (a prefill chunk)
+  for (int64_t i = 0; i < N; ++i) {
+    if (token_seq[i] < 0 || token_pos[i] < 0 || token_pos[i] / P >= ld_pt)
+      return Status::kInvalidArgument;
+    several = several || (i > 0 && token_seq[i] == token_seq[i - 1]);
+  }
+  // Every (token, head) row alone, by one function of its own keys: a token's bits do not depend
+  // on how the step is chunked or packed. (A prefill chunk re-reads its keys per token; the
+  // 16-bit kernels' tiles would cut that.)
+  const Int8RowFn<T> fn = int8_row_fn<T>(D, G);
+  auto attend = [&](int64_t r) {
+    const int64_t h = r % H, i = r / H;
+    const Int8Row row{k_pages, v_pages, k_scales, v_scales, page_table + token_seq[i] * ld_pt,
+                      h, H, P, D, G, int64_t{token_pos[i]} + 1};
+    fn(out + r * D, q + i * sq_n + h * sq_h, row, scale);
+  };
+  if (!several) {
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) attend(r);
+    return Status::kOk;
+  }
+  // Causal rows grow with the position: dynamic, the longest (the last tokens') first.
+#pragma omp parallel for schedule(dynamic, 1) if (rows > 1)
+  for (int64_t r = rows - 1; r >= 0; --r) attend(r);
+  return Status::kOk;
+}
+
 #define QF_INSTANTIATE(T)                                                                   \
+  template Status attention_int8<T>(T*, const T*, const int8_t*, const int8_t*, const float*, \
+                                    const float*, const int32_t*, const int32_t*,          \
+                                    const int32_t*, int64_t, int64_t, int64_t, int64_t,    \
+                                    int64_t, int64_t, int64_t, float, int64_t);           \
   template Status attention<T>(T*, const T*, const T*, const T*, const int32_t*,            \
                                const int32_t*, const int32_t*, int64_t, int64_t, int64_t,   \
                                int64_t, int64_t, int64_t, int64_t, float);

@@ -632,7 +632,7 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_tile_d128(
 // are scored, both streams prefetched twice through the page table, at the same byte distances).
 // Measured (decode, 16 heads x 4096 keys, pages of 64, bf16 q, caches evicted before each run,
 // 1 thread of the 2-core Zen 4, same run): bf16 cache 1.6-1.7 ms, this kernel 1.15-1.35 ms;
-// without the prefetches (see prefetch4_stream) 1.8 ms: a page's 8 KiB of one head start cold.
+// without the prefetches (see prefetch4) 1.8 ms: a page's 8 KiB of one head start cold.
 // With the data in cache it computes 16 x 1024 keys in 196 us (22 GB/s of int8 a core), so two
 // cores outrun the memory. Tried: integer dot products (VNNI: q split into two int16 halves with
 // vpdpwssd, p * s_v rounded to 16 bits with vpdpbusd over four keys at a time): 187 us for the
@@ -696,39 +696,44 @@ QF_TARGET_AVX512_BF16 inline void accumulate(__m512 (&acc)[kC], float p_j, const
   }
 }
 
-// Prefetches the codes and scales of the four positions j .. j + 3 of `pages` / `scales` with
-// locality kHint: one page-table lookup (one division) when they share a page, which they do
-// but at a page's end (a lookup per position, as PagedRow's, cost as much as the loads here).
+// A position of a row walked forward by the prefetches: its page-table index and offset kept
+// up to date by additions (a division per position, two per four keys and stream, took about a
+// third of the kernel's time in cache).
+struct Cursor {
+  int64_t j, page, off;  // j = page * P + off
+  Cursor(const Int8Row& row, int64_t j0) : j(j0), page(j0 / row.P), off(j0 % row.P) {}
+  void advance(const Int8Row& row, int64_t by) {
+    j += by, off += by;
+    while (off >= row.P) off -= row.P, ++page;
+  }
+};
+
+// Prefetches the codes and scales of the four positions at c of `pages` / `scales` with
+// locality kHint, if they exist, and moves c on by four.
 template <int kHint>
-QF_TARGET_AVX512_BF16 inline void prefetch4_stream(const Int8Row& row, const int8_t* pages,
-                                                   const float* scales, int64_t j) {
+QF_TARGET_AVX512_BF16 inline void prefetch4(const Int8Row& row, const int8_t* pages,
+                                            const float* scales, Cursor& c) {
   // GCC 12 takes a function whose only effects are prefetches for a const one and deletes its
   // calls, prefetches and all (measured: no prefetch left in the int8 kernels); the empty
   // volatile asm is an effect it keeps, at no cost.
   asm volatile("");
-  const int64_t D = row.D, off = j % row.P;
-  if (off + 4 <= row.P) {
-    const int64_t slot = (row.pages[j / row.P] * row.H + row.h) * row.P + off;
-    const char* p = reinterpret_cast<const char*>(pages + slot * D);
-    for (int64_t o = 0; o < 4 * D; o += 64) __builtin_prefetch(p + o, 0, kHint);
-    __builtin_prefetch(scales + slot * row.G, 0, kHint);
-    return;
+  if (c.j + 4 <= row.n_keys) {
+    const int64_t D = row.D;
+    if (c.off + 4 <= row.P) {  // one page: 4 * D contiguous codes
+      const int64_t slot = (row.pages[c.page] * row.H + row.h) * row.P + c.off;
+      const char* p = reinterpret_cast<const char*>(pages + slot * D);
+      for (int64_t o = 0; o < 4 * D; o += 64) __builtin_prefetch(p + o, 0, kHint);
+      __builtin_prefetch(scales + slot * row.G, 0, kHint);
+    } else {
+      for (int r = 0; r < 4; ++r) {
+        const int64_t slot = row.slot(c.j + r);
+        const char* p = reinterpret_cast<const char*>(pages + slot * D);
+        for (int64_t o = 0; o < D; o += 64) __builtin_prefetch(p + o, 0, kHint);
+        __builtin_prefetch(scales + slot * row.G, 0, kHint);
+      }
+    }
   }
-  for (int r = 0; r < 4; ++r) {
-    const int64_t slot = row.slot(j + r);
-    const char* p = reinterpret_cast<const char*>(pages + slot * D);
-    for (int64_t o = 0; o < D; o += 64) __builtin_prefetch(p + o, 0, kHint);
-    __builtin_prefetch(scales + slot * row.G, 0, kHint);
-  }
-}
-
-// Keys pk .. pk + 3 and values pv .. pv + 3 (pv <= pk), if they exist.
-template <int kHint>
-QF_TARGET_AVX512_BF16 inline void prefetch4(const Int8Row& row, int64_t pk, int64_t pv,
-                                            std::integral_constant<int, kHint>) {
-  if (pk + 4 > row.n_keys) return;
-  prefetch4_stream<kHint>(row, row.k_pages, row.k_scales, pk);
-  prefetch4_stream<kHint>(row, row.v_pages, row.v_scales, pv);
+  c.advance(row, 4);
 }
 
 template <typename T, int kC, int kCpg>
@@ -758,12 +763,16 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row(T* out, const T* 
     for (int i = 0; i < kC; ++i) acc[i] = _mm512_mul_ps(acc[i], c);
     const int8_t* vb = row.v(j0);
     const float* vsb = row.vs(j0);
+    // The keys a distance on from the ones scored, and the values the same distance on from the
+    // ones accumulated, wherever their pages are.
+    Cursor kn(row, j1 + kPrefetchKeys), kf(row, j1 + kFarPrefetchKeys);
+    Cursor vn(row, j0 + kPrefetchKeys), vf(row, j0 + kFarPrefetchKeys);
     int64_t j = 0;
     for (; j + 4 <= n && j + 4 <= n_next; j += 4) {  // both streams
-      prefetch4(row, j1 + j + kPrefetchKeys, j0 + j + kPrefetchKeys,
-                std::integral_constant<int, 2>());
-      prefetch4(row, j1 + j + kFarPrefetchKeys, j0 + j + kFarPrefetchKeys,
-                std::integral_constant<int, 1>());
+      prefetch4<2>(row, row.k_pages, row.k_scales, kn);
+      prefetch4<2>(row, row.v_pages, row.v_scales, vn);
+      prefetch4<1>(row, row.k_pages, row.k_scales, kf);
+      prefetch4<1>(row, row.v_pages, row.v_scales, vf);
       score4<kC, kCpg>(s_next, qv, k_next, ks_next, j);
       for (int r = 0; r < 4; ++r)
         accumulate<kC, kCpg>(acc, s[j + r], vb + (j + r) * D, vsb + (j + r) * G);

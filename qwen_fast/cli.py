@@ -164,7 +164,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize lm_head at load (a GPTQ checkpoint's layers are quantized anyway)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache: auto (the model's dtype) or int8 (about half the bytes a "
-                        "position; runs the reference attention for now)")
+                        "position)")
     p.add_argument("--quant", choices=["int8", "int4"],
                    help="quantize the layers' Linears at load (round-to-nearest, group 128) of a "
                         "dense checkpoint or of the random dummy weights")

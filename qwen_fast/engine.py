@@ -307,8 +307,9 @@ class Engine:
         nobody holds are evicted, least recently used first, when the pool needs room.
         kv_cache_dtype: "auto" (the model's dtype) or "int8": keys and values as int8 with an
         fp32 scale per position and head (reference.quantize_kv), about half the bytes a
-        position, so the same budget holds about twice the positions. For now it runs through
-        the reference attention (the kernels do not read it yet)."""
+        position, so the same budget holds about twice the positions. The CPU kernels
+        (rotary_kv_cache, attention, the fused decode layers) write and read it; the CUDA ones
+        are the CUDA build's (csrc/cuda)."""
         self.model = model
         self.dtype_reason = "the model's"     # from_pretrained: why it chose the dtype
         self.cfg: QwenConfig = model.cfg

@@ -12,6 +12,9 @@
 // dynamic one when a sequence has several tokens (causal rows grow longer with the position).
 // bf16 and fp16 with head dim 128 on AVX-512 BF16 run a prefill chunk in tiles of up to kTile
 // tokens (one key read serves the tile), with the same bits per token as one token alone.
+// attention_int8 reads an int8 cache (codes [pages, H, P, D], fp32 scales [pages, H, P, G]) as
+// code * scale: the same online softmax, each (token, head) row alone (no tiles), AVX-512 for
+// D = 64 / 128 with groups of a multiple of 16 elements, a portable clone otherwise.
 // Constraints: 1 <= D <= kMaxHeadDim; the caller checks the page ids (ops/common.h).
 #include <algorithm>
 #include <cmath>
@@ -633,8 +636,9 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_tile_d128(
 // Measured (decode, 16 heads x 4096 keys, pages of 64, bf16 q, caches evicted before each run,
 // 1 thread of the 2-core Zen 4, same run): bf16 cache 1.6-1.7 ms, this kernel 1.15-1.35 ms;
 // without the prefetches (see prefetch4) 1.8 ms: a page's 8 KiB of one head start cold.
-// With the data in cache it computes 16 x 1024 keys in 196 us (22 GB/s of int8 a core), so two
-// cores outrun the memory. Tried: integer dot products (VNNI: q split into two int16 halves with
+// With the data in cache it computes 16 x 1024 keys in 196 us (22 GB/s of int8 a core): compute
+// bound, by the widening of the codes (vpmovsxbd) more than the FMAs; both threads of the 2-vCPU
+// machine gave about 22 GB/s together (0.78 ms against the bf16 cache's 1.22 ms). Tried: integer dot products (VNNI: q split into two int16 halves with
 // vpdpwssd, p * s_v rounded to 16 bits with vpdpbusd over four keys at a time): 187 us for the
 // same in cache, no faster from memory, and a rounding of q and p the reference does not make;
 // not kept.
@@ -697,8 +701,8 @@ QF_TARGET_AVX512_BF16 inline void accumulate(__m512 (&acc)[kC], float p_j, const
 }
 
 // A position of a row walked forward by the prefetches: its page-table index and offset kept
-// up to date by additions (a division per position, two per four keys and stream, took about a
-// third of the kernel's time in cache).
+// up to date by additions instead of a division for each prefetch (four every four keys; no
+// measurable change in time here, but no cost either).
 struct Cursor {
   int64_t j, page, off;  // j = page * P + off
   Cursor(const Int8Row& row, int64_t j0) : j(j0), page(j0 / row.P), off(j0 % row.P) {}
@@ -713,8 +717,8 @@ struct Cursor {
 template <int kHint>
 QF_TARGET_AVX512_BF16 inline void prefetch4(const Int8Row& row, const int8_t* pages,
                                             const float* scales, Cursor& c) {
-  // GCC 12 takes a function whose only effects are prefetches for a const one and deletes its
-  // calls, prefetches and all (measured: no prefetch left in the int8 kernels); the empty
+  // Without this, GCC 12 dropped these prefetches altogether (not one prefetch instruction was
+  // left in the int8 kernels' code, and the decode ran 1.8 ms instead of 1.2 above): the empty
   // volatile asm is an effect it keeps, at no cost.
   asm volatile("");
   if (c.j + 4 <= row.n_keys) {

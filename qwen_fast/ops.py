@@ -223,7 +223,10 @@ def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     PyTorch reference. An int8 cache: k_pages/v_pages int8 with k_scales/v_scales [pages, H, P,
     G] float32 (see rotary_kv_cache), read as code * scale in fp32; the CPU kernel applies each
     scale once per group of a key (fp32 sums in another order than the reference's, within the
-    attention tolerance) and gives a token the same bits however the step is chunked.
+    attention tolerance) and gives a token the same bits however the step is chunked. bf16 q
+    with head dim 128 and G = 1 (the default cache) runs integer dot products on AVX-512 VNNI:
+    q split into two int16 parts (within max|q| * 2^-31) and each key block's softmax weights
+    rounded to 16 bits, far below bf16's rounding of the output (csrc/cpu/attention.cpp).
     """
     if not _use_kernel("attention", backend):
         return _into(reference.attention(q, k_pages, v_pages, page_table, token_seq, token_pos,

@@ -197,9 +197,11 @@ def _check_int8(got, q, k8, v8, ks, vs, step, dtype, msg, scale=None):
 
 
 # (H, D, G, P, [(cached, new) per sequence]): D = 128 and 64 with groups of 16 .. D run the
-# AVX-512 kernel (on a CPU with AVX-512 BF16), the others the portable one.
+# AVX-512 kernel (on a CPU with AVX-512 BF16; bf16 q with D = 128 and G = 1 its VNNI variant),
+# the others the portable one.
 ATTENTION_CASES = [
     pytest.param(4, 128, 1, 16, [(299, 1), (0, 1), (17, 1), (150, 1)], id="decode_D128_G1_P16"),
+    pytest.param(2, 128, 1, 5, [(40, 9), (3, 1), (130, 1)], id="chunk_D128_G1_P5"),
     pytest.param(2, 128, 4, 64, [(63, 1), (64, 1), (200, 1)], id="decode_D128_G4_P64"),
     pytest.param(2, 128, 8, 5, [(40, 9), (3, 1)], id="chunk_D128_G8_P5"),
     pytest.param(2, 128, 2, 24, [(50, 37), (10, 1), (40, 0), (200, 1)], id="mixed_D128_G2_P24"),
@@ -235,8 +237,8 @@ def test_attention_int8_rows_in_any_order_into_out_with_scale(request):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H,D,G,P,cached,new", [(2, 128, 1, 64, 150, 45), (2, 128, 4, 5, 20, 23),
-                                                (2, 24, 3, 16, 40, 19)])
+@pytest.mark.parametrize("H,D,G,P,cached,new", [(2, 128, 1, 64, 150, 45), (2, 128, 1, 7, 20, 23),
+                                                (2, 128, 4, 5, 20, 23), (2, 24, 3, 16, 40, 19)])
 def test_attention_int8_gives_a_token_the_same_bits_however_the_step_is_chunked(
         request, dtype, H, D, G, P, cached, new):
     """As test_attention's test of the same name (the prefix cache rests on it), over an int8

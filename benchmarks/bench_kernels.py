@@ -3,6 +3,9 @@ reference; for linear, torch's own F.linear), in GB/s and as a share of the copy
 bandwidths measured in the same run.
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--dtype bfloat16] [--cases rms_norm,linear]
+
+--cases kv_int8: attention over the int8 KV cache against the 16-bit cache at decode (4096
+cached keys), its speed-up the ratio of the two times.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ class Case:
     cold_cache: bool = False
     # More implementations to time against the baseline: (impl, fn).
     variants: tuple = ()
+    # The baseline's bytes where they differ from the kernel's (the int8 cache against the bf16
+    # one): each row's GB/s is then of its own bytes, and the speed-up is still of the times.
+    baseline_nbytes: int | None = None
 
 
 # Tokens per call: decode (1), a batch of decode steps (16), prefill-sized blocks (512, 4096).
@@ -150,6 +156,41 @@ def attention_cases(dtype, device) -> Iterator[Case]:
                    "reference")
 
 
+# The int8 KV cache against the 16-bit one at decode, where attention streams the whole cache
+# (kv_group: elements per scale, 128 = one scale per position and head, the default).
+KV_INT8_STEPS = [("decode S4096", [(4095, 1)])]
+KV_INT8_GROUPS = (128, 32)
+
+
+def kv_int8_cases(dtype, device) -> Iterator[Case]:
+    """attention over the int8 cache (ops.attention with k_scales / v_scales) against the same
+    step over the cache in `dtype`, both timed interleaved with the caches evicted before each
+    run (in a decode step every layer's weights pass between two reads of its cache). bytes: the
+    codes and scales (or the 16-bit keys and values) the token reads, q, out and the metadata;
+    speed-up = 16-bit cache time / int8 cache time."""
+    H, D = HEADS, HEAD_DIM
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for label, seqs in KV_INT8_STEPS:
+        kp, vp, meta = _pages(seqs, dtype, device, g, H, D)
+        n_tokens = sum(n for _, n in seqs)
+        q = torch.randn(n_tokens, H, D, generator=g).to(device=device, dtype=dtype)
+        max_keys = max(c + n for c, n in seqs)
+        keys_read = sum(p + 1 for c, n in seqs for p in range(c, c + n))
+        e = q.element_size()
+        other = 2 * q.numel() * e + meta[0].numel() * 4 + 2 * n_tokens * 4
+        for group in KV_INT8_GROUPS:
+            (k8, ks), (v8, vs) = (reference.quantize_kv(x, group=group) for x in (kp, vp))
+            nbytes = 2 * keys_read * H * (D + 4 * (D // group)) + other
+            yield Case("attention, int8 KV cache", f"{label} P{PAGE_SIZE} G{D // group}", nbytes,
+                       None,
+                       lambda q=q, m=meta, mk=max_keys, c=(k8, v8, ks, vs): ops.attention(
+                           q, c[0], c[1], *m, max_keys=mk, k_scales=c[2], v_scales=c[3]),
+                       lambda q=q, kp=kp, vp=vp, m=meta, mk=max_keys: ops.attention(
+                           q, kp, vp, *m, max_keys=mk),
+                       f"{dtype} KV cache".replace("torch.", ""), cold_cache=True,
+                       baseline_nbytes=2 * keys_read * H * D * e + other)
+
+
 def _randn(*shape, dtype, device, gen) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
@@ -213,7 +254,7 @@ def quant_linear_cases(dtype, device) -> Iterator[Case]:
 
 
 CASES = {"elementwise": elementwise_cases, "attention": attention_cases, "linear": linear_cases,
-         "quant_linear": quant_linear_cases}
+         "quant_linear": quant_linear_cases, "kv_int8": kv_int8_cases}
 
 
 def main():
@@ -246,8 +287,10 @@ def main():
                 case_read_peak = read_peak
             t_base = times[0]
             for (impl, _), t in zip(impls, times):
-                gbs = c.nbytes / t / 1e9
-                out.append(Row(c.name, impl, c.shape, args.dtype, t * 1e6, c.nbytes, gbs,
+                nbytes = (c.baseline_nbytes if impl == c.baseline_impl and c.baseline_nbytes
+                          else c.nbytes)
+                gbs = nbytes / t / 1e9
+                out.append(Row(c.name, impl, c.shape, args.dtype, t * 1e6, nbytes, gbs,
                                100 * gbs / peak, t_base / t if impl != c.baseline_impl else None,
                                extra={"read_peak_gbs": round(case_read_peak, 1)},
                                pct_read_peak=100 * gbs / case_read_peak,

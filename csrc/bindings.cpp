@@ -99,6 +99,7 @@ overlapping no input); residual_out may be residual itself, updated in place.)")
   m.def("attention", &qf::attention, py::arg("q"), py::arg("k_pages"), py::arg("v_pages"),
         py::arg("page_table"), py::arg("token_seq"), py::arg("token_pos"), py::arg("max_keys"),
         py::arg("scale"), py::arg("stream") = 0, py::kw_only(), py::arg("out") = py::none(),
+        py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         R"(Causal multi-head attention over a paged KV cache, CPU or CUDA (reference.attention).
 
@@ -109,12 +110,16 @@ q's device. Token i attends to keys 0 .. token_pos[i] of sequence s = token_seq[
 page_table[s, j // P] at offset j % P (already holding this step's keys). max_keys: at least
 max(token_pos) + 1 (the CUDA kernel plans its splits by it). scale multiplies q . k. Scores,
 softmax and the weighted sum in fp32; returns a new contiguous [N, H, D] tensor in q's dtype (or
-writes out). On the CPU every page id read is checked first. stream: as for rms_norm.)");
+writes out). On the CPU every page id read is checked first. stream: as for rms_norm.
+An int8 cache: k_pages, v_pages torch.int8 codes with k_scales, v_scales [pages, H, P, G]
+contiguous torch.float32 (G scales a position and head, each for D // G codes, G dividing D),
+read as code * scale in fp32.)");
 
   m.def("rotary_kv_cache", &qf::rotary_kv_cache, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cos"), py::arg("sin"), py::arg("k_pages"), py::arg("v_pages"),
         py::arg("page_table"), py::arg("token_seq"), py::arg("token_pos"), py::arg("stream") = 0,
-        py::kw_only(), py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        py::kw_only(), py::arg("out") = py::none(), py::arg("k_scales") = py::none(),
+        py::arg("v_scales") = py::none(), py::call_guard<py::gil_scoped_release>(),
         R"(rotary_embedding of q and k, with k and v written straight into a paged KV cache, CPU
 or CUDA (reference.rotary_kv_cache).
 
@@ -124,7 +129,9 @@ k_pages, v_pages: [pages, H, P, D] contiguous; page_table [sequences, max_pages]
 token_pos [N], torch.int32 on q's device: token i's rotated key and its value go to page
 page_table[token_seq[i], token_pos[i] // P], offset token_pos[i] % P. stream: as for rms_norm.
 Returns the rotated q, a new contiguous [N, H, D] tensor (or out, if given), bit-identical
-to rotary_embedding(q, cos, sin).)");
+to rotary_embedding(q, cos, sin). An int8 cache (torch.int8 pages with k_scales, v_scales as for
+attention) gets reference.quantize_kv's codes and scales of the rotated key (rounded to q's
+dtype first) and of the value, bit for bit.)");
 
   m.def("rotary_embedding", &qf::rotary_embedding, py::arg("x"), py::arg("cos"), py::arg("sin"),
         py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
@@ -252,7 +259,9 @@ permutation or None).)")
            py::arg("k_pages"), py::arg("v_pages"), py::arg("cos"), py::arg("sin"),
            py::arg("page_table"), py::arg("token_seq"), py::arg("token_pos"),
            py::arg("max_keys"), py::arg("logn"), py::arg("next_norm"), py::arg("stream"),
+           py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none(),
            py::call_guard<py::gil_scoped_release>(),
            "Run the layer: h (residual) and x (normalised input -> the next layer's) updated in "
-           "place; bufs = [qkv, q, a, o, up, gate, act] (see decode_layer.h).");
+           "place; bufs = [qkv, q, a, o, up, gate, act] (see decode_layer.h). k_scales, "
+           "v_scales: the layer's scales of an int8 cache (int8 pages), else None.");
 }

@@ -38,7 +38,8 @@ void DecodeLayer::step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tenso
                        const at::Tensor& sin, const at::Tensor& page_table,
                        const at::Tensor& token_seq, const at::Tensor& token_pos, int64_t max_keys,
                        const std::optional<at::Tensor>& logn, const at::Tensor& next_norm,
-                       int64_t stream) const {
+                       int64_t stream, const std::optional<at::Tensor>& k_scales,
+                       const std::optional<at::Tensor>& v_scales) const {
   TORCH_CHECK(bufs.size() == 7, "DecodeLayer.step: bufs must be [qkv, q, a, o, up, gate, act]");
   const at::Tensor &qkv = bufs[0], &q = bufs[1], &a = bufs[2], &o = bufs[3], &up = bufs[4],
                    &gate = bufs[5], &act = bufs[6];
@@ -46,10 +47,11 @@ void DecodeLayer::step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tenso
   project(c_attn_, c_attn_bias_, x, qkv, stream);
   const at::Tensor parts = qkv.view({N, 3, H, D});
   rotary_kv_cache(parts.select(1, 0), parts.select(1, 1), parts.select(1, 2), cos, sin, k_pages,
-                  v_pages, page_table, token_seq, token_pos, stream, q);
+                  v_pages, page_table, token_seq, token_pos, stream, q, k_scales, v_scales);
   if (logn.has_value()) q.mul_(*logn);
   const double scale = std::pow(static_cast<double>(D), -0.5);  // Python's D ** -0.5 (ops.attention)
-  attention(q, k_pages, v_pages, page_table, token_seq, token_pos, max_keys, scale, stream, a);
+  attention(q, k_pages, v_pages, page_table, token_seq, token_pos, max_keys, scale, stream, a,
+            k_scales, v_scales);
   project(c_proj_, std::nullopt, a.view({N, H * D}), o, stream);
   fused_add_rms_norm(o, h, ln_2_, eps_, stream, x, h);
   if (x.is_cpu() && w1_.bits != 0 && w1_.bits == w2_.bits && !w1_.perm && !w2_.perm &&

@@ -32,12 +32,15 @@ class __attribute__((visibility("hidden"))) DecodeLayer {
   // next_norm). bufs: qkv [N, 3 * hidden], q and a [N, H, D], o [N, hidden], up, gate and act
   // [N, ffn]. k_pages / v_pages [pages, H, P, D]; page_table, token_seq, token_pos, max_keys:
   // the step's paged metadata (ops.h attention), built once per step for every layer; logn
-  // [N, 1, 1] or none.
+  // [N, 1, 1] or none. k_scales / v_scales: an int8 cache's scales [pages, H, P, G] (with int8
+  // pages), or none.
   void step(at::Tensor& h, at::Tensor& x, const std::vector<at::Tensor>& bufs,
             const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& cos,
             const at::Tensor& sin, const at::Tensor& page_table, const at::Tensor& token_seq,
             const at::Tensor& token_pos, int64_t max_keys, const std::optional<at::Tensor>& logn,
-            const at::Tensor& next_norm, int64_t stream) const;
+            const at::Tensor& next_norm, int64_t stream,
+            const std::optional<at::Tensor>& k_scales = std::nullopt,
+            const std::optional<at::Tensor>& v_scales = std::nullopt) const;
 
  private:
   void project(const LinearWeight& w, const std::optional<at::Tensor>& bias, const at::Tensor& x,

@@ -32,11 +32,14 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x,
 // head dim contiguous), k_pages / v_pages [pages, H, P, D], page_table [sequences, max_pages] and
 // token_seq / token_pos [N] int32 on q's device; token i sees keys 0 .. token_pos[i] of sequence
 // token_seq[i]. max_keys: an upper bound on token_pos + 1 (the CUDA kernel plans its key splits
-// by it without reading the device). Returns [N, H, D] in q's dtype.
+// by it without reading the device). Returns [N, H, D] in q's dtype. An int8 cache: k_pages /
+// v_pages torch.int8 with k_scales / v_scales [pages, H, P, G] torch.float32 (G scales a
+// position and head, each for D / G codes; reference.attention); both or neither.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                      const at::Tensor& page_table, const at::Tensor& token_seq,
                      const at::Tensor& token_pos, int64_t max_keys, double scale, int64_t stream,
-                     const OptTensor& out);
+                     const OptTensor& out, const OptTensor& k_scales = std::nullopt,
+                     const OptTensor& v_scales = std::nullopt);
 
 // GPT-NeoX RoPE of x [B, T, H, D] (any B, T, H strides) with cos/sin [B, T, R] fp32, CPU or
 // CUDA; stream: the CUDA stream to launch on (ignored for CPU tensors).
@@ -47,12 +50,15 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
 // (CPU or CUDA): q, k, v [N, H, D] views sharing their strides (of the fused qkv output); cos/sin
 // [N, R] fp32; token i writes its key and value at position token_pos[i] of sequence
 // token_seq[i] (page page_table[s, pos / P], offset pos % P). Returns the rotated q ([N, H, D],
-// contiguous; into `out` if given).
+// contiguous; into `out` if given). An int8 cache (int8 pages, k_scales / v_scales as for
+// attention) gets reference.quantize_kv's codes and scales of the rotated key and the value.
 at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pages,
                            const at::Tensor& v_pages, const at::Tensor& page_table,
                            const at::Tensor& token_seq, const at::Tensor& token_pos,
-                           int64_t stream, const OptTensor& out);
+                           int64_t stream, const OptTensor& out,
+                           const OptTensor& k_scales = std::nullopt,
+                           const OptTensor& v_scales = std::nullopt);
 
 at::Tensor swiglu(const at::Tensor& up, const at::Tensor& gate, int64_t stream,
                   const OptTensor& out);

@@ -205,7 +205,7 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p.add_argument("--quant", default="none", choices=QUANTS,
                    help="quantize the layers' weights at load (round-to-nearest, group 128)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="KV cache: auto (the model's dtype) or int8 (reference attention for now)")
+                   help="KV cache: auto (the model's dtype) or int8 (about half the bytes a position)")
     p.add_argument("--lm-head-quant", default="none", choices=QUANTS,
                    help="quantize lm_head at load too (default: keep it in --dtype)")
     p.add_argument("--repeats", type=int, default=3,

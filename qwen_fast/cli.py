@@ -164,7 +164,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize lm_head at load (a GPTQ checkpoint's layers are quantized anyway)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache: auto (the model's dtype) or int8 (about half the bytes a "
-                        "position; runs the reference attention for now)")
+                        "position; auto is int8 for a config.json with use_cache_quantization)")
     p.add_argument("--speculative", choices=["ngram"],
                    help="prompt-lookup speculation by default (drafts from the sequence's own "
                         "tokens, verified in one step: same output, fewer steps on text that "

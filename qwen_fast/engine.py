@@ -314,8 +314,10 @@ class Engine:
         kv_cache_dtype: "auto" (the model's dtype, or "int8" when config.json sets the release's
         use_cache_quantization) or "int8": keys and values as int8 with an fp32 scale per
         position and head (reference.quantize_kv), about half the bytes a position, so the same
-        budget holds about twice the positions. kv_cache_group: elements an int8 scale covers
-        (a multiple of 16 dividing head_dim; None = head_dim, one scale per position and head)."""
+        budget holds about twice the positions. The CPU kernels (rotary_kv_cache, attention,
+        the fused decode layers) write and read it, as do the CUDA ones. kv_cache_group:
+        elements an int8 scale covers (a multiple of 16 dividing head_dim; None = head_dim, one
+        scale per position and head)."""
         self.model = model
         self.dtype_reason = "the model's"     # from_pretrained: why it chose the dtype
         self.cfg: QwenConfig = model.cfg

@@ -157,15 +157,17 @@ class QwenModel:
         h = torch.index_select(self.wte, 0, ids, out=ws["h"])                  # [N, hidden]
         x = ops["rms_norm"](h, self.layers[0]["ln_1.weight"], cfg.layer_norm_epsilon, out=ws["x"])
         linear = ops["linear"]
-        fused = self._fused_layers() if pool.k_scales is None else None   # int8 cache: not fused yet
+        fused = self._fused_layers()
         if fused is not None:
             from .ops import _stream
             bufs = [ws[k] for k in ("qkv", "q", "a", "o", "up", "gate", "act")]
             stream = _stream(h)
             for li, layer in enumerate(fused):
                 nxt = self.layers[li + 1]["ln_1.weight"] if li + 1 < len(self.layers) else self.ln_f
+                sc = (None, None) if pool.k_scales is None else \
+                    (pool.k_scales[li], pool.v_scales[li])
                 layer.step(h, x, bufs, pool.k[li], pool.v[li], cos, sin, meta.page_table,
-                           meta.token_seq, meta.token_pos, meta.max_keys, logn, nxt, stream)
+                           meta.token_seq, meta.token_pos, meta.max_keys, logn, nxt, stream, *sc)
         for li, L in enumerate(self.layers if fused is None else ()):
             qkv = linear(x, L["attn.c_attn.weight"], L["attn.c_attn.bias"], out=ws["qkv"])
             q, k, v = qkv.view(N, 3, H, D).unbind(1)

@@ -164,14 +164,17 @@ def rotary_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
                       at offset token_pos[i] % P. On the CPU every page written is checked.
     Returns rotary_embedding(q, cos, sin), bit-identical, new or written into out.
     backend: None runs the compiled kernel for q's device; "reference" the PyTorch reference.
-    An int8 cache (int8 pages, k_scales/v_scales [pages, H, P]: reference.rotary_kv_cache) runs
-    the reference until the kernels write it.
+    An int8 cache: k_pages/v_pages int8 with k_scales/v_scales [pages, H, P, G] float32 (both,
+    contiguous; G scales a position and head, each for D // G elements): the kernel writes
+    reference.quantize_kv's codes and scales of the rotated key (rounded to q.dtype first) and
+    of the value, bit-identical to reference.rotary_kv_cache.
     """
-    if k_scales is not None or v_scales is not None or not _use_kernel("rotary_kv_cache", backend):
+    if not _use_kernel("rotary_kv_cache", backend):
         return _into(reference.rotary_kv_cache(q, k, v, cos, sin, k_pages, v_pages, page_table,
                                                token_seq, token_pos, k_scales, v_scales), out)
     return _C.rotary_kv_cache(q, k, v, cos, sin, k_pages, v_pages, page_table, token_seq,
-                              token_pos, _stream(q), out=out)
+                              token_pos, _stream(q), out=out, k_scales=k_scales,
+                              v_scales=v_scales)
 
 
 def swiglu(up: torch.Tensor, gate: torch.Tensor, *, out: torch.Tensor | None = None,
@@ -217,17 +220,22 @@ def attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     splits long rows' keys over several blocks (flash-decoding) by it. On the CPU every page id
     read is checked.
     backend: None runs the compiled kernel for q's device (CPU or CUDA); "reference" the
-    PyTorch reference. An int8 cache (k_scales/v_scales given) runs the reference until the
-    kernels read it.
+    PyTorch reference. An int8 cache: k_pages/v_pages int8 with k_scales/v_scales [pages, H, P,
+    G] float32 (see rotary_kv_cache), read as code * scale in fp32; the CPU kernel applies each
+    scale once per group of a key (fp32 sums in another order than the reference's, within the
+    attention tolerance) and gives a token the same bits however the step is chunked. bf16 q
+    with head dim 128 and G = 1 (the default cache) runs integer dot products on AVX-512 VNNI:
+    q split into two int16 parts (within max|q| * 2^-31) and each key block's softmax weights
+    rounded to 16 bits, far below bf16's rounding of the output (csrc/cpu/attention.cpp).
     """
-    if k_scales is not None or v_scales is not None or not _use_kernel("attention", backend):
+    if not _use_kernel("attention", backend):
         return _into(reference.attention(q, k_pages, v_pages, page_table, token_seq, token_pos,
                                          scale, k_scales, v_scales), out)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if max_keys is None:
         max_keys = int(token_pos.max()) + 1 if token_pos.numel() else 1
     return _C.attention(q, k_pages, v_pages, page_table, token_seq, token_pos, max_keys, scale,
-                        _stream(q), out=out)
+                        _stream(q), out=out, k_scales=k_scales, v_scales=v_scales)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -148,15 +148,16 @@ class PagedBatch:
     QwenModel.forward directly (the engine's scheduler does this bookkeeping for real).
 
     Each of `num_seqs` sequences gets pages for `capacity` positions, taken from the pool in a
-    shuffled order (so that a kernel reading a wrong page reads another sequence's keys)."""
+    shuffled order (so that a kernel reading a wrong page reads another sequence's keys).
+    kv_dtype / kv_group: the pool's format (torch.int8: the int8 cache, see PagePool)."""
 
     def __init__(self, model, num_seqs: int, capacity: int, page_size: int = 16, seed: int = 0,
-                 kv_dtype: Optional[torch.dtype] = None):
+                 kv_dtype: Optional[torch.dtype] = None, kv_group: Optional[int] = None):
         from .kv_cache import PagePool
         per = -(-capacity // page_size)
         self.model = model
         self.pool = PagePool(model.cfg, num_seqs * per, page_size, model.dtype, model.device,
-                             kv_dtype)
+                             kv_dtype, kv_group)
         order = torch.randperm(num_seqs * per, generator=torch.Generator().manual_seed(seed)).tolist()
         self.pages = [order[b * per:(b + 1) * per] for b in range(num_seqs)]
         self.capacity = per * page_size

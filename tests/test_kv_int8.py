@@ -1,12 +1,19 @@
-"""The int8 KV cache's reference (issue 19 groundwork): quantize_kv's rounding, rotary_kv_cache
-writing codes and scales, and attention over them, with a stated error bound against the same
-attention over the unquantized cache."""
+"""The int8 KV cache: the reference (quantize_kv's rounding, rotary_kv_cache writing codes and
+scales, attention over them, with a stated error bound against the same attention over the
+unquantized cache); the CPU kernels against it (rotary_kv_cache_int8's codes and scales bit for
+bit, attention_int8 within the attention rule of test_attention.py, the same bits for a token
+however the step is chunked, clear errors for bad scales); and the engine and the fused
+DecodeLayer over an int8 cache."""
 import math
 
 import pytest
 import torch
 
+from kernel_cases import DTYPES, case_generator
+from paged_cases import held_slots, paged_step
+from qwen_fast import ops
 from qwen_fast import reference as R
+from tolerances import tolerance
 
 
 @pytest.mark.parametrize("group", [None, 32])
@@ -92,6 +99,258 @@ def test_a_mixed_cache_is_refused():
     assert math.isfinite(float(R.rotary_kv_cache(*args, k8, v8, *idx, ks, vs).sum()))
 
 
+# ---- the CPU kernels ----------------------------------------------------------------------------
+
+def _require_c():
+    assert ops.HAVE_C, f"qwen_fast._C is not built: {ops.IMPORT_ERROR}"
+
+
+def _rope_tables(N, R_dim, g):
+    ang = torch.rand(N, R_dim // 2, generator=g) * 50
+    return torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+
+# (H, D, G, P, R, [(cached, new) per sequence]): odd page sizes, several sequences, a prefill
+# chunk beside decode rows, a rotary dim below the head dim, groups of 16 and of 8.
+ROTARY_CASES = [
+    pytest.param(4, 128, 1, 16, 128, [(0, 37), (100, 1), (5, 1)], id="D128_G1_P16"),
+    pytest.param(2, 128, 4, 5, 128, [(33, 11), (7, 1)], id="D128_G4_P5"),
+    pytest.param(3, 64, 2, 64, 32, [(70, 3), (0, 2)], id="D64_G2_P64_R32"),
+    pytest.param(2, 24, 3, 7, 24, [(10, 4), (0, 1)], id="D24_G3_P7"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,D,G,P,R_dim,seqs", ROTARY_CASES)
+def test_rotary_kv_cache_int8_writes_the_reference_codes_and_scales(request, dtype, H, D, G, P,
+                                                                    R_dim, seqs):
+    """Codes and scales bit-identical to reference.rotary_kv_cache (quantize_kv of the rotated
+    key rounded to q's dtype, and of the value), every other slot untouched, q out identical;
+    values over six decades (the scales differ per position), an all-zero group (scale 1) and
+    values on a half step (round half to even)."""
+    _require_c()
+    g = case_generator(request)
+    step = paged_step(seqs, P, g)
+    N = step.n_tokens
+    mag = torch.logspace(-3, 3, N)[:, None, None, None]
+    qkv = (torch.randn(N, 3, H, D, generator=g) * mag).to(dtype)
+    qkv[0, 2, 0] = 0                                          # an all-zero value row: scale 1
+    qkv[N - 1, 2, H - 1, :D // G] = torch.tensor([127.0, 0.5, 1.5, -2.5] * (D // G // 4)
+                                                 + [0.5] * (D // G % 4)).to(dtype)
+    q, k, v = qkv.unbind(1)
+    cos, sin = _rope_tables(N, R_dim, g)
+    pools = [torch.randint(-127, 128, (step.num_pages, H, P, D), dtype=torch.int8, generator=g)
+             for _ in range(2)] + [torch.rand(step.num_pages, H, P, G, generator=g)
+                                   for _ in range(2)]
+    want = [t.clone() for t in pools]
+    meta = (step.page_table, step.token_seq, step.token_pos)
+    got_q = ops.rotary_kv_cache(q, k, v, cos, sin, pools[0], pools[1], *meta,
+                                k_scales=pools[2], v_scales=pools[3])
+    want_q = R.rotary_kv_cache(q, k, v, cos, sin, want[0], want[1], *meta, want[2], want[3])
+    assert torch.equal(got_q, want_q)
+    for name, got, ref in zip(("k_pages", "v_pages", "k_scales", "v_scales"), pools, want):
+        assert torch.equal(got, ref), (name, (got.float() - ref.float()).abs().max())
+    assert (pools[3] == 1).any()                               # the zero row's scale
+
+
+def _int8_step(H, D, G, P, seqs, dtype, g, shuffle_rows=False):
+    """q (a view of a qkv buffer), an int8 cache holding quantize_kv of random 16-bit keys and
+    values with magnitudes that vary per position, and the step; the scales of every slot that
+    holds no key are NaN, so that a kernel that reads one gives NaN."""
+    step = paged_step(seqs, P, g, shuffle_rows=shuffle_rows)
+    N = step.n_tokens
+    q = torch.randn(N, 3, H, D, generator=g).to(dtype)[:, 0]
+    cache = []
+    for _ in range(2):
+        x = torch.randn(step.num_pages, H, P, D, generator=g)
+        x = x * torch.exp(torch.randn(step.num_pages, H, P, 1, generator=g))
+        codes, scales = R.quantize_kv(x.to(dtype), group=D // G)
+        scales.permute(0, 2, 1, 3)[~held_slots(step)] = float("nan")
+        cache += [codes, scales]
+    k8, ks, v8, vs = cache
+    return q, k8, v8, ks, vs, step
+
+
+def _check_int8(got, q, k8, v8, ks, vs, step, dtype, msg, scale=None):
+    """test_attention's rule against the reference over the same int8 cache: fp32 within the
+    tolerance table; 16-bit within twice the reference's own rounding error and bit-identical in
+    almost every element."""
+    meta = (step.page_table, step.token_seq, step.token_pos)
+    sc = dict(k_scales=ks, v_scales=vs)
+    assert got.shape == q.shape and got.dtype == dtype and got.is_contiguous(), msg
+    if dtype == torch.float32:
+        # The table's fp32 atol is for values of about unit size; the output is a convex
+        # combination of values, here up to ~30 in size (their magnitudes vary per position, so
+        # that the scales matter), and fp32 reordering errors scale with them.
+        vmax = float(R.dequantize_kv(v8, vs).nan_to_num(0.0).abs().max())
+        tol = tolerance(torch.float32, "attention")
+        torch.testing.assert_close(got, R.attention(q, k8, v8, *meta, scale, **sc),
+                                   rtol=tol["rtol"], atol=tol["atol"] * max(1.0, vmax), msg=msg)
+        return
+    exact = R.attention(q.float(), k8, v8, *meta, scale, **sc)
+    rounded = R.attention(q, k8, v8, *meta, scale, **sc)
+    assert exact.isfinite().all(), "the reference read a poisoned slot: the case is wrong"
+    err_kernel = (got.float() - exact).abs().max().item()
+    err_ref = (rounded.float() - exact).abs().max().item()
+    assert err_kernel <= 2 * err_ref + 1e-7, (msg, err_kernel, err_ref)
+    assert (got == rounded).float().mean().item() >= 0.99, msg
+
+
+# (H, D, G, P, [(cached, new) per sequence]): D = 128 and 64 with groups of 16 .. D run the
+# AVX-512 kernel (on a CPU with AVX-512 BF16; bf16 q with D = 128 and G = 1 its VNNI variant),
+# the others the portable one.
+ATTENTION_CASES = [
+    pytest.param(4, 128, 1, 16, [(299, 1), (0, 1), (17, 1), (150, 1)], id="decode_D128_G1_P16"),
+    pytest.param(2, 128, 1, 5, [(40, 9), (3, 1), (130, 1)], id="chunk_D128_G1_P5"),
+    pytest.param(2, 128, 4, 64, [(63, 1), (64, 1), (200, 1)], id="decode_D128_G4_P64"),
+    pytest.param(2, 128, 8, 5, [(40, 9), (3, 1)], id="chunk_D128_G8_P5"),
+    pytest.param(2, 128, 2, 24, [(50, 37), (10, 1), (40, 0), (200, 1)], id="mixed_D128_G2_P24"),
+    pytest.param(3, 64, 1, 16, [(100, 5), (60, 1)], id="D64_G1_P16"),
+    pytest.param(2, 64, 4, 7, [(30, 3), (0, 1)], id="D64_G4_P7"),
+    pytest.param(2, 24, 3, 5, [(0, 5), (40, 5)], id="portable_D24_G3_P5"),
+    pytest.param(2, 7, 1, 4, [(9, 2), (0, 1)], id="portable_D7_P4"),
+    pytest.param(1, 256, 2, 16, [(70, 2)], id="portable_D256_G2"),
+    pytest.param(2, 16, 1, 16, [(0, 1)], id="one_key"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,D,G,P,seqs", ATTENTION_CASES)
+def test_attention_int8_matches_the_reference(request, dtype, H, D, G, P, seqs):
+    _require_c()
+    q, k8, v8, ks, vs, step = _int8_step(H, D, G, P, seqs, dtype, case_generator(request))
+    got = ops.attention(q, k8, v8, step.page_table, step.token_seq, step.token_pos,
+                        k_scales=ks, v_scales=vs)
+    _check_int8(got, q, k8, v8, ks, vs, step, dtype, request.node.name)
+
+
+def test_attention_int8_rows_in_any_order_into_out_with_scale(request):
+    _require_c()
+    q, k8, v8, ks, vs, step = _int8_step(2, 128, 1, 16, [(90, 3), (0, 2), (70, 1)],
+                                         torch.bfloat16, case_generator(request),
+                                         shuffle_rows=True)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    got = ops.attention(q, k8, v8, step.page_table, step.token_seq, step.token_pos, 0.3,
+                        out=out, k_scales=ks, v_scales=vs)
+    assert got is out
+    _check_int8(out, q, k8, v8, ks, vs, step, torch.bfloat16, request.node.name, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,D,G,P,cached,new", [(2, 128, 1, 64, 150, 45), (2, 128, 1, 7, 20, 23),
+                                                (2, 128, 4, 5, 20, 23), (2, 24, 3, 16, 40, 19)])
+def test_attention_int8_gives_a_token_the_same_bits_however_the_step_is_chunked(
+        request, dtype, H, D, G, P, cached, new):
+    """As test_attention's test of the same name (the prefix cache rests on it), over an int8
+    cache: whole chunk, one token at a time, random chunks, packed with another sequence."""
+    _require_c()
+    g = case_generator(request)
+    q, k8, v8, ks, vs, step = _int8_step(H, D, G, P, [(cached, new), (7, 1)], dtype, g)
+    seq, pos, table = step.token_seq, step.token_pos, step.page_table
+    sc = dict(k_scales=ks, v_scales=vs)
+    whole = ops.attention(q, k8, v8, table, seq, pos, **sc)
+    mine = seq == 0
+    idx = torch.nonzero(mine).flatten()
+    for sizes in ([1] * new, [int(c) for c in torch.randint(1, 12, (new,), generator=g)]):
+        parts, at = [], 0
+        for c in sizes:
+            if at >= new:
+                break
+            rows = idx[at:at + c]
+            parts.append(ops.attention(q[rows], k8, v8, table, seq[rows], pos[rows], **sc))
+            at += c
+        assert torch.equal(torch.cat(parts), whole[mine]), (request.node.name, sizes[:8])
+
+
+def _int8_error_args(op):
+    g = torch.Generator().manual_seed(3)
+    q, k8, v8, ks, vs, step = _int8_step(4, 16, 1, 4, [(5, 1), (2, 1)], torch.float32, g)
+    meta = dict(page_table=step.page_table, token_seq=step.token_seq, token_pos=step.token_pos)
+    if op == "attention":
+        return dict(q=q, k_pages=k8, v_pages=v8, k_scales=ks, v_scales=vs, **meta)
+    N, H, D = q.shape
+    k = torch.randn(N, 3, H, D, generator=g)
+    one = torch.ones(N, D)
+    return dict(q=k[:, 0], k=k[:, 1], v=k[:, 2], cos=one, sin=one * 0, k_pages=k8, v_pages=v8,
+                k_scales=ks, v_scales=vs, **meta)
+
+
+@pytest.mark.parametrize("op", ["attention", "rotary_kv_cache"])
+@pytest.mark.parametrize("change,msg", [
+    pytest.param(lambda a: dict(k_scales=None, v_scales=None),
+                 "k_pages has dtype torch.int8.*needs k_scales and v_scales", id="no_scales"),
+    pytest.param(lambda a: dict(v_scales=None), "needs both k_scales and v_scales, got only k_scales",
+                 id="only_k_scales"),
+    pytest.param(lambda a: dict(k_scales=a["k_scales"].expand(-1, -1, -1, 3).contiguous()),
+                 r"k_scales must have shape \[\d+, 4, 4, G\].*G dividing head_dim 16",
+                 id="G_not_dividing_D"),
+    pytest.param(lambda a: dict(v_scales=a["v_scales"][:, :2].contiguous()),
+                 "v_scales must have the shape of k_scales", id="v_scales_heads"),
+    pytest.param(lambda a: dict(k_scales=a["k_scales"].half(), v_scales=a["v_scales"].half()),
+                 "k_scales must have dtype torch.float32, got torch.float16", id="fp16_scales"),
+    pytest.param(lambda a: dict(v_scales=a["v_scales"].transpose(1, 2).contiguous().transpose(1, 2)),
+                 "v_scales must be contiguous", id="strided_scales"),
+    pytest.param(lambda a: dict(k_pages=a["k_pages"].float(), v_pages=a["v_pages"].float()),
+                 "k_pages must have dtype torch.int8 .k_scales and v_scales were given",
+                 id="float_pages_with_scales"),
+])
+def test_int8_cache_argument_errors(op, change, msg):
+    _require_c()
+    a = _int8_error_args(op)
+    a.update(change(a))
+    with pytest.raises(RuntimeError, match=msg):
+        getattr(ops, op)(**a)
+
+
+# ---- the engine and the model's fused layers ------------------------------------------------------
+
+@pytest.mark.parametrize("kv_group", [None, 16])
+def test_the_fused_decode_layers_equal_the_python_loop_over_an_int8_cache(kv_group):
+    """_C.DecodeLayer with an int8 cache (the scales passed through to rotary_kv_cache and
+    attention) gives the Python layer loop's logits bit for bit: prefill, decode steps of some
+    sequences, a step packing a chunk with decode rows. Head dim 64: the AVX-512 kernel."""
+    _require_c()
+    from qwen_fast import Engine
+    from qwen_fast.testing import PagedBatch, tiny_config
+    cfg = tiny_config(hidden_size=128, num_attention_heads=2, kv_channels=64)
+    m = Engine.from_pretrained(load_format="dummy", config=cfg, dtype="bfloat16",
+                               backend="auto").model
+    outs = []
+    for fused in (True, False):
+        m.fused_decode = fused
+        batch = PagedBatch(m, 5, 128, page_size=16, kv_dtype=torch.int8, kv_group=kv_group)
+        prompt = list(range(1, 41))
+        batch.forward([prompt, prompt[:20], prompt[:33], prompt[:5]])
+        steps = [batch.forward([[5 + i], [6 + i], [7 + i]], rows=[0, 2, 3]) for i in range(3)]
+        steps.append(batch.forward([[9], prompt[:17], [8]], rows=[0, 4, 1]))   # mixed step
+        outs.append(torch.cat(steps))
+        if fused:
+            assert m._decode_layers is not None
+            assert batch.pool.k[0].dtype == torch.int8 and batch.pool.k_scales[0].shape[-1] == \
+                (1 if kv_group is None else 64 // kv_group)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_engine_with_an_int8_cache_native_equals_reference(tiny_ckpt):
+    """fp32 through the compiled kernels (the fused layers) and through the reference backend,
+    both over an int8 cache: the same greedy tokens, logits within fp32 reordering."""
+    _require_c()
+    from qwen_fast import Engine
+    kw = dict(dtype="float32", kv_cache_budget=64 * 2**20, kv_cache_dtype="int8")
+    nat = Engine.from_pretrained(tiny_ckpt, **kw)
+    ref = Engine.from_pretrained(tiny_ckpt, backend="reference", **kw)
+    try:
+        assert nat.model._fused_layers() is not None and ref.model._fused_layers() is None
+        ids = nat.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
+        a, b = nat.logits(ids), ref.logits(ids)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+        p = dict(max_new_tokens=8, temperature=0.0)
+        assert nat.generate(ids, **p).token_ids == ref.generate(ids, **p).token_ids
+    finally:
+        nat.close()
+        ref.close()
+
+
 def test_engine_with_an_int8_cache(tiny_ckpt):
     from qwen_fast import Engine
     from qwen_fast.errors import ConfigError
@@ -110,7 +369,8 @@ def test_engine_with_an_int8_cache(tiny_ckpt):
         # rounding passes through the random layers, so a loose check of size).
         d = (a - b).abs()
         assert 0 < float(d.mean()) < 0.02 * float(a.std()) and float(d.max()) < 0.2 * float(a.std())
-        # Decode through the batch path: the int8 pages are written and read step by step.
+        # Decode through the batch path (the compiled kernels, fused layers): the int8 pages are
+        # written and read step by step.
         p = dict(max_new_tokens=6, temperature=0.0)
         ga, gb = base.generate(ids, **p), q8.generate(ids, **p)
         assert len(gb.token_ids) == 6 and gb.token_ids[0] == ga.token_ids[0]

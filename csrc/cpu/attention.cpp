@@ -12,6 +12,9 @@
 // dynamic one when a sequence has several tokens (causal rows grow longer with the position).
 // bf16 and fp16 with head dim 128 on AVX-512 BF16 run a prefill chunk in tiles of up to kTile
 // tokens (one key read serves the tile), with the same bits per token as one token alone.
+// attention_int8 reads an int8 cache (codes [pages, H, P, D], fp32 scales [pages, H, P, G]) as
+// code * scale: the same online softmax, each (token, head) row alone (no tiles), AVX-512 for
+// D = 64 / 128 with groups of a multiple of 16 elements, a portable clone otherwise.
 // Constraints: 1 <= D <= kMaxHeadDim; the caller checks the page ids (ops/common.h).
 #include <algorithm>
 #include <cmath>
@@ -132,6 +135,83 @@ QF_CPU_CLONES void attend_row(T* out,      // [D]
   }
   const float inv = 1.0f / p.l;
   for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(p.acc[d] * inv);
+}
+
+// ---- int8 cache (attention_int8) -------------------------------------------------------------
+// The keys and values of one (sequence, head) row in an int8 cache: as PagedRow, with the G fp32
+// scales of each position beside its D codes (each scale for D / G consecutive codes).
+struct Int8Row {
+  const int8_t* k_pages;
+  const int8_t* v_pages;
+  const float* k_scales;
+  const float* v_scales;
+  const int32_t* pages;  // the sequence's page table row
+  int64_t h, H, P, D, G, n_keys;
+
+  int64_t block_len(int64_t j0) const {
+    return std::min({kKeyBlock, P - j0 % P, n_keys - j0});
+  }
+  int64_t slot(int64_t j0) const { return (pages[j0 / P] * H + h) * P + j0 % P; }
+  const int8_t* k(int64_t j0) const { return k_pages + slot(j0) * D; }
+  const int8_t* v(int64_t j0) const { return v_pages + slot(j0) * D; }
+  const float* ks(int64_t j0) const { return k_scales + slot(j0) * G; }
+  const float* vs(int64_t j0) const { return v_scales + slot(j0) * G; }
+};
+
+// Any head dim and group (the AVX-512 kernel below takes D = 64 or 128 with groups of a multiple
+// of 16): score_j = scale * sum_g s_kjg * (q . code_jg), acc += (p_j * s_vjg) * code_jg, the
+// online softmax of attend_block (blocks of at most kKeyBlock keys within a page).
+template <typename T>
+QF_CPU_CLONES void attend_row_int8(T* out,      // [D]
+                                   const T* q,  // [D]
+                                   const Int8Row& row, float scale) {
+  const int64_t D = row.D, G = row.G, gs = D / G;
+  float qf[kMaxHeadDim], acc[kMaxHeadDim], s[kKeyBlock];
+  for (int64_t d = 0; d < D; ++d) qf[d] = to_float(q[d]), acc[d] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t j0 = 0, n; j0 < row.n_keys; j0 += n) {
+    n = row.block_len(j0);
+    const int8_t* kb = row.k(j0);
+    const float* ksb = row.ks(j0);
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int8_t* c = kb + j * D + g * gs;
+        const float* qg = qf + g * gs;
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t d = 0; d < gs; ++d) part += qg[d] * static_cast<float>(c[d]);
+        sum += part * ksb[j * G + g];
+      }
+      s[j] = sum * scale;
+    }
+    float block_max = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, s[j]);
+    const float m_new = std::max(m, block_max);
+    const float correction = std::exp(m - m_new);  // 0 for the first block (m = -inf)
+    float block_sum = 0.0f;
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = sleef_expf(s[j] - m_new);
+      block_sum += s[j];
+    }
+    l = l * correction + block_sum;
+    m = m_new;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
+    const int8_t* vb = row.v(j0);
+    const float* vsb = row.vs(j0);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = s[j] * vsb[j * G + g];
+        const int8_t* c = vb + j * D + g * gs;
+        float* ag = acc + g * gs;
+#pragma omp simd
+        for (int64_t d = 0; d < gs; ++d) ag[d] += w * static_cast<float>(c[d]);
+      }
+  }
+  const float inv = 1.0f / l;
+  for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(acc[d] * inv);
 }
 
 #if QF_X86_INTRINSICS
@@ -545,6 +625,339 @@ QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_tile_d128(
   for (int t = 0; t < nt; ++t) E::store(out + t * so_n, acc[t], l[t]);
 }
 
+// int8 keys and values with a head dim of kC * 16 (64 or 128) and groups of kCpg * 16 elements
+// on AVX-512 (with BF16 for softmax_block's target, shared with the 16-bit kernels): each 16
+// codes widened to fp32 (vpmovsxbd + vcvtdq2ps, exact); a key's score is one chain of FMAs per
+// group on q in fp32, each group's sum times its scale folded into the key's lane sums (an FMA
+// per group), the four keys' lanes reduced together (hsum4); p * v as FMAs of the widened codes
+// with p_j * s_vjg. The pages are half the bytes of bf16's, so the loop is the same software
+// pipeline as attend_row_d128 (the values of block b accumulated while the keys of block b + 1
+// are scored, both streams prefetched twice through the page table, at the same byte distances).
+// Measured (decode, 16 heads x 4096 keys, pages of 64, bf16 q, caches evicted before each run,
+// 1 thread of the 2-core Zen 4, same run): bf16 cache 1.6-1.7 ms, this kernel 1.15-1.35 ms;
+// without the prefetches (see prefetch4) 1.8 ms: a page's 8 KiB of one head start cold.
+// With the data in cache it computes 16 x 1024 keys in 196 us (22 GB/s of int8 a core): compute
+// bound, by the widening of the codes (vpmovsxbd) more than the FMAs; both threads of the 2-vCPU
+// machine gave about 22 GB/s together (0.78 ms against the bf16 cache's 1.22 ms). bf16 queries
+// with one scale a position (the default) run int8_vnni below instead.
+namespace int8_impl {
+
+constexpr int64_t kPrefetchKeys = 64;       // near prefetch, 8 KiB ahead at D = 128
+constexpr int64_t kFarPrefetchKeys = 256;   // far prefetch, 32 KiB ahead at D = 128
+
+QF_TARGET_AVX512_BF16 inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// q . k of one key, its G = kC / kCpg group sums each times its scale: the lanes' partial sums.
+template <int kC, int kCpg>
+QF_TARGET_AVX512_BF16 inline __m512 dot(const __m512 (&q)[kC], const int8_t* k, const float* s) {
+  __m512 a = _mm512_setzero_ps();
+  for (int c0 = 0; c0 < kC; c0 += kCpg) {
+    __m512 p = _mm512_mul_ps(widen16(k + 16 * c0), q[c0]);
+    for (int c = c0 + 1; c < c0 + kCpg; ++c) p = _mm512_fmadd_ps(widen16(k + 16 * c), q[c], p);
+    a = _mm512_fmadd_ps(p, _mm512_set1_ps(s[c0 / kCpg]), a);
+  }
+  return a;
+}
+
+// Scores (unscaled) of the n keys at kb (scales ksb) into s: groups of four, the last one padded
+// with zero sums (the same reduction for every key).
+template <int kC, int kCpg>
+QF_TARGET_AVX512_BF16 inline void score4(float* s, const __m512 (&q)[kC], const int8_t* kb,
+                                         const float* ksb, int64_t j) {
+  constexpr int64_t D = 16 * kC, G = kC / kCpg;
+  hsum4(dot<kC, kCpg>(q, kb + j * D, ksb + j * G), dot<kC, kCpg>(q, kb + (j + 1) * D, ksb + (j + 1) * G),
+        dot<kC, kCpg>(q, kb + (j + 2) * D, ksb + (j + 2) * G),
+        dot<kC, kCpg>(q, kb + (j + 3) * D, ksb + (j + 3) * G), s + j);
+}
+
+template <int kC, int kCpg>
+QF_TARGET_AVX512_BF16 inline void score_keys(float* s, const __m512 (&q)[kC], const int8_t* kb,
+                                             const float* ksb, int64_t n) {
+  constexpr int64_t D = 16 * kC, G = kC / kCpg;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) score4<kC, kCpg>(s, q, kb, ksb, j);
+  if (j < n) {
+    __m512 d[4];
+    for (int r = 0; r < 4; ++r)
+      d[r] = j + r < n ? dot<kC, kCpg>(q, kb + (j + r) * D, ksb + (j + r) * G) : _mm512_setzero_ps();
+    alignas(16) float t[4];
+    hsum4(d[0], d[1], d[2], d[3], t);
+    for (int64_t r = 0; j + r < n; ++r) s[j + r] = t[r];
+  }
+}
+
+// acc += p_j * v[j] for one key: code * (p_j * scale of its group).
+template <int kC, int kCpg>
+QF_TARGET_AVX512_BF16 inline void accumulate(__m512 (&acc)[kC], float p_j, const int8_t* v,
+                                             const float* s) {
+  for (int c0 = 0; c0 < kC; c0 += kCpg) {
+    const __m512 w = _mm512_set1_ps(p_j * s[c0 / kCpg]);
+    for (int c = c0; c < c0 + kCpg; ++c) acc[c] = _mm512_fmadd_ps(widen16(v + 16 * c), w, acc[c]);
+  }
+}
+
+// A position of a row walked forward by the prefetches: its page-table index and offset kept
+// up to date by additions instead of a division for each prefetch (four every four keys; no
+// measurable change in time here, but no cost either).
+struct Cursor {
+  int64_t j, page, off;  // j = page * P + off
+  Cursor(const Int8Row& row, int64_t j0) : j(j0), page(j0 / row.P), off(j0 % row.P) {}
+  void advance(const Int8Row& row, int64_t by) {
+    j += by, off += by;
+    while (off >= row.P) off -= row.P, ++page;
+  }
+};
+
+// Prefetches the codes and scales of the four positions at c of `pages` / `scales` with
+// locality kHint, if they exist, and moves c on by four.
+template <int kHint>
+QF_TARGET_AVX512_BF16 inline void prefetch4(const Int8Row& row, const int8_t* pages,
+                                            const float* scales, Cursor& c) {
+  // Without this, GCC 12 dropped these prefetches altogether (not one prefetch instruction was
+  // left in the int8 kernels' code, and the decode ran 1.8 ms instead of 1.2 above): the empty
+  // volatile asm is an effect it keeps, at no cost.
+  asm volatile("");
+  if (c.j + 4 <= row.n_keys) {
+    const int64_t D = row.D;
+    if (c.off + 4 <= row.P) {  // one page: 4 * D contiguous codes
+      const int64_t slot = (row.pages[c.page] * row.H + row.h) * row.P + c.off;
+      const char* p = reinterpret_cast<const char*>(pages + slot * D);
+      for (int64_t o = 0; o < 4 * D; o += 64) __builtin_prefetch(p + o, 0, kHint);
+      __builtin_prefetch(scales + slot * row.G, 0, kHint);
+    } else {
+      for (int r = 0; r < 4; ++r) {
+        const int64_t slot = row.slot(c.j + r);
+        const char* p = reinterpret_cast<const char*>(pages + slot * D);
+        for (int64_t o = 0; o < D; o += 64) __builtin_prefetch(p + o, 0, kHint);
+        __builtin_prefetch(scales + slot * row.G, 0, kHint);
+      }
+    }
+  }
+  c.advance(row, 4);
+}
+
+template <typename T, int kC, int kCpg>
+QF_TARGET_AVX512_BF16 __attribute__((flatten)) void attend_row(T* out, const T* q,
+                                                             const Int8Row& row, float scale) {
+  constexpr int64_t D = 16 * kC, G = kC / kCpg;
+  const int64_t n_keys = row.n_keys;
+  __m512 qv[kC], acc[kC];
+  {
+    alignas(64) float qf[D];
+    for (int64_t d = 0; d < D; ++d) qf[d] = to_float(q[d]);
+    for (int c = 0; c < kC; ++c) qv[c] = _mm512_load_ps(qf + 16 * c), acc[c] = _mm512_setzero_ps();
+  }
+  float m = -INFINITY, l = 0.0f;
+  alignas(64) float buf[2][kKeyBlock];
+  int64_t n = row.block_len(0);
+  score_keys<kC, kCpg>(buf[0], qv, row.k(0), row.ks(0), n);
+  for (int64_t j0 = 0, b = 0; j0 < n_keys; j0 += n, b ^= 1) {
+    float* s = buf[b];
+    float* s_next = buf[b ^ 1];
+    n = row.block_len(j0);
+    const int64_t j1 = j0 + n;
+    const int64_t n_next = j1 < n_keys ? row.block_len(j1) : 0;
+    const int8_t* k_next = n_next > 0 ? row.k(j1) : nullptr;
+    const float* ks_next = n_next > 0 ? row.ks(j1) : nullptr;
+    const __m512 c = _mm512_set1_ps(softmax_block(s, n, scale, m, l));
+    for (int i = 0; i < kC; ++i) acc[i] = _mm512_mul_ps(acc[i], c);
+    const int8_t* vb = row.v(j0);
+    const float* vsb = row.vs(j0);
+    // The keys a distance on from the ones scored, and the values the same distance on from the
+    // ones accumulated, wherever their pages are.
+    Cursor kn(row, j1 + kPrefetchKeys), kf(row, j1 + kFarPrefetchKeys);
+    Cursor vn(row, j0 + kPrefetchKeys), vf(row, j0 + kFarPrefetchKeys);
+    int64_t j = 0;
+    for (; j + 4 <= n && j + 4 <= n_next; j += 4) {  // both streams
+      prefetch4<2>(row, row.k_pages, row.k_scales, kn);
+      prefetch4<2>(row, row.v_pages, row.v_scales, vn);
+      prefetch4<1>(row, row.k_pages, row.k_scales, kf);
+      prefetch4<1>(row, row.v_pages, row.v_scales, vf);
+      score4<kC, kCpg>(s_next, qv, k_next, ks_next, j);
+      for (int r = 0; r < 4; ++r)
+        accumulate<kC, kCpg>(acc, s[j + r], vb + (j + r) * D, vsb + (j + r) * G);
+    }
+    for (int64_t i = j; i < n; ++i) accumulate<kC, kCpg>(acc, s[i], vb + i * D, vsb + i * G);
+    if (n_next > j)
+      score_keys<kC, kCpg>(s_next + j, qv, k_next + j * D, ks_next + j * G, n_next - j);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / l);
+  alignas(64) float o[D];
+  for (int c = 0; c < kC; ++c) _mm512_store_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
+  for (int64_t d = 0; d < D; ++d) out[d] = from_float<T>(o[d]);
+}
+
+}  // namespace int8_impl
+
+// bf16 queries over an int8 cache with a head dim of 128 and one scale per position and head
+// (the default cache), with integer dot products (AVX-512 VNNI) instead of widening every code to
+// fp32 (the fp32 kernel's bottleneck). Two roundings that the fp32 kernel does not make:
+//   - q . k: q = qs * (hi + lo / 32768) with int16 hi and lo (qs = max|q| / 32767; lo rounds the
+//     rest, exact by an FMA: q within max|q| * 2^-31), the two sums of int16 * code exact in int32
+//     (vpdpwssd), combined in fp32, then times qs * s_kj;
+//   - p * v: each key block's weights w_j = p_j * s_vj rounded to 16 bits (W = max_j w_j / 65535,
+//     omega_j = round(w_j / W), split into two bytes), the sums of omega_j * code exact in int32
+//     (vpdpbusd over four keys at a time, each 32-bit lane holding one element of four keys'
+//     value rows, transposed by byte and word unpacks), then times W into the fp32 accumulator.
+// Both well below bf16's rounding of the output (tests/test_kv_int8.py holds it to the attention
+// rule of test_attention.py: within twice the reference's own rounding error, and bit-identical
+// in at least 99% of the elements; with q rounded to int16 alone, 98.7% were); fp16 and fp32
+// queries, other head dims and several scales a position run the fp32 kernels. Every row is one
+// call of the same function: the same bits for a token however the step is chunked.
+// Measured (same runs as above, 16 heads x 4096 keys): in cache 145 us against the fp32
+// kernel's 186-194 us for 1024 keys; from memory 0.98-1.13 ms against 1.11-1.21 ms on one thread,
+// 0.75-0.76 against 0.78-0.85 ms on two (the bf16 cache: 1.64-1.70 and 1.20-1.21 ms). Full-size
+// int4 decode at 4096 cached positions (benchmarks/bench_kv_int8.py, alternating, noisy shared
+// machine): 1.17-1.31x the bf16 cache's speed with it, 1.22x with the fp32 kernel.
+#define QF_TARGET_AVX512_VNNI_BF16 \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
+
+namespace int8_vnni {
+
+constexpr int64_t kD = 128;
+
+// The lanes of q . code / qs of one key (each lane two elements' products): q = qs * (hi + lo /
+// 32768) with int16 hi and lo, the two sums exact in int32, combined in fp32.
+QF_TARGET_AVX512_VNNI_BF16 inline __m512 key_dot(const __m512i (&q16)[8], const int8_t* k) {
+  __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+  for (int c = 0; c < 4; ++c) {
+    const __m512i k16 =
+        _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 32 * c)));
+    a = _mm512_dpwssd_epi32(a, k16, q16[c]);
+    b = _mm512_dpwssd_epi32(b, k16, q16[4 + c]);
+  }
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_set1_ps(1.0f / 32768.0f),
+                         _mm512_cvtepi32_ps(a));
+}
+
+// Scores of the n keys at kb (unscaled by `scale`): hsum4 of four keys' lanes at a time (a short
+// group padded with zero lanes), then times qs * s_kj; prefetching the keys on through c1, c2.
+QF_TARGET_AVX512_VNNI_BF16 inline void score_keys(float* s, const __m512i (&q16)[8],
+                                                  const int8_t* kb, const float* ksb, int64_t n,
+                                                  float qs, const Int8Row& row,
+                                                  int8_impl::Cursor& c1, int8_impl::Cursor& c2) {
+  for (int64_t j = 0; j < n; j += 4) {
+    int8_impl::prefetch4<2>(row, row.k_pages, row.k_scales, c1);
+    int8_impl::prefetch4<1>(row, row.k_pages, row.k_scales, c2);
+    __m512 d[4];
+    for (int r = 0; r < 4; ++r)
+      d[r] = j + r < n ? key_dot(q16, kb + (j + r) * kD) : _mm512_setzero_ps();
+    hsum4(d[0], d[1], d[2], d[3], s + j);   // s has room past n
+  }
+  const __m512 vq = _mm512_set1_ps(qs);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(s + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j),
+                                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(k, ksb + j), vq)));
+  }
+}
+
+// acc (fp32, in the lane order of the transposed rows: see store) += sum_j p_j * s_vj * v_j over
+// the n keys at vb, through 16-bit weights and int32 sums.
+QF_TARGET_AVX512_VNNI_BF16 inline void accumulate_block(__m512 (&acc)[8], const float* p,
+                                                        const int8_t* vb, const float* vsb,
+                                                        int64_t n, const Int8Row& row,
+                                                        int8_impl::Cursor& c1,
+                                                        int8_impl::Cursor& c2) {
+  // w = p * s_v, W = max w / 65535, omega = round(w / W) as two bytes (16 keys a vector).
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    vmax = _mm512_max_ps(vmax, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + j),
+                                             _mm512_maskz_loadu_ps(k, vsb + j)));
+  }
+  const float wmax = _mm512_reduce_max_ps(vmax);
+  const float W = wmax > 0.0f ? wmax / 65535.0f : 1.0f;
+  const __m512 inv_w = _mm512_set1_ps(1.0f / W);
+  alignas(64) uint8_t hi8[kKeyBlock + 16], lo8[kKeyBlock + 16];
+  for (int64_t j = 0; j < n + 4; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF)
+                        : n > j ? __mmask16((1u << (n - j)) - 1) : __mmask16(0);
+    const __m512 w = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + j), _mm512_maskz_loadu_ps(k, vsb + j));
+    __m512i o = _mm512_cvt_roundps_epu32(_mm512_mul_ps(w, inv_w),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    o = _mm512_min_epu32(o, _mm512_set1_epi32(65535));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi8 + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(o, 8)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo8 + j),
+                     _mm512_cvtepi32_epi8(_mm512_and_si512(o, _mm512_set1_epi32(255))));
+  }
+  __m512i hi[8], lo[8];
+  for (int c = 0; c < 8; ++c) hi[c] = lo[c] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; j += 4) {
+    int8_impl::prefetch4<2>(row, row.v_pages, row.v_scales, c1);
+    int8_impl::prefetch4<1>(row, row.v_pages, row.v_scales, c2);
+    const int8_t* r[4];
+    for (int t = 0; t < 4; ++t) r[t] = vb + std::min(j + t, n - 1) * kD;  // weight 0 past n
+    uint32_t bh, bl;
+    __builtin_memcpy(&bh, hi8 + j, 4);
+    __builtin_memcpy(&bl, lo8 + j, 4);
+    const __m512i ah = _mm512_set1_epi32(static_cast<int>(bh));
+    const __m512i al = _mm512_set1_epi32(static_cast<int>(bl));
+    for (int h = 0; h < 2; ++h) {
+      const __m512i x0 = _mm512_loadu_si512(r[0] + 64 * h), x1 = _mm512_loadu_si512(r[1] + 64 * h);
+      const __m512i x2 = _mm512_loadu_si512(r[2] + 64 * h), x3 = _mm512_loadu_si512(r[3] + 64 * h);
+      const __m512i t0 = _mm512_unpacklo_epi8(x0, x1), t1 = _mm512_unpackhi_epi8(x0, x1);
+      const __m512i t2 = _mm512_unpacklo_epi8(x2, x3), t3 = _mm512_unpackhi_epi8(x2, x3);
+      const __m512i u[4] = {_mm512_unpacklo_epi16(t0, t2), _mm512_unpackhi_epi16(t0, t2),
+                            _mm512_unpacklo_epi16(t1, t3), _mm512_unpackhi_epi16(t1, t3)};
+      for (int k = 0; k < 4; ++k) {
+        hi[4 * h + k] = _mm512_dpbusd_epi32(hi[4 * h + k], ah, u[k]);
+        lo[4 * h + k] = _mm512_dpbusd_epi32(lo[4 * h + k], al, u[k]);
+      }
+    }
+  }
+  // hi * 256 + lo <= 255 * 127 * 128 * 257 < 2^31: exact in int32.
+  const __m512 vW = _mm512_set1_ps(W);
+  for (int c = 0; c < 8; ++c)
+    acc[c] = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[c], 8), lo[c])), vW, acc[c]);
+}
+
+template <typename T>
+QF_TARGET_AVX512_VNNI_BF16 __attribute__((flatten)) void attend_row(T* out, const T* q,
+                                                                  const Int8Row& row,
+                                                                  float scale) {
+  alignas(64) float qf[kD];
+  float qmax = 0.0f;
+  for (int64_t d = 0; d < kD; ++d) qf[d] = to_float(q[d]), qmax = std::max(qmax, std::fabs(qf[d]));
+  const float qs = qmax > 0.0f ? qmax / 32767.0f : 1.0f;
+  // q = qs * (hi + lo / 32768): hi = round(q / qs), lo = round of the (exact, by FMA) rest.
+  alignas(64) int16_t qi[2][kD];
+  for (int64_t d = 0; d < kD; ++d) {
+    const float hi = std::max(-32767.0f, std::min(32767.0f, std::nearbyint(qf[d] / qs)));
+    const float rest = std::fma(-hi, qs, qf[d]);
+    qi[0][d] = static_cast<int16_t>(hi);
+    qi[1][d] = static_cast<int16_t>(
+        std::max(-32767.0f, std::min(32767.0f, std::nearbyint(rest / qs * 32768.0f))));
+  }
+  __m512i q16[8];
+  for (int c = 0; c < 8; ++c) q16[c] = _mm512_load_si512(qi[c / 4] + 32 * (c % 4));
+  __m512 acc[8];
+  for (int c = 0; c < 8; ++c) acc[c] = _mm512_setzero_ps();
+  float m = -INFINITY, l = 0.0f;
+  alignas(64) float s[kKeyBlock + 16];
+  int8_impl::Cursor kn(row, int8_impl::kPrefetchKeys), kf(row, int8_impl::kFarPrefetchKeys);
+  int8_impl::Cursor vn(row, int8_impl::kPrefetchKeys), vf(row, int8_impl::kFarPrefetchKeys);
+  for (int64_t j0 = 0, n; j0 < row.n_keys; j0 += n) {
+    n = row.block_len(j0);
+    score_keys(s, q16, row.k(j0), row.ks(j0), n, qs, row, kn, kf);
+    const __m512 c = _mm512_set1_ps(softmax_block(s, n, scale, m, l));
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_mul_ps(acc[i], c);
+    accumulate_block(acc, s, row.v(j0), row.vs(j0), n, row, vn, vf);
+  }
+  // Lane i of acc[4 h + k] is element 64 h + 16 (i / 4) + 4 k + i % 4.
+  const __m512 inv = _mm512_set1_ps(1.0f / l);
+  alignas(64) float o[8][16];
+  for (int c = 0; c < 8; ++c) _mm512_store_ps(o[c], _mm512_mul_ps(acc[c], inv));
+  for (int c = 0; c < 8; ++c)
+    for (int i = 0; i < 16; ++i)
+      out[64 * (c / 4) + 16 * (i / 4) + 4 * (c % 4) + i % 4] = from_float<T>(o[c][i]);
+}
+
+}  // namespace int8_vnni
+
 // The traits of T for the head-dim-128 kernels (void: none).
 template <typename T>
 using D128 = std::conditional_t<std::is_same_v<T, bf16>, Bf16D128,
@@ -565,6 +978,42 @@ RowFn<T> row_fn(int64_t D) {
 #endif
   if (D == 128) return attend_row<T, 128>;  // Qwen's head dim: the accumulator unrolled
   return attend_row<T, 0>;
+}
+
+// The int8 row worker for T, D and G: the AVX-512 kernel for D = 64 / 128 with groups of a
+// multiple of 16 elements (on a CPU with AVX-512 BF16), else the portable one.
+template <typename T>
+using Int8RowFn = void (*)(T*, const T*, const Int8Row&, float);
+
+template <typename T>
+Int8RowFn<T> int8_row_fn(int64_t D, int64_t G) {
+#if QF_X86_INTRINSICS
+  static const bool isa = cpu_isa_supported(CpuIsa::kAvx512Bf16);
+  static const bool vnni = isa && cpu_isa_supported(CpuIsa::kAvx512Vnni);
+  const int64_t gs = D / G;
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (vnni && D == 128 && G == 1) return int8_vnni::attend_row<T>;
+  }
+  if (isa && gs % 16 == 0) {
+    if (D == 128) {
+      switch (gs / 16) {
+        case 1: return int8_impl::attend_row<T, 8, 1>;
+        case 2: return int8_impl::attend_row<T, 8, 2>;
+        case 4: return int8_impl::attend_row<T, 8, 4>;
+        case 8: return int8_impl::attend_row<T, 8, 8>;
+        default: break;
+      }
+    } else if (D == 64) {
+      switch (gs / 16) {
+        case 1: return int8_impl::attend_row<T, 4, 1>;
+        case 2: return int8_impl::attend_row<T, 4, 2>;
+        case 4: return int8_impl::attend_row<T, 4, 4>;
+        default: break;
+      }
+    }
+  }
+#endif
+  return attend_row_int8<T>;
 }
 
 }  // namespace
@@ -638,7 +1087,52 @@ Status attention(T* out, const T* q, const T* k_pages, const T* v_pages,
   return Status::kOk;
 }
 
+template <typename T>
+Status attention_int8(T* out, const T* q, const int8_t* k_pages, const int8_t* v_pages,
+                      const float* k_scales, const float* v_scales, const int32_t* page_table,
+                      const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
+                      int64_t D, int64_t P, int64_t ld_pt, int64_t sq_n, int64_t sq_h,
+                      float scale, int64_t G) {
+  if (N < 0 || H < 0 || D < 1 || D > kMaxHeadDim || P < 1 || ld_pt < 0 || G < 1 || D % G)
+    return Status::kInvalidArgument;
+  const int64_t rows = N * H;
+  if (rows == 0) return Status::kOk;
+  if (out == nullptr || q == nullptr || k_pages == nullptr || v_pages == nullptr ||
+      k_scales == nullptr || v_scales == nullptr || page_table == nullptr ||
+      token_seq == nullptr || token_pos == nullptr)
+    return Status::kInvalidArgument;
+  bool several = false;  // a sequence with several tokens in this step (a prefill chunk)
+  for (int64_t i = 0; i < N; ++i) {
+    if (token_seq[i] < 0 || token_pos[i] < 0 || token_pos[i] / P >= ld_pt)
+      return Status::kInvalidArgument;
+    several = several || (i > 0 && token_seq[i] == token_seq[i - 1]);
+  }
+  // Every (token, head) row alone, by one function of its own keys: a token's bits do not depend
+  // on how the step is chunked or packed. (A prefill chunk re-reads its keys per token; the
+  // 16-bit kernels' tiles would cut that.)
+  const Int8RowFn<T> fn = int8_row_fn<T>(D, G);
+  auto attend = [&](int64_t r) {
+    const int64_t h = r % H, i = r / H;
+    const Int8Row row{k_pages, v_pages, k_scales, v_scales, page_table + token_seq[i] * ld_pt,
+                      h, H, P, D, G, int64_t{token_pos[i]} + 1};
+    fn(out + r * D, q + i * sq_n + h * sq_h, row, scale);
+  };
+  if (!several) {
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) attend(r);
+    return Status::kOk;
+  }
+  // Causal rows grow with the position: dynamic, the longest (the last tokens') first.
+#pragma omp parallel for schedule(dynamic, 1) if (rows > 1)
+  for (int64_t r = rows - 1; r >= 0; --r) attend(r);
+  return Status::kOk;
+}
+
 #define QF_INSTANTIATE(T)                                                                   \
+  template Status attention_int8<T>(T*, const T*, const int8_t*, const int8_t*, const float*, \
+                                    const float*, const int32_t*, const int32_t*,          \
+                                    const int32_t*, int64_t, int64_t, int64_t, int64_t,    \
+                                    int64_t, int64_t, int64_t, float, int64_t);           \
   template Status attention<T>(T*, const T*, const T*, const T*, const int32_t*,            \
                                const int32_t*, const int32_t*, int64_t, int64_t, int64_t,   \
                                int64_t, int64_t, int64_t, int64_t, float);

@@ -44,6 +44,25 @@ Status attention(T* out,                      // [N, H, D] contiguous
                  int64_t N, int64_t H, int64_t D, int64_t P, int64_t ld_pt, int64_t sq_n,
                  int64_t sq_h, float scale);
 
+// attention over an int8 KV cache (reference.attention with k_scales / v_scales): the pages hold
+// int8 codes and the scales [num_pages, H, P, G] fp32, G per position and head, each for D / G
+// consecutive elements; key j of a row reads as code * scale in fp32. fp32 maths as attention
+// (the scale applied once per group and key, not per element: within fp32 rounding of the
+// reference), the output rounded once to T. A token's output has the same bits however the
+// step's tokens are chunked or packed (every (token, head) row is computed alone).
+template <typename T>
+Status attention_int8(T* out,                      // [N, H, D] contiguous
+                      const T* q,                  // [N, H, D] at strides (sq_n, sq_h, 1)
+                      const int8_t* k_pages,       // [num_pages, H, P, D] contiguous
+                      const int8_t* v_pages,       // [num_pages, H, P, D] contiguous
+                      const float* k_scales,       // [num_pages, H, P, G] contiguous
+                      const float* v_scales,       // [num_pages, H, P, G] contiguous
+                      const int32_t* page_table,   // [num_seqs, ld_pt]
+                      const int32_t* token_seq,    // [N]
+                      const int32_t* token_pos,    // [N]
+                      int64_t N, int64_t H, int64_t D, int64_t P, int64_t ld_pt, int64_t sq_n,
+                      int64_t sq_h, float scale, int64_t G);
+
 // GPT-NeoX ("rotate half") RoPE over the first rot_dim dims of each head; dims past rot_dim are
 // copied (reference.rotary_embedding). fp32 maths, x*cos and rotate_half(x)*sin each rounded
 // before the add, one rounding to T.
@@ -74,6 +93,25 @@ Status rotary_kv_cache(T* q_out,                    // [N, H, D] contiguous
                        const int32_t* token_pos,    // [N]
                        int64_t N, int64_t H, int64_t D, int64_t rot_dim, int64_t P,
                        int64_t ld_pt, int64_t x_stride_n, int64_t x_stride_h);
+
+// rotary_kv_cache into an int8 KV cache (reference.rotary_kv_cache with k_scales / v_scales):
+// q_out as rotary_kv_cache; the rotated key (rounded to T) and the value are quantized per group
+// of D / G elements: s = max|x| / 127 (fp32; 1 for an all-zero group), code = x / s rounded half
+// to even, clamped to [-127, 127]; codes and scales bit-identical to reference.quantize_kv.
+template <typename T>
+Status rotary_kv_cache_int8(T* q_out,                    // [N, H, D] contiguous
+                            int8_t* k_pages,             // [num_pages, H, P, D] contiguous
+                            int8_t* v_pages,             // [num_pages, H, P, D] contiguous
+                            float* k_scales,             // [num_pages, H, P, G] contiguous
+                            float* v_scales,             // [num_pages, H, P, G] contiguous
+                            const T* q, const T* k, const T* v,  // [N, H, D] at (x_stride_n, x_stride_h, 1)
+                            const float* cos,            // [N, rot_dim], contiguous
+                            const float* sin,            // [N, rot_dim], contiguous
+                            const int32_t* page_table,   // [num_seqs, ld_pt]
+                            const int32_t* token_seq,    // [N]
+                            const int32_t* token_pos,    // [N]
+                            int64_t N, int64_t H, int64_t D, int64_t rot_dim, int64_t P,
+                            int64_t ld_pt, int64_t x_stride_n, int64_t x_stride_h, int64_t G);
 
 // out = up * silu(gate), silu(g) = g / (1 + exp(-g)) rounded to T, the product rounded to T
 // (reference.swiglu).

@@ -7,10 +7,14 @@
 // rotary_kv_cache does the same for q [N, H, D] (the packed tokens of a step) into a contiguous
 // output and for k into a paged KV cache [pages, H, P, D] at each token's page and offset, copying
 // v beside it (the model's step: one pass over the qkv output instead of two rotations and two
-// copies).
+// copies); rotary_kv_cache_int8 writes int8 codes and fp32 scales of them instead
+// (reference.quantize_kv, bit for bit).
 // Parallelisation: OpenMP over the B*T*H rows (serial when small); the row worker is built for
 // AVX-512, AVX2 and baseline x86 (QF_CPU_CLONES). Constraints: R even, 0 <= R <= D.
 #include "../common/fp_contract_off.h"
+
+#include <algorithm>
+#include <cmath>
 
 #include "../common/simd.h"
 #include "kernels.h"
@@ -20,6 +24,8 @@ namespace {
 
 // Below this many elements the OpenMP fork/join costs more than it saves.
 constexpr int64_t kParallelMinElements = int64_t{1} << 15;
+// The largest head dim rotary_kv_cache_int8 takes (its rotated key is held on the stack).
+constexpr int64_t kMaxQuantHeadDim = 1024;
 
 template <typename T>
 QF_CPU_CLONES void rotary_row(T* __restrict out,          // [head_dim]
@@ -111,7 +117,80 @@ Status rotary_kv_cache(T* q_out, T* k_pages, T* v_pages, const T* q, const T* k,
   return Status::kOk;
 }
 
+// x [D] (already in T: the rotated key as the 16-bit cache would hold it, or the value) into
+// int8 codes and G scales, as reference.quantize_kv with fp32 scales: per group of gs = D / G
+// elements s = max|x| / 127 (an fp32 division; 1 when it is 0 or NaN, as torch.where(s > 0, s,
+// 1)), code = x / s (an fp32 division, not a product with 1 / s) rounded half to even and
+// clamped to [-127, 127]. Contraction is off in this file; the division is exact IEEE.
+template <typename T>
+QF_CPU_CLONES void quantize_row(int8_t* __restrict codes,   // [D]
+                                float* __restrict scales,   // [G]
+                                const T* __restrict x,      // [D]
+                                int64_t D, int64_t G) {
+  const int64_t gs = D / G;
+  for (int64_t g = 0; g < G; ++g) {
+    const T* xg = x + g * gs;
+    float m = 0.0f;
+    for (int64_t d = 0; d < gs; ++d) m = std::max(m, std::fabs(to_float(xg[d])));
+    float s = m / 127.0f;
+    s = s > 0.0f ? s : 1.0f;
+    scales[g] = s;
+    for (int64_t d = 0; d < gs; ++d) {
+      const float r = __builtin_roundevenf(to_float(xg[d]) / s);
+      codes[g * gs + d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+    }
+  }
+}
+
+template <typename T>
+Status rotary_kv_cache_int8(T* q_out, int8_t* k_pages, int8_t* v_pages, float* k_scales,
+                            float* v_scales, const T* q, const T* k, const T* v, const float* cos,
+                            const float* sin, const int32_t* page_table, const int32_t* token_seq,
+                            const int32_t* token_pos, int64_t N, int64_t H, int64_t D,
+                            int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
+                            int64_t x_stride_h, int64_t G) {
+  if (N < 0 || H < 0 || D < 1 || D > kMaxQuantHeadDim || rot_dim < 0 || rot_dim % 2 != 0 ||
+      rot_dim > D || P < 1 || ld_pt < 0 || x_stride_n < 0 || x_stride_h < 0 || G < 1 || D % G)
+    return Status::kInvalidArgument;
+  const int64_t rows = N * H;
+  if (rows == 0) return Status::kOk;
+  if (q_out == nullptr || k_pages == nullptr || v_pages == nullptr || k_scales == nullptr ||
+      v_scales == nullptr || q == nullptr || k == nullptr || v == nullptr ||
+      page_table == nullptr || token_seq == nullptr || token_pos == nullptr ||
+      (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
+    return Status::kInvalidArgument;
+  for (int64_t i = 0; i < N; ++i)
+    if (token_seq[i] < 0 || token_pos[i] < 0 || token_pos[i] / P >= ld_pt)
+      return Status::kInvalidArgument;
+  // Row r < rows is a query (i, h); rows .. 2 * rows a key and its value.
+#pragma omp parallel for schedule(static) if (rows > 1 && 2 * rows * D >= kParallelMinElements)
+  for (int64_t r = 0; r < 2 * rows; ++r) {
+    const int64_t row = r % rows;
+    const int64_t h = row % H, i = row / H;
+    const int64_t in = i * x_stride_n + h * x_stride_h;
+    const float* c = cos + i * rot_dim;
+    const float* s = sin + i * rot_dim;
+    if (r < rows) {
+      rotary_row(q_out + row * D, q + in, c, s, D, rot_dim);
+    } else {
+      const int64_t p = token_pos[i];
+      const int64_t page = page_table[token_seq[i] * ld_pt + p / P];
+      const int64_t slot = (page * H + h) * P + p % P;
+      T kr[kMaxQuantHeadDim];  // the rotated key in T, as the 16-bit cache holds it
+      rotary_row(kr, k + in, c, s, D, rot_dim);
+      quantize_row(k_pages + slot * D, k_scales + slot * G, kr, D, G);
+      quantize_row(v_pages + slot * D, v_scales + slot * G, v + in, D, G);
+    }
+  }
+  return Status::kOk;
+}
+
 #define QF_INSTANTIATE(T)                                                                   \
+  template Status rotary_kv_cache_int8<T>(T*, int8_t*, int8_t*, float*, float*, const T*,   \
+                                          const T*, const T*, const float*, const float*,   \
+                                          const int32_t*, const int32_t*, const int32_t*,   \
+                                          int64_t, int64_t, int64_t, int64_t, int64_t,      \
+                                          int64_t, int64_t, int64_t, int64_t);              \
   template Status rotary_kv_cache<T>(T*, T*, T*, const T*, const T*, const T*, const float*, \
                                      const float*, const int32_t*, const int32_t*,            \
                                      const int32_t*, int64_t, int64_t, int64_t, int64_t,      \

@@ -205,29 +205,75 @@ inline cudaStream_t cuda_prepare(const char* op, const at::Tensor& x, int64_t st
 #endif
 
 // The paged KV cache arguments of rotary_kv_cache and attention, checked against q [N, H, D]:
-// k_pages / v_pages [pages, H, P, D] contiguous in q's dtype; page_table [seqs, max_pages] and
-// token_seq / token_pos [N], contiguous torch.int32 on q's device. On the CPU the contents are
-// checked too: each token's sequence and position, and the page ids of every position that the
-// op touches (the token's own position when `history` is false, positions 0 .. its own when it is
-// true), against the pool. CUDA metadata stay on the device unread (a check would sync).
+// k_pages / v_pages [pages, H, P, D] contiguous in q's dtype (torch.int8 with scales, below);
+// page_table [seqs, max_pages] and token_seq / token_pos [N], contiguous torch.int32 on q's
+// device. On the CPU the contents are checked too: each token's sequence and position, and the
+// page ids of every position that the op touches (the token's own position when `history` is
+// false, positions 0 .. its own when it is true), against the pool. CUDA metadata stay on the
+// device unread (a check would sync).
+// An int8 cache (k_scales / v_scales given): k_pages / v_pages hold torch.int8 codes, and
+// k_scales / v_scales [pages, H, P, G] contiguous torch.float32 on q's device, G dividing D (G
+// scales a position and head, each for D / G consecutive codes); Paged.G is that G (0 for a
+// 16/32-bit cache). The scales share memory with no pages and not with each other.
 struct Paged {
   int64_t pages, P, ld_pt;
+  int64_t G = 0;
 };
 
 inline Paged check_paged(const char* op, const at::Tensor& q, const at::Tensor& k_pages,
                          const at::Tensor& v_pages, const at::Tensor& page_table,
-                         const at::Tensor& token_seq, const at::Tensor& token_pos, bool history) {
+                         const at::Tensor& token_seq, const at::Tensor& token_pos, bool history,
+                         const OptTensor& k_scales = std::nullopt,
+                         const OptTensor& v_scales = std::nullopt) {
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
+  const bool int8 = k_scales.has_value() || v_scales.has_value();
+  TORCH_CHECK(k_scales.has_value() == v_scales.has_value(), op,
+              ": an int8 KV cache needs both k_scales and v_scales, got only ",
+              k_scales.has_value() ? "k_scales" : "v_scales");
+  TORCH_CHECK(int8 || k_pages.scalar_type() != at::kChar, op,
+              ": k_pages has dtype torch.int8 (an int8 KV cache), which needs k_scales and "
+              "v_scales [pages, heads, page_size, G] torch.float32; none were given");
   for (const auto& [name, t] : {Named{"k_pages", &k_pages}, Named{"v_pages", &v_pages}}) {
     TORCH_CHECK(t->dim() == 4 && t->size(1) == H && t->size(3) == D && t->size(2) >= 1, op, ": ",
                 name, " must have shape [pages, ", H, ", page_size, ", D,
                 "] (heads and head_dim of q), got ", shape_str(t->sizes()));
-    check_dtype_device_as_x(op, name, *t, q, "q");
+    if (int8) {
+      TORCH_CHECK(t->scalar_type() == at::kChar, op, ": ", name,
+                  " must have dtype torch.int8 (k_scales and v_scales were given: an int8 KV "
+                  "cache), got ", dtype_str(t->scalar_type()));
+      TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(),
+                  " (the device of q), got ", t->device());
+    } else {
+      check_dtype_device_as_x(op, name, *t, q, "q");
+    }
     TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
   }
   TORCH_CHECK(v_pages.sizes() == k_pages.sizes(), op, ": v_pages must have the shape of k_pages ",
               shape_str(k_pages.sizes()), ", got ", shape_str(v_pages.sizes()));
   TORCH_CHECK(!may_overlap(k_pages, v_pages), op, ": k_pages and v_pages share memory");
+  int64_t G = 0;
+  if (int8) {
+    const at::Tensor& ks = *k_scales;
+    const at::Tensor& vs = *v_scales;
+    TORCH_CHECK(ks.dim() == 4 && ks.size(0) == k_pages.size(0) && ks.size(1) == H &&
+                    ks.size(2) == k_pages.size(2) && ks.size(3) >= 1 && D % ks.size(3) == 0,
+                op, ": k_scales must have shape [", k_pages.size(0), ", ", H, ", ",
+                k_pages.size(2), ", G] (pages, heads and page size of k_pages; G scales a "
+                "position, G dividing head_dim ", D, "), got ", shape_str(ks.sizes()));
+    TORCH_CHECK(vs.sizes() == ks.sizes(), op, ": v_scales must have the shape of k_scales ",
+                shape_str(ks.sizes()), ", got ", shape_str(vs.sizes()));
+    for (const auto& [name, t] : {Named{"k_scales", &ks}, Named{"v_scales", &vs}}) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name,
+                  " must have dtype torch.float32, got ", dtype_str(t->scalar_type()));
+      TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(),
+                  " (the device of q), got ", t->device());
+      TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+      TORCH_CHECK(!may_overlap(*t, k_pages) && !may_overlap(*t, v_pages), op, ": ", name,
+                  " shares memory with the pages");
+    }
+    TORCH_CHECK(!may_overlap(ks, vs), op, ": k_scales and v_scales share memory");
+    G = ks.size(3);
+  }
   TORCH_CHECK(page_table.dim() == 2 && page_table.scalar_type() == at::kInt &&
                   page_table.is_contiguous() && page_table.device() == q.device(),
               op, ": page_table must be a contiguous torch.int32 tensor [sequences, max_pages] on ",
@@ -239,7 +285,7 @@ inline Paged check_paged(const char* op, const at::Tensor& q, const at::Tensor& 
                 op, ": ", name, " must be a contiguous torch.int32 tensor [", N,
                 "] (one value per token of q) on ", q.device(), ", got ", dtype_str(t->scalar_type()),
                 " ", shape_str(t->sizes()), " on ", t->device());
-  const Paged p{k_pages.size(0), k_pages.size(2), page_table.size(1)};
+  const Paged p{k_pages.size(0), k_pages.size(2), page_table.size(1), G};
   if (q.is_cuda()) return p;
   const int64_t seqs = page_table.size(0);
   const int32_t* pt = page_table.data_ptr<int32_t>();

@@ -1,5 +1,5 @@
-// rotary_embedding and rotary_kv_cache (RoPE, and RoPE with the paged KV cache write): checks,
-// outputs, dispatch (ops/common.h).
+// rotary_embedding and rotary_kv_cache (RoPE, and RoPE with the paged KV cache write, 16/32-bit
+// or int8 with k_scales / v_scales): checks, outputs, dispatch (ops/common.h).
 #include "common.h"
 
 namespace qf {
@@ -55,7 +55,8 @@ at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pages,
                            const at::Tensor& v_pages, const at::Tensor& page_table,
                            const at::Tensor& token_seq, const at::Tensor& token_pos,
-                           int64_t stream, const OptTensor& out_arg) {
+                           int64_t stream, const OptTensor& out_arg, const OptTensor& k_scales,
+                           const OptTensor& v_scales) {
   const char* op = "rotary_kv_cache";
   TORCH_CHECK(q.dim() == 3, op, ": q must have shape [tokens, heads, head_dim], got ",
               shape_str(q.sizes()));
@@ -76,13 +77,18 @@ at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have shape ", shape_str(cos.sizes()),
               " (the shape of cos), got ", shape_str(sin.sizes()));
   check_rope_table(op, "sin", sin.unsqueeze(0), q4);
-  const Paged p = check_paged(op, q, k_pages, v_pages, page_table, token_seq, token_pos, false);
+  const Paged p = check_paged(op, q, k_pages, v_pages, page_table, token_seq, token_pos, false,
+                              k_scales, v_scales);
+  const at::Tensor none;
+  const at::Tensor& ks = k_scales.has_value() ? *k_scales : none;
+  const at::Tensor& vs = v_scales.has_value() ? *v_scales : none;
   for (const auto& [name, t] : {Named{"q", &q}, Named{"k", &k}, Named{"v", &v}})
-    TORCH_CHECK(!may_overlap(k_pages, *t) && !may_overlap(v_pages, *t), op,
-                ": the pages share memory with ", name, "; they must be separate");
+    TORCH_CHECK(!may_overlap(k_pages, *t) && !may_overlap(v_pages, *t) && !may_overlap(ks, *t) &&
+                    !may_overlap(vs, *t),
+                op, ": the pages (or scales) share memory with ", name, "; they must be separate");
   at::Tensor out = output(op, out_arg, q.sizes(), q, "q",
                           {{"q", &q}, {"k", &k}, {"v", &v}, {"k_pages", &k_pages},
-                           {"v_pages", &v_pages}});
+                           {"v_pages", &v_pages}, {"k_scales", &ks}, {"v_scales", &vs}});
   if (out.numel() == 0) return out;
   const at::Tensor c = cos.contiguous();
   const at::Tensor s = sin.contiguous();
@@ -92,6 +98,20 @@ at::Tensor rotary_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::T
   const int32_t* tp = token_pos.data_ptr<int32_t>();
   dispatch_float_storage(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    if (p.G > 0) {  // an int8 cache: codes and scales
+      launch(op, q, stream,
+             [&] { return cpu::rotary_kv_cache_int8<T>(
+                       data<T>(out), data<int8_t>(k_pages), data<int8_t>(v_pages),
+                       data<float>(ks), data<float>(vs), data<T>(q), data<T>(k), data<T>(v),
+                       data<float>(c), data<float>(s), pt, ts, tp, N, H, D, R, p.P, p.ld_pt,
+                       q.stride(0), q.stride(1), p.G); },
+             QF_CUDA(cuda::rotary_kv_cache_int8<T>(
+                 data<T>(out), data<int8_t>(k_pages), data<int8_t>(v_pages), data<float>(ks),
+                 data<float>(vs), data<T>(q), data<T>(k), data<T>(v), data<float>(c),
+                 data<float>(s), pt, ts, tp, N, H, D, R, p.P, p.ld_pt, q.stride(0), q.stride(1),
+                 p.G, stream_)));
+      return;
+    }
     launch(op, q, stream,
            [&] { return cpu::rotary_kv_cache<T>(data<T>(out), data<T>(k_pages), data<T>(v_pages),
                                                 data<T>(q), data<T>(k), data<T>(v), data<float>(c),

@@ -2,7 +2,9 @@
 
   verify      the cost of a forward that verifies k drafted tokens (1 + k rows a sequence, with
               the logits of every row) relative to a plain decode step (1 row a sequence), for
-              k = 1, 2, 4, 8, 16, at batch 1 and 8, bf16 and int4 weights, full-size shapes
+              k = 1, 2, 4, 8, 16, at batch 1 and 8, bf16 and int4 weights (int4 lm_head too: a verify
+              needs every row's logits, and a bf16 lm_head's 9-row product is compute-bound on a
+              small CPU), full-size shapes
               (random weights), --context tokens already cached; all k of one (model, batch)
               timed interleaved (harness.time_fns). Target: k = 8 at most 1.3x one token.
   fixture     the trained fixture (qwen_fast/fixture.py) on input-grounded prompts built from
@@ -49,12 +51,11 @@ def _log(msg: str) -> None:
 def verify_costs(args) -> List[dict]:
     rows = []
     for quant in args.quants:
+        kw = dict(load_format="dummy", dtype="bfloat16", quant=quant, lm_head_quant=quant,
+                  kv_cache_budget=2**26)
         if args.config == "tiny":
-            e = Engine.from_pretrained(load_format="dummy", config=tiny_config(), dtype="bfloat16",
-                                       quant=quant, kv_cache_budget=2**26)
-        else:
-            e = Engine.from_pretrained(load_format="dummy", dtype="bfloat16", quant=quant,
-                                       kv_cache_budget=2**26)
+            kw["config"] = tiny_config()
+        e = Engine.from_pretrained(**kw)
         m = e.model
         g = torch.Generator().manual_seed(0)
         for B in args.batches:

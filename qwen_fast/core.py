@@ -34,6 +34,7 @@ from .runner import Runner
 from .scheduler import Scheduler
 
 _LIVE: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()
+THREAD_NAME = "qwen-fast-steps"
 
 
 @atexit.register
@@ -43,6 +44,9 @@ def _stop_all() -> None:
     exception"). Runs after the non-daemon threads were joined, before finalization."""
     for core in list(_LIVE):
         core.close()
+    for t in threading.enumerate():     # one still ending whose core was already freed
+        if t.name == THREAD_NAME and t is not threading.current_thread():
+            t.join(10.0)
 
 
 class _Job:
@@ -70,6 +74,7 @@ class EngineCore:
         self.cond = threading.Condition()       # guards the scheduler; signals every step
         self._jobs: Deque[_Job] = deque()
         self._thread: Optional[threading.Thread] = None
+        self._ending: Optional[threading.Thread] = None   # the last thread that left its loop
         self._closed = False
         _LIVE.add(self)
 
@@ -138,9 +143,13 @@ class EngineCore:
         with self.cond:
             self._closed = True
             self.scheduler.finish_all(RuntimeError("the engine was closed"))
-            thread = self._thread
+            # The running thread, or one that has left its loop and is still ending: its frame's
+            # tensors are freed after the loop returns, and a thread still freeing them when the
+            # interpreter finalizes is stopped inside torch's C++ destructors, which aborts the
+            # process ("terminate called without an active exception", seen at exit in tests).
+            threads = {t for t in (self._thread, self._ending) if t is not None}
             self.cond.notify_all()
-        if thread is not None and thread is not threading.current_thread():
+        for thread in threads - {threading.current_thread()}:
             thread.join(timeout)
 
     # ---- the step thread ---------------------------------------------------------------------
@@ -149,7 +158,7 @@ class EngineCore:
         thread count of the thread that starts it (torch.set_num_threads is per thread)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, args=(torch.get_num_threads(),),
-                                            name="qwen-fast-steps", daemon=True)
+                                            name=THREAD_NAME, daemon=True)
             self._thread.start()
 
     def _loop(self, threads: int) -> None:
@@ -165,6 +174,7 @@ class EngineCore:
                     self.cond.wait(timeout=self.LINGER_S)
                 if self._closed or not (self._jobs or sched.has_work()):
                     self._thread = None          # ends; its OpenMP threads end with it
+                    self._ending = threading.current_thread()
                     for job in self._jobs:       # only after close(): nobody will run them
                         job.error = RuntimeError("the engine was closed")
                         job.done.set()

@@ -12,8 +12,9 @@
   llama     llama-bench on the same random weights as Q4_0 (bench_llamacpp.py's GGUF), decode
             at -d depth with its F16 cache and with -ctk q8_0 -ctv q8_0 (flash attention on for
             both: llama.cpp needs it for a quantized V cache), right after ours.
-  kl        the trained fixture (qwen_fast/fixture.py), bf16 weights: KL of the int8 cache's
-            next-token distributions from the bf16 cache's, exact over the vocabulary, on
+  kl        the trained fixture (qwen_fast/fixture.py) in --kl-dtype (fp16, as llama.cpp's F16
+            rows): KL of the int8 cache's next-token distributions from the 16-bit cache's, exact
+            over the vocabulary, on
             llama-perplexity's chunks of held-out text; llama.cpp's F16 model with -ctk/-ctv q8_0
             against its F16 cache on the same chunks (its --kl-divergence). Scales: one per
             position and head (ours, the default) and one per 32 elements (kv_group=32, the
@@ -52,7 +53,8 @@ def _engines(args):
     kw = dict(load_format="dummy", dtype="bfloat16", quant=args.quant, lm_head_quant=args.quant,
               kv_cache_budget=args.budget)
     if args.config == "tiny":
-        kw["config"] = tiny_config(seq_length=8192, max_position_embeddings=8192)
+        kw["config"] = tiny_config(num_attention_heads=2, kv_channels=32, seq_length=8192,
+                                   max_position_embeddings=8192)
     base = Engine.from_pretrained(**kw)
     int8 = Engine(base.model, base.tokenizer, base.generation_config,
                   kv_cache_budget=args.budget, kv_cache_dtype="int8")
@@ -82,9 +84,10 @@ def decode(args, model) -> Dict[str, object]:
     decode layers, the same model), alternating step by step; each round of steps between two
     read passes, its share of the read bandwidth against the larger."""
     caches = {}
-    for name, kv_dtype in (("bf16", None), ("int8", torch.int8)):
+    for name, kv_dtype, group in (("bf16", None, None), ("int8", torch.int8, None),
+                                  ("int8 group 32", torch.int8, 32)):
         b = PagedBatch(model, 1, args.depth + args.new_tokens * (args.rounds + 1) + 8,
-                       page_size=64, kv_dtype=kv_dtype)
+                       page_size=64, kv_dtype=kv_dtype, kv_group=group)
         fill(b, args.depth, torch.Generator().manual_seed(0), model.dtype)
         caches[name] = b
     weights = weight_bytes_per_token(model)
@@ -117,6 +120,7 @@ def decode(args, model) -> Dict[str, object]:
                              "read_gb_s": statistics.median(x["read_gb_s"] for x in rs), "rounds": rs}
     out["speedup"] = out["rows"]["bf16"]["ms_per_token"] / out["rows"]["int8"]["ms_per_token"]
     out["round_speedups"] = [a["ms"] / b["ms"] for a, b in zip(runs["bf16"], runs["int8"])]
+    out["speedup_group_32"] = out["rows"]["bf16"]["ms_per_token"] / out["rows"]["int8 group 32"]["ms_per_token"]
     return out
 
 
@@ -171,10 +175,10 @@ def kl(args) -> Dict[str, object]:
     text_file.write_text(Q.held_out_text(tok, args.chunks * args.context + 64))
     ids = tok.encode(text_file.read_text(), allowed_special=set())[:args.chunks * args.context]
     wins = P.chunk_windows(len(ids), args.context)
-    engines = {"bf16": Engine.from_pretrained(model, dtype="bfloat16")}
+    engines = {"16-bit": Engine.from_pretrained(model, dtype=args.kl_dtype)}
     for name, group in (("int8", None), ("int8 group 32", 32)):
-        engines[name] = Engine(engines["bf16"].model, engines["bf16"].tokenizer,
-                               engines["bf16"].generation_config, kv_cache_dtype="int8",
+        engines[name] = Engine(engines["16-bit"].model, engines["16-bit"].tokenizer,
+                               engines["16-bit"].generation_config, kv_cache_dtype="int8",
                                kv_cache_group=group)
     acc: Dict[str, Dict[str, list]] = {k: {"kl": [], "nll": [], "agree": []} for k in engines}
     for w in range(len(wins)):
@@ -185,7 +189,8 @@ def kl(args) -> Dict[str, object]:
             acc[name]["kl"].append(P.kl_full(base, lp))
             acc[name]["nll"].append(-lp.gather(1, target[:, None])[:, 0])
             acc[name]["agree"].append(lp.argmax(-1) == base.argmax(-1))
-    out: Dict[str, object] = {"model": model.name, "chunks": len(wins), "context": args.context}
+    out: Dict[str, object] = {"model": model.name, "chunks": len(wins), "context": args.context,
+                              "dtype": args.kl_dtype}
     for name, a in acc.items():
         a = {k: torch.cat(v) for k, v in a.items()}
         out[f"ours {name}"] = {"perplexity": math.exp(float(a["nll"].double().mean())),
@@ -249,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fixture")
     ap.add_argument("--chunks", type=int, default=24)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--kl-dtype", default="float16",
+                    help="the fixture's dtype for kl (default float16: llama.cpp's rows run its "
+                         "F16 file with an F16 cache as their base)")
     ap.add_argument("--md")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -276,6 +284,7 @@ def main(argv=None) -> int:
                 md.append(f"| {name} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
                           f"{r['bytes_per_token'] / 1e6:.0f} ({d['weight_bytes'] / 1e6:.0f} + "
                           f"{r['kv_bytes_per_token'] / 1e6:.0f}) | {r['pct_of_read']:.0f}% |")
+            md.append(f"\nint8 cache with a scale per 32 elements: {d['speedup_group_32']:.2f}x")
             md.append(f"\nint8 cache {d['speedup']:.2f}x the bf16 cache's speed (rounds: "
                       f"{', '.join(f'{x:.2f}' for x in d['round_speedups'])}; target >= 1.3x: "
                       f"{'met' if d['speedup'] >= 1.3 else 'NOT met'})")
@@ -297,8 +306,8 @@ def main(argv=None) -> int:
                           f"int8 vs q8_0 {d['int8']['tokens_per_s'] / ll['q8_0']['tokens_per_s']:.2f}x")
     if "kl" in parts:
         k = data["kl"] = kl(a)
-        md += ["", f"## KL from the 16-bit cache, fixture {k['model']}, {k['chunks']} chunks of "
-                   f"{k['context']} (measured)", "", "| row | perplexity | KL mean | KL p99 | top-1 |",
+        md += ["", f"## KL from the 16-bit cache, fixture {k['model']} in {k['dtype']}, {k['chunks']} "
+                   f"chunks of {k['context']} (measured)", "", "| row | perplexity | KL mean | KL p99 | top-1 |",
                "|---|---|---|---|---|"]
         for name, r in k.items():
             if isinstance(r, dict) and "kl_mean" in r:

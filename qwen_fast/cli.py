@@ -172,6 +172,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=int, help="draft tokens a step (default 8)")
     p.add_argument("--ngram-min", type=int, help="shortest n-gram looked up (default 1)")
     p.add_argument("--ngram-max", type=int, help="longest n-gram looked up (default 4)")
+    p.add_argument("--speculative-max-batch", type=int,
+                   help="draft only while at most this many sequences decode (default: always)")
     p.add_argument("--quant", choices=["int8", "int4"],
                    help="quantize the layers' Linears at load (round-to-nearest, group 128) of a "
                         "dense checkpoint or of the random dummy weights")
@@ -216,6 +218,8 @@ def _load(args):
         raise SystemExit("error: --model DIR is required (or --load-format dummy)")
     spec = _speculation(args)
     extra = {}
+    if getattr(args, "speculative_max_batch", None) is not None:
+        extra["speculative_max_batch"] = args.speculative_max_batch
     if getattr(args, "max_batch_size", None) is not None:
         extra["max_batch_size"] = args.max_batch_size
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,

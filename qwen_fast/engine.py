@@ -294,7 +294,8 @@ class Engine:
                  generation_config: Optional[GenerationConfig] = None,
                  kv_cache_budget: Union[int, str, None] = "auto", max_batch_size: int = 8,
                  kv_page_size: int = DEFAULT_PAGE_SIZE, prefix_caching: bool = True,
-                 kv_cache_dtype: str = "auto", kv_cache_group: Optional[int] = None):
+                 kv_cache_dtype: str = "auto", kv_cache_group: Optional[int] = None,
+                 speculative_max_batch: Optional[int] = None):
         """Every call's requests run in one shared batch (continuous batching over a paged KV
         cache: qwen_fast/core.py), at most max_batch_size at a time; the others wait for a row.
 
@@ -317,7 +318,11 @@ class Engine:
         budget holds about twice the positions. The CPU kernels (rotary_kv_cache, attention,
         the fused decode layers) write and read it, as do the CUDA ones. kv_cache_group:
         elements an int8 scale covers (a multiple of 16 dividing head_dim; None = head_dim, one
-        scale per position and head)."""
+        scale per position and head).
+        speculative_max_batch: requests with speculative="ngram" draft only while at most this
+        many sequences decode in a step (None: always), as vLLM's disable_by_batch_size: a
+        verify's extra rows are nearly free while a step is bound by reading the weights, not
+        once the batch has made it compute-bound (README: Speculative decoding)."""
         self.model = model
         self.dtype_reason = "the model's"     # from_pretrained: why it chose the dtype
         self.cfg: QwenConfig = model.cfg
@@ -367,13 +372,19 @@ class Engine:
         self._pool = PagePool.for_budget(self.cfg, self.kv_cache_budget, page_size, self.dtype,
                                          self.device, max_pages=max_pages,
                                          kv_dtype=self.kv_cache_dtype, kv_group=kv_group)
+        if speculative_max_batch is not None and (
+                not isinstance(speculative_max_batch, numbers.Integral)
+                or isinstance(speculative_max_batch, bool) or speculative_max_batch < 1):
+            raise ConfigError(f"speculative_max_batch must be None or a positive int, got "
+                              f"{speculative_max_batch!r}")
         if not isinstance(prefix_caching, bool):
             raise ConfigError(f"prefix_caching must be True or False, got {prefix_caching!r}")
         cfg = self.cfg
         self.scheduler = Scheduler(
             self._pool, int(max_batch_size), self.PREFILL_CHUNK, self.PREFILL_TOKENS,
             prefix_caching=prefix_caching,
-            alpha_of=lambda n: ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1)
+            alpha_of=lambda n: ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1,
+            speculative_max_batch=speculative_max_batch)
         self._core = EngineCore(self.scheduler, Runner(model, self._pool, len(tokenizer),
                                                        buffer_rows=int(max_batch_size) * 9))
         # The steps run on the core's thread: this (loading) thread's OpenMP team would only
@@ -415,7 +426,8 @@ class Engine:
                         max_batch_size: int = 8,
                         kv_page_size: int = DEFAULT_PAGE_SIZE,
                         prefix_caching: bool = True, kv_cache_dtype: str = "auto",
-                        kv_cache_group: Optional[int] = None) -> "Engine":
+                        kv_cache_group: Optional[int] = None,
+                        speculative_max_batch: Optional[int] = None) -> "Engine":
         """Load a checkpoint directory in the release layout, or build random weights.
 
         load_format: "safetensors" (default) or "dummy" (random weights from ``config``: a
@@ -429,7 +441,7 @@ class Engine:
         max_batch_size: sequences decoded together at most (see Engine).
         kv_page_size: positions per KV page (see Engine).
         prefix_caching: reuse the cached pages of a prompt's prefix (see Engine).
-        kv_cache_dtype, kv_cache_group: the KV cache's format (see Engine).
+        kv_cache_dtype, kv_cache_group: the KV cache's format; speculative_max_batch (see Engine).
         check_finite: refuse NaN/Inf weights (see loader.load_state_dict; about 0.2 s for 1.8B).
         verify_vocab: require the release qwen.tiktoken's sha256; False loads a deliberately
         different (still well-formed) vocabulary.
@@ -539,7 +551,7 @@ class Engine:
         engine = cls(model, tokenizer, gen_cfg, kv_cache_budget=kv_cache_budget,
                      max_batch_size=max_batch_size, kv_page_size=kv_page_size,
                      prefix_caching=prefix_caching, kv_cache_dtype=kv_cache_dtype,
-                     kv_cache_group=kv_cache_group)
+                     kv_cache_group=kv_cache_group, speculative_max_batch=speculative_max_batch)
         engine.dtype_reason = dtype_reason
         return engine
 

@@ -74,7 +74,7 @@ class Scheduler:
     def __init__(self, pool: PagePool, max_batch_size: int = 8, prefill_chunk: int = 256,
                  prefill_tokens: int = 4096, prefix_caching: bool = False,
                  alpha_of: Callable[[int], int] = lambda prompt_tokens: 1,
-                 cache_format: str = "paged"):
+                 cache_format: str = "paged", speculative_max_batch: Optional[int] = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 1 <= prefill_chunk <= prefill_tokens:
@@ -87,6 +87,9 @@ class Scheduler:
         self.prefix_caching = prefix_caching
         self.alpha_of = alpha_of
         self.cache_format = cache_format
+        # Drafts only while at most this many sequences decode (None: always): a verify's extra
+        # rows cost more in a large batch, where the step is no longer bound by the weights.
+        self.speculative_max_batch = speculative_max_batch
         self.waiting: Deque[Request] = deque()
         self.running: List[Request] = []        # in admission order
         self.stats = {"steps": 0, "preemptions": 0, "max_running": 0, "cached_tokens": 0,
@@ -201,7 +204,9 @@ class Scheduler:
                 self.waiting.remove(r)
             self._finish(r, "abort")
             plan.finished.append(r)
-        decoding = any(r.num_tokens - r.num_computed == 1 for r in self.running)
+        n_decoding = sum(r.num_tokens - r.num_computed == 1 for r in self.running)
+        decoding = n_decoding > 0
+        may_draft = self.speculative_max_batch is None or n_decoding <= self.speculative_max_batch
         budget = self.prefill_chunk if decoding else self.prefill_tokens
         i = 0
         while i < len(self.running):
@@ -215,7 +220,7 @@ class Scheduler:
                 continue            # r itself was preempted or finished: running[i] is the next
             if left > 1:
                 budget -= count
-            draft = self._draft(r) if left == 1 and r.spec is not None else []
+            draft = self._draft(r) if left == 1 and r.spec is not None and may_draft else []
             plan.seqs.append(ScheduledSeq(r, r.num_computed, count + len(draft), draft))
             i += 1
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:

@@ -200,6 +200,7 @@ class _FakeEngine:
         self.model = types.SimpleNamespace(backend="reference", layers=[{"w": w}], lm_head=w,
                                            ln_f=w[0], wte=w, cfg=cfg, dtype=torch.float32)
         self.decoded, self.decode_s, self.prefill_s = decoded, decode_s, prefill_s
+        self.kv_pool = types.SimpleNamespace(bytes_per_page=2 * 4 * 4 * 16, page_size=16)
 
     def generate(self, prompt, max_new_tokens, **kw):
         n = 1 + min(self.decoded, max_new_tokens - 1)
@@ -225,6 +226,7 @@ def test_measure_with_every_token():
     rows = bench.measure(_FakeEngine(decoded=5, decode_s=0.05), prompt_tokens=9, new_tokens=5,
                          contexts=[0], repeats=1, read_gbs=lambda: 10.0)
     assert rows[0]["ms_per_token"] == pytest.approx(10.0)
+    assert rows[0]["kv_bytes_per_token"] == 2 * 4 * 4 * 9     # the pool's bytes a position x 9
 
 
 def _run_cli(*argv, env=None):

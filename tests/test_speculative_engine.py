@@ -201,3 +201,25 @@ def test_json_schema_with_speculation(engine):
     spec = engine.generate(TEXT, speculative="ngram", **args)
     _same(plain, spec)
     assert spec.num_accepted_tokens >= 1      # drafts were verified under the grammar
+
+
+def test_drafts_stop_above_speculative_max_batch():
+    """Scheduler level: with two sequences decoding, speculative_max_batch=1 drafts for neither,
+    2 for both."""
+    from qwen_fast.kv_cache import PagePool
+    from qwen_fast.scheduler import Scheduler
+    for limit, want in ((1, 0), (2, 2), (None, 2)):
+        sched = Scheduler(PagePool(tiny_config(), 64, 16, torch.float32), speculative_max_batch=limit)
+        reqs = []
+        for _ in range(2):
+            r = Request([7] * 10, SamplingParams(), 50)
+            r.spec = SequenceSpeculation(SpeculativeConfig(num_speculative_tokens=3), r.prompt_ids)
+            r.spec.index.propose = lambda k: [5] * k
+            sched.add(r)
+            reqs.append(r)
+        plan = sched.schedule()                     # the prefills
+        sched.update(plan, {s.req: [(6, None)] for s in plan.seqs})
+        plan = sched.schedule()                     # both decode
+        assert sum(bool(s.draft) for s in plan.seqs) == want, limit
+    with pytest.raises(Exception, match="speculative_max_batch"):
+        Engine.from_pretrained(load_format="dummy", config=tiny_config(), speculative_max_batch=0)

@@ -90,6 +90,9 @@ step bench-decode 90 "$OUT/bench.log" "$PY" benchmarks/bench_decode.py --device 
   --backend auto,reference --prompt-tokens 512 --new-tokens 64 --context 0,4096 --repeats 3
 step bench-decode-int4 60 "$OUT/bench.log" "$PY" benchmarks/bench_decode.py --device cuda \
   --quant int4 --lm-head-quant int4 --prompt-tokens 512 --new-tokens 64 --repeats 3
+step bench-decode-int8kv 60 "$OUT/bench.log" "$PY" benchmarks/bench_decode.py --device cuda \
+  --quant int4 --lm-head-quant int4 --kv-cache-dtype int8 --prompt-tokens 512 --new-tokens 64 \
+  --context 0,4096 --repeats 3
 
 # 5. report.md + summary.json
 "$PY" - "$OUT" "$STEPS" <<'EOF'

@@ -415,3 +415,47 @@ def test_release_use_cache_quantization_maps_to_the_int8_cache(tmp_path):
         e.close()
     with pytest.raises(ConfigError, match="use_cache_quantization"):
         QwenConfig.from_dict(dict(cfg, use_cache_quantization="yes"))
+
+
+# ---- the CUDA kernels (on a GPU only; the SIMT emulator runs them everywhere: test_simt_kv_int8) --
+
+CUDA_READY = ops.HAVE_C and ops.build_info()["cuda"] and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA build of qwen_fast._C and a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_int8_kernels_match_the_reference(request, dtype):
+    """rotary_kv_cache_int8 writes the reference's codes and scales bit for bit on the GPU too,
+    and attention_int8 meets the attention rule, over the CPU cases the CUDA kernels take (a
+    group of a multiple of 16 elements)."""
+    g = case_generator(request)
+    for p in ROTARY_CASES:
+        H, D, G, P, R_dim, seqs = p.values
+        if (D // G) % 16:
+            continue
+        step = paged_step(seqs, P, g)
+        N = step.n_tokens
+        q, k, v = (torch.randn(N, 3, H, D, generator=g) * 3).to(dtype).unbind(1)
+        cos, sin = _rope_tables(N, R_dim, g)
+        pools = [torch.zeros(step.num_pages, H, P, D, dtype=torch.int8) for _ in range(2)] + \
+                [torch.ones(step.num_pages, H, P, G) for _ in range(2)]
+        meta = (step.page_table, step.token_seq, step.token_pos)
+        want_q = R.rotary_kv_cache(q, k, v, cos, sin, *pools[:2], *meta, *pools[2:])
+        dev = [t.cuda() for t in pools]
+        got_q = ops.rotary_kv_cache(q.cuda(), k.cuda(), v.cuda(), cos.cuda(), sin.cuda(),
+                                    dev[0], dev[1], *(m.cuda() for m in meta),
+                                    k_scales=dev[2], v_scales=dev[3])
+        assert torch.equal(got_q.cpu(), want_q), p.id
+        for got, ref in zip(dev, pools):
+            assert torch.equal(got.cpu(), ref), p.id
+    for p in ATTENTION_CASES:
+        H, D, G, P, seqs = p.values
+        if (D // G) % 16 or D > 256:
+            continue
+        q, k8, v8, ks, vs, step = _int8_step(H, D, G, P, seqs, dtype, g)
+        got = ops.attention(q.cuda(), k8.cuda(), v8.cuda(), step.page_table.cuda(),
+                            step.token_seq.cuda(), step.token_pos.cuda(),
+                            max_keys=int(step.token_pos.max()) + 1,
+                            k_scales=ks.cuda(), v_scales=vs.cuda())
+        _check_int8(got.cpu(), q, k8, v8, ks, vs, step, dtype, p.id)

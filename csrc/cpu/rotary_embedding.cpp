@@ -78,25 +78,28 @@ QF_CPU_CLONES void copy_row(T* __restrict out, const T* __restrict x, int64_t n)
   for (int64_t i = 0; i < n; ++i) out[i] = x[i];
 }
 
-template <typename T>
-Status rotary_kv_cache(T* q_out, T* k_pages, T* v_pages, const T* q, const T* k, const T* v,
-                       const float* cos, const float* sin, const int32_t* page_table,
-                       const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
-                       int64_t D, int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
-                       int64_t x_stride_h) {
+// The pass both caches share: the checks of the step's metadata, then rows r < N * H the queries
+// (i, h), rotated into q_out, and rows N * H .. 2 * N * H the keys and values, each handed to
+// write(slot, k row, v row, cos, sin) with slot = (page * H + h) * P + p % P, the cache's own
+// format's writer. The caller has checked its pages and the sizes.
+template <typename T, typename Write>
+Status rotary_kv_pass(T* q_out, const T* q, const T* k, const T* v, const float* cos,
+                      const float* sin, const int32_t* page_table, const int32_t* token_seq,
+                      const int32_t* token_pos, int64_t N, int64_t H, int64_t D, int64_t rot_dim,
+                      int64_t P, int64_t ld_pt, int64_t x_stride_n, int64_t x_stride_h,
+                      Write write) {
   if (N < 0 || H < 0 || D < 1 || rot_dim < 0 || rot_dim % 2 != 0 || rot_dim > D || P < 1 ||
       ld_pt < 0 || x_stride_n < 0 || x_stride_h < 0)
     return Status::kInvalidArgument;
   const int64_t rows = N * H;
   if (rows == 0) return Status::kOk;
-  if (q_out == nullptr || k_pages == nullptr || v_pages == nullptr || q == nullptr ||
-      k == nullptr || v == nullptr || page_table == nullptr || token_seq == nullptr ||
-      token_pos == nullptr || (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
+  if (q_out == nullptr || q == nullptr || k == nullptr || v == nullptr ||
+      page_table == nullptr || token_seq == nullptr || token_pos == nullptr ||
+      (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
     return Status::kInvalidArgument;
   for (int64_t i = 0; i < N; ++i)
     if (token_seq[i] < 0 || token_pos[i] < 0 || token_pos[i] / P >= ld_pt)
       return Status::kInvalidArgument;
-  // Row r < rows is a query (i, h); rows .. 2 * rows a key and its value.
 #pragma omp parallel for schedule(static) if (rows > 1 && 2 * rows * D >= kParallelMinElements)
   for (int64_t r = 0; r < 2 * rows; ++r) {
     const int64_t row = r % rows;
@@ -109,12 +112,26 @@ Status rotary_kv_cache(T* q_out, T* k_pages, T* v_pages, const T* q, const T* k,
     } else {
       const int64_t p = token_pos[i];
       const int64_t page = page_table[token_seq[i] * ld_pt + p / P];
-      const int64_t at = ((page * H + h) * P + p % P) * D;
-      rotary_row(k_pages + at, k + in, c, s, D, rot_dim);
-      copy_row(v_pages + at, v + in, D);
+      write((page * H + h) * P + p % P, k + in, v + in, c, s);
     }
   }
   return Status::kOk;
+}
+
+template <typename T>
+Status rotary_kv_cache(T* q_out, T* k_pages, T* v_pages, const T* q, const T* k, const T* v,
+                       const float* cos, const float* sin, const int32_t* page_table,
+                       const int32_t* token_seq, const int32_t* token_pos, int64_t N, int64_t H,
+                       int64_t D, int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
+                       int64_t x_stride_h) {
+  if (N * H > 0 && (k_pages == nullptr || v_pages == nullptr)) return Status::kInvalidArgument;
+  return rotary_kv_pass(q_out, q, k, v, cos, sin, page_table, token_seq, token_pos, N, H, D,
+                        rot_dim, P, ld_pt, x_stride_n, x_stride_h,
+                        [&](int64_t slot, const T* kx, const T* vx, const float* c,
+                            const float* s) {
+                          rotary_row(k_pages + slot * D, kx, c, s, D, rot_dim);
+                          copy_row(v_pages + slot * D, vx, D);
+                        });
 }
 
 // x [D] (already in T: the rotated key as the 16-bit cache would hold it, or the value) into
@@ -149,40 +166,19 @@ Status rotary_kv_cache_int8(T* q_out, int8_t* k_pages, int8_t* v_pages, float* k
                             const int32_t* token_pos, int64_t N, int64_t H, int64_t D,
                             int64_t rot_dim, int64_t P, int64_t ld_pt, int64_t x_stride_n,
                             int64_t x_stride_h, int64_t G) {
-  if (N < 0 || H < 0 || D < 1 || D > kMaxQuantHeadDim || rot_dim < 0 || rot_dim % 2 != 0 ||
-      rot_dim > D || P < 1 || ld_pt < 0 || x_stride_n < 0 || x_stride_h < 0 || G < 1 || D % G)
+  if (D > kMaxQuantHeadDim || G < 1 || (D > 0 && D % G) ||
+      (N * H > 0 && (k_pages == nullptr || v_pages == nullptr || k_scales == nullptr ||
+                     v_scales == nullptr)))
     return Status::kInvalidArgument;
-  const int64_t rows = N * H;
-  if (rows == 0) return Status::kOk;
-  if (q_out == nullptr || k_pages == nullptr || v_pages == nullptr || k_scales == nullptr ||
-      v_scales == nullptr || q == nullptr || k == nullptr || v == nullptr ||
-      page_table == nullptr || token_seq == nullptr || token_pos == nullptr ||
-      (rot_dim > 0 && (cos == nullptr || sin == nullptr)))
-    return Status::kInvalidArgument;
-  for (int64_t i = 0; i < N; ++i)
-    if (token_seq[i] < 0 || token_pos[i] < 0 || token_pos[i] / P >= ld_pt)
-      return Status::kInvalidArgument;
-  // Row r < rows is a query (i, h); rows .. 2 * rows a key and its value.
-#pragma omp parallel for schedule(static) if (rows > 1 && 2 * rows * D >= kParallelMinElements)
-  for (int64_t r = 0; r < 2 * rows; ++r) {
-    const int64_t row = r % rows;
-    const int64_t h = row % H, i = row / H;
-    const int64_t in = i * x_stride_n + h * x_stride_h;
-    const float* c = cos + i * rot_dim;
-    const float* s = sin + i * rot_dim;
-    if (r < rows) {
-      rotary_row(q_out + row * D, q + in, c, s, D, rot_dim);
-    } else {
-      const int64_t p = token_pos[i];
-      const int64_t page = page_table[token_seq[i] * ld_pt + p / P];
-      const int64_t slot = (page * H + h) * P + p % P;
-      T kr[kMaxQuantHeadDim];  // the rotated key in T, as the 16-bit cache holds it
-      rotary_row(kr, k + in, c, s, D, rot_dim);
-      quantize_row(k_pages + slot * D, k_scales + slot * G, kr, D, G);
-      quantize_row(v_pages + slot * D, v_scales + slot * G, v + in, D, G);
-    }
-  }
-  return Status::kOk;
+  return rotary_kv_pass(q_out, q, k, v, cos, sin, page_table, token_seq, token_pos, N, H, D,
+                        rot_dim, P, ld_pt, x_stride_n, x_stride_h,
+                        [&](int64_t slot, const T* kx, const T* vx, const float* c,
+                            const float* s) {
+                          T kr[kMaxQuantHeadDim];  // the rotated key in T, as the 16-bit cache holds it
+                          rotary_row(kr, kx, c, s, D, rot_dim);
+                          quantize_row(k_pages + slot * D, k_scales + slot * G, kr, D, G);
+                          quantize_row(v_pages + slot * D, v_scales + slot * G, vx, D, G);
+                        });
 }
 
 #define QF_INSTANTIATE(T)                                                                   \

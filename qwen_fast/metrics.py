@@ -94,6 +94,11 @@ class ServerMetrics:
         self.rejected = Counter("qwen_fast_requests_rejected", "Requests refused or dropped "
                                 "before an answer: overloaded (queue full), timeout (deadline).",
                                 ["reason"], registry=r)
+        self.spec_draft = Counter("qwen_fast_spec_decode_num_draft_tokens", "Draft tokens "
+                                  "verified by prompt-lookup speculation (finished requests).",
+                                  registry=r)
+        self.spec_accepted = Counter("qwen_fast_spec_decode_num_accepted_tokens", "Of them, the "
+                                     "tokens that were output.", registry=r)
         for reason in ("stop", "length", "abort", "error"):
             self.finished.labels(reason)
         for reason in ("overloaded", "timeout"):
@@ -108,6 +113,10 @@ class ServerMetrics:
         self.prompt_tokens.inc(len(req.prompt_ids))
         times = list(req.t_tokens)
         self.generation_tokens.inc(len(times))
+        spec = getattr(req, "spec", None)
+        if spec is not None:
+            self.spec_draft.inc(spec.drafted)
+            self.spec_accepted.inc(spec.accepted)
         end = req.t_done if req.t_done is not None else (times[-1] if times else None)
         if req.t_admitted is not None:
             self.queue.observe(max(0.0, req.t_admitted - req.t_submit))

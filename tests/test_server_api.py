@@ -237,6 +237,9 @@ def test_speculation_per_request_and_by_default(srv, tiny_engine):
         assert srv.engine.recorded[-1].request.spec is None
     finally:
         tiny_engine.default_params = old
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert "qwen_fast_spec_decode_num_draft_tokens_total" in metrics
+    assert "qwen_fast_spec_decode_num_accepted_tokens_total" in metrics
     for body, param in (({"speculative": "medusa"}, "speculative"),
                         ({"speculative": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
                         ({"speculative": "ngram", "ngram_min": 4, "ngram_max": 2}, "ngram_min")):

@@ -20,7 +20,10 @@
             position and head (ours, the default) and one per 32 elements (kv_group=32, the
             q8_0 block), to measure which the kernels should keep.
 
-    .venv/bin/python benchmarks/bench_kv_cache.py [--parts decode,capacity,llama,kl]
+  klsplit   the same KL with keys and values rounded with separate groups (fake quantization
+            into the 16-bit cache), to see which of the two needs the finer scales.
+
+    .venv/bin/python benchmarks/bench_kv_cache.py [--parts decode,capacity,llama,kl,klsplit]
         [--depth 4096] [--quant int4] [--md out.md] [--json out.json]
 
 --config tiny is a smoke run of decode and capacity on the test-size model.
@@ -239,6 +242,55 @@ def kl(args) -> Dict[str, object]:
     return out
 
 
+def fake_quant_rotary(orig, k_group, v_group):
+    """A rotary_kv_cache op that writes keys and values rounded as an int8 cache with those
+    groups would hold them (reference.quantize_kv, dequantized; None: unrounded) into the 16-bit
+    cache: what each group size of keys and of values costs in accuracy, before any kernel has
+    separate key and value groups."""
+    def fq(x, group):
+        if group is None:
+            return x
+        codes, scales = reference.quantize_kv(x, group=group)
+        return reference.dequantize_kv(codes, scales).to(x.dtype)
+
+    def op(q, k, v, cos, sin, k_pages, v_pages, page_table, token_seq, token_pos, out=None, **kw):
+        kr = reference.rotary_embedding(k[None], cos[None], sin[None])[0]
+        qkv = torch.stack([q, fq(kr, k_group), fq(v, v_group)], 1)   # one buffer: q, k, v views
+        one, zero = torch.ones_like(cos), torch.zeros_like(sin)       # k is rotated already
+        orig(*qkv.unbind(1), one, zero, k_pages, v_pages, page_table, token_seq, token_pos)
+        q_rot = reference.rotary_embedding(q[None], cos[None], sin[None])[0]
+        return q_rot if out is None else out.copy_(q_rot)
+    return op
+
+
+def kl_split(args) -> Dict[str, object]:
+    """KL from the 16-bit cache of keys and values rounded with separate groups (fake
+    quantization through fake_quant_rotary, the fixture in --kl-dtype)."""
+    import bench_quality as Q
+    from qwen_fast import fixture as FX
+    from qwen_fast import perplexity as P
+    from qwen_fast.tokenizer import QwenTokenizer
+    model = Path(args.fixture) if args.fixture else FX.train(FX.Settings(), log=_log)
+    tok = QwenTokenizer.default()
+    ids = tok.encode(Q.held_out_text(tok, args.chunks * args.context + 64),
+                     allowed_special=set())[:args.chunks * args.context]
+    wins = P.chunk_windows(len(ids), args.context)
+    e = Engine.from_pretrained(model, dtype=args.kl_dtype)
+    orig = e.model.ops["rotary_kv_cache"]
+    base = [lp for lp, _ in P.scored_logprobs(e, ids, wins, None)]
+    D = e.cfg.head_dim
+    rows = []
+    for kg, vg in ((D, D), (32, 32), (32, D), (D, 32)):
+        e.model.ops["rotary_kv_cache"] = fake_quant_rotary(orig, kg, vg)
+        kl = torch.cat([P.kl_full(b, lp) for b, (lp, _) in
+                        zip(base, P.scored_logprobs(e, ids, wins, None))])
+        rows.append({"k_group": kg, "v_group": vg, "kl_mean": float(kl.mean())})
+        _log(f"keys per {kg}, values per {vg}: KL {rows[-1]['kl_mean']:.6f}")
+    e.model.ops["rotary_kv_cache"] = orig
+    e.close()
+    return {"model": model.name, "dtype": args.kl_dtype, "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="decode,capacity,llama,kl")
@@ -319,6 +371,12 @@ def main(argv=None) -> int:
                       f"{'met' if ours <= theirs else 'NOT met'}")
         elif "llama" in k:
             md.append(f"\nllama.cpp: skipped ({k['llama']['skipped']})")
+    if "klsplit" in parts:
+        ks = data["klsplit"] = kl_split(a)
+        md += ["", f"## Key and value groups apart (fake quantization), fixture in {ks['dtype']}", "",
+               "| keys: elements a scale | values: elements a scale | KL from the 16-bit cache |",
+               "|---|---|---|"]
+        md += [f"| {r['k_group']} | {r['v_group']} | {r['kl_mean']:.6f} |" for r in ks["rows"]]
     text = "\n".join(md)
     print(text)
     write_outputs(text + "\n", data, Path(a.md) if a.md else None, Path(a.json) if a.json else None)

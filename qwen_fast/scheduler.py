@@ -4,7 +4,9 @@ threads; its engine calls it under one lock, and it is unit-tested alone).
 ``schedule()`` returns a StepPlan: which requests compute how many tokens in the next forward.
 
 1. Cancelled requests leave the batch and give their pages back.
-2. Running requests, oldest first: one token for each that decodes; a chunk of its remaining
+2. Running requests, oldest first: one token for each that decodes (plus its draft when it
+   speculates: speculative.py; a draft takes only free pages and is verified in the same
+   forward); a chunk of its remaining
    prompt for each that prefills (or recomputes after a preemption), from the step's prefill
    budget: ``prefill_chunk`` tokens in all while some request decodes (so a newcomer's prompt
    delays the others' next token by one chunk's time, not by the whole prompt), up to
@@ -20,8 +22,9 @@ threads; its engine calls it under one lock, and it is unit-tested alone).
    (prompt + max_new_tokens); it takes more pages as it writes.
 
 ``update(plan, sampled, errors)`` then records the step: computed tokens, sampled tokens (a stop
-id or the token limit finishes a request and frees its pages), and requests whose row failed
-(only those rows: the others go on).
+id or the token limit finishes a request and frees its pages; a verified draft keeps the positions
+of its accepted prefix, the rest are dropped by length), and requests whose row failed (only
+those rows: the others go on).
 
 Only a request whose prompt alone cannot fit the whole pool is refused, when it is added
 (CapacityError).

@@ -175,8 +175,7 @@ def kl(args) -> Dict[str, object]:
     work.mkdir(parents=True, exist_ok=True)
     tok = QwenTokenizer.default()
     text_file = work / "heldout.txt"
-    text_file.write_text(Q.held_out_text(tok, args.chunks * args.context + 64))
-    ids = tok.encode(text_file.read_text(), allowed_special=set())[:args.chunks * args.context]
+    ids = Q.held_out_ids(tok, args.chunks * args.context, text_file)
     wins = P.chunk_windows(len(ids), args.context)
     engines = {"16-bit": Engine.from_pretrained(model, dtype=args.kl_dtype)}
     for name, group in (("int8", None), ("int8 group 32", 32)):
@@ -209,14 +208,8 @@ def kl(args) -> Dict[str, object]:
     except B.Missing as m:
         out["llama"] = {"skipped": f"{m.what}. To get it: {m.how}"}
         return out
-    import safetensors.torch as st
     from qwen_fast.loader import load_config
-    f16 = work / "fixture-f16.gguf"
-    if not f16.is_file():
-        sd = {}
-        for p in sorted(model.glob("*.safetensors")):
-            sd.update(st.load_file(str(p)))
-        B.write_gguf(f16, load_config(model), sd, "f16", name=f"qwen_fast fixture {model.name}")
+    f16 = Q.fixture_f16_gguf(model, load_config(model), work)
     tool = str(B.find_tool("llama-perplexity", build))
     kld = work / "f16-cache.kld"
     common = ["-m", str(f16), "-c", str(args.context), "-t", str(torch.get_num_threads()),
@@ -233,12 +226,8 @@ def kl(args) -> Dict[str, object]:
     if r.returncode != 0:
         out["llama"] = {"skipped": f"llama-perplexity (q8_0 cache) failed: {r.stdout[-600:]}"}
         return out
-    same = Q._num(r"Same top p:\s+([\d.]+)", r.stdout)
     out["llama F16 cache"] = {"perplexity": base_ppl, "kl_mean": 0.0}
-    out["llama q8_0 cache"] = {"perplexity": Q._num(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", r.stdout),
-                               "kl_mean": Q._num(r"Mean\s+KLD:\s+([-\d.]+)", r.stdout),
-                               "kl_p99": Q._num(r"99\.0%\s+KLD:\s+([-\d.]+)", r.stdout),
-                               "top1_agreement": same / 100 if same is not None else None}
+    out["llama q8_0 cache"] = Q.llama_kl_numbers(r.stdout)
     return out
 
 
@@ -272,8 +261,9 @@ def kl_split(args) -> Dict[str, object]:
     from qwen_fast.tokenizer import QwenTokenizer
     model = Path(args.fixture) if args.fixture else FX.train(FX.Settings(), log=_log)
     tok = QwenTokenizer.default()
-    ids = tok.encode(Q.held_out_text(tok, args.chunks * args.context + 64),
-                     allowed_special=set())[:args.chunks * args.context]
+    work = FX.cache_dir() / "kv-cache" / model.name
+    work.mkdir(parents=True, exist_ok=True)
+    ids = Q.held_out_ids(tok, args.chunks * args.context, work / "heldout.txt")
     wins = P.chunk_windows(len(ids), args.context)
     e = Engine.from_pretrained(model, dtype=args.kl_dtype)
     orig = e.model.ops["rotary_kv_cache"]

@@ -86,6 +86,13 @@ def held_out_text(tok, tokens: int) -> str:
     return "\n\n".join(parts)
 
 
+def held_out_ids(tok, tokens: int, text_file: Path) -> List[int]:
+    """The first `tokens` ids of the held-out text, which is written to text_file (the file
+    llama.cpp's tools read, so both sides score the same text)."""
+    text_file.write_text(held_out_text(tok, tokens + 64))
+    return tok.encode(text_file.read_text(), allowed_special=set())[:tokens]
+
+
 def calibration_text(every: int = 10) -> str:
     """Every ``every``-th training file: calibration from the text the model was trained on."""
     files = [p for rel, p in FX.stdlib_files() if not FX.held_out(rel)]
@@ -151,8 +158,8 @@ def _num(pattern: str, text: str) -> Optional[float]:
     return float(m.group(1)) if m else None
 
 
-def run_llama(build: Path, model: Path, cfg, text_file: Path, work: Path, chunks: int,
-              context: int, threads: int, our_ids: List[int]) -> List[dict]:
+def fixture_f16_gguf(model: Path, cfg, work: Path) -> Path:
+    """The fixture's weights as an F16 GGUF in `work` (written once), llama.cpp's base file."""
     import safetensors.torch as st
     f16 = work / "fixture-f16.gguf"
     if not f16.is_file():
@@ -160,6 +167,21 @@ def run_llama(build: Path, model: Path, cfg, text_file: Path, work: Path, chunks
         for p in sorted(model.glob("*.safetensors")):
             sd.update(st.load_file(str(p)))
         B.write_gguf(f16, cfg, sd, "f16", name=f"qwen_fast fixture {model.name}")
+    return f16
+
+
+def llama_kl_numbers(stdout: str) -> dict:
+    """Perplexity, KL mean and p99, top-1 agreement of a llama-perplexity --kl-divergence run."""
+    same = _num(r"Same top p:\s+([\d.]+)", stdout)
+    return {"perplexity": _num(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", stdout),
+            "kl_mean": _num(r"Mean\s+KLD:\s+([-\d.]+)", stdout),
+            "kl_p99": _num(r"99\.0%\s+KLD:\s+([-\d.]+)", stdout),
+            "top1_agreement": same / 100 if same is not None else None}
+
+
+def run_llama(build: Path, model: Path, cfg, text_file: Path, work: Path, chunks: int,
+              context: int, threads: int, our_ids: List[int]) -> List[dict]:
+    f16 = fixture_f16_gguf(model, cfg, work)
     tok_out = subprocess.run([str(B.find_tool("llama-tokenize", build)), "-m", str(f16), "-f",
                               str(text_file), "--no-escape", "--ids", "--log-disable"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True).stdout.decode()
@@ -200,12 +222,7 @@ def run_llama(build: Path, model: Path, cfg, text_file: Path, work: Path, chunks
                            text=True)
         if r.returncode != 0:
             raise RuntimeError(f"llama-perplexity ({t}) failed:\n{r.stdout[-2000:]}")
-        same = _num(r"Same top p:\s+([\d.]+)", r.stdout)
-        rows.append({"engine": "llama.cpp", "row": t.upper(),
-                     "perplexity": _num(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", r.stdout),
-                     "kl_mean": _num(r"Mean\s+KLD:\s+([-\d.]+)", r.stdout),
-                     "kl_p99": _num(r"99\.0%\s+KLD:\s+([-\d.]+)", r.stdout),
-                     "top1_agreement": same / 100 if same is not None else None,
+        rows.append({"engine": "llama.cpp", "row": t.upper(), **llama_kl_numbers(r.stdout),
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows
 
@@ -268,8 +285,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--context {a.context} is above the model's seq_length {cfg.seq_length}")
     tok = QwenTokenizer.default()
     text_file = work / "heldout.txt"
-    text_file.write_text(held_out_text(tok, a.chunks * a.context + 64))
-    ids = tok.encode(text_file.read_text(), allowed_special=set())[:a.chunks * a.context]
+    ids = held_out_ids(tok, a.chunks * a.context, text_file)
     if len(ids) < a.chunks * a.context:
         raise SystemExit(f"the held-out text has {len(ids)} tokens, fewer than {a.chunks} chunks")
     calib = work / "calibration.txt"

@@ -351,9 +351,8 @@ class Engine:
         if kv_cache_dtype not in ("auto", "int8"):
             raise ConfigError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'int8', "
                               f"got {kv_cache_dtype!r}")
-        if kv_cache_dtype == "auto":
-            kv_cache_dtype = "int8" if self.cfg.use_cache_quantization else "model"
-        self.kv_cache_dtype = torch.int8 if kv_cache_dtype == "int8" else self.dtype
+        int8 = kv_cache_dtype == "int8" or self.cfg.use_cache_quantization
+        self.kv_cache_dtype = torch.int8 if int8 else self.dtype
         page_size = int(kv_page_size)
         max_pages = int(max_batch_size) * -(-self.cfg.max_context // page_size)
         kv_group = None

@@ -89,6 +89,14 @@ class Request:
         """Prompt + output ids (int64, on the model's device) for the repetition penalty."""
         return self._ids[:self.num_tokens]
 
+    def history_ahead(self, tokens: Sequence[int]) -> torch.Tensor:
+        """history followed by `tokens` not yet appended (a verify step's outputs so far), in
+        the same buffer: append_token writes the same ids there if they are kept."""
+        n = self.num_tokens
+        if tokens:
+            self._ids[n:n + len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        return self._ids[:n + len(tokens)]
+
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED

@@ -67,13 +67,10 @@ class Runner:
         keeps the draft while it agrees and stops at a stop id or the token limit."""
         r = s.req
         p = r.params
-        n0 = r.num_tokens
         c = r.constraint
 
         def sample(i: int, toks: List[int]) -> int:
-            if i:       # history = the sequence, then the tokens this step has output so far
-                r._ids[n0 + i - 1] = toks[-1]
-            history = r._ids[:n0 + i]
+            history = r.history_ahead(toks)     # the sequence, then this step's tokens so far
             output = history[len(r.prompt_ids):] if p.extended else None
             tok = sample_next(logits[i], history, p, r.generator, self.valid_vocab, output,
                               None if c is None else c.allowed())
